@@ -1,0 +1,445 @@
+"""A Llama-family decoder in Flax NNX with an explicit, tree-ready KV cache.
+
+Shape legend used in signatures and comments:
+  B batch rows, T new tokens in this call, S cache slots, D hidden size,
+  H query heads, K (= Hkv) key/value heads, G = H / K query heads per kv head,
+  Dh head size, F SwiGLU width, V vocabulary, L layers.
+
+The cache and mask contract (everything in `seqdec.decoding` relies on it):
+
+* `KVCache.kv` is a tuple of per-layer `(k, v)` arrays `[B, K, S, Dh]`;
+  `KVCache.length` `[B]` int32 counts the *committed* tokens of each row.
+  Committed tokens are contiguous and slot `s` holds position `s`.
+* A forward call takes new tokens `[B, T]`, their positions `[B, T]`, the cache
+  and an optional boolean mask `[B, T, T]` among the new tokens (default:
+  causal). New token `t` of row `b` attends to the committed slots
+  `s < length[b]` and to new token `u` iff `mask[b, t, u]`. The new tokens'
+  K/V are written to the scratch slots `length[b] .. length[b] + T - 1`; the
+  returned cache keeps `length` unchanged, so nothing is committed yet.
+* `commit(cache, keep_index, n_keep)` moves the kept new tokens' K/V down to
+  contiguous slots and advances `length` by `n_keep`. Autoregressive decoding is
+  "forward T=1, commit it"; speculative decoding is "forward the tree, commit the
+  accepted path"; a rejected draft costs nothing to roll back.
+
+The caller guarantees `length[b] + T <= S` (the generators size the cache on the
+host and raise a clear error otherwise): `dynamic_update_slice` would silently
+clamp an out-of-range write.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqdec.models.config import TransformerConfig, as_dtype
+
+# Logical axis names carried by every parameter as sharding metadata.
+EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP = (
+    "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp")
+
+
+class KVCache(NamedTuple):
+  """Explicit KV cache pytree.
+
+  Attributes:
+    kv: per-layer `(k, v)`, each `[B, K, S, Dh]`.
+    length: `[B]` int32, committed tokens per row.
+  """
+  kv: tuple[tuple[jax.Array, jax.Array], ...]
+  length: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.kv[0][0].shape[2]
+
+  @property
+  def batch_size(self) -> int:
+    return self.kv[0][0].shape[0]
+
+
+def init_cache(config: TransformerConfig, batch_size: int, max_len: int,
+               dtype=None) -> KVCache:
+  """An empty cache with `max_len` slots per row (K/V in `config.dtype`)."""
+  dtype = as_dtype(dtype or config.dtype)
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+             for _ in range(config.num_layers))
+  return KVCache(kv=kv, length=jnp.zeros((batch_size,), jnp.int32))
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """buf[b, :, start[b] : start[b] + T] = new[b] for every row b.
+
+  Args:
+    buf: `[B, K, S, Dh]`.
+    new: `[B, K, T, Dh]`.
+    start: `[B]` int32 slot offsets.
+  """
+  zero = jnp.zeros((), start.dtype)
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(
+      c, n.astype(c.dtype), (zero, s, zero)))(buf, new, start)
+
+
+def commit(cache: KVCache, n_keep: jax.Array,
+           keep_index: Optional[jax.Array] = None) -> KVCache:
+  """Commits kept new tokens: compacts their K/V and advances `length`.
+
+  After a forward over T new tokens (K/V in scratch slots `length .. length+T-1`),
+  row b keeps the new tokens `keep_index[b, :n_keep[b]]` (indices into the T new
+  tokens, in path order):
+
+      slot[length[b] + j] <- slot[length[b] + keep_index[b, j]],  j < T
+      length[b]           <- length[b] + n_keep[b]
+
+  Slots past the new length are scratch and may hold anything.
+
+  Args:
+    cache: the cache returned by the forward call.
+    n_keep: `[B]` int32, how many new tokens each row keeps (0 .. T).
+    keep_index: `[B, T]` int32 or None. None keeps a prefix (0, 1, ...), which
+      needs no data movement: the autoregressive and prefill case.
+
+  Returns:
+    The committed cache.
+  """
+  n_keep = jnp.asarray(n_keep, jnp.int32)
+  if keep_index is None:
+    return KVCache(kv=cache.kv, length=cache.length + n_keep)
+  keep_index = jnp.asarray(keep_index, jnp.int32)
+  src = (cache.length[:, None] + keep_index)[:, None, :, None]  # [B,1,T,1]
+
+  def move(buf):
+    return _write_rows(buf, jnp.take_along_axis(buf, src, axis=2),
+                       cache.length)
+
+  kv = tuple((move(k), move(v)) for k, v in cache.kv)
+  return KVCache(kv=kv, length=cache.length + n_keep)
+
+
+def causal_mask(batch_size: int, num_tokens: int) -> jax.Array:
+  """`[B, T, T]` lower-triangular boolean mask."""
+  m = jnp.tril(jnp.ones((num_tokens, num_tokens), jnp.bool_))
+  return jnp.broadcast_to(m, (batch_size, num_tokens, num_tokens))
+
+
+def attention_visibility(length: jax.Array, positions: jax.Array,
+                         mask: jax.Array, num_slots: int,
+                         sliding_window: Optional[int]) -> jax.Array:
+  """Which cache slots each new token sees, `[B, T, S]` bool.
+
+  visible[b, t, s] = s < length[b]                                (committed)
+                   or (0 <= s - length[b] < T and mask[b, t, s - length[b]])
+  and, with a sliding window W, additionally q_pos - k_pos < W, where
+  k_pos = s for committed slots and positions[b, s - length[b]] for new ones.
+  """
+  b, t = positions.shape
+  slot = jnp.arange(num_slots, dtype=jnp.int32)
+  rel = slot[None, :] - length[:, None]                          # [B, S]
+  is_new = (rel >= 0) & (rel < t)
+  rel_c = jnp.clip(rel, 0, t - 1)
+  idx = jnp.broadcast_to(rel_c[:, None, :], (b, t, num_slots))
+  new_vis = jnp.take_along_axis(mask, idx, axis=2) & is_new[:, None, :]
+  visible = (rel < 0)[:, None, :] | new_vis
+  if sliding_window is not None:
+    k_pos = jnp.where(rel < 0, slot[None, :],
+                      jnp.take_along_axis(positions, rel_c, axis=1))
+    visible &= (positions[:, :, None] - k_pos[:, None, :]) < sliding_window
+  return visible
+
+
+def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
+  """RoPE inverse frequencies `[Dh/2]` (float64), with HF's scaling rules.
+
+  default: inv_freq_i = theta^(-2i/Dh).
+  linear:  inv_freq_i / factor.
+  llama3:  wavelengths longer than L0/low_freq_factor are divided by `factor`,
+    shorter than L0/high_freq_factor are kept, and the band between is
+    interpolated with s = (L0/wavelen - low) / (high - low):
+    (1 - s) * inv/factor + s * inv, where L0 = original_max_position_embeddings.
+  """
+  dh = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  rope = config.rope_scaling_dict
+  if rope is None:
+    return inv
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return inv
+  factor = float(rope["factor"])
+  if kind == "linear":
+    return inv / factor
+  # llama3
+  low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+  old_len = float(rope["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+  """Rotates split halves: x' = x * cos(p w) + rotate_half(x) * sin(p w).
+
+  Args:
+    x: `[B, T, N, Dh]`.
+    positions: `[B, T]` int.
+    inv_freq: `[Dh/2]` float32.
+  """
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq      # [B,T,Dh/2]
+  angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,Dh]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  if x.dtype == jnp.float64:
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes,
+                   eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * w, computed in float32.
+
+  Attributes:
+    scale: `[D]`, logical axes ('embed',).
+  """
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), (EMBED,), param_dtype,
+                        nnx.initializers.ones)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                            + self.eps)
+    return (y * self.scale[...].astype(y.dtype)).astype(x.dtype)
+
+
+def _dot(x, w, dtype):
+  """x @ w with float32 (or wider) accumulation, cast to the compute dtype."""
+  acc = jnp.promote_types(dtype, jnp.float32)
+  return jnp.einsum("...i,io->...o", x, w.astype(dtype),
+                    preferred_element_type=acc).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention over the explicit cache.
+
+  scores[b,k,g,t,s] = <q[b,t,k*G+g], k[b,k,s]> / sqrt(Dh) masked by the
+  visibility `[B,T,S]`; softmax in float32; out = sum_s p * v.
+
+  Attributes:
+    q_proj: `[D, H*Dh]` ('embed', 'heads'); k_proj, v_proj: `[D, K*Dh]`
+      ('embed', 'kv_heads'); o_proj: `[H*Dh, D]` ('heads', 'embed');
+      optional biases on q/k/v (Qwen2).
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    pdt, self.dtype = as_dtype(c.param_dtype), as_dtype(c.dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        c.num_heads, c.num_kv_heads, c.head_dim)
+    init = nnx.initializers.normal(0.02)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    self.q_proj = _param(rngs, (c.hidden_size, q), (EMBED, HEADS), pdt, init)
+    self.k_proj = _param(rngs, (c.hidden_size, kv), (EMBED, KV_HEADS), pdt, init)
+    self.v_proj = _param(rngs, (c.hidden_size, kv), (EMBED, KV_HEADS), pdt, init)
+    self.o_proj = _param(rngs, (q, c.hidden_size), (HEADS, EMBED), pdt, init)
+    if c.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = _param(rngs, (q,), (HEADS,), pdt, zeros)
+      self.k_bias = _param(rngs, (kv,), (KV_HEADS,), pdt, zeros)
+      self.v_bias = _param(rngs, (kv,), (KV_HEADS,), pdt, zeros)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+
+  def _project(self, x, w, bias, heads):
+    y = _dot(x, w[...], self.dtype)
+    if bias is not None:
+      y = y + bias[...].astype(self.dtype)
+    return y.reshape(*x.shape[:-1], heads, self.head_dim)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               kv: tuple[jax.Array, jax.Array], length: jax.Array,
+               visible: jax.Array):
+    """Attends T new tokens to the cache.
+
+    Args:
+      x: `[B, T, D]` normed hidden states.
+      positions: `[B, T]`.
+      inv_freq: `[Dh/2]`.
+      kv: this layer's `(k, v)` cache, each `[B, K, S, Dh]`.
+      length: `[B]` committed lengths (new K/V go to slots length .. +T-1).
+      visible: `[B, T, S]` bool from `attention_visibility`.
+
+    Returns:
+      `([B, T, D], (k, v))` with the new tokens' K/V written to scratch.
+    """
+    b, t, _ = x.shape
+    q = apply_rope(self._project(x, self.q_proj, self.q_bias, self.num_heads),
+                   positions, inv_freq)
+    k = apply_rope(self._project(x, self.k_proj, self.k_bias,
+                                 self.num_kv_heads), positions, inv_freq)
+    v = self._project(x, self.v_proj, self.v_bias, self.num_kv_heads)
+    k_cache = _write_rows(kv[0], k.transpose(0, 2, 1, 3), length)
+    v_cache = _write_rows(kv[1], v.transpose(0, 2, 1, 3), length)
+
+    g = self.num_heads // self.num_kv_heads
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(q.dtype),
+                        preferred_element_type=acc)
+    scores = scores * (1.0 / math.sqrt(self.head_dim))
+    scores = jnp.where(visible[:, None, None], scores,
+                       jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(self.dtype),
+                     v_cache.astype(self.dtype), preferred_element_type=acc)
+    out = out.astype(self.dtype).reshape(b, t, self.num_heads * self.head_dim)
+    return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up)).
+
+  Attributes:
+    gate_proj, up_proj: `[D, F]` ('embed', 'mlp'); down_proj: `[F, D]`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    d, f = config.hidden_size, config.intermediate_size
+    init = nnx.initializers.normal(0.02)
+    self.gate_proj = _param(rngs, (d, f), (EMBED, MLP), pdt, init)
+    self.up_proj = _param(rngs, (d, f), (EMBED, MLP), pdt, init)
+    self.down_proj = _param(rngs, (f, d), (MLP, EMBED), pdt, init)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = (jax.nn.silu(_dot(x, self.gate_proj[...], self.dtype))
+         * _dot(x, self.up_proj[...], self.dtype))
+    return _dot(h, self.down_proj[...], self.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x += attn(norm(x)); x += mlp(norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    pdt = as_dtype(config.param_dtype)
+    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                              param_dtype=pdt, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                  param_dtype=pdt, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, kv, length, visible):
+    a, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, length,
+                      visible)
+    x = x + a
+    return x + self.mlp(self.post_attn_norm(x)), kv
+
+
+class Transformer(nnx.Module):
+  """Llama-family causal LM (Llama, Qwen2, Mistral, SmolLM2).
+
+  Attributes:
+    config: the `TransformerConfig`.
+    embed: `[V, D]` ('vocab', 'embed').
+    layers: L `Block`s.
+    final_norm: RMSNorm.
+    lm_head: `[D, V]` ('embed', 'vocab'), absent when embeddings are tied.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    self.embed = _param(rngs, (config.vocab_size, config.hidden_size),
+                        (VOCAB, EMBED), pdt, nnx.initializers.normal(0.02))
+    self.layers = nnx.List([Block(config, rngs=rngs)
+                            for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                              param_dtype=pdt, rngs=rngs)
+    if config.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
+                            (EMBED, VOCAB), pdt, nnx.initializers.normal(0.02))
+    self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config),
+                                             jnp.float32))
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    return init_cache(self.config, batch_size, max_len)
+
+  def backbone(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               mask: Optional[jax.Array] = None,
+               layers: Optional[Sequence[int]] = None):
+    """Runs the decoder blocks on new tokens.
+
+    Args:
+      tokens: `[B, T]` int32.
+      positions: `[B, T]` int32.
+      cache: `KVCache`; new K/V are written to scratch, `length` unchanged.
+      mask: `[B, T, T]` bool among new tokens; None means causal.
+      layers: indices of the blocks to run (a static subset, e.g. for
+        layer-skip self-drafting); None runs all. Skipped layers' caches are
+        returned untouched.
+
+    Returns:
+      `(hidden [B, T, D] before the final norm, cache)`.
+    """
+    b, t = tokens.shape
+    if mask is None:
+      mask = causal_mask(b, t)
+    visible = attention_visibility(cache.length, positions, mask,
+                                   cache.max_len, self.config.sliding_window)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    inv_freq = self.inv_freq[...]
+    kv = list(cache.kv)
+    for i in (range(len(self.layers)) if layers is None else layers):
+      x, kv[i] = self.layers[i](x, positions, inv_freq, kv[i], cache.length,
+                                visible)
+    return x, KVCache(kv=tuple(kv), length=cache.length)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[..., D]` pre-norm hidden -> `[..., V]` logits (float32 or wider)."""
+    h = self.final_norm(hidden)
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    if self.lm_head is None:
+      return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(self.dtype),
+                        preferred_element_type=acc)
+    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+                      preferred_element_type=acc)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               mask: Optional[jax.Array] = None,
+               logit_index: Optional[jax.Array] = None):
+    """Forward over new tokens against the cache.
+
+    Args:
+      tokens: `[B, T]` int32.
+      positions: `[B, T]` int32.
+      cache: `KVCache`.
+      mask: `[B, T, T]` bool or None (causal).
+      logit_index: `[B, N]` int32 indices into T at which to return logits, or
+        None for all T. Prefill asks for one position per row: full `[B, T, V]`
+        logits of a long prompt cost hundreds of MB.
+
+    Returns:
+      `(logits [B, N or T, V] float32, cache)` with the new K/V in scratch.
+    """
+    hidden, cache = self.backbone(tokens, positions, cache, mask)
+    if logit_index is not None:
+      hidden = jnp.take_along_axis(hidden, logit_index[..., None], axis=1)
+    return self.logits(hidden), cache
