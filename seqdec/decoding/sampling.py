@@ -1,0 +1,172 @@
+"""Sampling rules: small static classes with per-row parameters.
+
+A `Sampler` is a hashable tuple of rules (static: it changes the program); the
+numbers it reads are per-row arrays in `SamplingParams` (dynamic: changing them
+never recompiles). Rules transform logits in HF's order (temperature, top-k,
+top-p); rows whose temperature is 0 take the argmax of the raw logits.
+
+Random keys are per row: row r's key for its i-th new token is
+`fold_in(fold_in(key(seed), row_id[r]), i)`, so a sampled row does not depend
+on its position in the batch or on the other rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class SamplingParams:
+  """Per-row sampling parameters.
+
+  Attributes:
+    temperature: `[B]` float32; 0 means greedy for that row.
+    top_k: `[B]` int32; 0 disables top-k for that row.
+    top_p: `[B]` float32 in (0, 1]; 1 disables nucleus filtering.
+  """
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  @classmethod
+  def make(cls, batch_size: int, temperature=0.0, top_k=0, top_p=1.0):
+    """Broadcasts scalars or per-row sequences to `[B]` arrays (validated)."""
+    def row(v, dtype, name):
+      a = np.broadcast_to(np.asarray(v, dtype), (batch_size,)).copy()
+      if name == "temperature" and (a < 0).any():
+        raise ValueError(f"temperature must be >= 0, got {v}")
+      if name == "top_k" and (a < 0).any():
+        raise ValueError(f"top_k must be >= 0, got {v}")
+      if name == "top_p" and ((a <= 0) | (a > 1)).any():
+        raise ValueError(f"top_p must be in (0, 1], got {v}")
+      return jnp.asarray(a)
+    return cls(temperature=row(temperature, np.float32, "temperature"),
+               top_k=row(top_k, np.int32, "top_k"),
+               top_p=row(top_p, np.float32, "top_p"))
+
+  def pad(self, batch_size: int) -> "SamplingParams":
+    """Pads rows (greedy) up to `batch_size`."""
+    n = batch_size - self.temperature.shape[0]
+    if n <= 0:
+      return self
+    return SamplingParams(
+        temperature=jnp.pad(self.temperature, (0, n)),
+        top_k=jnp.pad(self.top_k, (0, n)),
+        top_p=jnp.pad(self.top_p, (0, n), constant_values=1.0))
+
+
+class Rule:
+  """A logits transform `[B, V] -> [B, V]` driven by per-row parameters."""
+
+  def __call__(self, logits: jax.Array, params: SamplingParams) -> jax.Array:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature(Rule):
+  """logits / temperature (rows with temperature 0 are handled as greedy)."""
+
+  def __call__(self, logits, params):
+    t = jnp.maximum(params.temperature, 1e-6)[:, None]
+    return logits / t.astype(logits.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Rule):
+  """Keeps each row's top_k[b] largest logits (top_k <= max_k, a static cap).
+
+  threshold_b = k-th largest logit of row b; logits below it become -inf.
+  `lax.top_k` needs a static k, so the row's k-th value is read from the
+  top `max_k` values.
+  """
+  max_k: int = 64
+
+  def __call__(self, logits, params):
+    k = jnp.clip(params.top_k, 1, self.max_k)
+    top = jax.lax.top_k(logits, self.max_k)[0]                   # [B, max_k]
+    thresh = jnp.take_along_axis(top, (k - 1)[:, None], axis=1)  # [B, 1]
+    keep = (logits >= thresh) | (params.top_k[:, None] <= 0)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP(Rule):
+  """Nucleus: keeps the smallest set of top tokens whose mass reaches top_p.
+
+  With probabilities sorted descending p_(1) >= p_(2) >= ..., token (i) is kept
+  iff sum_{j<i} p_(j) < top_p (so at least one token is always kept).
+  """
+
+  def __call__(self, logits, params):
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_before < params.top_p[:, None], axis=-1)
+    thresh = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=1)
+    return jnp.where(logits >= thresh, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A static chain of rules. `Sampler(())` is pure greedy.
+
+  `__call__(logits [B, V], keys [B] (typed PRNG keys), params)` returns
+  `(tokens [B] int32, logprobs [B] float32)`, where logprobs are the chosen
+  tokens' log-probabilities under the model (the raw softmax, temperature 1).
+  """
+  rules: tuple[Rule, ...] = ()
+
+  @property
+  def greedy(self) -> bool:
+    return not self.rules
+
+  def __call__(self, logits: jax.Array, keys: jax.Array,
+               params: SamplingParams):
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if self.greedy:
+      tokens = best
+    else:
+      x = logits
+      for rule in self.rules:
+        x = rule(x, params)
+      sampled = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+      tokens = jnp.where(params.temperature > 0, sampled, best)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
+
+
+def make_sampler(temperature=0.0, top_k=0, top_p=1.0,
+                 max_top_k: int = 64) -> Sampler:
+  """The smallest static rule chain that can serve these (per-row) values."""
+  t = np.asarray(temperature, np.float32)
+  if not (t > 0).any():
+    return Sampler(())
+  rules: list[Rule] = [Temperature()]
+  k = np.asarray(top_k)
+  if (k > 0).any():
+    if (k > max_top_k).any():
+      raise ValueError(f"top_k={int(k.max())} exceeds max_top_k={max_top_k}; "
+                       f"raise max_top_k")
+    rules.append(TopK(max_k=max_top_k))
+  if (np.asarray(top_p) < 1).any():
+    rules.append(TopP())
+  return Sampler(tuple(rules))
+
+
+def row_keys(seed: int, row_ids: Sequence[int] | np.ndarray) -> jax.Array:
+  """`[B]` typed keys: fold_in(key(seed), row_id)."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda r: jax.random.fold_in(base, r))(
+      jnp.asarray(row_ids, jnp.uint32))
+
+
+def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
+  """Each row's key for its `step`-th new token: fold_in(row_key, step)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
