@@ -172,7 +172,8 @@ def _sliding_window(cfg: Mapping[str, Any], arch: str,
     window = cfg.get("sliding_window", _MISTRAL_DEFAULT_WINDOW)
     types = None
   else:  # Qwen2: `sliding_window` is only live with `use_sliding_window`.
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    window = (cfg.get("sliding_window") if cfg.get("use_sliding_window")
+              else None)
     types = _qwen2_layer_types(cfg, num_layers)
   if types is not None:
     if len(types) != num_layers:
@@ -298,7 +299,14 @@ def _read_json(path: str) -> Any:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one safetensors file as numpy arrays (bf16 via ml_dtypes)."""
+  """All tensors of one safetensors file as numpy arrays.
+
+  Args:
+    path: the `.safetensors` file.
+
+  Returns:
+    `{name: array}` in the stored dtype (bfloat16 as an `ml_dtypes` array).
+  """
   if not os.path.isfile(path):
     raise CheckpointError(f"weights file {path} does not exist")
   try:
