@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from seqdec.models.config import TransformerConfig, as_dtype
-from seqdec.models.transformer import Transformer, rope_inv_freq
+from seqdec.models.transformer import Transformer, inv_freq_array
 
 
 class CheckpointError(ValueError):
@@ -104,7 +104,7 @@ def model_from_hf_tensors(config: TransformerConfig,
     raise CheckpointError(
         f"checkpoint has {len(unknown)} tensors this model does not use, e.g. "
         f"{sorted(unknown)[:3]} (wrong architecture or config?)")
-  values["inv_freq"] = jnp.asarray(rope_inv_freq(config), jnp.float32)
+  values["inv_freq"] = inv_freq_array(config)
   missing = sorted(set(expected) - set(values))
   if missing:
     raise CheckpointError(

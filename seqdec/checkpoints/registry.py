@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from flax import nnx
-
 from seqdec.checkpoints.convert import CheckpointError
 from seqdec.models.config import PRESETS
-from seqdec.models.transformer import Transformer
+from seqdec.models.transformer import create
 from seqdec.tokenizer import Tokenizer
 
 
 def _tiny(dtype: str = "float32", **_):
   """A tiny random Llama with the byte-level tokenizer (seeded)."""
   config = PRESETS["tiny"].replace(dtype=dtype, param_dtype=dtype)
-  return Transformer(config, rngs=nnx.Rngs(0)), Tokenizer.byte_level()
+  return create(config, seed=0), Tokenizer.byte_level()
 
 
 def _smollm2(dtype: str = "float32", **kwargs):

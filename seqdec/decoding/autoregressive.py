@@ -134,7 +134,8 @@ def decode_loop(graphdef, sampler: Sampler, stream: Optional[Callable], params,
   state = DecodeState(
       step=jnp.array(-1, jnp.int32), last=jnp.zeros((b,), jnp.int32),
       tokens=jnp.zeros((b, num_new_buffer), jnp.int32),
-      logprobs=jnp.zeros((b, num_new_buffer), jnp.float32),
+      logprobs=jnp.zeros((b, num_new_buffer),
+                         jnp.promote_types(first_logits.dtype, jnp.float32)),
       num_new=jnp.zeros((b,), jnp.int32), done=max_new <= 0, cache=cache)
   record = functools.partial(_record, keys=keys, sparams=sparams,
                              sampler=sampler, max_new=max_new,

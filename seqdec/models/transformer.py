@@ -184,6 +184,12 @@ def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled)
 
 
+def inv_freq_array(config: TransformerConfig) -> jax.Array:
+  """`rope_inv_freq` in float32, or float64 for a float64 model."""
+  return jnp.asarray(rope_inv_freq(config),
+                     jnp.promote_types(as_dtype(config.dtype), jnp.float32))
+
+
 def apply_rope(x: jax.Array, positions: jax.Array,
                inv_freq: jax.Array) -> jax.Array:
   """Rotates split halves: x' = x * cos(p w) + rotate_half(x) * sin(p w).
@@ -191,20 +197,18 @@ def apply_rope(x: jax.Array, positions: jax.Array,
   Args:
     x: `[B, T, N, Dh]`.
     positions: `[B, T]` int.
-    inv_freq: `[Dh/2]` float32.
+    inv_freq: `[Dh/2]` float32 (float64 for float64 models).
   """
-  angle = positions.astype(jnp.float32)[..., None] * inv_freq      # [B,T,Dh/2]
+  angle = positions.astype(inv_freq.dtype)[..., None] * inv_freq   # [B,T,Dh/2]
   angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,Dh]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  if x.dtype == jnp.float64:
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return (x * cos + rotated * sin).astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes,
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes,
                    eager_sharding=False)
 
 
@@ -376,8 +380,7 @@ class Transformer(nnx.Module):
     else:
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
                             (EMBED, VOCAB), pdt, nnx.initializers.normal(0.02))
-    self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config),
-                                             jnp.float32))
+    self.inv_freq = nnx.Variable(inv_freq_array(config))
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     return init_cache(self.config, batch_size, max_len)
@@ -443,3 +446,16 @@ class Transformer(nnx.Module):
     if logit_index is not None:
       hidden = jnp.take_along_axis(hidden, logit_index[..., None], axis=1)
     return self.logits(hidden), cache
+
+
+def create(config: TransformerConfig, seed: int = 0) -> Transformer:
+  """Builds a randomly initialised `Transformer` with a jitted init.
+
+  Eager NNX initialisation dispatches hundreds of small ops (seconds on CPU);
+  one compiled init takes a fraction of that.
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract)
+  state = jax.jit(lambda: nnx.state(Transformer(config,
+                                                rngs=nnx.Rngs(seed))))()
+  return nnx.merge(graphdef, state)
