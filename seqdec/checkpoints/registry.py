@@ -32,6 +32,21 @@ KNOWN_MODELS: dict[str, Callable] = {
 }
 
 
+# The architecture preset behind each name (for `jax.eval_shape` builds).
+MODEL_PRESETS = {"tiny": "tiny", "smollm2-135m-instruct": "smollm2-135m"}
+
+
+def abstract_model(name: str):
+  """The named model built with `nnx.eval_shape`: shapes only, no weights."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from seqdec.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  if name not in MODEL_PRESETS:
+    raise CheckpointError(f"no preset for model {name!r}; known: "
+                          f"{sorted(MODEL_PRESETS)}")
+  config = PRESETS[MODEL_PRESETS[name]]
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
 def load_pretrained(name_or_path: str, *, dtype: str = "float32", **kwargs):
   """Loads `(model, tokenizer)`.
 

@@ -1,0 +1,119 @@
+"""launch/decode.py end to end: success paths and bad input.
+
+Bad input must give a one-line `error:` message, a non-zero exit, and no
+partial (or clobbered) `--output` file.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seqdec.models import config as config_lib
+from tests import hf_fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "decode.py"), *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, fragment):
+  assert proc.returncode != 0, proc.stdout
+  lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+  assert lines and lines[-1].startswith("error: "), proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  cfg = config_lib.PRESETS["tiny"]
+  path = str(tmp_path_factory.mktemp("hf"))
+  hf_fixtures.write_checkpoint(path, cfg, hf_fixtures.random_hf_tensors(cfg),
+                               tokenizer=True)
+  return path
+
+
+def test_prompts_file_to_output(tmp_path, hf_dir):
+  prompts = tmp_path / "in.jsonl"
+  prompts.write_text("\n".join([
+      json.dumps({"id": "a", "prompt": "hello"}),
+      json.dumps({"messages": [{"role": "user", "content": "hi there"}]}),
+      json.dumps("a bare string"),
+  ]) + "\n")
+  out = tmp_path / "out.jsonl"
+  proc = run_cli(f"--config=configs/decode.py:model={hf_dir}",
+                 "--config.max_new_tokens=5", f"--prompts_file={prompts}",
+                 f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+  assert len(rows) == 3 and rows[0]["id"] == "a"
+  assert all(1 <= len(r["tokens"]) <= 5 for r in rows)
+  assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+  assert "tokens/s" in proc.stderr
+
+
+def test_single_prompt_streams(tmp_path):
+  proc = run_cli("--config=configs/decode.py:runlocal", "--prompt=hello")
+  assert proc.returncode == 0, proc.stderr
+  assert "[seqdec] model=tiny" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["empty", "oversize", "unknown_model",
+                                  "unknown_key", "bad_jsonl", "missing_file"])
+def test_bad_input(case, tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_text("previous results\n")  # must survive a failed run
+  args = ["--config=configs/decode.py:runlocal", f"--output={out}"]
+  prompts = tmp_path / "in.jsonl"
+  if case == "empty":
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n"
+                       + json.dumps({"prompt": ""}) + "\n")
+    args.append(f"--prompts_file={prompts}")
+    fragment = "prompt 1 is empty"
+  elif case == "oversize":
+    args += ["--prompt=" + "x" * 1100]
+    fragment = "exceeds the model's context"
+  elif case == "unknown_model":
+    args = ["--config=configs/decode.py:model=no-such-model", "--prompt=x",
+            f"--output={out}"]
+    fragment = "unknown model 'no-such-model'"
+  elif case == "unknown_key":
+    args += ["--config.max_new_tokenz=3", "--prompt=x"]
+    fragment = "unknown config key"
+  elif case == "bad_jsonl":
+    prompts.write_text('{"prompt": "ok"}\n{not json\n')
+    args.append(f"--prompts_file={prompts}")
+    fragment = ":2: not valid JSON"
+  else:
+    args.append(f"--prompts_file={tmp_path / 'nope.jsonl'}")
+    fragment = "does not exist"
+  proc = run_cli(*args)
+  assert_user_error(proc, fragment)
+  assert out.read_text() == "previous results\n"
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bad_checkpoint(damage, tmp_path, hf_dir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  broken = tmp_path / "ckpt"
+  shutil.copytree(hf_dir, broken)
+  weights = broken / "model.safetensors"
+  if damage == "missing":
+    weights.unlink()
+  else:
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+  out = tmp_path / "out.jsonl"
+  proc = run_cli(f"--config=configs/decode.py:model={broken}", "--prompt=x",
+                 f"--output={out}")
+  assert_user_error(proc, "safetensors")
+  assert not out.exists()

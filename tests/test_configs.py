@@ -1,0 +1,51 @@
+"""Every config file loads, locks, and builds its model.
+
+Full-size models are built with `jax.eval_shape` (no weights); `runlocal`
+arms build their tiny model for real.
+"""
+
+import glob
+import importlib
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+from seqdec.checkpoints import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3]
+                 for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith(("_", "common")))
+
+
+def test_there_are_configs():
+  assert "decode" in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_default_and_runlocal(name):
+  module = importlib.import_module(f"configs.{name}")
+  assert "launch/" in module.__doc__  # the docstring gives its command
+  full = module.get_config()
+  full.lock()
+  with pytest.raises(AttributeError):
+    full.no_such_key = 1
+  model = registry.abstract_model(full.model)
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
+  local = module.get_config("runlocal")
+  local.lock()
+  tiny, tok = registry.load_pretrained(local.model)
+  assert tiny.config.vocab_size >= tok.vocab_size
+
+
+@pytest.mark.parametrize("arg,error", [
+    ("nosuchkey=1", "unknown config argument"),
+    ("runlocal=maybe", "expects a bool"),
+    ("model", "needs a value"),
+])
+def test_config_arguments_are_strict(arg, error):
+  module = importlib.import_module("configs.decode")
+  with pytest.raises(ValueError, match=error):
+    module.get_config(arg)
