@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from seqdec.models import config as config_lib
-from tests import hf_fixtures
+import hf_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
