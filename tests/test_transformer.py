@@ -266,3 +266,17 @@ def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="unsupported rope scaling"):
     config_lib.PRESETS["tiny"].replace(rope_scaling={"rope_type": "yarn",
                                                      "factor": 2.0})
+
+
+def test_attention_impls_agree():
+  """'dot' (accelerators) and 'fused' (XLA:CPU) compute the same function."""
+  rng = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(rng[0], (2, 3, 6, 16))
+  k = jax.random.normal(rng[1], (2, 3, 20, 16))
+  v = jax.random.normal(rng[2], (2, 3, 20, 16))
+  vis = jax.random.bernoulli(rng[3], 0.7, (2, 1, 6, 20)).at[..., 0].set(True)
+  a = tr.grouped_attention(q, k, v, vis, 0.25, jnp.float32, "dot")
+  b = tr.grouped_attention(q, k, v, vis, 0.25, jnp.float32, "fused")
+  assert float(jnp.abs(a - b).max()) <= 1e-5
+  with pytest.raises(ValueError, match="attention_impl"):
+    tr.resolve_attention_impl("flash")

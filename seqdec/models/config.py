@@ -60,6 +60,9 @@ class TransformerConfig:
       accelerators; softmax, norms and matmul accumulation stay float32).
     param_dtype: parameter storage dtype name.
     architecture: the source architecture, for the record only.
+    attention_impl: 'auto' (by backend), 'dot' or 'fused'; see
+      `transformer.grouped_attention`. Not a hyper-parameter: every choice
+      computes the same function.
   """
 
   vocab_size: int
@@ -79,6 +82,7 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   architecture: str = "LlamaForCausalLM"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
