@@ -8,6 +8,7 @@ model from it without a random initialisation.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Mapping
 
@@ -64,6 +65,13 @@ def _path_str(path) -> str:
   return ".".join(str(p) for p in path)
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_split(config: TransformerConfig):
+  """(graphdef, abstract state) of a config, computed once per config."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config,
+                                                      rngs=nnx.Rngs(0))))
+
+
 def model_from_hf_tensors(config: TransformerConfig,
                           tensors: Mapping[str, np.ndarray]) -> Transformer:
   """Builds a `Transformer` from HF-named tensors, checking names and shapes.
@@ -72,8 +80,7 @@ def model_from_hf_tensors(config: TransformerConfig,
   the embedding (some exporters save it); it is then ignored. Unknown tensors,
   missing tensors and shape mismatches raise `CheckpointError` naming them.
   """
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = _abstract_split(config)
   expected = {}
   for path, var in nnx.to_flat_state(state):
     expected[_path_str(path)] = var
