@@ -30,5 +30,6 @@ def get_config(arg=None):
   c.system_prompt = ""         # prepended as a system message when chatting
   c.max_batch = 8
   c.stream = True              # stream text when decoding a single prompt
-  c.default_prompt = "What is the capital of France? Answer in one sentence."
+  c.default_prompt = ("Explain in three sentences why the sky is blue, for a "
+                      "ten-year-old.")
   return c
