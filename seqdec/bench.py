@@ -1,0 +1,358 @@
+"""Benchmark helpers: the frozen prompt set, timing, robust statistics, output.
+
+The `launch/bench_*.py` scripts are thin layers over these functions, which
+are also usable from a notebook:
+
+    from seqdec import bench
+    prompts = bench.load_prompt_set(per_category=1)
+    with bench.Stopwatch() as sw:
+      ...
+    stats = bench.summarize([12.0, 11.5, 13.2])   # median, p10, p90, ...
+    bench.write_json("bench_results/x.json", {"machine": bench.machine_info()})
+
+Nothing here imports torch or transformers (they are test and benchmark
+oracles only); library versions are read from package metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
+PROMPTS_PER_CATEGORY = 8
+_ROLES = ("system", "user", "assistant")
+_PROMPT_KEYS = {"id", "category", "messages"}
+
+
+class PromptSetError(ValueError):
+  """A prompt file is missing or malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPrompt:
+  """One benchmark prompt.
+
+  Attributes:
+    id: "<category>-<n>", unique within the set.
+    category: one of `CATEGORIES`.
+    messages: the conversation, `[{"role": ..., "content": ...}, ...]`.
+  """
+  id: str
+  category: str
+  messages: tuple[dict[str, str], ...]
+
+  def as_messages(self) -> list[dict[str, str]]:
+    """A fresh, mutable copy of the conversation."""
+    return [dict(m) for m in self.messages]
+
+
+def default_prompts_dir() -> str:
+  """`data/prompts` of the source tree this module belongs to."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(root, "data", "prompts")
+
+
+def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+  if not isinstance(messages, list) or not messages:
+    raise PromptSetError(f"{where}: 'messages' must be a non-empty list")
+  out = []
+  for m in messages:
+    if not isinstance(m, dict) or set(m) != {"role", "content"}:
+      raise PromptSetError(f"{where}: each message needs exactly 'role' and "
+                           f"'content', got {m!r}")
+    if m["role"] not in _ROLES:
+      raise PromptSetError(f"{where}: unknown role {m['role']!r}")
+    if not isinstance(m["content"], str) or not m["content"].strip():
+      raise PromptSetError(f"{where}: message content must be a non-empty "
+                           f"string")
+    out.append({"role": m["role"], "content": m["content"]})
+  if out[-1]["role"] != "user":
+    raise PromptSetError(f"{where}: the last message must be the user's")
+  return tuple(out)
+
+
+def load_category(path: str, category: str) -> list[BenchPrompt]:
+  """Reads and validates one `<category>.jsonl` file.
+
+  Each line is `{"id": "<category>-<n>", "category": ..., "messages": [...]}`
+  with n = 1, 2, ... in file order.
+
+  Raises:
+    PromptSetError: missing file, bad JSON, wrong keys, ids or messages.
+  """
+  if not os.path.isfile(path):
+    raise PromptSetError(f"no prompt file {path}")
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      where = f"{path}:{lineno}"
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise PromptSetError(f"{where}: bad JSON ({e})") from e
+      if not isinstance(rec, dict) or set(rec) != _PROMPT_KEYS:
+        raise PromptSetError(f"{where}: expected keys {sorted(_PROMPT_KEYS)}")
+      if rec["category"] != category:
+        raise PromptSetError(f"{where}: category {rec['category']!r} in the "
+                             f"file of {category!r}")
+      expected_id = f"{category}-{len(prompts) + 1}"
+      if rec["id"] != expected_id:
+        raise PromptSetError(f"{where}: id {rec['id']!r}, expected "
+                             f"{expected_id!r}")
+      prompts.append(BenchPrompt(
+          id=rec["id"], category=category,
+          messages=_check_messages(rec["messages"], where)))
+  return prompts
+
+
+def load_prompt_set(directory: Optional[str] = None,
+                    categories: Sequence[str] = CATEGORIES,
+                    per_category: Optional[int] = None,
+                    expected_per_category: Optional[int] = PROMPTS_PER_CATEGORY
+                    ) -> list[BenchPrompt]:
+  """Loads the benchmark prompts, category by category, in file order.
+
+  Args:
+    directory: holds `<category>.jsonl` files (default:
+      `default_prompts_dir()`).
+    categories: which categories, in this order.
+    per_category: keep only the first k prompts of each category
+      (None: all).
+    expected_per_category: each file must hold exactly this many prompts
+      (None: any number >= 1).
+
+  Raises:
+    PromptSetError: a missing or malformed file, a wrong prompt count, or a
+      duplicate id.
+  """
+  directory = directory or default_prompts_dir()
+  if per_category is not None and per_category < 1:
+    raise PromptSetError(f"per_category must be >= 1, got {per_category}")
+  out: list[BenchPrompt] = []
+  seen: set[str] = set()
+  for cat in categories:
+    prompts = load_category(os.path.join(directory, f"{cat}.jsonl"), cat)
+    if not prompts:
+      raise PromptSetError(f"{cat}.jsonl holds no prompts")
+    if (expected_per_category is not None
+        and len(prompts) != expected_per_category):
+      raise PromptSetError(f"{cat}.jsonl holds {len(prompts)} prompts, "
+                           f"expected {expected_per_category}")
+    for p in prompts:
+      if p.id in seen:
+        raise PromptSetError(f"duplicate prompt id {p.id!r}")
+      seen.add(p.id)
+    out += prompts[:per_category]
+  return out
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+  """The q-th percentile, interpolating linearly between order statistics.
+
+  With the n values sorted as x_0 <= ... <= x_{n-1}, h = (n - 1) q / 100 and
+  percentile = x_floor(h) + (h - floor(h)) (x_ceil(h) - x_floor(h)); this is
+  numpy's default ("linear") method.
+
+  Raises:
+    ValueError: no values, a NaN, or q outside [0, 100].
+  """
+  xs = sorted(float(v) for v in values)
+  if not xs:
+    raise ValueError("percentile of no values")
+  if any(math.isnan(x) for x in xs):
+    raise ValueError("percentile of values containing NaN")
+  if not 0.0 <= q <= 100.0:
+    raise ValueError(f"q must be in [0, 100], got {q}")
+  h = (len(xs) - 1) * q / 100.0
+  lo = math.floor(h)
+  hi = min(lo + 1, len(xs) - 1)
+  return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
+
+
+def median(values: Iterable[float]) -> float:
+  """The 50th percentile (the mean of the two middle values for even n)."""
+  return percentile(values, 50.0)
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+  """Median, p10, p90, min, max, mean and count of `values`."""
+  xs = [float(v) for v in values]
+  if not xs:
+    raise ValueError("summarize of no values")
+  return dict(median=median(xs), p10=percentile(xs, 10.0),
+              p90=percentile(xs, 90.0), min=min(xs), max=max(xs),
+              mean=sum(xs) / len(xs), n=len(xs))
+
+
+def ratio(numerator: float, denominator: float) -> Optional[float]:
+  """numerator / denominator, or None when the denominator is 0."""
+  return None if denominator == 0 else numerator / denominator
+
+
+def group_by(records: Sequence[Mapping[str, Any]], key: str,
+             order: Optional[Sequence[str]] = None
+             ) -> dict[str, list[Mapping[str, Any]]]:
+  """Records grouped by `record[key]`, groups in `order` (else first seen)."""
+  groups: dict[str, list[Mapping[str, Any]]] = {}
+  for k in order or ():
+    groups[k] = []
+  for r in records:
+    groups.setdefault(r[key], []).append(r)
+  return {k: v for k, v in groups.items() if v}
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+  """Index of the first position where `a` and `b` differ, else None.
+
+  A length difference counts as a divergence at the shorter length.
+  """
+  for i, (x, y) in enumerate(zip(a, b)):
+    if x != y:
+      return i
+  return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------------- timing
+
+
+class Stopwatch:
+  """Wall-clock timer (`time.perf_counter`) usable as a context manager.
+
+      with Stopwatch() as sw:
+        work()
+      print(sw.seconds)
+
+  Asynchronous work (JAX) must be blocked on inside the block.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._start: Optional[float] = None
+    self.seconds: Optional[float] = None
+
+  def __enter__(self) -> "Stopwatch":
+    self._start = self._clock()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.seconds = self._clock() - self._start
+
+
+def time_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
+  """`(fn(*args, **kwargs), wall seconds)`; fn must return finished work."""
+  t0 = time.perf_counter()
+  out = fn(*args, **kwargs)
+  return out, time.perf_counter() - t0
+
+
+def alternating_orders(n: int, names: Sequence[str]) -> list[tuple[str, ...]]:
+  """Run orders for n interleaved rounds: round i rotates `names` by i.
+
+  With two systems this alternates "a, b" and "b, a", so neither always runs
+  first (warm caches, CPU frequency and background load even out).
+  """
+  names = tuple(names)
+  k = len(names)
+  return [names[i % k:] + names[:i % k] for i in range(n)]
+
+
+# ---------------------------------------------------------------------- output
+
+
+def package_version(name: str) -> Optional[str]:
+  """Installed version of a distribution, or None (no import needed)."""
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine_info(packages: Sequence[str] = (
+    "jax", "jaxlib", "flax", "numpy", "torch", "transformers")
+                 ) -> dict[str, Any]:
+  """Host, CPU, library versions and the UTC date, for a benchmark record."""
+  cpu_model = None
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu_model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    affinity = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    affinity = None
+  try:
+    load = list(os.getloadavg())
+  except OSError:
+    load = None
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return dict(
+      date=now.date().isoformat(),
+      datetime_utc=now.isoformat(timespec="seconds"),
+      hostname=platform.node(), platform=platform.platform(),
+      python=platform.python_version(), cpu_model=cpu_model,
+      cpu_count=os.cpu_count(), cpu_affinity=affinity,
+      load_average_1_5_15=load,
+      versions={p: package_version(p) for p in packages})
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically (a `.tmp` file, then rename).
+
+  Creates the parent directory. A reader never sees a half-written file, and
+  a failed run leaves any earlier result in place.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, allow_nan=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def markdown_table(headers: Sequence[str],
+                   rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub-flavoured Markdown table.
+
+  Cells are shown with `str` (format floats first); None is shown as "-".
+  """
+  def cell(v):
+    return "-" if v is None else str(v).replace("|", "\\|")
+  for r in rows:
+    if len(r) != len(headers):
+      raise ValueError(f"row {r!r} has {len(r)} cells, expected "
+                       f"{len(headers)}")
+  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def fmt_stats(stats: Optional[Mapping[str, float]], digits: int = 1) -> str:
+  """"median [p10-p90]" of a `summarize` dict, e.g. "27.8 [25.1-29.0]"."""
+  if not stats:
+    return "-"
+  return (f"{stats['median']:.{digits}f} "
+          f"[{stats['p10']:.{digits}f}-{stats['p90']:.{digits}f}]")
