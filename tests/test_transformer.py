@@ -5,10 +5,14 @@ Bounds follow CONTRIBUTING.md: whole model f32 1e-4 on log-softmax, float64
 1e-10; modules f32 1e-5.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flax import nnx
 
 from seqdec.models import config as config_lib
@@ -280,3 +284,42 @@ def test_attention_impls_agree():
   assert float(jnp.abs(a - b).max()) <= 1e-5
   with pytest.raises(ValueError, match="attention_impl"):
     tr.resolve_attention_impl("flash")
+
+
+@st.composite
+def trees(draw, n=6):
+  """Random valid parent arrays: node 0 is the root, parent[i] < i."""
+  return [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+
+
+@settings(deadline=None, derandomize=True, max_examples=6)
+@given(parents=trees())
+def test_random_tree_masks_match_paths(parents):
+  """Any tree under its ancestor mask == each root-to-node path, batched.
+
+  Shapes are fixed (6 tree nodes; paths right-padded to 12 tokens) so all
+  examples share two compiled programs.
+  """
+  model = _hyp_model()
+  fwd = testing.jitted(model)
+  prompt = random_tokens(3, 1, 5)
+  tree_tokens = random_tokens(4, 1, 6)
+  depth = np.array([len(path_to(parents, i)) - 1 for i in range(6)])
+  cache = model.init_cache(1, 16)
+  _, cache = fwd(prompt, jnp.arange(5)[None], cache)
+  cache = testing.commit(cache, jnp.array([5]))
+  mask = jnp.asarray(ancestor_mask(parents))[None]
+  tree_logits, _ = fwd(tree_tokens, jnp.asarray(5 + depth)[None], cache, mask)
+  seqs = np.zeros((6, 12), np.int32)
+  for node in range(6):
+    seq = np.concatenate([prompt[0], tree_tokens[0, path_to(parents, node)]])
+    seqs[node, :len(seq)] = seq
+  ref = testing.full_forward(model, jnp.asarray(seqs))
+  ref = ref[jnp.arange(6), jnp.asarray(5 + depth)]
+  err = float(jnp.abs(logsm(tree_logits[0]) - logsm(ref)).max())
+  assert err <= F32_MODEL_TOL, err
+
+
+@functools.cache
+def _hyp_model():
+  return testing.tiny_model()
