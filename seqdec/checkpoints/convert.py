@@ -25,40 +25,100 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, or does not match the model."""
 
 
-# HF name pattern -> (seqdec path template, transpose?)
-_LAYER_MAP = {
-    "self_attn.q_proj.weight": ("attn.q_proj", True),
-    "self_attn.k_proj.weight": ("attn.k_proj", True),
-    "self_attn.v_proj.weight": ("attn.v_proj", True),
-    "self_attn.o_proj.weight": ("attn.o_proj", True),
-    "self_attn.q_proj.bias": ("attn.q_bias", False),
-    "self_attn.k_proj.bias": ("attn.k_bias", False),
-    "self_attn.v_proj.bias": ("attn.v_bias", False),
-    "mlp.gate_proj.weight": ("mlp.gate_proj", True),
-    "mlp.up_proj.weight": ("mlp.up_proj", True),
-    "mlp.down_proj.weight": ("mlp.down_proj", True),
-    "input_layernorm.weight": ("input_norm.scale", False),
-    "post_attention_layernorm.weight": ("post_attn_norm.scale", False),
-}
-_TOP_MAP = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm.scale", False),
-    "lm_head.weight": ("lm_head", True),
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# A parameter of the model is built from one or more HF tensors:
+#   seqdec path -> (HF names, pack(config, *hf_arrays), unpack(config, array)).
+# Packing fuses q/k/v into `qkv_proj [D, K, G+2, Dh]` and gate/up into
+# `gate_up_proj [D, 2, F]`; Linear weights go from HF's [out, in] to [in, out].
+
+def _t(_, w):
+  return w.T
+
+
+def _same(_, w):
+  return w
+
+
+def _pack_qkv(c: TransformerConfig, q, k, v):
+  d, nk, g, dh = c.hidden_size, c.num_kv_heads, c.num_groups, c.head_dim
+  return np.concatenate([q.T.reshape(d, nk, g, dh), k.T.reshape(d, nk, 1, dh),
+                         v.T.reshape(d, nk, 1, dh)], axis=2)
+
+
+def _unpack_qkv(c: TransformerConfig, w):
+  d, g = c.hidden_size, c.num_groups
+  return (w[:, :, :g].reshape(d, -1).T, w[:, :, g].reshape(d, -1).T,
+          w[:, :, g + 1].reshape(d, -1).T)
+
+
+def _pack_qkv_bias(c: TransformerConfig, q, k, v):
+  nk, g, dh = c.num_kv_heads, c.num_groups, c.head_dim
+  return np.concatenate([q.reshape(nk, g, dh), k.reshape(nk, 1, dh),
+                         v.reshape(nk, 1, dh)], axis=1)
+
+
+def _unpack_qkv_bias(c: TransformerConfig, b):
+  g = c.num_groups
+  return b[:, :g].reshape(-1), b[:, g].reshape(-1), b[:, g + 1].reshape(-1)
+
+
+def _pack_gate_up(_, gate, up):
+  return np.stack([gate.T, up.T], axis=1)
+
+
+def _unpack_gate_up(_, w):
+  return w[:, 0].T, w[:, 1].T
+
+
+def _hf_shapes(c: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """HF name suffix -> expected shape, for one layer and the top level."""
+  d, f, dh = c.hidden_size, c.intermediate_size, c.head_dim
+  q, kv = c.num_heads * dh, c.num_kv_heads * dh
+  return {
+      "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+      "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+      "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+      "self_attn.v_proj.bias": (kv,),
+      "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+      "mlp.down_proj.weight": (d, f),
+      "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+      "model.embed_tokens.weight": (c.vocab_size, d),
+      "model.norm.weight": (d,), "lm_head.weight": (c.vocab_size, d),
+  }
+
+
+def param_specs(c: TransformerConfig):
+  """seqdec path -> (HF names, pack, unpack) for every parameter of `c`."""
+  specs = {
+      "embed": (["model.embed_tokens.weight"], _same, _same),
+      "final_norm.scale": (["model.norm.weight"], _same, _same),
+  }
+  if not c.tie_embeddings:
+    specs["lm_head"] = (["lm_head.weight"], _t, _t)
+  for i in range(c.num_layers):
+    pre = f"model.layers.{i}."
+    attn = [pre + f"self_attn.{x}_proj.weight" for x in "qkv"]
+    specs[f"layers.{i}.attn.qkv_proj"] = (attn, _pack_qkv, _unpack_qkv)
+    if c.qkv_bias:
+      bias = [pre + f"self_attn.{x}_proj.bias" for x in "qkv"]
+      specs[f"layers.{i}.attn.qkv_bias"] = (bias, _pack_qkv_bias,
+                                            _unpack_qkv_bias)
+    specs[f"layers.{i}.attn.o_proj"] = ([pre + "self_attn.o_proj.weight"],
+                                        _t, _t)
+    specs[f"layers.{i}.mlp.gate_up_proj"] = (
+        [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"],
+        _pack_gate_up, _unpack_gate_up)
+    specs[f"layers.{i}.mlp.down_proj"] = ([pre + "mlp.down_proj.weight"],
+                                          _t, _t)
+    specs[f"layers.{i}.input_norm.scale"] = (
+        [pre + "input_layernorm.weight"], _same, _same)
+    specs[f"layers.{i}.post_attn_norm.scale"] = (
+        [pre + "post_attention_layernorm.weight"], _same, _same)
+  return specs
+
+
 # Buffers some exporters save that carry no parameters.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def hf_name_to_path(name: str) -> tuple[str, bool] | None:
-  """Maps an HF tensor name to (seqdec state path, needs transpose)."""
-  if name in _TOP_MAP:
-    return _TOP_MAP[name]
-  m = _LAYER_RE.match(name)
-  if m and m.group(2) in _LAYER_MAP:
-    path, transpose = _LAYER_MAP[m.group(2)]
-    return f"layers.{m.group(1)}.{path}", transpose
-  return None
+_LAYER_RE = re.compile(r"^model\.layers\.\d+\.(.+)$")
 
 
 def _path_str(path) -> str:
@@ -81,42 +141,35 @@ def model_from_hf_tensors(config: TransformerConfig,
   missing tensors and shape mismatches raise `CheckpointError` naming them.
   """
   graphdef, state = _abstract_split(config)
-  expected = {}
-  for path, var in nnx.to_flat_state(state):
-    expected[_path_str(path)] = var
-  pdt = as_dtype(config.param_dtype)
-
-  values: dict[str, jax.Array] = {}
-  unknown = []
-  for name, array in tensors.items():
-    if _IGNORED.match(name):
-      continue
-    if name == "lm_head.weight" and config.tie_embeddings:
-      continue
-    mapped = hf_name_to_path(name)
-    if mapped is None or mapped[0] not in expected:
-      unknown.append(name)
-      continue
-    path, transpose = mapped
-    array = np.asarray(array)
-    if transpose:
-      array = array.T
-    want = tuple(expected[path].shape)
-    if tuple(array.shape) != want:
-      raise CheckpointError(
-          f"tensor {name!r} has shape {tuple(array.shape)} "
-          f"(after layout change), the model expects {want}")
-    values[path] = jnp.asarray(array, dtype=pdt)
+  specs = param_specs(config)
+  used = {n for names, _, _ in specs.values() for n in names}
+  unknown = sorted(n for n in tensors if n not in used
+                   and not _IGNORED.match(n)
+                   and not (n == "lm_head.weight" and config.tie_embeddings))
   if unknown:
     raise CheckpointError(
         f"checkpoint has {len(unknown)} tensors this model does not use, e.g. "
-        f"{sorted(unknown)[:3]} (wrong architecture or config?)")
-  values["inv_freq"] = inv_freq_array(config)
-  missing = sorted(set(expected) - set(values))
+        f"{unknown[:3]} (wrong architecture or config?)")
+  missing = sorted(n for n in used if n not in tensors)
   if missing:
     raise CheckpointError(
         f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
-
+  want_shapes = _hf_shapes(config)
+  pdt = as_dtype(config.param_dtype)
+  values: dict[str, jax.Array] = {}
+  for path, (names, pack, _) in specs.items():
+    arrays = []
+    for name in names:
+      array = np.asarray(tensors[name])
+      m = _LAYER_RE.match(name)
+      want = want_shapes[m.group(1) if m else name]
+      if tuple(array.shape) != want:
+        raise CheckpointError(f"tensor {name!r} has shape "
+                              f"{tuple(array.shape)}, the config implies "
+                              f"{want}")
+      arrays.append(array)
+    values[path] = jnp.asarray(pack(config, *arrays), dtype=pdt)
+  values["inv_freq"] = inv_freq_array(config)
   flat = []
   for path, var in nnx.to_flat_state(state):
     flat.append((path, var.replace(values[_path_str(path)])))
@@ -129,11 +182,10 @@ def model_to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   by_path = {_path_str(p): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(state)}
   out = {}
-  names = list(_TOP_MAP)
-  for i in range(model.config.num_layers):
-    names += [f"model.layers.{i}.{k}" for k in _LAYER_MAP]
-  for name in names:
-    path, transpose = hf_name_to_path(name)
-    if path in by_path:
-      out[name] = by_path[path].T if transpose else by_path[path]
+  for path, (names, _, unpack) in param_specs(model.config).items():
+    parts = unpack(model.config, by_path[path])
+    if len(names) == 1:
+      parts = (parts,)
+    for name, part in zip(names, parts):
+      out[name] = np.ascontiguousarray(part)
   return out

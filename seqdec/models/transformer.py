@@ -297,9 +297,13 @@ class Attention(nnx.Module):
   visibility `[B,T,S]`; softmax in float32; out = sum_s p * v.
 
   Attributes:
-    q_proj: `[D, H*Dh]` ('embed', 'heads'); k_proj, v_proj: `[D, K*Dh]`
-      ('embed', 'kv_heads'); o_proj: `[H*Dh, D]` ('heads', 'embed');
-      optional biases on q/k/v (Qwen2).
+    qkv_proj: `[D, K, G+2, Dh]` ('embed', 'kv_heads', None, 'head_dim'): for
+      each kv head k, its G query heads (query head h = k*G + g, HF's order),
+      then its key, then its value. One matmul instead of three (~10% of a
+      CPU decode step), and sharding along 'kv_heads' keeps every query head
+      with its kv head.
+    qkv_bias: `[K, G+2, Dh]` or None (Qwen2).
+    o_proj: `[H*Dh, D]` ('heads', 'embed').
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -307,26 +311,16 @@ class Attention(nnx.Module):
     pdt, self.dtype = as_dtype(c.param_dtype), as_dtype(c.dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = (
         c.num_heads, c.num_kv_heads, c.head_dim)
+    self.groups = c.num_heads // c.num_kv_heads
     self.attention_impl = resolve_attention_impl(c.attention_impl)
     init = nnx.initializers.normal(0.02)
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    self.q_proj = _param(rngs, (c.hidden_size, q), (EMBED, HEADS), pdt, init)
-    self.k_proj = _param(rngs, (c.hidden_size, kv), (EMBED, KV_HEADS), pdt, init)
-    self.v_proj = _param(rngs, (c.hidden_size, kv), (EMBED, KV_HEADS), pdt, init)
-    self.o_proj = _param(rngs, (q, c.hidden_size), (HEADS, EMBED), pdt, init)
-    if c.qkv_bias:
-      zeros = nnx.initializers.zeros
-      self.q_bias = _param(rngs, (q,), (HEADS,), pdt, zeros)
-      self.k_bias = _param(rngs, (kv,), (KV_HEADS,), pdt, zeros)
-      self.v_bias = _param(rngs, (kv,), (KV_HEADS,), pdt, zeros)
-    else:
-      self.q_bias = self.k_bias = self.v_bias = None
-
-  def _project(self, x, w, bias, heads):
-    y = _dot(x, w[...], self.dtype)
-    if bias is not None:
-      y = y + bias[...].astype(self.dtype)
-    return y.reshape(*x.shape[:-1], heads, self.head_dim)
+    shape = (c.num_kv_heads, self.groups + 2, c.head_dim)
+    self.qkv_proj = _param(rngs, (c.hidden_size, *shape),
+                           (EMBED, KV_HEADS, None, HEAD_DIM), pdt, init)
+    self.o_proj = _param(rngs, (c.num_heads * c.head_dim, c.hidden_size),
+                         (HEADS, EMBED), pdt, init)
+    self.qkv_bias = (_param(rngs, shape, (KV_HEADS, None, HEAD_DIM), pdt,
+                            nnx.initializers.zeros) if c.qkv_bias else None)
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                kv: tuple[jax.Array, jax.Array], length: jax.Array,
@@ -345,31 +339,30 @@ class Attention(nnx.Module):
       `([B, T, D], (k, v))` with the new tokens' K/V written to scratch.
     """
     b, t, _ = x.shape
-    q = apply_rope(self._project(x, self.q_proj, self.q_bias, self.num_heads),
-                   positions, inv_freq)
-    k = apply_rope(self._project(x, self.k_proj, self.k_bias,
-                                 self.num_kv_heads), positions, inv_freq)
-    v = self._project(x, self.v_proj, self.v_bias, self.num_kv_heads)
+    nk, g, dh = self.num_kv_heads, self.groups, self.head_dim
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    y = jnp.einsum("btd,dkjh->btkjh", x, self.qkv_proj[...].astype(self.dtype),
+                   preferred_element_type=acc).astype(self.dtype)
+    if self.qkv_bias is not None:
+      y = y + self.qkv_bias[...].astype(self.dtype)
+    q = apply_rope(y[:, :, :, :g].reshape(b, t, nk * g, dh), positions,
+                   inv_freq)
+    k = apply_rope(y[:, :, :, g], positions, inv_freq)       # [B, T, K, Dh]
+    v = y[:, :, :, g + 1]
     k_cache = _write_rows(kv[0], k.transpose(0, 2, 1, 3), length)
     v_cache = _write_rows(kv[1], v.transpose(0, 2, 1, 3), length)
 
-    g = self.num_heads // self.num_kv_heads
-    acc = jnp.promote_types(self.dtype, jnp.float32)
-    # Queries grouped per kv head as [B, K, T*G, Dh]: one batched matmul per
-    # (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs ~3x
-    # faster than a 5-d einsum with separate T and G axes).
-    q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-    q = q.transpose(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, t * g,
-                                           self.head_dim)
+    # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
+    # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
+    # ~3x faster than a 5-d einsum with separate T and G axes).
+    q = q.reshape(b, t, nk, g, dh).transpose(0, 2, 1, 3, 4).reshape(
+        b, nk, t * g, dh)
     vis = jnp.repeat(visible, g, axis=1)[:, None]            # [B, 1, T*G, S]
     out = grouped_attention(q, k_cache.astype(q.dtype),
                             v_cache.astype(self.dtype), vis,
-                            1.0 / math.sqrt(self.head_dim), acc,
-                            self.attention_impl)
-    out = out.astype(self.dtype).reshape(b, self.num_kv_heads, t, g,
-                                         self.head_dim)
-    out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, self.num_heads
-                                               * self.head_dim)
+                            1.0 / math.sqrt(dh), acc, self.attention_impl)
+    out = out.astype(self.dtype).reshape(b, nk, t, g, dh)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, nk * g * dh)
     return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
 
 
@@ -377,20 +370,23 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(x @ gate) * (x @ up)).
 
   Attributes:
-    gate_proj, up_proj: `[D, F]` ('embed', 'mlp'); down_proj: `[F, D]`.
+    gate_up_proj: `[D, 2, F]` ('embed', None, 'mlp'), gate then up, one
+      matmul; down_proj: `[F, D]` ('mlp', 'embed').
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
     d, f = config.hidden_size, config.intermediate_size
     init = nnx.initializers.normal(0.02)
-    self.gate_proj = _param(rngs, (d, f), (EMBED, MLP), pdt, init)
-    self.up_proj = _param(rngs, (d, f), (EMBED, MLP), pdt, init)
+    self.gate_up_proj = _param(rngs, (d, 2, f), (EMBED, None, MLP), pdt, init)
     self.down_proj = _param(rngs, (f, d), (MLP, EMBED), pdt, init)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = (jax.nn.silu(_dot(x, self.gate_proj[...], self.dtype))
-         * _dot(x, self.up_proj[...], self.dtype))
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    gu = jnp.einsum("btd,djf->btjf", x,
+                    self.gate_up_proj[...].astype(self.dtype),
+                    preferred_element_type=acc).astype(self.dtype)
+    h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
     return _dot(h, self.down_proj[...], self.dtype)
 
 
