@@ -31,9 +31,13 @@ from seqdec.decoding.sampling import Sampler, SamplingParams, step_keys
 from seqdec.models.transformer import KVCache, commit, init_cache
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+def bucket(n: int, minimum: int = 16, step: int = 128) -> int:
+  """Padded size for n: a power of two (>= minimum) up to `step`, then the
+  next multiple of `step` (padding at most 2x for short, < step for long)."""
+  n = max(n, 1)
+  if n <= step:
+    return max(minimum, 1 << math.ceil(math.log2(n)))
+  return -(-n // step) * step
 
 
 class DecodeShapes(NamedTuple):

@@ -246,10 +246,17 @@ def _dot(x, w, dtype):
                     preferred_element_type=acc).astype(dtype)
 
 
-def resolve_attention_impl(impl: str) -> str:
-  """'auto' -> 'fused' on XLA:CPU, 'dot' elsewhere."""
+# Above this many queries per kv head (T*G), 'auto' uses matmuls on CPU too:
+# the copy-free broadcast-multiply form has no blocking and loses to a GEMM
+# once the query block is large (prefill).
+FUSED_MAX_QUERIES = 64
+
+
+def resolve_attention_impl(impl: str, num_queries: int = 1) -> str:
+  """'auto' -> 'fused' on XLA:CPU for small query blocks, else 'dot'."""
   if impl == "auto":
-    return "fused" if jax.default_backend() == "cpu" else "dot"
+    cpu = jax.default_backend() == "cpu"
+    return "fused" if cpu and num_queries <= FUSED_MAX_QUERIES else "dot"
   if impl not in ("dot", "fused"):
     raise ValueError(f"unknown attention_impl {impl!r}; expected auto, dot "
                      f"or fused")
@@ -312,7 +319,8 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = (
         c.num_heads, c.num_kv_heads, c.head_dim)
     self.groups = c.num_heads // c.num_kv_heads
-    self.attention_impl = resolve_attention_impl(c.attention_impl)
+    resolve_attention_impl(c.attention_impl)  # validates the name
+    self.attention_impl = c.attention_impl
     init = nnx.initializers.normal(0.02)
     shape = (c.num_kv_heads, self.groups + 2, c.head_dim)
     self.qkv_proj = _param(rngs, (c.hidden_size, *shape),
@@ -360,7 +368,8 @@ class Attention(nnx.Module):
     vis = jnp.repeat(visible, g, axis=1)[:, None]            # [B, 1, T*G, S]
     out = grouped_attention(q, k_cache.astype(q.dtype),
                             v_cache.astype(self.dtype), vis,
-                            1.0 / math.sqrt(dh), acc, self.attention_impl)
+                            1.0 / math.sqrt(dh), acc,
+                            resolve_attention_impl(self.attention_impl, t * g))
     out = out.astype(self.dtype).reshape(b, nk, t, g, dh)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, nk * g * dh)
     return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
