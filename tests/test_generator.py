@@ -193,3 +193,27 @@ def test_temperature_sampling_matches_softmax_chi2():
   # The same test rejects the wrong temperature.
   wrong = expect(1.0)
   assert stats.chisquare(counts, wrong).pvalue < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_smollm2_batched_greedy_equals_solo_and_full_forward():
+  """The real model: a ragged chat batch == each row alone == argmax of full
+  forwards, wherever the reference top-1/top-2 margin exceeds 1e-4."""
+  import seqdec  # pylint: disable=g-import-not-at-top
+  model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
+  gen = Generator(model, tok, max_new_tokens=16, eos_ids=())
+  convs = [[{"role": "user", "content": "Name three primary colors."}],
+           [{"role": "user", "content": "Write a haiku about autumn leaves "
+                                        "falling on a quiet pond at dusk."}]]
+  batch = gen.generate(convs)
+  small = 0
+  for conv, r in zip(convs, batch):
+    [solo] = gen.generate([conv])
+    ref, margins = reference_greedy(model, gen.encode(conv), 16, pad_to=128)
+    for i in range(16):
+      if margins[i] <= MARGIN:
+        small += 1
+        break
+      assert r.tokens[i] == ref[i] == solo.tokens[i], (i, r.tokens, ref)
+  print(f"SmolLM2: positions with top-2 margin <= {MARGIN}: {small}")
