@@ -37,18 +37,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                            f"{value!r}")
       elif not has_value:
         raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
-      elif isinstance(default, int):
+      elif isinstance(default, (int, float)):
+        kind = type(default)
         try:
-          out[key] = int(value)
+          out[key] = kind(value)
         except ValueError:
-          raise ValueError(f"config argument {key!r} expects an int, got "
-                           f"{value!r}") from None
-      elif isinstance(default, float):
-        try:
-          out[key] = float(value)
-        except ValueError:
-          raise ValueError(f"config argument {key!r} expects a float, got "
-                           f"{value!r}") from None
+          raise ValueError(f"config argument {key!r} expects "
+                           f"{'an' if kind is int else 'a'} {kind.__name__}, "
+                           f"got {value!r}") from None
       else:
         out[key] = value
   return ml_collections.ConfigDict(out)

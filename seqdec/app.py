@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from seqdec.checkpoints import CheckpointError, load_pretrained
 from seqdec.generator import GenerationResult, Generator, PromptError
+from seqdec.jsonl import iter_jsonl
 from seqdec.tokenizer import TokenizerError
 
 # Exceptions that are the user's input, reported as one line.
@@ -31,21 +32,14 @@ def read_prompts_file(path: str) -> list[dict[str, Any]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompts file {path!r} does not exist")
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if isinstance(rec, str):
-        rec = {"prompt": rec}
-      if not isinstance(rec, dict) or not (("prompt" in rec)
-                                           ^ ("messages" in rec)):
-        raise ValueError(f"{path}:{lineno}: expected an object with exactly "
-                         f"one of 'prompt' or 'messages'")
-      records.append(rec)
+  for where, rec in iter_jsonl(path):
+    if isinstance(rec, str):
+      rec = {"prompt": rec}
+    if not isinstance(rec, dict) or not (("prompt" in rec)
+                                         ^ ("messages" in rec)):
+      raise ValueError(f"{where}: expected an object with exactly "
+                       f"one of 'prompt' or 'messages'")
+    records.append(rec)
   if not records:
     raise ValueError(f"prompts file {path!r} has no prompts")
   return records

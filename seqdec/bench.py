@@ -26,6 +26,8 @@ import platform
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from seqdec.jsonl import iter_jsonl
+
 CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
 PROMPTS_PER_CATEGORY = 8
 _ROLES = ("system", "user", "assistant")
@@ -86,32 +88,22 @@ def load_category(path: str, category: str) -> list[BenchPrompt]:
   with n = 1, 2, ... in file order.
 
   Raises:
-    PromptSetError: missing file, bad JSON, wrong keys, ids or messages.
+    PromptSetError: missing file, invalid JSON, wrong keys, ids or messages.
   """
-  if not os.path.isfile(path):
-    raise PromptSetError(f"no prompt file {path}")
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      where = f"{path}:{lineno}"
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PromptSetError(f"{where}: bad JSON ({e})") from e
-      if not isinstance(rec, dict) or set(rec) != _PROMPT_KEYS:
-        raise PromptSetError(f"{where}: expected keys {sorted(_PROMPT_KEYS)}")
-      if rec["category"] != category:
-        raise PromptSetError(f"{where}: category {rec['category']!r} in the "
-                             f"file of {category!r}")
-      expected_id = f"{category}-{len(prompts) + 1}"
-      if rec["id"] != expected_id:
-        raise PromptSetError(f"{where}: id {rec['id']!r}, expected "
-                             f"{expected_id!r}")
-      prompts.append(BenchPrompt(
-          id=rec["id"], category=category,
-          messages=_check_messages(rec["messages"], where)))
+  for where, rec in iter_jsonl(path, PromptSetError):
+    if not isinstance(rec, dict) or set(rec) != _PROMPT_KEYS:
+      raise PromptSetError(f"{where}: expected keys {sorted(_PROMPT_KEYS)}")
+    if rec["category"] != category:
+      raise PromptSetError(f"{where}: category {rec['category']!r} in the "
+                           f"file of {category!r}")
+    expected_id = f"{category}-{len(prompts) + 1}"
+    if rec["id"] != expected_id:
+      raise PromptSetError(f"{where}: id {rec['id']!r}, expected "
+                           f"{expected_id!r}")
+    prompts.append(BenchPrompt(
+        id=rec["id"], category=category,
+        messages=_check_messages(rec["messages"], where)))
   return prompts
 
 

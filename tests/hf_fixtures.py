@@ -14,11 +14,13 @@ Two kinds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
+import pytest
 import safetensors.numpy
 from flax import nnx
 
@@ -191,3 +193,49 @@ def write_checkpoint(path: str, config: Mapping[str, Any] | TransformerConfig,
       json.dump(dict(bos_token="<|bos|>", eos_token="<|eos|>",
                      add_bos_token=True, chat_template=tok.chat_template), f)
   return path
+
+
+@contextlib.contextmanager
+def float64_forward(hf_model, inv_freq: np.ndarray):
+  """Runs an HF Llama-family model in float64 inside the `with` block.
+
+  `model.double()` is not enough: transformers computes the rotary angles,
+  RMSNorm and the attention softmax in float32 whatever the model dtype. This
+  patches those three places (rotary from `inv_freq`, float64). The model is
+  converted in place and stays float64 afterwards.
+
+  Args:
+    hf_model: a `*ForCausalLM` from transformers.
+    inv_freq: `[Dh/2]` float64 RoPE inverse frequencies (seqdec's
+      `rope_inv_freq`, which follows HF's scaling rules).
+
+  Yields:
+    The float64 model.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  hf64 = hf_model.double()
+  inv_t = torch.from_numpy(np.asarray(inv_freq, np.float64))
+
+  def rotary(x, position_ids, *unused_args, **unused_kwargs):
+    angle = position_ids.double()[..., None] * inv_t
+    angle = torch.cat([angle, angle], dim=-1)
+    return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+
+  def rms_norm(self, h):
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
+                                          + self.variance_epsilon))
+
+  softmax = F.softmax
+
+  def softmax64(x, dim=None, dtype=None, **kwargs):
+    return softmax(x, dim=dim,
+                   dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(F, "softmax", softmax64)
+    mp.setattr(hf64.model.rotary_emb, "forward", rotary)
+    for module in hf64.modules():
+      if type(module).__name__.endswith("RMSNorm"):
+        mp.setattr(module, "forward", rms_norm.__get__(module))
+    yield hf64

@@ -185,7 +185,7 @@ def test_load_prompt_set_checks_counts(tmp_path):
                                    expected_per_category=3)) == 3
   with pytest.raises(bench.PromptSetError, match="expected 8"):
     bench.load_prompt_set(str(tmp_path), categories=("qa",))
-  with pytest.raises(bench.PromptSetError, match="no prompt file"):
+  with pytest.raises(bench.PromptSetError, match="does not exist"):
     bench.load_prompt_set(str(tmp_path), categories=("math",))
 
 

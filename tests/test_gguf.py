@@ -26,6 +26,8 @@ from seqdec.checkpoints.convert import (CheckpointError, model_from_hf_tensors,
 from seqdec.models.config import TransformerConfig
 from seqdec.models.transformer import commit, rope_inv_freq
 
+import hf_fixtures
+
 Q = gguf.GGMLQuantizationType
 
 # ------------------------------------------------------- synthetic GGUFs
@@ -659,7 +661,6 @@ def hf_smollm2(smollm2):
   """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   path = _need_smollm2()
   _, _, ids, _ = smollm2
   torch.set_num_threads(2)
@@ -681,34 +682,12 @@ def hf_smollm2(smollm2):
                 past_key_values=step.past_key_values, use_cache=True)
   out["greedy"], out["margins"] = greedy, np.asarray(margins)
 
-  hf64 = hf.double()  # irreversible for a GGUF-quantised model: done last
-  inv = torch.from_numpy(rope_inv_freq(smollm2[0].config))
-
-  def rotary(x, position_ids, *unused_args, **unused_kwargs):
-    angle = position_ids.double()[..., None] * inv
-    angle = torch.cat([angle, angle], dim=-1)
-    return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-
-  def rms_norm(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
-                                          + self.variance_epsilon))
-
-  softmax = F.softmax
-
-  def softmax64(x, dim=None, dtype=None, **kwargs):
-    return softmax(x, dim=dim,
-                   dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(F, "softmax", softmax64)
-    mp.setattr(hf64.model.rotary_emb, "forward", rotary)
-    for module in hf64.modules():
-      if type(module).__name__.endswith("RMSNorm"):
-        mp.setattr(module, "forward", rms_norm.__get__(module))
-    with torch.no_grad():
-      out["logits64"] = hf64(torch.tensor([ids])).logits[0].numpy()
+  # Irreversible for a GGUF-quantised model: done last.
+  inv = rope_inv_freq(smollm2[0].config)
+  with hf_fixtures.float64_forward(hf, inv) as hf64, torch.no_grad():
+    out["logits64"] = hf64(torch.tensor([ids])).logits[0].numpy()
   assert out["logits64"].dtype == np.float64
-  del hf, hf64
+  del hf
   return out
 
 

@@ -161,42 +161,18 @@ def test_window_cases_depend_on_the_window(cases, name):
 
 
 @pytest.mark.parametrize("name", FLOAT64_CASES)
-def test_float64_logits_match_exactly(cases, name, x64, monkeypatch):
+def test_float64_logits_match_exactly(cases, name, x64):
   """Both sides in float64: any mapping error shows far above rounding."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   _, _, _, tokens, path, hf_model = cases(name)
   model, _ = load_hf(path, dtype="float64")
   inv = rope_inv_freq(model.config)  # float64, HF's scaling rules
-  model.inv_freq.set_value(jnp.asarray(inv, jnp.float64))
+  assert model.inv_freq.get_value().dtype == jnp.float64
 
-  hf64 = hf_model.double()
-  inv_t = torch.from_numpy(inv)
-
-  def rotary(x, position_ids, *unused_args, **unused_kwargs):
-    angle = position_ids.double()[..., None] * inv_t
-    angle = torch.cat([angle, angle], dim=-1)
-    return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-
-  def rms_norm(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
-                                          + self.variance_epsilon))
-
-  softmax = F.softmax
-
-  def softmax64(x, dim=None, dtype=None, **kwargs):
-    return softmax(x, dim=dim,
-                   dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
-
-  monkeypatch.setattr(F, "softmax", softmax64)
-  monkeypatch.setattr(hf64.model.rotary_emb, "forward", rotary)
-  for module in hf64.modules():
-    if type(module).__name__.endswith("RMSNorm"):
-      monkeypatch.setattr(module, "forward", rms_norm.__get__(module))
   try:
-    with torch.no_grad():
+    with hf_fixtures.float64_forward(hf_model, inv) as hf64, torch.no_grad():
       ref = hf64(input_ids=torch.from_numpy(tokens.astype(np.int64)),
                  use_cache=False).logits.numpy()
   finally:
