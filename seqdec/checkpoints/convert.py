@@ -128,8 +128,7 @@ def _path_str(path) -> str:
 @functools.lru_cache(maxsize=8)
 def _abstract_split(config: TransformerConfig):
   """(graphdef, abstract state) of a config, computed once per config."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(config,
-                                                      rngs=nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=None)))
 
 
 def model_from_hf_tensors(config: TransformerConfig,
