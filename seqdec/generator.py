@@ -120,7 +120,7 @@ class Generator:
       raise PromptError("no prompts given")
     ids = []
     for i, p in enumerate(prompts):
-      if (isinstance(p, str) and not p) or (not isinstance(p, str) and not p):
+      if not p:
         raise PromptError(f"prompt {i} is empty")
       ids.append(self.encode(p))
     return self.generate_ids(ids, stream=stream, **overrides)
