@@ -1,0 +1,239 @@
+"""Token trees: fixed-shape topologies for tree drafting and verification.
+
+A tree has N nodes per row. Node 0 is the root: the last accepted token,
+whose K/V is not yet in the cache. Nodes 1..N-1 are drafted tokens. Parents
+come before children (`parent[i] < i` for i >= 1; `parent[0] = -1`), so a
+single pass in index order visits every parent before its children, and no
+cycle can exist. A node at depth d sits at position `length + d`, where
+`length` is the row's committed cache length.
+
+`TreeShape` is the static topology (a tuple of parent indices plus, for each
+node, which ranked candidate of its parent it is); it is hashable and chooses
+the compiled program. Shapes are built by `chain(gamma)`, `kary(branching)`
+and `from_paths(paths)` (Medusa-style lists of rank paths), and validated on
+the host with `validate_parents`, which raises `TreeError` with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TreeError(ValueError):
+  """An invalid tree (bad parent pointers, duplicate paths, too deep...)."""
+
+
+def validate_parents(parents: Sequence[int]) -> None:
+  """Checks a parent-pointer array on the host.
+
+  Valid means: at least one node; `parents[0] == -1`; for every i >= 1,
+  `0 <= parents[i] < i` (a parent listed after its child, a self-loop, a cycle
+  or an out-of-range index all violate this).
+
+  Raises:
+    TreeError: naming the first offending node.
+  """
+  parents = [int(p) for p in parents]
+  if not parents:
+    raise TreeError("a tree needs at least the root node")
+  if parents[0] != -1:
+    raise TreeError(f"node 0 is the root and must have parent -1, got "
+                    f"{parents[0]}")
+  for i, p in enumerate(parents[1:], 1):
+    if p < 0 or p >= len(parents):
+      raise TreeError(f"node {i} has parent {p}, outside [0, {len(parents)})")
+    if p == i:
+      raise TreeError(f"node {i} is its own parent")
+    if p > i:
+      raise TreeError(f"node {i} has parent {p} listed after it (parents "
+                      f"must precede children; this also rules out cycles)")
+
+
+def depths(parents: Sequence[int]) -> np.ndarray:
+  """Depth of each node (root 0) of a valid parent array."""
+  d = np.zeros(len(parents), np.int32)
+  for i in range(1, len(parents)):
+    d[i] = d[parents[i]] + 1
+  return d
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+  """A static tree topology.
+
+  Attributes:
+    parents: `(N,)` parent index per node, root -1.
+    ranks: `(N,)` which candidate of its parent each node is (0 = the
+      parent's top proposal, 1 = the runner-up, ...); root 0.
+  """
+  parents: tuple[int, ...]
+  ranks: tuple[int, ...]
+
+  def __post_init__(self):
+    validate_parents(self.parents)
+    if len(self.ranks) != len(self.parents):
+      raise TreeError(f"{len(self.ranks)} ranks for {len(self.parents)} nodes")
+    seen = set()
+    for i in range(1, len(self.parents)):
+      key = (self.parents[i], self.ranks[i])
+      if self.ranks[i] < 0:
+        raise TreeError(f"node {i} has negative rank {self.ranks[i]}")
+      if key in seen:
+        raise TreeError(f"node {i} repeats rank {self.ranks[i]} under parent "
+                        f"{self.parents[i]}")
+      seen.add(key)
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.parents)
+
+  @property
+  def depth(self) -> np.ndarray:
+    return depths(self.parents)
+
+  @property
+  def max_depth(self) -> int:
+    return int(self.depth.max())
+
+  @property
+  def max_children(self) -> int:
+    """The largest number of children of any node (top-k width needed)."""
+    counts = np.bincount(np.asarray(self.parents[1:], np.int64),
+                         minlength=self.num_nodes)
+    return int(counts.max()) if self.num_nodes > 1 else 0
+
+  def ancestor_mask(self) -> np.ndarray:
+    """`[N, N]` bool: mask[i, j] iff j is i or an ancestor of i."""
+    return np.asarray(ancestor_mask(jnp.asarray(self.parents)[None]))[0]
+
+  def check_fits(self, length: int, context: int) -> None:
+    """Raises if the deepest node's position exceeds the context."""
+    if length + self.max_depth >= context:
+      raise TreeError(f"a tree of depth {self.max_depth} at committed length "
+                      f"{length} reaches position {length + self.max_depth}, "
+                      f"beyond the context of {context} tokens")
+
+
+def chain(gamma: int) -> TreeShape:
+  """A chain of `gamma` drafted tokens: root -> 1 -> 2 -> ... -> gamma."""
+  if gamma < 0:
+    raise TreeError(f"chain length must be >= 0, got {gamma}")
+  return TreeShape(parents=tuple(range(-1, gamma)), ranks=(0,) * (gamma + 1))
+
+
+def kary(branching: Sequence[int]) -> TreeShape:
+  """A full tree: every node at depth d has `branching[d]` children.
+
+  E.g. (3, 2) is the root, 3 children, and 2 grandchildren under each of them
+  (10 nodes). Nodes are numbered breadth first.
+  """
+  if any(b < 1 for b in branching):
+    raise TreeError(f"branching factors must be >= 1, got {tuple(branching)}")
+  parents, ranks = [-1], [0]
+  level = [0]
+  for b in branching:
+    nxt = []
+    for p in level:
+      for r in range(b):
+        parents.append(p)
+        ranks.append(r)
+        nxt.append(len(parents) - 1)
+    level = nxt
+  return TreeShape(tuple(parents), tuple(ranks))
+
+
+def from_paths(paths: Sequence[Sequence[int]]) -> TreeShape:
+  """A static tree from Medusa-style rank paths.
+
+  Each path is a tuple of candidate ranks from the root, e.g. (0,) is the
+  root's top candidate and (0, 1) that candidate's runner-up. Every prefix of
+  a path must itself be a path. Nodes are numbered by (depth, path) order.
+  """
+  norm = []
+  for p in paths:
+    p = tuple(int(r) for r in p)
+    if not p:
+      raise TreeError("empty path (the root is implicit)")
+    if any(r < 0 for r in p):
+      raise TreeError(f"path {p} has a negative rank")
+    norm.append(p)
+  if len(set(norm)) != len(norm):
+    dup = [p for p in norm if norm.count(p) > 1][0]
+    raise TreeError(f"path {dup} is listed twice")
+  known = set(norm)
+  for p in norm:
+    if len(p) > 1 and p[:-1] not in known:
+      raise TreeError(f"path {p} has no parent path {p[:-1]}")
+  ordered = sorted(norm, key=lambda p: (len(p), p))
+  index = {(): 0}
+  parents, ranks = [-1], [0]
+  for p in ordered:
+    index[p] = len(parents)
+    parents.append(index[p[:-1]])
+    ranks.append(p[-1])
+  return TreeShape(tuple(parents), tuple(ranks))
+
+
+_NAMED = {
+    "chain": lambda arg: chain(int(arg)),
+    "kary": lambda arg: kary(tuple(int(x) for x in arg.split("x"))),
+}
+
+
+def parse(spec: str) -> TreeShape:
+  """A tree from a config string: 'chain4', 'kary3x2x1'."""
+  for name, build in _NAMED.items():
+    if spec.startswith(name) and spec[len(name):]:
+      try:
+        return build(spec[len(name):])
+      except ValueError as e:
+        if isinstance(e, TreeError):
+          raise
+        raise TreeError(f"bad tree spec {spec!r}: {e}") from None
+  raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma> or "
+                  f"kary<b1>x<b2>x...")
+
+
+def ancestor_mask(parents: jax.Array) -> jax.Array:
+  """`[B, N, N]` ancestor-or-self mask from parent pointers `[B, N]`.
+
+      mask[b, i, :] = onehot(i) | mask[b, parents[b, i], :]   (i >= 1)
+
+  computed in index order (parents precede children), so it is exact for
+  any valid tree, including trees built inside jit.
+  """
+  b, n = parents.shape
+  eye = jnp.eye(n, dtype=jnp.bool_)
+
+  def body(i, mask):
+    p = jnp.clip(parents[:, i], 0, n - 1)
+    inherited = jnp.take_along_axis(mask, p[:, None, None], axis=1)[:, 0]
+    row = eye[i][None] | (inherited & (parents[:, i] >= 0)[:, None])
+    return mask.at[:, i].set(row)
+
+  return jax.lax.fori_loop(0, n, body, jnp.broadcast_to(eye, (b, n, n)))
+
+
+def positions(length: jax.Array, depth: jax.Array) -> jax.Array:
+  """`[B, N]` positions of tree nodes: committed length + depth."""
+  return length[:, None] + depth
+
+
+def all_shapes_up_to(num_nodes: int) -> list[TreeShape]:
+  """Every parent array with `num_nodes` nodes (ranks by child order); tests."""
+  shapes = []
+  for parents in itertools.product(*[range(i) for i in range(1, num_nodes)]):
+    par = (-1,) + tuple(parents)
+    counts: dict[int, int] = {}
+    ranks = [0]
+    for p in par[1:]:
+      ranks.append(counts.get(p, 0))
+      counts[p] = ranks[-1] + 1
+    shapes.append(TreeShape(par, tuple(ranks)))
+  return shapes
