@@ -17,6 +17,7 @@ from flax import nnx
 
 from seqdec.models import config as config_lib
 from seqdec import testing
+from seqdec.decoding import trees as trees_lib
 from seqdec.models import transformer as tr
 
 F32_MODEL_TOL = 1e-4
@@ -109,14 +110,9 @@ TREE_PARENTS = [-1, 0, 0, 1, 3, 3]
 
 
 def ancestor_mask(parents):
-  n = len(parents)
-  m = np.zeros((n, n), bool)
-  for i in range(n):
-    j = i
-    while j >= 0:
-      m[i, j] = True
-      j = parents[j]
-  return m
+  """`[N, N]` ancestor-or-self mask (seqdec.decoding.trees, itself checked
+  against a pointer-chasing reference in test_trees.py)."""
+  return np.asarray(trees_lib.ancestor_mask(jnp.asarray([parents])))[0]
 
 
 def path_to(parents, i):
