@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence
 
 from seqdec.checkpoints import CheckpointError, load_pretrained
 from seqdec.generator import GenerationResult, Generator, PromptError
-from seqdec.jsonl import iter_jsonl
+from seqdec.jsonl import iter_jsonl, write_text_atomic
 from seqdec.tokenizer import TokenizerError
 
 # Exceptions that are the user's input, reported as one line.
@@ -66,23 +65,12 @@ def build_prompts(records: Sequence[dict[str, Any]], chat: bool,
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  """Writes all rows to a temp file beside `path`, then renames it."""
+  """Writes all rows as JSON Lines, atomically (`write_text_atomic`)."""
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"output directory {directory!r} does not exist")
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                             suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                  for row in rows))
 
 
 def run_decode(config, prompts: Optional[Sequence[str]] = None,

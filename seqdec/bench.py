@@ -26,7 +26,7 @@ import platform
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from seqdec.jsonl import iter_jsonl
+from seqdec.jsonl import iter_jsonl, write_text_atomic
 
 CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
 PROMPTS_PER_CATEGORY = 8
@@ -305,23 +305,13 @@ def machine_info(packages: Sequence[str] = (
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON, atomically (a `.tmp` file, then rename).
+  """Writes `obj` as indented JSON, atomically (`write_text_atomic`).
 
   Creates the parent directory. A reader never sees a half-written file, and
   a failed run leaves any earlier result in place.
   """
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, allow_nan=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def markdown_table(headers: Sequence[str],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 
@@ -26,3 +27,24 @@ def iter_jsonl(path: str, error: type[Exception] = ValueError
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
         raise error(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temp file beside `path`, fsyncs it, then renames it.
+
+  A reader never sees a half-written file, and a failure (or a kill) leaves
+  any earlier file at `path` untouched. The parent directory must exist.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                             suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

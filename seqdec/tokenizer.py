@@ -162,7 +162,7 @@ class Tokenizer:
                chat_template=CHATML_TEMPLATE)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable character table."""
   bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
         + list(range(ord("®"), ord("ÿ") + 1)))
@@ -176,7 +176,7 @@ def _bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, map(chr, cs)))
 
 
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

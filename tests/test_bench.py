@@ -196,11 +196,11 @@ def test_write_json_atomic(tmp_path):
   path = tmp_path / "sub" / "r.json"
   bench.write_json(str(path), {"a": [1, 2.5], "b": None})
   assert json.loads(path.read_text()) == {"a": [1, 2.5], "b": None}
-  assert not os.path.exists(f"{path}.tmp")
+  assert os.listdir(path.parent) == ["r.json"]  # no temp file left behind
   with pytest.raises(ValueError):  # NaN is not JSON
     bench.write_json(str(path), {"a": float("nan")})
   assert json.loads(path.read_text())["a"] == [1, 2.5]  # earlier result kept
-  assert not os.path.exists(f"{path}.tmp")
+  assert os.listdir(path.parent) == ["r.json"]
 
 
 def test_markdown_table():

