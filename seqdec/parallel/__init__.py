@@ -1,0 +1,1 @@
+"""Parallel-in-time solvers: affine scans (`scan`) and Newton (`newton`)."""
