@@ -145,6 +145,34 @@ def test_tree_mask_equals_each_root_to_node_path(window):
     assert err <= F32_MODEL_TOL, (node, err)
 
 
+@pytest.mark.parametrize("window", [None, 12])
+def test_tree_level_by_level_in_a_scratch_window_equals_one_call(window):
+  """Tree drafting feeds one level per call over a growing scratch window."""
+  model = make_model(sliding_window=window)
+  fwd = testing.jitted(model)
+  shape = trees_lib.kary((2, 2, 1))
+  depth = shape.depth
+  n = shape.num_nodes
+  prompt = random_tokens(3, 2, 7)
+  tree_tokens = random_tokens(4, 2, n)
+  cache = model.init_cache(2, 32)
+  _, cache = fwd(prompt, jnp.broadcast_to(jnp.arange(7), (2, 7)), cache)
+  cache = testing.commit(cache, jnp.array([7, 5]))   # ragged rows
+  length = np.array([7, 5])
+  mask = jnp.broadcast_to(jnp.asarray(shape.ancestor_mask()), (2, n, n))
+  pos = jnp.asarray(length[:, None] + depth[None])
+  whole, _ = fwd(tree_tokens, pos, cache, mask=mask)
+  outs = []
+  for d in range(shape.max_depth + 1):
+    lo, hi = int(np.searchsorted(depth, d)), int(np.searchsorted(depth, d + 1))
+    logits, cache = fwd(tree_tokens[:, lo:hi], pos[:, lo:hi], cache,
+                        mask=mask[:, lo:hi, :hi])
+    outs.append(logits)
+  err = float(jnp.abs(logsm(jnp.concatenate(outs, 1)) - logsm(whole)).max())
+  assert err <= F32_MODEL_TOL, err
+  assert int(cache.length[0]) == 7   # nothing committed
+
+
 def test_commit_path_then_continue_equals_decoding_the_path():
   model = make_model()
   fwd = testing.jitted(model)

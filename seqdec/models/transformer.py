@@ -16,6 +16,11 @@ The cache and mask contract (everything in `seqdec.decoding` relies on it):
   `s < length[b]` and to new token `u` iff `mask[b, t, u]`. The new tokens'
   K/V are written to the scratch slots `length[b] .. length[b] + T - 1`; the
   returned cache keeps `length` unchanged, so nothing is committed yet.
+* Scratch window (tree drafting, level by level): the mask may be wider,
+  `[B, T, W]` with W >= T. Then the scratch window is the W slots from
+  `length[b]`; its first W - T entries hold K/V written by earlier calls of
+  the same round (earlier tree levels), the T new tokens are written to its
+  last T entries, and new token t sees window entry u iff `mask[b, t, u]`.
 * `commit(cache, keep_index, n_keep)` moves the kept new tokens' K/V down to
   contiguous slots and advances `length` by `n_keep`. Autoregressive decoding is
   "forward T=1, commit it"; speculative decoding is "forward the tree, commit the
@@ -140,22 +145,33 @@ def attention_visibility(length: jax.Array, positions: jax.Array,
                          sliding_window: Optional[int]) -> jax.Array:
   """Which cache slots each new token sees, `[B, T, S]` bool.
 
+  With the scratch window of W = mask.shape[2] slots starting at length[b]:
+
   visible[b, t, s] = s < length[b]                                (committed)
-                   or (0 <= s - length[b] < T and mask[b, t, s - length[b]])
-  and, with a sliding window W, additionally q_pos - k_pos < W, where
-  k_pos = s for committed slots and positions[b, s - length[b]] for new ones.
+                   or (0 <= s - length[b] < W and mask[b, t, s - length[b]])
+
+  and, with a sliding window, additionally q_pos - k_pos < sliding_window,
+  where k_pos = s for committed slots and the new tokens' `positions` for the
+  last T window entries. Earlier window entries (W > T) are tree nodes of
+  this round at positions >= length[b], which are inside any window wider
+  than W (checked).
   """
   b, t = positions.shape
+  w = mask.shape[2]
   slot = jnp.arange(num_slots, dtype=jnp.int32)
   rel = slot[None, :] - length[:, None]                          # [B, S]
-  is_new = (rel >= 0) & (rel < t)
-  rel_c = jnp.clip(rel, 0, t - 1)
-  idx = jnp.broadcast_to(rel_c[:, None, :], (b, t, num_slots))
-  new_vis = jnp.take_along_axis(mask, idx, axis=2) & is_new[:, None, :]
+  in_window = (rel >= 0) & (rel < w)
+  idx = jnp.broadcast_to(jnp.clip(rel, 0, w - 1)[:, None, :], (b, t, num_slots))
+  new_vis = jnp.take_along_axis(mask, idx, axis=2) & in_window[:, None, :]
   visible = (rel < 0)[:, None, :] | new_vis
   if sliding_window is not None:
-    k_pos = jnp.where(rel < 0, slot[None, :],
-                      jnp.take_along_axis(positions, rel_c, axis=1))
+    if w > t and sliding_window <= w:
+      raise ValueError(f"a scratch window of {w} slots needs a sliding window "
+                       f"wider than it, got {sliding_window}")
+    rel_new = jnp.clip(rel - (w - t), 0, t - 1)
+    k_pos = jnp.where(rel < w - t, slot[None, :],
+                      jnp.take_along_axis(positions, rel_new, axis=1))
+    k_pos = jnp.where((rel >= 0) & (rel < w - t), length[:, None], k_pos)
     visible &= (positions[:, :, None] - k_pos[:, None, :]) < sliding_window
   return visible
 
@@ -339,7 +355,7 @@ class Attention(nnx.Module):
                             nnx.initializers.zeros) if c.qkv_bias else None)
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-               kv: tuple[jax.Array, jax.Array], length: jax.Array,
+               kv: tuple[jax.Array, jax.Array], write_start: jax.Array,
                visible: jax.Array):
     """Attends T new tokens to the cache.
 
@@ -348,7 +364,8 @@ class Attention(nnx.Module):
       positions: `[B, T]`.
       inv_freq: `[Dh/2]`.
       kv: this layer's `(k, v)` cache, each `[B, K, S, Dh]`.
-      length: `[B]` committed lengths (new K/V go to slots length .. +T-1).
+      write_start: `[B]` first slot of the new tokens' K/V (the committed
+        length, or further into the scratch window).
       visible: `[B, T, S]` bool from `attention_visibility`.
 
     Returns:
@@ -365,8 +382,8 @@ class Attention(nnx.Module):
                    inv_freq)
     k = apply_rope(y[:, :, :, g], positions, inv_freq)       # [B, T, K, Dh]
     v = y[:, :, :, g + 1]
-    k_cache = _write_rows(kv[0], k.transpose(0, 2, 1, 3), length)
-    v_cache = _write_rows(kv[1], v.transpose(0, 2, 1, 3), length)
+    k_cache = _write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start)
+    v_cache = _write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start)
 
     # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
     # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
@@ -421,8 +438,8 @@ class Block(nnx.Module):
                                   param_dtype=pdt, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, kv, length, visible):
-    a, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, length,
+  def __call__(self, x, positions, inv_freq, kv, write_start, visible):
+    a, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, write_start,
                       visible)
     x = x + a
     return x + self.mlp(self.post_attn_norm(x)), kv
@@ -470,7 +487,8 @@ class Transformer(nnx.Module):
       tokens: `[B, T]` int32.
       positions: `[B, T]` int32.
       cache: `KVCache`; new K/V are written to scratch, `length` unchanged.
-      mask: `[B, T, T]` bool among new tokens; None means causal.
+      mask: `[B, T, T]` bool among new tokens, or `[B, T, W]` over a
+        scratch window of W >= T slots (module docstring); None means causal.
       layers: indices of the blocks to run (a static subset, e.g. for
         layer-skip self-drafting); None runs all. Skipped layers' caches are
         returned untouched.
@@ -486,8 +504,9 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     inv_freq = self.inv_freq[...]
     kv = list(cache.kv)
+    write_start = cache.length + (mask.shape[2] - t)
     for i in (range(len(self.layers)) if layers is None else layers):
-      x, kv[i] = self.layers[i](x, positions, inv_freq, kv[i], cache.length,
+      x, kv[i] = self.layers[i](x, positions, inv_freq, kv[i], write_start,
                                 visible)
     return x, KVCache(kv=tuple(kv), length=cache.length)
 
@@ -510,7 +529,7 @@ class Transformer(nnx.Module):
       tokens: `[B, T]` int32.
       positions: `[B, T]` int32.
       cache: `KVCache`.
-      mask: `[B, T, T]` bool or None (causal).
+      mask: `[B, T, T]` bool, `[B, T, W]` (scratch window) or None (causal).
       logit_index: `[B, N]` int32 indices into T at which to return logits, or
         None for all T. Prefill asks for one position per row: full `[B, T, V]`
         logits of a long prompt cost hundreds of MB.
