@@ -1,0 +1,1 @@
+"""Pallas kernels: bit-packed tree masks and tree attention (issue 7)."""
