@@ -99,6 +99,7 @@ def parents_valid(parents: jax.Array) -> jax.Array:
   return jnp.all((parents >= -1) & (parents < idx), axis=1)
 
 
+@jax.jit
 def tree_mask_reference(parents: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Bit-packed ancestor masks by pointer doubling, in plain jnp.
 
@@ -145,6 +146,7 @@ def tree_mask_reference(parents: jax.Array) -> tuple[jax.Array, jax.Array]:
   return words, depth - 1
 
 
+@jax.jit
 def pack_mask(mask: jax.Array) -> jax.Array:
   """Any boolean mask `[B, N, M]` -> `[B, N, ceil(M/32)]` uint32 words.
 
@@ -158,6 +160,7 @@ def pack_mask(mask: jax.Array) -> jax.Array:
                  dtype=jnp.uint32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def unpack_mask(words: jax.Array, num_keys: int) -> jax.Array:
   """`[B, N, W]` uint32 words -> `[B, N, num_keys]` bool (inverse of pack)."""
   shifts = jnp.arange(32, dtype=jnp.uint32)
