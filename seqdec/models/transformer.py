@@ -77,24 +77,28 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int,
   return KVCache(kv=kv, length=jnp.zeros((batch_size,), jnp.int32))
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """buf[b, :, start[b] : start[b] + T] = new[b] for every row b.
+def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array,
+               axis: int = 1) -> jax.Array:
+  """buf[b, ..., start[b] : start[b] + T, ...] = new[b] for every row b.
 
+  The slice is along `axis` (T = new.shape[axis]; other axes match buf).
   One `dynamic_update_slice` per row (B is static and small), which XLA
   performs in place on a donated buffer; a batched (vmapped) update would
   lower to a scatter, several times slower on CPU.
 
   Args:
-    buf: `[B, K, S, Dh]`.
-    new: `[B, K, T, Dh]`.
-    start: `[B]` int32 slot offsets.
+    buf: `[B, ...]`, e.g. a cache buffer `[B, K, S, Dh]` (axis 2) or a token
+      buffer `[B, L]` (axis 1).
+    new: like buf with T entries along `axis`.
+    start: `[B]` int32 offsets along `axis`.
   """
   zero = jnp.zeros((), start.dtype)
   new = new.astype(buf.dtype)
   for b in range(buf.shape[0]):
-    buf = jax.lax.dynamic_update_slice(buf, new[b:b + 1],
-                                       (jnp.asarray(b, start.dtype), zero,
-                                        start[b], zero))
+    index = [zero] * buf.ndim
+    index[0] = jnp.asarray(b, start.dtype)
+    index[axis] = start[b]
+    buf = jax.lax.dynamic_update_slice(buf, new[b:b + 1], tuple(index))
   return buf
 
 
@@ -127,8 +131,8 @@ def commit(cache: KVCache, n_keep: jax.Array,
   src = (cache.length[:, None] + keep_index)[:, None, :, None]  # [B,1,T,1]
 
   def move(buf):
-    return _write_rows(buf, jnp.take_along_axis(buf, src, axis=2),
-                       cache.length)
+    return write_rows(buf, jnp.take_along_axis(buf, src, axis=2),
+                      cache.length, axis=2)
 
   kv = tuple((move(k), move(v)) for k, v in cache.kv)
   return KVCache(kv=kv, length=cache.length + n_keep)
@@ -382,8 +386,8 @@ class Attention(nnx.Module):
                    inv_freq)
     k = apply_rope(y[:, :, :, g], positions, inv_freq)       # [B, T, K, Dh]
     v = y[:, :, :, g + 1]
-    k_cache = _write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start)
-    v_cache = _write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start)
+    k_cache = write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start, 2)
+    v_cache = write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start, 2)
 
     # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
     # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
