@@ -1,0 +1,1 @@
+"""Training loops (the RNN LM of issue 6)."""
