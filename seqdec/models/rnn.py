@@ -284,7 +284,8 @@ class RNNLM(nnx.Module):
     self.head = nnx.Linear(cfg.dim, cfg.vocab_size, rngs=rngs, param_dtype=dt)
 
   def init_state(self, batch: int) -> RNNState:
-    dt = jnp.dtype(self.cfg.param_dtype)
+    """Zero states in the parameters' dtype."""
+    dt = self.embed.embedding.dtype
     return RNNState(tuple(b.cell.init_state(batch, dt) for b in self.blocks))
 
   def __call__(self, tokens: jax.Array, state: RNNState | None = None):

@@ -45,8 +45,16 @@ def model_config(c: ml_collections.ConfigDict) -> rnn.RNNLMConfig:
 
 
 def build(cfg: rnn.RNNLMConfig, seed: int):
-  """(graphdef, params: Param state, rest: other state) of a fresh LM."""
-  return nnx.split(rnn.RNNLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+  """(graphdef, params: Param state, rest: other state) of a fresh LM.
+
+  Weights are always drawn in float32 and then cast to `cfg.param_dtype`, so
+  a float64 run starts from the same weights as a float32 one.
+  """
+  f32 = dataclasses.replace(cfg, param_dtype="float32")
+  graphdef, params, rest = nnx.split(rnn.RNNLM(f32, rngs=nnx.Rngs(seed)),
+                                     nnx.Param, ...)
+  dtype = jnp.dtype(cfg.param_dtype)
+  return graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -96,7 +104,7 @@ def train_step(graphdef, tx, params, opt_state, rest, tokens):
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, dict(stats, loss=loss,
-                                 grad_norm=optax.global_norm(grads))
+                                 grad_norm=optax.tree.norm(grads))
 
 
 @functools.partial(jax.jit, static_argnums=0)
