@@ -95,13 +95,18 @@ def numpy_reference(a, b, h0, structure, reverse):
   return out
 
 
+def check_with_numpy(structure, t, dtype, bound, reference_bound):
+  """check_all, and the lax.scan reference itself against NumPy."""
+  out, (a, b, h0) = check_all(structure, t, dtype, bound)
+  for reverse in (False, True):
+    ref = numpy_reference(a, b, h0, structure, reverse)
+    assert rel_error(out[("sequential", 0, reverse)], ref) <= reference_bound
+
+
 @pytest.mark.parametrize("structure", scan.STRUCTURES)
 @pytest.mark.parametrize("t", [1, 7, 128])
 def test_backends_equal_reference_f32(structure, t):
-  out, (a, b, h0) = check_all(structure, t, jnp.float32, 1e-5)
-  for reverse in (False, True):
-    ref = numpy_reference(a, b, h0, structure, reverse)
-    assert rel_error(out[("sequential", 0, reverse)], ref) <= 1e-5
+  check_with_numpy(structure, t, jnp.float32, 1e-5, 1e-5)
 
 
 @pytest.mark.slow
@@ -111,12 +116,8 @@ def test_backends_equal_reference_f32_long(structure):
 
 
 @pytest.mark.parametrize("structure", scan.STRUCTURES)
-@pytest.mark.parametrize("t", [7])
-def test_backends_equal_reference_f64(x64, structure, t):
-  out, (a, b, h0) = check_all(structure, t, jnp.float64, 1e-10)
-  for reverse in (False, True):
-    ref = numpy_reference(a, b, h0, structure, reverse)
-    assert rel_error(out[("sequential", 0, reverse)], ref) <= 1e-12
+def test_backends_equal_reference_f64(x64, structure):
+  check_with_numpy(structure, 7, jnp.float64, 1e-10, 1e-12)
 
 
 @pytest.mark.slow

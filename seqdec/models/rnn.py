@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from seqdec.parallel import newton
+from seqdec.parallel import scan
 
 MODES = ("sequential", "parallel")
 
@@ -90,17 +91,12 @@ CELLS = {
 
 
 def cell_kind(name: str) -> CellKind:
-  try:
-    return CELLS[name]
-  except KeyError:
-    raise ValueError(f"unknown cell {name!r}; expected one of "
-                     f"{tuple(CELLS)}") from None
+  """The `CellKind` of a cell string; a clear error for unknown ones."""
+  return scan.pick(CELLS, name, "cell")
 
 
 def _check_mode(mode: str) -> str:
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-  return mode
+  return scan.pick({m: m for m in MODES}, mode, "mode")
 
 
 def _solver_info(t_steps: int, dtype) -> newton.NewtonInfo:

@@ -116,13 +116,18 @@ _OPS = {
 }
 
 
+def pick(table, name: str, what: str):
+  """table[name], or a ValueError naming `what` and the known names."""
+  try:
+    return table[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown {what} {name!r}; expected one of "
+                     f"{tuple(table)}") from None
+
+
 def ops_for(structure: str) -> Ops:
   """The `Ops` of a structure string; a clear error for unknown ones."""
-  try:
-    return _OPS[structure]
-  except KeyError:
-    raise ValueError(f"unknown structure {structure!r}; expected one of "
-                     f"{STRUCTURES}") from None
+  return pick(_OPS, structure, "structure")
 
 
 # --- back ends (forward direction; h0 given) ---------------------------------
