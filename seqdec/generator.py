@@ -22,7 +22,9 @@ import numpy as np
 
 from seqdec.decoding.autoregressive import (AutoregressiveDecoder,
                                             DecodeShapes, bucket)
+from seqdec.decoding.drafters import Drafter, make_drafter
 from seqdec.decoding.sampling import SamplingParams, make_sampler, row_keys
+from seqdec.decoding.speculative import SpeculativeDecoder
 from seqdec.tokenizer import Tokenizer
 
 Conversation = list  # list[dict(role=..., content=...)]
@@ -75,12 +77,19 @@ class Generator:
     eos_ids: stop ids (default: the tokenizer's).
     max_batch: prompts beyond this are decoded in several batches.
     max_top_k: static cap on per-row top_k.
+    drafter: None for autoregressive decoding, or speculative decoding with
+      a `Drafter` or a drafter name ('ngram', 'layerskip', 'draft') built by
+      `make_drafter(name, model, **drafter_options)`.
+    tree: the draft tree ('chain4', 'kary2x2', 'static10', or a `TreeShape`).
+    rule: the acceptance rule ('greedy').
   """
 
   def __init__(self, model, tokenizer: Tokenizer, *, max_new_tokens: int = 128,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, eos_ids: Optional[Sequence[int]] = None,
-               max_batch: int = 8, max_top_k: int = 64):
+               max_batch: int = 8, max_top_k: int = 64,
+               drafter: Union[None, str, Drafter] = None, tree="chain4",
+               rule: str = "greedy", drafter_options: Optional[dict] = None):
     self.model = model
     self.tokenizer = tokenizer
     self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -88,7 +97,16 @@ class Generator:
     self.eos_ids = tuple(tokenizer.eos_ids if eos_ids is None else eos_ids)
     self.max_batch = max_batch
     self.max_top_k = max_top_k
-    self.decoder = AutoregressiveDecoder(model)
+    if drafter is None:
+      self.decoder = AutoregressiveDecoder(model)
+    else:
+      if isinstance(drafter, str):
+        drafter = make_drafter(drafter, model, **(drafter_options or {}))
+      self.decoder = SpeculativeDecoder(model, drafter, tree, rule)
+
+  @property
+  def speculative(self) -> bool:
+    return isinstance(self.decoder, SpeculativeDecoder)
 
   @property
   def context_length(self) -> int:
@@ -148,6 +166,8 @@ class Generator:
             f"{int(max_new[i])} it exceeds the model's context of "
             f"{self.context_length} tokens (at most "
             f"{self.context_length - int(max_new[i])} prompt tokens)")
+      if self.speculative:
+        self.decoder.check_fits(len(p), int(max_new[i]), self.context_length)
       if min(p) < 0 or max(p) >= vocab:
         raise PromptError(f"prompt {i} has token ids outside [0, {vocab})")
     row_ids = np.asarray(opts.get("row_ids", np.arange(n)))
@@ -193,10 +213,12 @@ class Generator:
       decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
       eos_set = set(self.eos_ids)
 
-      def on_tokens(tok, live):
+      def on_tokens(tok, counts):
         for r in range(n):
-          if live[r] and int(tok[r]) not in eos_set:
-            delta = decoders[r].push(int(tok[r]))
+          for t in tok[r, :counts[r]].tolist():
+            if t in eos_set:
+              break
+            delta = decoders[r].push(t)
             if delta:
               stream(row_offset + r, delta)
 
@@ -217,12 +239,19 @@ class Generator:
     prefill_s = marks["prefill_end"] - marks["prefill_start"]
     decode_s = marks["decode_end"] - marks["prefill_end"]
     compile_s = self.decoder.compile_seconds - compile_before
+    spec = {}
+    if self.speculative:
+      rounds = np.asarray(state.rounds)
+      hist = np.asarray(state.accept_hist)
+      spec = dict(target_calls=rounds, accept_hist=hist,
+                  batch_target_calls=int(state.step))
     results = []
     for r in range(n):
       toks = out_tokens[r, :num_new[r]].tolist()
       stopped = bool(toks) and toks[-1] in self.eos_ids
       text_ids = toks[:-1] if stopped else toks
-      steps = max(int(num_new.max()) - 1, 1)
+      steps = (spec["batch_target_calls"] if spec
+               else max(int(num_new.max()) - 1, 1))
       results.append(GenerationResult(
           prompt_tokens=list(prompt_ids[r]), tokens=toks,
           text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
@@ -232,5 +261,27 @@ class Generator:
                        batch_size=n, prefill_s=prefill_s, decode_s=decode_s,
                        decode_steps_per_s=steps / decode_s,
                        decode_tokens_per_s=(int(num_new.sum()) - n) / decode_s,
-                       compile_s=compile_s)))
+                       compile_s=compile_s,
+                       **(spec_metrics(spec, r, len(toks)) if spec else {}))))
     return results
+
+
+def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:
+  """Per-row speculative metrics.
+
+  tau: tokens per target call, counting the prefill's first token as one
+  call (so autoregressive decoding has tau = 1). accept_rate_by_depth[d-1]:
+  among rounds that reached depth d - 1, the fraction that accepted a draft
+  at depth d.
+  """
+  calls = int(spec["target_calls"][row])
+  hist = spec["accept_hist"][row]
+  reached = hist[::-1].cumsum()[::-1]         # rounds with D >= d
+  by_depth = [float(reached[d] / reached[d - 1]) if reached[d - 1] else 0.0
+              for d in range(1, len(hist))]
+  return dict(target_calls=calls + 1,
+              tau=new_tokens / (calls + 1),
+              mean_accepted=float((hist * np.arange(len(hist))).sum()
+                                  / max(hist.sum(), 1)),
+              accept_rate_by_depth=by_depth,
+              batch_target_calls=spec["batch_target_calls"] + 1)

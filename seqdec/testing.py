@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -63,3 +64,49 @@ def full_forward(model, tokens):
   b, t = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
   return jitted(model)(tokens, pos, model.init_cache(b, t))[0]
+
+
+def perturbed(model: tr.Transformer, noise: float, seed: int = 1
+              ) -> tr.Transformer:
+  """A copy of `model` with every weight matrix w -> w + noise * std(w) * N(0,1).
+
+  A draft model that agrees with the target often but not always.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, _perturb(params, seed, noise), rest)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _perturb(params, seed, noise):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [x + noise * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+         if x.ndim > 1 else x for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, new)
+
+
+def cyclic_model(period: int = 5, dtype: str = "float32", seed: int = 0,
+                 residual_scale: float = 0.003) -> tr.Transformer:
+  """A tiny model whose greedy output mostly follows t -> cycle successor.
+
+  Tokens are grouped in cycles of `period` (t -> t+1 within a group, the last
+  wrapping to the first); the untied head is the embedding with rows permuted
+  by that map (scaled up), and the attention/MLP outputs are damped by
+  `residual_scale`, so logits ~ <e_t, e_{succ^-1(v)}> peak at v = succ(t),
+  with context-dependent perturbations. Its continuations repeat, so
+  prompt-lookup drafting accepts long runs: a target for testing acceptance.
+  """
+  model = tiny_model(dtype, seed=seed, tie_embeddings=False)
+  v = model.config.vocab_size
+  succ = np.arange(v)
+  for start in range(0, v - v % period, period):
+    succ[start:start + period] = np.roll(np.arange(start, start + period), -1)
+  inverse = np.argsort(succ)
+  embed = model.embed[...]
+  model.lm_head[...] = 4.0 * embed[inverse].T / jnp.linalg.norm(
+      embed[inverse], axis=-1)[None, :]
+  model.final_norm.scale[...] = jnp.ones_like(model.final_norm.scale[...])
+  for block in model.layers:
+    block.attn.o_proj[...] = block.attn.o_proj[...] * residual_scale
+    block.mlp.down_proj[...] = block.mlp.down_proj[...] * residual_scale
+  return model

@@ -8,8 +8,10 @@ time and decode throughput can be measured separately; the cache moves between
 them without a copy (donation).
 
 Streaming: when a stream callback is installed, the loop calls it through
-`jax.experimental.io_callback(ordered=True)` once per step with the tokens
-just produced; the host turns them into text with `StreamDecoder`.
+`jax.experimental.io_callback(ordered=True)` once per step as
+`stream(tokens [B, M], counts [B])` with the tokens just produced (row b's
+first counts[b]; M = 1 here, more per step for speculative decoding); the
+host turns them into text with `StreamDecoder`.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def _record(state: DecodeState, logits, keys, sparams, sampler, max_new,
   live = ~state.done
   tok = jnp.where(live, tok, 0)
   if stream is not None:
-    io_callback(stream, None, tok, live, ordered=True)
+    io_callback(stream, None, tok[:, None], live.astype(jnp.int32),
+                ordered=True)
   tokens = state.tokens.at[:, step].set(jnp.where(live, tok,
                                                   state.tokens[:, step]))
   logprobs = state.logprobs.at[:, step].set(
@@ -177,10 +180,10 @@ class AutoregressiveDecoder:
     self.compile_seconds = 0.0
     self._stream_target: Optional[Callable] = None
 
-  def _dispatch_stream(self, tokens, live):
+  def _dispatch_stream(self, tokens, counts):
     # A stable callable is traced into the loop; the target changes per run.
     if self._stream_target is not None:
-      self._stream_target(np.asarray(tokens), np.asarray(live))
+      self._stream_target(np.asarray(tokens), np.asarray(counts))
 
   def _compile(self, key, fn, *args, donate_argnums=()):
     if key not in self.compiled:

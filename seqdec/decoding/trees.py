@@ -5,24 +5,38 @@ whose K/V is not yet in the cache. Nodes 1..N-1 are drafted tokens. Parents
 come before children (`parent[i] < i` for i >= 1; `parent[0] = -1`), so a
 single pass in index order visits every parent before its children, and no
 cycle can exist. A node at depth d sits at position `length + d`, where
-`length` is the row's committed cache length.
+`length` is the row's committed cache length, so a tree fits a row iff
+`length + max_depth < context`.
 
-`TreeShape` is the static topology (a tuple of parent indices plus, for each
-node, which ranked candidate of its parent it is); it is hashable and chooses
-the compiled program. Shapes are built by `chain(gamma)`, `kary(branching)`
-and `from_paths(paths)` (Medusa-style lists of rank paths), and validated on
-the host with `validate_parents`, which raises `TreeError` with a clear message.
+Two levels of description:
+
+* `TreeShape` is the static topology (a tuple of parent indices plus, for each
+  node, which ranked candidate of its parent it is); it is hashable and
+  chooses the compiled program. Shapes are built by `chain(gamma)`,
+  `kary(branching)` and `from_paths(paths)` (Medusa-style lists of rank paths),
+  parsed from config strings by `parse`, and validated on the host with
+  `validate_parents`, which raises `TreeError` with a clear message.
+* `Tree` is the per-row array form a drafter fills in inside jit: tokens,
+  parents, depth, validity, the ancestor mask, and for every node the
+  *proposal scheme* that produced its children (`DETERMINISTIC`: top-k,
+  static, n-gram; `IID`: k draws from q; `WITHOUT_REPLACEMENT`: Gumbel-top-k
+  from q) with q itself where the scheme has one. Verification rules read
+  the scheme: a lossless sampling rule must match how the children were drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from typing import Optional, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Proposal schemes of a node's children (`Tree.scheme`).
+DETERMINISTIC, IID, WITHOUT_REPLACEMENT = 0, 1, 2
 
 
 class TreeError(ValueError):
@@ -108,9 +122,36 @@ class TreeShape:
                          minlength=self.num_nodes)
     return int(counts.max()) if self.num_nodes > 1 else 0
 
+  @property
+  def levels(self) -> tuple[tuple[int, int], ...]:
+    """`(lo, hi)` node ranges of each depth (nodes numbered level by level).
+
+    Drafters expand a tree one level per call, so the nodes of a level must
+    be contiguous: depth non-decreasing in index order (`chain`, `kary` and
+    `from_paths` all number nodes this way).
+    """
+    d = self.depth
+    if (np.diff(d) < 0).any():
+      i = int(np.argmax(np.diff(d) < 0)) + 1
+      raise TreeError(f"node {i} (depth {d[i]}) follows a deeper node; number "
+                      f"the nodes level by level (depth non-decreasing)")
+    return tuple((int(np.searchsorted(d, k)), int(np.searchsorted(d, k + 1)))
+                 for k in range(self.max_depth + 1))
+
+  def rank_paths(self) -> list[tuple[int, ...]]:
+    """Each node's ranks from the root, e.g. (0, 1); the root's is ()."""
+    out: list[tuple[int, ...]] = [()]
+    for i in range(1, self.num_nodes):
+      out.append(out[self.parents[i]] + (self.ranks[i],))
+    return out
+
   def ancestor_mask(self) -> np.ndarray:
     """`[N, N]` bool: mask[i, j] iff j is i or an ancestor of i."""
-    return np.asarray(ancestor_mask(jnp.asarray(self.parents)[None]))[0]
+    n = self.num_nodes
+    m = np.eye(n, dtype=bool)
+    for i in range(1, n):
+      m[i] |= m[self.parents[i]]
+    return m
 
   def check_fits(self, length: int, context: int) -> None:
     """Raises if the deepest node's position exceeds the context."""
@@ -180,14 +221,52 @@ def from_paths(paths: Sequence[Sequence[int]]) -> TreeShape:
   return TreeShape(tuple(parents), tuple(ranks))
 
 
+# Hand-built sparse trees (Medusa style: most nodes on the top-ranked line),
+# by number of draft nodes. Sequoia-optimal trees are built from measured
+# acceptance rates instead.
+STATIC_TREES = {
+    6: [(0,), (1,), (0, 0), (1, 0), (0, 0, 0), (0, 0, 0, 0)],
+    10: [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1),
+         (0, 0, 0, 0), (0, 0, 0, 0, 0)],
+    16: [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
+         (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0),
+         (0, 0, 0, 0, 0)],
+}
+
+
+def _paths(arg: str) -> TreeShape:
+  try:
+    paths = [tuple(int(r) for r in p.split(".")) for p in arg.split("-")]
+  except ValueError:
+    raise TreeError(f"bad path list {arg!r}; expected ranks joined by '.' "
+                    f"and paths by '-', e.g. paths:0-1-0.0") from None
+  return from_paths(paths)
+
+
+def _static(arg: str) -> TreeShape:
+  if int(arg) not in STATIC_TREES:
+    raise TreeError(f"no static tree with {arg} nodes; known: "
+                    f"{sorted(STATIC_TREES)}")
+  return from_paths(STATIC_TREES[int(arg)])
+
+
 _NAMED = {
     "chain": lambda arg: chain(int(arg)),
     "kary": lambda arg: kary(tuple(int(x) for x in arg.split("x"))),
+    "static": _static,
+    "paths:": _paths,
 }
 
 
 def parse(spec: str) -> TreeShape:
-  """A tree from a config string: 'chain4', 'kary3x2x1'."""
+  """A tree from a config string.
+
+  'chain4' (4 drafted tokens), 'kary3x2x1' (branching per depth),
+  'static10' (a hand-built tree of `STATIC_TREES`), 'paths:0-1-0.0-0.1'
+  (Medusa-style rank paths: ranks joined by '.', paths by '-').
+  """
+  if not isinstance(spec, str):
+    raise TreeError(f"tree spec must be a string, got {spec!r}")
   for name, build in _NAMED.items():
     if spec.startswith(name) and spec[len(name):]:
       try:
@@ -196,8 +275,63 @@ def parse(spec: str) -> TreeShape:
         if isinstance(e, TreeError):
           raise
         raise TreeError(f"bad tree spec {spec!r}: {e}") from None
-  raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma> or "
-                  f"kary<b1>x<b2>x...")
+  raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
+                  f"kary<b1>x<b2>x..., static<n> or paths:<p1>-<p2>-...")
+
+
+@flax.struct.dataclass
+class Tree:
+  """A batch of drafted token trees, `[B, N]` per field (node 0 = root).
+
+  Attributes:
+    tokens: `[B, N]` int32 token of each node (node 0: the root token).
+    parents: `[B, N]` int32 parent index, -1 for the root.
+    depth: `[B, N]` int32, root 0.
+    valid: `[B, N]` bool; an invalid node (no proposal, e.g. an n-gram
+      branch without a match) is never accepted, nor are its descendants.
+    mask: `[B, N, N]` bool ancestor-or-self mask (`ancestor_mask(parents)`).
+    scheme: `[B, N]` int32 proposal scheme of each node's children
+      (`DETERMINISTIC`, `IID` or `WITHOUT_REPLACEMENT`).
+    q: `[B, N, V]` float32 draft distribution each node's children were drawn
+      from, or None when every scheme is deterministic.
+  """
+  tokens: jax.Array
+  parents: jax.Array
+  depth: jax.Array
+  valid: jax.Array
+  mask: jax.Array
+  scheme: jax.Array
+  q: Optional[jax.Array] = None
+
+  @classmethod
+  def from_shape(cls, shape: "TreeShape", tokens: jax.Array,
+                 valid: Optional[jax.Array] = None,
+                 scheme: int = DETERMINISTIC,
+                 q: Optional[jax.Array] = None) -> "Tree":
+    """A tree of static topology `shape` holding `tokens` `[B, N]`."""
+    b, n = tokens.shape
+    if n != shape.num_nodes:
+      raise TreeError(f"{n} tokens for a tree of {shape.num_nodes} nodes")
+
+    def rows(x, dtype):
+      return jnp.broadcast_to(jnp.asarray(x, dtype), (b,) + np.shape(x))
+    return cls(tokens=tokens.astype(jnp.int32),
+               parents=rows(shape.parents, jnp.int32),
+               depth=rows(shape.depth, jnp.int32),
+               valid=(jnp.ones((b, n), jnp.bool_) if valid is None else valid),
+               mask=rows(shape.ancestor_mask(), jnp.bool_),
+               scheme=jnp.full((b, n), scheme, jnp.int32), q=q)
+
+  def check(self) -> None:
+    """Host check of every row (tests): parents valid, depth and mask derived."""
+    parents = np.asarray(self.parents)
+    for b, row in enumerate(parents):
+      validate_parents(row)
+      np.testing.assert_array_equal(np.asarray(self.depth[b]), depths(row),
+                                    err_msg=f"row {b} depth")
+      ref = np.asarray(ancestor_mask(jnp.asarray(row)[None]))[0]
+      np.testing.assert_array_equal(np.asarray(self.mask[b]), ref,
+                                    err_msg=f"row {b} mask")
 
 
 def ancestor_mask(parents: jax.Array) -> jax.Array:

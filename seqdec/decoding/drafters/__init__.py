@@ -1,0 +1,54 @@
+"""Drafters, chosen by config name.
+
+    make_drafter("ngram", target, max_n=3)
+    make_drafter("layerskip", target, layers="skip:10-20")
+    make_drafter("draft", target, draft_model=small_model)
+    make_drafter("draft", target, draft_layers=8)   # target truncated to 8
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
+                                           Round)
+from seqdec.decoding.drafters.model import (ModelDrafter, draft_lm,
+                                            layer_skip, parse_layers,
+                                            truncated)
+from seqdec.decoding.drafters.ngram import NgramDrafter
+
+DRAFTERS = ("ngram", "layerskip", "draft")
+
+
+def make_drafter(name: str, target, *, max_ngram: int = 3,
+                 min_ngram: int = 1, layers: str = "",
+                 draft_model=None, draft_layers: int = 0) -> Drafter:
+  """A drafter by name.
+
+  Args:
+    name: 'ngram' (prompt lookup), 'layerskip' (target with a layer subset,
+      `layers` spec, see `parse_layers`), 'draft' (an independent draft LM:
+      `draft_model`, or the target truncated to its first `draft_layers`
+      blocks with an own cache).
+    target: the target `Transformer`.
+  """
+  if name == "ngram":
+    return NgramDrafter(max_ngram, min_ngram)
+  if name == "layerskip":
+    if not layers:
+      raise DrafterError("drafter 'layerskip' needs a layer spec, e.g. "
+                         "layers=skip:10-20 or layers=first:8")
+    return layer_skip(target, parse_layers(layers, target.config.num_layers))
+  if name == "draft":
+    if draft_model is None and not draft_layers:
+      raise DrafterError("drafter 'draft' needs a draft model (draft_model=...)"
+                         " or draft_layers=K to truncate the target")
+    if draft_model is None:
+      draft_model = truncated(target, draft_layers)
+    return draft_lm(draft_model)
+  raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
+
+
+__all__ = ["Drafter", "DrafterError", "ModelDrafter", "NgramDrafter",
+           "Outcome", "Round", "DRAFTERS", "make_drafter", "draft_lm",
+           "layer_skip", "parse_layers", "truncated"]

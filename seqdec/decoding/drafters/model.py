@@ -1,0 +1,214 @@
+"""Drafters that run a transformer: an independent draft LM, and the target's
+own layers (self-speculative layer skip).
+
+Both expand the tree one level per forward call, proposing each node's
+children as the top-ranked tokens of the drafter's distribution there
+(node with rank r under parent p gets the r-th most likely token at p; a
+deterministic proposal scheme). Level d's nodes are fed together, in a
+scratch window that already holds levels < d, with the ancestor mask, so a
+tree of depth D costs D drafter calls whatever its width; leaves are never
+fed.
+
+Caches:
+
+* `draft_lm`: the draft model has its own cache, kept one token *behind* the
+  target (committed length L - 1). Each round's first call feeds `prev` and
+  the root together (positions L-1, L): this re-computes the K/V of the last
+  token of the previous round's path, which the drafter never fed when that
+  token was a leaf. After verification the drafter commits `prev` plus the
+  first c-1 accepted path nodes, which keeps it at L' - 1.
+* `layer_skip`: the target's weights with a subset of its layers (DEL /
+  CLaSp / Draft & Verify style, no training). It attends to the *target's*
+  committed K/V of the layers it runs (computed by the full model) and writes
+  its drafts to the target cache's scratch slots, which verification then
+  overwrites: no cache of its own, no prefill, nothing to roll back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
+                                           Round, static_children)
+from seqdec.decoding.trees import Tree, TreeShape
+from seqdec.models.transformer import KVCache, Transformer, commit, init_cache
+
+
+def _window_mask(shape: TreeShape, lag: int) -> np.ndarray:
+  """Ancestor mask of the tree with a chain of `lag` committed-behind tokens
+  prepended above the root, `[lag + N, lag + N]` (each sees its whole path)."""
+  n = shape.num_nodes
+  m = np.zeros((lag + n, lag + n), bool)
+  m[:, :lag] = np.tril(np.ones((lag + n, lag), bool))
+  m[lag:, lag:] = shape.ancestor_mask()
+  return m
+
+
+class ModelDrafter(Drafter):
+  """Top-k tree drafting with a `Transformer` (see module docstring).
+
+  Args:
+    model: the drafting model (an independent draft LM, or the target).
+    layers: indices of the blocks to run (None: all).
+    shared_cache: draft against the target's cache (layer skip) instead of
+      an own cache.
+    name: config name.
+  """
+
+  def __init__(self, model: Transformer, layers: Optional[Sequence[int]] = None,
+               shared_cache: bool = False, name: str = "draft"):
+    self.name = name
+    self.config = model.config
+    self.graphdef, self.params = nnx.split(model)
+    self.vocab_size = model.config.vocab_size
+    self.layers = None if layers is None else tuple(int(i) for i in layers)
+    if self.layers is not None:
+      bad = [i for i in self.layers if not 0 <= i < model.config.num_layers]
+      if bad or not self.layers:
+        raise DrafterError(f"layer subset {self.layers} is empty or outside "
+                           f"0..{model.config.num_layers - 1}")
+      if sorted(set(self.layers)) != list(self.layers):
+        raise DrafterError(f"layer subset {self.layers} must be increasing "
+                           f"without repeats")
+    self.shared_cache = shared_cache
+    self.lag = 0 if shared_cache else 1
+
+  def check(self, target_config, shape):
+    super().check(target_config, shape)
+    if self.shared_cache and self.config != target_config:
+      raise DrafterError("a shared-cache (layer-skip) drafter must be built "
+                         "from the target model itself")
+
+  def init(self, params, tokens, prompt_len, first, capacity, target_cache):
+    if self.shared_cache:
+      return ()
+    model = nnx.merge(self.graphdef, params)
+    b, p = tokens.shape
+    cache = init_cache(self.config, b, capacity + self.lag)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    _, cache = model.backbone(tokens, positions, cache, layers=self.layers)
+    return commit(cache, prompt_len - self.lag)
+
+  def propose(self, params, state, shape, rnd, target_cache, key):
+    model = nnx.merge(self.graphdef, params)
+    cache = target_cache if self.shared_cache else state
+    b, lag, n = rnd.root.shape[0], self.lag, shape.num_nodes
+    levels = shape.levels
+    mask = jnp.asarray(_window_mask(shape, lag))
+    depth = jnp.asarray(shape.depth, jnp.int32)
+    # Window entry e holds ext node e: the lag tokens behind the root, then
+    # the tree's nodes; positions L - lag + e (e < lag) and L + depth.
+    ext_pos = jnp.concatenate([jnp.arange(-lag, 0, dtype=jnp.int32), depth])
+    ext_pos = rnd.length[:, None] + ext_pos[None]                    # [B, lag+N]
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(rnd.root)
+    behind = rnd.prev[:, None] if lag else jnp.zeros((b, 0), jnp.int32)
+    k_max = max(shape.ranks) + 1
+    for d in range(shape.max_depth):
+      lo, hi = levels[d]
+      e_lo, e_hi = (0, lag + hi) if d == 0 else (lag + lo, lag + hi)
+      fed = jnp.concatenate([behind, tokens[:, lo:hi]], 1) if d == 0 else (
+          tokens[:, lo:hi])
+      hidden, cache = model.backbone(
+          fed, ext_pos[:, e_lo:e_hi], cache,
+          jnp.broadcast_to(mask[e_lo:e_hi, :e_hi], (b, e_hi - e_lo, e_hi)),
+          layers=self.layers)
+      logits = model.logits(hidden[:, -(hi - lo):])               # [B, w, V]
+      top = jax.lax.top_k(logits, k_max)[1].astype(jnp.int32)    # [B, w, k]
+      c_lo, c_hi, parent_offset, rank = static_children(shape, d)
+      tokens = tokens.at[:, c_lo:c_hi].set(top[:, parent_offset, rank])
+    tree = Tree.from_shape(shape, tokens)
+    if self.shared_cache:
+      return tree, state, cache
+    return tree, cache, target_cache
+
+  def commit(self, params, state, shape, rnd, outcome: Outcome):
+    if self.shared_cache:
+      return state
+    # Keep window entries [prev, path[0], ..., path[c-2]]: c tokens, which
+    # moves the drafter from L - 1 to L + c - 1 = L' - 1.
+    keep = jnp.concatenate([jnp.zeros_like(outcome.path[:, :1]),
+                            outcome.path[:, :-1] + self.lag], axis=1)
+    return commit(state, outcome.num_kept, keep)
+
+
+def draft_lm(model: Transformer, name: str = "draft") -> ModelDrafter:
+  """An independent draft model with its own cache (same tokenizer)."""
+  return ModelDrafter(model, name=name)
+
+
+def layer_skip(target: Transformer, layers: Sequence[int],
+               name: str = "layerskip") -> ModelDrafter:
+  """The target with only `layers` run, drafting against the target's cache."""
+  return ModelDrafter(target, layers=layers, shared_cache=True, name=name)
+
+
+def truncated(target: Transformer, num_layers: int) -> Transformer:
+  """The target's first `num_layers` blocks + its final norm and head, as an
+  independent model (weights shared, not copied)."""
+  cfg = target.config
+  if not 1 <= num_layers <= cfg.num_layers:
+    raise DrafterError(f"cannot truncate a {cfg.num_layers}-layer model to "
+                       f"{num_layers} layers")
+  graphdef, state = nnx.split(target)
+  small_cfg = cfg.replace(num_layers=num_layers)
+  abstract = nnx.eval_shape(lambda: Transformer(small_cfg, rngs=None))
+  small_def, small_state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  small_flat = {}
+  for path, _ in nnx.to_flat_state(small_state):
+    small_flat[path] = flat[path]
+  small_state = nnx.from_flat_state(small_flat)
+  return nnx.merge(small_def, small_state)
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+  """Layer subsets from config strings, for a model of `num_layers` blocks.
+
+  'first:K'   the first K blocks (early exit);
+  'skip:a-b'  all blocks but a..b (inclusive); several ranges joined by '+',
+              e.g. 'skip:10-14+20-24';
+  'keep:a-b'  only blocks a..b ('+'-joined ranges as above);
+  'every:K'   blocks 0, K, 2K, ... plus the last block.
+  """
+  kind, _, arg = spec.partition(":")
+
+  def ranges(text):
+    out = set()
+    for part in text.split("+"):
+      lo, _, hi = part.partition("-")
+      lo, hi = int(lo), int(hi or lo)
+      if not 0 <= lo <= hi < num_layers:
+        raise DrafterError(f"layer range {part!r} outside 0..{num_layers - 1}")
+      out.update(range(lo, hi + 1))
+    return out
+
+  try:
+    if kind == "first":
+      k = int(arg)
+      if not 1 <= k <= num_layers:
+        raise DrafterError(f"first:{k} needs 1 <= K <= {num_layers}")
+      keep = set(range(k))
+    elif kind == "skip":
+      keep = set(range(num_layers)) - ranges(arg)
+    elif kind == "keep":
+      keep = ranges(arg)
+    elif kind == "every":
+      k = int(arg)
+      if k < 1:
+        raise DrafterError(f"every:{k} needs K >= 1")
+      keep = set(range(0, num_layers, k)) | {num_layers - 1}
+    else:
+      raise DrafterError(f"unknown layer spec {spec!r}; expected first:K, "
+                         f"skip:a-b, keep:a-b or every:K")
+  except ValueError as e:
+    if isinstance(e, DrafterError):
+      raise
+    raise DrafterError(f"bad layer spec {spec!r}: {e}") from None
+  if not keep:
+    raise DrafterError(f"layer spec {spec!r} keeps no layer")
+  return tuple(sorted(keep))
