@@ -117,16 +117,21 @@ def finish(l: jax.Array, acc: jax.Array) -> jax.Array:
   return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
 
 
+def acc_dtype(dtype) -> jnp.dtype:
+  """Accumulation dtype: float32, or float64 for float64 inputs (x64 tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
   """a @ b, float32 accumulation: `[M, K] x [K, N] -> [M, N]`."""
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=acc_dtype(a.dtype))
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
   """a @ b^T, float32 accumulation: `[M, K] x [N, K] -> [M, N]`."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=acc_dtype(a.dtype))
 
 
 def tree_block(carry, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -172,8 +177,8 @@ def cache_block(carry, q: jax.Array, k: jax.Array, v: jax.Array,
   return online_softmax_update(carry, s, vis, v, dot_nn)
 
 
-def init_carry(rows: int, head_dim: int):
+def init_carry(rows: int, head_dim: int, dtype=jnp.float32):
   """(m, l, acc) before the first block: m = MASK_VALUE, l = acc = 0."""
-  return (jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, head_dim), jnp.float32))
+  dtype = acc_dtype(dtype)
+  return (jnp.full((rows, 1), MASK_VALUE, dtype),
+          jnp.zeros((rows, 1), dtype), jnp.zeros((rows, head_dim), dtype))

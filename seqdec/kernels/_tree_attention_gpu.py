@@ -30,7 +30,7 @@ def _kernel(meta_ref, q_ref, kt_ref, vt_ref, words_ref, qpos_ref, kpos_ref,
   q_pos = qpos_ref[...] if sliding_window is not None else None
   k_pos = kpos_ref[...] if sliding_window is not None else None
   cols = [words_ref[:, pl.ds(w, 1)] for w in range(num_words)]
-  carry = _common.tree_block(_common.init_carry(q.shape[0], q.shape[1]), q,
+  carry = _common.tree_block(_common.init_carry(*q.shape, q.dtype), q,
                              kt_ref[...], vt_ref[...], cols, q_pos, k_pos,
                              **window)
 

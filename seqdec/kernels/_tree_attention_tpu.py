@@ -34,7 +34,7 @@ def _kernel(len_ref, lo_ref, hi_ref,                     # scalar prefetch
 
   @pl.when(step == 0)
   def _tree():
-    carry = _common.init_carry(q.shape[0], q.shape[1])
+    carry = _common.init_carry(*q.shape, q.dtype)
     cols = [words_ref[:, w:w + 1] for w in range(num_words)]
     k_pos = kpos_ref[...] if sliding_window is not None else None
     m, l, acc = _common.tree_block(carry, q, kt_ref[...], vt_ref[...], cols,
@@ -76,6 +76,7 @@ def call(q, k_tree, v_tree, words, q_pos, k_pos, k_cache, v_cache, lengths,
   s = k_cache.shape[2]
   ntree, w = k_tree.shape[2], words.shape[3]
   steps = 1 + s // block_kv
+  acc = _common.acc_dtype(q.dtype)
 
   def kv_map(i, h, n, j, len_ref, lo_ref, hi_ref):
     del n, len_ref
@@ -103,9 +104,9 @@ def call(q, k_tree, v_tree, words, q_pos, k_pos, k_cache, v_cache, lengths,
       ],
       out_specs=pl.BlockSpec((None, None, None, r, dh),
                              lambda i, h, n, j, *_: (i, h, n, 0, 0)),
-      scratch_shapes=[pltpu.VMEM((r, 1), jnp.float32),
-                      pltpu.VMEM((r, 1), jnp.float32),
-                      pltpu.VMEM((r, dh), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((r, 1), acc),
+                      pltpu.VMEM((r, 1), acc),
+                      pltpu.VMEM((r, dh), acc)],
   )
   if compiler_params is None:
     compiler_params = pltpu.CompilerParams(

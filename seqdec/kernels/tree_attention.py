@@ -132,7 +132,8 @@ def tree_attention_reference(
                 and pos_i - pos_key < sliding_window (cache slot s at s)
       out     = softmax(scale q keys^T where vis, else -inf) [v_cache ; v_tree]
 
-  in float32 at HIGHEST precision; a row with no visible key gives 0.
+  in float32 (float64 for float64 inputs) at HIGHEST precision; a row with
+  no visible key gives 0.
   Arguments as for `tree_attention`.
   """
   _check(q, k_cache, v_cache, lengths, k_tree, v_tree, mask_words, positions,
@@ -141,7 +142,7 @@ def tree_attention_reference(
   nk, s = k_cache.shape[1], k_cache.shape[2]
   g = h // nk
   scale = 1.0 / math.sqrt(dh) if scale is None else scale
-  f32 = jnp.float32
+  f32 = _common.acc_dtype(q.dtype)
   keys = jnp.concatenate([k_cache, k_tree], axis=2).astype(f32)
   vals = jnp.concatenate([v_cache, v_tree], axis=2).astype(f32)
   slot = jnp.arange(s)
@@ -172,14 +173,14 @@ def _blocks(platform: str, s: int, n: int, g: int, block_kv, block_n):
     gp, nkeys = _common.next_pow2(g), max(16, _common.next_pow2(n))
     bn = block_n or max(16, 128 // gp)
     bn = min(_common.next_pow2(bn), nkeys)
-    bk = block_kv or min(kv_default, s)
+    bk = block_kv or math.gcd(kv_default, s)   # largest power of 2 dividing
     if bk & (bk - 1):
       raise ValueError(f"GPU block_kv must be a power of two, got {bk}")
   else:
     gp, nkeys = g, _common.round_up(n, 8)
     bn = min(_common.round_up(block_n or n_default, 8), nkeys)
-    bk = block_kv or (kv_default if s % kv_default == 0 or s > kv_default
-                      else s)
+    bk = block_kv or next((c for c in (kv_default, 256, 128) if s % c == 0),
+                          s)                  # a full-S block is always legal
   if s % bk:
     raise ValueError(f"block_kv={bk} must divide the cache length S={s}")
   return bk, bn, gp, _common.round_up(n, bn), nkeys
@@ -267,8 +268,9 @@ def tree_attention(
     positions: `[B, N]` int32 tree token positions; needed for the window.
     sliding_window: None, or W: keys at positions <= pos_i - W are hidden.
     scale: score scale; default 1/sqrt(Dh).
-    block_kv: cache slots per block (divides S). Default 512 on TPU
-      (multiple of 128 when compiled), 64 on GPU (a power of two).
+    block_kv: cache slots per block (divides S). Default on TPU the first of
+      512, 256, 128 dividing S (else S), on GPU the largest power of two
+      <= 64 dividing S (caches sized in multiples of 128 get full blocks).
     block_n: tree nodes per program. Default 128 on TPU (multiple of 8),
       on GPU a power of two >= 16 giving about 128 rows (G x block_n).
     platform: 'tpu' | 'gpu' | None (default backend; CPU runs 'gpu').

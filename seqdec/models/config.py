@@ -60,9 +60,11 @@ class TransformerConfig:
       accelerators; softmax, norms and matmul accumulation stay float32).
     param_dtype: parameter storage dtype name.
     architecture: the source architecture, for the record only.
-    attention_impl: 'auto' (by backend), 'dot' or 'fused'; see
-      `transformer.grouped_attention`. Not a hyper-parameter: every choice
-      computes the same function.
+    attention_impl: 'auto' (by backend; alias 'xla'), 'dot' or 'fused'; see
+      `transformer.grouped_attention`; or 'pallas': tree/chain verification
+      calls use the Pallas tree-attention kernel (`seqdec.kernels`), other
+      calls 'auto'. Not a hyper-parameter: every choice computes the same
+      function.
   """
 
   vocab_size: int

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqdec.kernels.tree_attention import tree_attention
+from seqdec.kernels.tree_mask import pack_mask
 from seqdec.models.config import TransformerConfig, as_dtype
 
 # Logical axis names carried by every parameter as sharding metadata.
@@ -279,15 +281,30 @@ def _dot(x, w, dtype):
 FUSED_MAX_QUERIES = 64
 
 
+# 'pallas' runs `seqdec.kernels.tree_attention` for calls of 2 ..
+# PALLAS_MAX_TREE new tokens whose mask is [B, T, T] (a tree or chain to
+# verify); prefill of longer prompts, single-token decode and scratch-window
+# calls ([B, T, W], W > T) keep the XLA path.
+PALLAS_MAX_TREE = 128
+
+
 def resolve_attention_impl(impl: str, num_queries: int = 1) -> str:
-  """'auto' -> 'fused' on XLA:CPU for small query blocks, else 'dot'."""
-  if impl == "auto":
+  """The XLA contraction: 'auto' (alias 'xla', and 'pallas' outside trees)
+  -> 'fused' on XLA:CPU for small query blocks, else 'dot'."""
+  if impl in ("auto", "xla", "pallas"):
     cpu = jax.default_backend() == "cpu"
     return "fused" if cpu and num_queries <= FUSED_MAX_QUERIES else "dot"
   if impl not in ("dot", "fused"):
-    raise ValueError(f"unknown attention_impl {impl!r}; expected auto, dot "
-                     f"or fused")
+    raise ValueError(f"unknown attention_impl {impl!r}; expected auto, xla, "
+                     f"dot, fused or pallas")
   return impl
+
+
+class PackedTreeMask(NamedTuple):
+  """The 'pallas' path's stand-in for `visible`: the `[B, T, T]` mask among
+  new tokens bit-packed to `[B, T, ceil(T/32)]` uint32 words (committed
+  slots `< length` are visible, the window is applied in the kernel)."""
+  words: jax.Array
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -349,6 +366,7 @@ class Attention(nnx.Module):
     self.groups = c.num_heads // c.num_kv_heads
     resolve_attention_impl(c.attention_impl)  # validates the name
     self.attention_impl = c.attention_impl
+    self.sliding_window = c.sliding_window
     init = nnx.initializers.normal(0.02)
     shape = (c.num_kv_heads, self.groups + 2, c.head_dim)
     self.qkv_proj = _param(rngs, (c.hidden_size, *shape),
@@ -370,7 +388,8 @@ class Attention(nnx.Module):
       kv: this layer's `(k, v)` cache, each `[B, K, S, Dh]`.
       write_start: `[B]` first slot of the new tokens' K/V (the committed
         length, or further into the scratch window).
-      visible: `[B, T, S]` bool from `attention_visibility`.
+      visible: `[B, T, S]` bool from `attention_visibility`, or a
+        `PackedTreeMask` ('pallas': `write_start` is the committed length).
 
     Returns:
       `([B, T, D], (k, v))` with the new tokens' K/V written to scratch.
@@ -388,6 +407,14 @@ class Attention(nnx.Module):
     v = y[:, :, :, g + 1]
     k_cache = write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start, 2)
     v_cache = write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start, 2)
+    if isinstance(visible, PackedTreeMask):
+      out = tree_attention(
+          q.transpose(0, 2, 1, 3), k_cache.astype(q.dtype),
+          v_cache.astype(q.dtype), write_start, k.transpose(0, 2, 1, 3),
+          v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
+          positions=positions, sliding_window=self.sliding_window)
+      out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, -1)
+      return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
 
     # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
     # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
@@ -503,8 +530,12 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if mask is None:
       mask = causal_mask(b, t)
-    visible = attention_visibility(cache.length, positions, mask,
-                                   cache.max_len, self.config.sliding_window)
+    if (self.config.attention_impl == "pallas" and mask.shape[2] == t
+        and 1 < t <= PALLAS_MAX_TREE):
+      visible = PackedTreeMask(pack_mask(mask))
+    else:
+      visible = attention_visibility(cache.length, positions, mask,
+                                     cache.max_len, self.config.sliding_window)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     inv_freq = self.inv_freq[...]
     kv = list(cache.kv)
