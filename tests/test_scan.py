@@ -159,6 +159,7 @@ def test_h0_defaults_to_zeros():
 
 def test_auto_resolution():
   assert scan.resolve_impl("auto", "diagonal", 4096, 64) == "chunked"
+  assert scan.resolve_impl("auto", "block2", 4096, 64) == "sequential"
   assert scan.resolve_impl("auto", "diagonal", 100, 64) == "sequential"
   assert scan.resolve_impl("auto", "dense", 1 << 16, 64) == "sequential"
   assert scan.resolve_impl("associative", "dense", 5, 64) == "associative"

@@ -31,9 +31,15 @@ Back ends (`impl`), chosen by string:
                  work ~2x sequential. ParaRNN's CUDA reduction (thread-local
                  Thomas sweeps, a reduction over chunk ends, back-substitution)
                  and a future Pallas kernel have this shape.
-  'auto'         'chunked' for diagonal / block2 when T >= 4 C, else
-                 'sequential' (dense: always 'sequential' on CPU; 'associative'
-                 on accelerators, where log depth pays).
+  'auto'         on CPU 'chunked' for diagonal A when T >= 4 C (it runs in
+                 place, see below), else 'sequential' (measured fastest for
+                 block2 and dense here); 'associative' on accelerators, where
+                 log depth pays.
+
+The chunked fix-up overwrites b's buffer with the states, so when b is dead
+after the call (inside a Newton step, or donated) no output buffer is
+allocated; on this 2-core CPU that, not the depth, is what makes it faster
+than `lax.scan`, whose output is always a fresh allocation.
 
 Accumulation is in float32 at least (float64 stays float64); the result has the
 dtype of `b`. New back ends (e.g. a Pallas kernel) plug in with
@@ -84,6 +90,24 @@ class Ops:
     return a_shape == b_shape + b_shape[-1:]
 
 
+def _block2_apply(a, h):
+  """(A h)_{ik} = A_{i0k} h_{0k} + A_{i1k} h_{1k}, written out elementwise.
+
+  (A sum over the size-2 axis, or an einsum, is 5-10x slower on XLA:CPU.)
+  """
+  return a[..., :, 0, :] * h[..., None, 0, :] + a[..., :, 1, :] * h[..., None,
+                                                                      1, :]
+
+
+def _block2_compose(a2, a1):
+  """(A2 A1)_{ilk} = sum_j A2_{ijk} A1_{jlk}, the four entries written out."""
+  def entry(i, l):
+    return a2[..., i, 0, :] * a1[..., 0, l, :] + a2[..., i, 1, :] * a1[..., 1,
+                                                                       l, :]
+  return jnp.stack([jnp.stack([entry(i, l) for l in (0, 1)], axis=-2)
+                    for i in (0, 1)], axis=-3)
+
+
 def _block2_identity(b):
   eye = jnp.eye(2, dtype=b.dtype)[:, :, None]
   return jnp.broadcast_to(eye, b.shape[:-2] + (2, 2, b.shape[-1]))
@@ -103,8 +127,8 @@ _OPS = {
         identity_like=jnp.ones_like),
     "block2": Ops(
         "block2", 1,
-        apply=lambda a, h: jnp.sum(a * h[..., None, :, :], axis=-2),
-        compose=lambda a2, a1: jnp.einsum("...ijk,...jlk->...ilk", a2, a1),
+        apply=_block2_apply,
+        compose=_block2_compose,
         transpose=lambda a: jnp.swapaxes(a, -3, -2),
         identity_like=_block2_identity),
     "dense": Ops(
@@ -243,7 +267,7 @@ def resolve_impl(impl: str, structure: str, t: int,
                        f"{tuple(_IMPL_FNS) + ('auto',)}")
     return impl
   if jax.default_backend() == "cpu":
-    if structure != "dense" and t >= 4 * chunk:
+    if structure == "diagonal" and t >= 4 * chunk:
       return "chunked"
     return "sequential"
   return "associative"
