@@ -73,6 +73,43 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
                                   for row in rows))
 
 
+def make_generator(config, model, tokenizer, speculative: bool = True
+                   ) -> Generator:
+  """The `Generator` a decode config describes (speculative when the config
+  names a drafter and `speculative` is True)."""
+  kwargs = dict(max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_k=config.top_k,
+                top_p=config.top_p, seed=config.seed,
+                max_batch=config.max_batch)
+  if speculative and config.get("drafter"):
+    options = {}
+    if config.drafter == "ngram":
+      options = dict(max_ngram=config.max_ngram, min_ngram=config.min_ngram)
+    elif config.drafter == "layerskip":
+      options = dict(layers=config.layers)
+    elif config.drafter == "draft":
+      if config.draft_model:
+        options = dict(draft_model=load_pretrained(config.draft_model,
+                                                   dtype=config.dtype)[0])
+      else:
+        options = dict(draft_layers=config.draft_layers)
+    kwargs.update(drafter=config.drafter, tree=config.tree, rule=config.rule,
+                  drafter_options=options)
+  return Generator(model, tokenizer, **kwargs)
+
+
+def describe(results: Sequence[GenerationResult]) -> str:
+  """One line of speculative metrics (tau, target calls, acceptance)."""
+  m = results[0].metrics
+  if "tau" not in m:
+    return ""
+  new = sum(r.metrics["new_tokens"] for r in results)
+  calls = sum(r.metrics["target_calls"] for r in results)
+  rates = " ".join(f"{x:.2f}" for x in m["accept_rate_by_depth"])
+  return (f"tau {new / calls:.2f} tokens per target call ({new} tokens, "
+          f"{calls} row-calls) | acceptance by depth (row 0): {rates}")
+
+
 def run_decode(config, prompts: Optional[Sequence[str]] = None,
                prompts_file: Optional[str] = None,
                output: Optional[str] = None, out=sys.stdout,
@@ -98,10 +135,7 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
   load_s = time.perf_counter() - t0
   inputs = build_prompts(records, config.chat, config.system_prompt,
                          has_template=bool(tokenizer.chat_template))
-  gen = Generator(model, tokenizer, max_new_tokens=config.max_new_tokens,
-                  temperature=config.temperature, top_k=config.top_k,
-                  top_p=config.top_p, seed=config.seed,
-                  max_batch=config.max_batch)
+  gen = make_generator(config, model, tokenizer)
   # Encode and validate every prompt before decoding any.
   ids = [gen.encode(p) for p in inputs]
   for i, p in enumerate(ids):
@@ -125,9 +159,33 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
         f"{m['decode_tokens_per_s']:.1f} tokens/s "
         f"({sum(r.metrics['new_tokens'] for r in results)} new tokens, "
         f"batch {m['batch_size']})", file=log)
+  if gen.speculative:
+    print(f"[seqdec] speculative: drafter={config.drafter} tree={config.tree} "
+          f"| {describe(results)}", file=log)
+    if config.get("compare_ar"):
+      compare_autoregressive(config, model, tokenizer, ids, results, log)
   if output:
     write_jsonl_atomic(output, (
         {**{k: v for k, v in rec.items()}, "text": r.text, "tokens": r.tokens,
          "finish_reason": r.finish_reason, "metrics": r.metrics}
         for rec, r in zip(records, results)))
   return results
+
+
+def compare_autoregressive(config, model, tokenizer, ids, spec_results,
+                           log=sys.stderr) -> dict[str, Any]:
+  """Decodes `ids` autoregressively too; prints and returns the speedup
+  (decode tokens/s ratio) and whether every row's tokens agree."""
+  ar = make_generator(config, model, tokenizer, speculative=False)
+  ar_results = ar.generate_ids(ids)
+  same = sum(a.tokens == s.tokens for a, s in zip(ar_results, spec_results))
+  ar_tps = ar_results[0].metrics["decode_tokens_per_s"]
+  spec_tps = spec_results[0].metrics["decode_tokens_per_s"]
+  out = dict(ar_tokens_per_s=ar_tps, spec_tokens_per_s=spec_tps,
+             speedup=spec_tps / ar_tps, rows_agree=same, rows=len(ids))
+  print(f"[seqdec] autoregressive {ar_tps:.1f} tokens/s vs speculative "
+        f"{spec_tps:.1f} tokens/s: speedup {out['speedup']:.2f}x | outputs "
+        f"agree: {same}/{len(ids)} rows" + (
+            "" if same == len(ids) else " (float32 near-ties: see README)"),
+        file=log)
+  return out
