@@ -156,11 +156,15 @@ def cells_section(cells, ts, quick, hidden, max_t=None):
       if max_t and t > max_t:
         continue
       cell, u, w = cell_problem(cell_name, t, hidden)
-      impls = ["chunked"]
-      if t <= 16384 and not quick:
+      # Which scan back ends run inside Newton at this T (time budget): all
+      # at small T; at large T the one 'auto' picks on CPU (chunked for
+      # diagonal, sequential for block2) and the next best.
+      diagonal = cell.kind.structure == "diagonal"
+      impls = ["chunked" if diagonal else "sequential"]
+      if t <= 16384 and not (quick and t > 1024):
+        impls.append("sequential" if diagonal else "chunked")
+      if t <= (1024 if quick else 4096 if diagonal else 1024):
         impls.append("associative")
-      if t <= (1024 if quick else 4096):
-        impls.append("sequential")
       if cell.kind.structure == "dense":
         impls = ["sequential"]
         if t <= 1024 and not quick:

@@ -114,9 +114,6 @@ def _basis(structure: str, state: jax.Array) -> jax.Array:
   return jnp.eye(state.shape[-1], dtype=state.dtype)          # [H, H]
 
 
-_STACK_AXIS = {"diagonal": None, "block2": -2, "dense": -1}
-
-
 def linearize(step: Step, params, h_prev: jax.Array, xs, structure: str):
   """f(h_prev, x) and its structured Jacobian J, both at every t at once.
 
@@ -126,12 +123,18 @@ def linearize(step: Step, params, h_prev: jax.Array, xs, structure: str):
       J[..., i, j, k] = d y[..., i, k] / d h_prev[..., j, k]; dense
       [..., H, H] with J[..., i, j] = d y_i / d h_prev_j.
   """
-  y, f_lin = jax.linearize(lambda h: step(params, h, xs), h_prev)
+  f = lambda h: step(params, h, xs)
   basis = _basis(structure, h_prev)
-  tangent = lambda e: f_lin(jnp.broadcast_to(e, h_prev.shape))
+  # One fused jvp per tangent (jax.linearize would store the residuals of f
+  # in memory, which costs more than recomputing f here).
+  tangent = lambda e: jax.jvp(f, (h_prev,),
+                              (jnp.broadcast_to(e, h_prev.shape),))[1]
+  y = f(h_prev)
   if structure == "diagonal":
     return y, tangent(basis[0])
-  return y, jax.vmap(tangent, out_axes=_STACK_AXIS[structure])(basis)
+  if structure == "block2":
+    return y, jnp.stack([tangent(e) for e in basis], axis=-2)
+  return y, jax.vmap(tangent, out_axes=-1)(basis)
 
 
 def relative_residual(h: jax.Array, y: jax.Array) -> jax.Array:
