@@ -3,7 +3,7 @@
 Oracles: the library's sequential ancestor mask (`trees.ancestor_mask`,
 itself checked against a pointer walk in test_trees) packed with
 `pack_mask`, and the host depths. Both kernel bodies ('gpu', 'tpu') run in
-interpret mode; shapes are bucketed (N in {40, 120} plus the all-trees batch)
+interpret mode; shapes are bucketed (N in {1, 32, 40, 120} plus the all-trees batch)
 so that compiles stay few.
 """
 
@@ -70,7 +70,7 @@ KINDS = ("chain", "star", "deep", "bushy", "forest", "random")
 
 @settings(deadline=None, derandomize=True, max_examples=10)
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=4, max_size=4),
-       n=st.sampled_from([40, 120]), seed=st.integers(0, 2**16))
+       n=st.just(40), seed=st.integers(0, 2**16))
 def test_random_trees(kinds, n, seed):
   rng = np.random.default_rng(seed)
   check_all(np.array([_tree(k, n, rng) for k in kinds], np.int32))
@@ -82,8 +82,14 @@ def test_single_node_and_one_word_boundary():
 
 
 def test_rounds_are_logarithmic_in_depth():
-  """A 120-node chain needs ceil(log2 120) = 7 doubling rounds; the cap."""
-  words, depth = tm.tree_mask(np.array([[-1] + list(range(119))]))
+  """A 120-node chain needs ceil(log2 120) = 7 doubling rounds (the cap);
+  next to it a bushy tree, a star and a forest of the same size."""
+  rng = np.random.default_rng(0)
+  parents = np.array([[-1] + list(range(119))]
+                     + [_tree(k, 120, rng) for k in ("bushy", "star",
+                                                      "forest")], np.int32)
+  check_all(parents)
+  words, depth = tm.tree_mask(parents[:1])
   assert int(depth.max()) == 119
   assert int(jax.lax.population_count(words[0, -1]).sum()) == 120
 
