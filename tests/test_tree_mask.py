@@ -2,9 +2,9 @@
 
 Oracles: the library's sequential ancestor mask (`trees.ancestor_mask`,
 itself checked against a pointer walk in test_trees) packed with
-`pack_mask`, and the host depths. Both kernel bodies ('gpu', 'tpu') run in
-interpret mode; shapes are bucketed (N in {1, 32, 40, 120} plus the all-trees batch)
-so that compiles stay few.
+`pack_mask`, and depths counted from it (forests included). Both kernel
+bodies ('gpu', 'tpu') run in interpret mode; shapes are bucketed (N in
+{1, 32, 40, 120} plus the all-trees batch) so that compiles stay few.
 """
 
 import jax
