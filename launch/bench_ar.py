@@ -103,68 +103,6 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-class HFSide:
-  """HF transformers greedy decoding of given ids (torch CPU, float32)."""
-
-  def __init__(self, gguf_path: str, num_threads: int):
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(num_threads)
-    self.torch = torch
-    d, f = os.path.split(os.path.abspath(gguf_path))
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-        d, gguf_file=f)
-    self.model = transformers.AutoModelForCausalLM.from_pretrained(
-        d, gguf_file=f, dtype=torch.float32)
-    self.model.eval()
-
-  def encode_chat(self, messages) -> list[int]:
-    ids = self.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding
-      ids = ids["input_ids"]
-    return [int(i) for i in ids]
-
-  def _inputs(self, ids):
-    t = self.torch.tensor([ids], dtype=self.torch.long)
-    return t, self.torch.ones_like(t)
-
-  def prefill_s(self, ids) -> float:
-    """Seconds of one cache-filling forward over the prompt."""
-    x, mask = self._inputs(ids)
-    with self.torch.inference_mode():
-      t0 = time.perf_counter()
-      self.model(input_ids=x, attention_mask=mask, use_cache=True,
-                 logits_to_keep=1)
-      return time.perf_counter() - t0
-
-  def generate(self, ids, n: int) -> tuple[list[int], float]:
-    """(exactly n greedy tokens, wall seconds of `generate`)."""
-    x, mask = self._inputs(ids)
-    with self.torch.inference_mode():
-      t0 = time.perf_counter()
-      out = self.model.generate(x, attention_mask=mask, max_new_tokens=n,
-                                min_new_tokens=n, do_sample=False,
-                                eos_token_id=[])
-      seconds = time.perf_counter() - t0
-    toks = out[0, len(ids):].tolist()
-    if len(toks) != n:
-      raise RuntimeError(f"HF generated {len(toks)} tokens, expected {n}")
-    return toks, seconds
-
-  def top2_margin(self, ids) -> tuple[list[int], float]:
-    """HF's top-2 next-token ids after `ids` and their log-prob margin."""
-    x, mask = self._inputs(ids)
-    with self.torch.inference_mode():
-      logits = self.model(input_ids=x, attention_mask=mask,
-                          logits_to_keep=1).logits[0, -1]
-      logp = self.torch.log_softmax(logits.double(), -1)
-      top = self.torch.topk(logp, 2)
-    return top.indices.tolist(), float(top.values[0] - top.values[1])
-
-
 def run_seqdec(gen, ids, n: int) -> dict:
   [r] = gen.generate_ids([ids], max_new_tokens=n)
   m = r.metrics
@@ -177,7 +115,7 @@ def run_seqdec(gen, ids, n: int) -> dict:
               compile_s=m["compile_s"])
 
 
-def run_hf(hf: HFSide, ids, n: int) -> dict:
+def run_hf(hf, ids, n: int) -> dict:
   prefill_s = hf.prefill_s(ids)
   _, gen1_s = hf.generate(ids, 1)
   toks, genn_s = hf.generate(ids, n)
@@ -235,6 +173,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import seqdec
   from seqdec import bench
+  from seqdec.bench_hf import HFSide
   from seqdec.checkpoints import gguf
   from seqdec.decoding import autoregressive
   # pylint: enable=g-import-not-at-top

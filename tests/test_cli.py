@@ -117,3 +117,26 @@ def test_bad_checkpoint(damage, tmp_path, hf_dir):
                  f"--output={out}")
   assert_user_error(proc, "safetensors")
   assert not out.exists()
+
+
+def test_speculative_decode_reports_tau_speedup_and_agreement(tmp_path):
+  out = tmp_path / "out.jsonl"
+  proc = run_cli("--config=configs/spec_decode.py:runlocal,tree=kary2x2",
+                 "--prompt=abcabcabcabc", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "tau" in proc.stderr and "speedup" in proc.stderr
+  assert "outputs agree: 1/1 rows" in proc.stderr
+  [row] = [json.loads(ln) for ln in out.read_text().splitlines()]
+  assert row["metrics"]["target_calls"] >= 1 and row["metrics"]["tau"] >= 1
+
+
+@pytest.mark.parametrize("arg,fragment", [
+    ("tree=bush3", "unknown tree spec 'bush3'"),
+    ("drafter=medusa", "unknown drafter 'medusa'"),
+    ("drafter=layerskip,layers=skip:0-99", "outside 0..1"),
+    ("nosuchkey=1", "unknown config argument"),
+])
+def test_speculative_bad_config(arg, fragment):
+  proc = run_cli(f"--config=configs/spec_decode.py:runlocal,{arg}",
+                 "--prompt=x")
+  assert_user_error(proc, fragment)

@@ -1,0 +1,387 @@
+"""Greedy speculative decoding on SmolLM2-135M: every drafter x tree vs
+seqdec's autoregressive decoding and HF transformers' prompt-lookup decoding.
+
+  python launch/bench_spec.py                       # all 48 prompts, N=64
+  python launch/bench_spec.py --quick               # 1 prompt/category, N=32
+  python launch/bench_spec.py --per_category=3 --methods=ar,ngram/chain4,hf_pld
+
+Prints a JSON summary and Markdown tables; writes the record to `--output`
+(JSON, rewritten after every prompt so an interrupted run keeps its rows;
+rerunning with the same configuration resumes after the last finished
+prompt), a Markdown copy of the tables and a PNG plot of tau and speedup
+against tree size.
+
+Method
+------
+* Target: SmolLM2-135M-Instruct, float32, batch 1, greedy, exactly N new
+  tokens (no stop id), the frozen prompt set of data/prompts (chat template).
+* Methods: `ar` (seqdec autoregressive), `<drafter>/<tree>` (seqdec
+  speculative; drafters below), `hf_pld` (HF `generate(...,
+  prompt_lookup_num_tokens=K)`, K = --hf_pld_tokens, HF's n-gram size 2 by
+  default, on the same GGUF weights dequantised to float32 in torch).
+  Drafters: `ngram` = prompt lookup over prompt + output (max n 3);
+  `layerskip` = the target running only the layers of --layers, attending to
+  the target's own cache; `draft` = an independent draft LM with its own
+  cache: SmolLM2 has no smaller sibling offline, so it is the target
+  truncated to its first --draft_layers blocks (plus final norm and head).
+* decode tokens/s = (N - 1) / decode seconds. seqdec: the jitted loop after
+  prefill (`metrics["decode_s"]`). HF: T(generate N) - T(generate 1), both
+  with prompt lookup, so set-up and prefill cancel (as in bench_ar.py).
+  tau = tokens per target call, the prefill counting as one call.
+* Warm-up: every method runs once untimed on the first prompt of each
+  prompt-length bucket before any timed run. Timed runs interleave the
+  methods in a rotating order per prompt.
+* Phase split: for each speculative method, one prompt per category is also
+  run through `PhaseTimer` (draft, verify, finish as three separately jitted
+  programs with a host sync between them; the real loop has none), giving
+  ms per round for each phase; the autoregressive ms per step is reported
+  beside it.
+* Agreement: every speculative run's tokens are compared with `ar`'s; a
+  difference can only come from float32 near-ties (verification is exact
+  argmax), and the first divergent position is reported.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+DEFAULT_METHODS = (
+    "ar", "hf_pld",
+    "ngram/chain2", "ngram/chain4", "ngram/chain6", "ngram/kary2x1x1x1",
+    "ngram/kary3x1x1x1x1x1",
+    "layerskip/chain2", "layerskip/chain3", "layerskip/kary2x1",
+    "layerskip/static6",
+    "draft/chain2", "draft/kary2x1")
+
+_METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS),
+                             "ar, hf_pld, or <ngram|layerskip|draft>/<tree>.")
+_LAYERS = flags.DEFINE_string("layers", "skip:8-23",
+                              "Layer subset of the layerskip drafter.")
+_DRAFT_LAYERS = flags.DEFINE_integer(
+    "draft_layers", 8, "Layers of the truncated-target draft LM.")
+_HF_PLD_TOKENS = flags.DEFINE_integer(
+    "hf_pld_tokens", 10, "HF prompt_lookup_num_tokens.")
+_CATEGORIES = flags.DEFINE_list("categories", None, "Default: all six.")
+_PER_CATEGORY = flags.DEFINE_integer(
+    "per_category", None, "First k prompts per category (1 with --quick).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64,
+                                       "New tokens per prompt (32 --quick).")
+_QUICK = flags.DEFINE_bool("quick", False, "1 prompt per category, N=32.")
+_NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "torch threads.")
+_PHASES = flags.DEFINE_bool("phases", True, "Measure the phase split.")
+_OUTPUT = flags.DEFINE_string("output", "bench_results/spec.json",
+                              "JSON record (.md and .png beside it).")
+
+AR, HF_PLD = "ar", "hf_pld"
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def build_generators(methods, model, tokenizer, n):
+  """`{method: Generator}` for every seqdec method."""
+  from seqdec.generator import Generator  # pylint: disable=g-import-not-at-top
+  gens = {}
+  for m in methods:
+    if m == HF_PLD:
+      continue
+    if m == AR:
+      gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=())
+      continue
+    drafter, _, tree = m.partition("/")
+    options = {"layerskip": dict(layers=_LAYERS.value),
+               "draft": dict(draft_layers=_DRAFT_LAYERS.value)}.get(drafter, {})
+    gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
+                        drafter=drafter, tree=tree, drafter_options=options)
+  return gens
+
+
+def run_seqdec(gen, ids, n):
+  [r] = gen.generate_ids([ids], max_new_tokens=n)
+  m = r.metrics
+  if len(r.tokens) != n:
+    raise RuntimeError(f"generated {len(r.tokens)} tokens, expected {n}")
+  out = dict(tokens=list(r.tokens), decode_s=m["decode_s"],
+             decode_tps=(n - 1) / m["decode_s"], prefill_ms=1e3 * m["prefill_s"],
+             compile_s=m["compile_s"], tau=m.get("tau", 1.0),
+             target_calls=m.get("target_calls", n))
+  if "accept_rate_by_depth" in m:
+    out["accept_rate_by_depth"] = m["accept_rate_by_depth"]
+  return out
+
+
+def run_hf_pld(hf, ids, n):
+  options = dict(prompt_lookup_num_tokens=_HF_PLD_TOKENS.value)
+  _, gen1_s = hf.generate(ids, 1, **options)
+  toks, genn_s = hf.generate(ids, n, **options)
+  decode_s = genn_s - gen1_s
+  return dict(tokens=toks, decode_s=decode_s, generate_1_s=gen1_s,
+              generate_n_s=genn_s,
+              decode_tps=(n - 1) / decode_s if decode_s > 0 else None)
+
+
+def tree_nodes(method):
+  from seqdec.decoding import trees  # pylint: disable=g-import-not-at-top
+  if "/" not in method:
+    return 0
+  return trees.parse(method.partition("/")[2]).num_nodes - 1
+
+
+def summarize(rows, methods, bench):
+  """Per-method statistics of a group of per-prompt rows."""
+  out = {"n": len(rows)}
+  ar_med = None
+  for m in methods:
+    tps = [r[m]["decode_tps"] for r in rows if r[m].get("decode_tps")]
+    st = dict(decode_tps=bench.summarize(tps) if tps else None)
+    if m != HF_PLD:
+      st["tau"] = bench.summarize([r[m]["tau"] for r in rows])
+      st["identical_to_ar"] = sum(r[m]["tokens"] == r[AR]["tokens"]
+                                  for r in rows) if AR in methods else None
+    out[m] = st
+    if m == AR and tps:
+      ar_med = st["decode_tps"]["median"]
+  for m in methods:
+    med = out[m]["decode_tps"] and out[m]["decode_tps"]["median"]
+    out[m]["speedup_vs_ar"] = bench.ratio(med, ar_med) if med and ar_med else None
+    hf = out.get(HF_PLD, {}).get("decode_tps")
+    out[m]["ratio_vs_hf_pld"] = bench.ratio(med, hf["median"]) if (
+        med and hf) else None
+  return out
+
+
+def tables(summary, methods, bench):
+  """Markdown: per-method overall table, then per-category best methods."""
+  fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
+  head = ["method", "draft nodes", "tau", "decode tok/s", "vs AR",
+          "vs HF PLD", "same tokens as AR"]
+  rows = []
+  o = summary["overall"]
+  for m in methods:
+    s = o[m]
+    rows.append([m, tree_nodes(m) if "/" in m else "-",
+                 fmt(s["tau"]["median"]) if s.get("tau") else "-",
+                 bench.fmt_stats(s["decode_tps"]), fmt(s["speedup_vs_ar"]),
+                 fmt(s["ratio_vs_hf_pld"]),
+                 f"{s['identical_to_ar']}/{o['n']}" if s.get(
+                     "identical_to_ar") is not None else "-"])
+  overall = bench.markdown_table(head, rows)
+  head = ["category", "n", "AR tok/s", "HF PLD tok/s", "best seqdec method",
+          "its tok/s", "tau", "vs AR", "vs HF PLD"]
+  rows = []
+  spec = [m for m in methods if "/" in m]
+  for cat, g in list(summary["by_category"].items()) + [("**overall**", o)]:
+    best = max(spec, key=lambda m: g[m]["decode_tps"]["median"]) if spec else None
+    b = g[best] if best else {}
+    rows.append([cat, g["n"],
+                 fmt(g[AR]["decode_tps"]["median"], 1) if AR in g else "-",
+                 fmt(g[HF_PLD]["decode_tps"]["median"], 1) if (
+                     HF_PLD in g and g[HF_PLD]["decode_tps"]) else "-",
+                 best or "-", fmt(b["decode_tps"]["median"], 1) if b else "-",
+                 fmt(b["tau"]["median"]) if b else "-",
+                 fmt(b.get("speedup_vs_ar")), fmt(b.get("ratio_vs_hf_pld"))])
+  per_cat = bench.markdown_table(head, rows)
+  return overall, per_cat
+
+
+def plot(summary, methods, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  o = summary["overall"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for drafter in ("ngram", "layerskip", "draft"):
+    ms = [m for m in methods if m.startswith(drafter + "/")]
+    if not ms:
+      continue
+    for ax, key in zip(axes, ("tau", "speedup_vs_ar")):
+      pts = sorted((tree_nodes(m), o[m]["tau"]["median"] if key == "tau"
+                    else o[m][key], m) for m in ms)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=drafter)
+      for x, y, m in pts:
+        ax.annotate(m.partition("/")[2], (x, y), fontsize=7)
+  axes[0].set(xlabel="draft nodes", ylabel="tau (tokens / target call)",
+              title="tau (median over prompts)")
+  axes[1].axhline(1.0, color="gray", lw=0.8)
+  if HF_PLD in o and o[HF_PLD]["speedup_vs_ar"]:
+    axes[1].axhline(o[HF_PLD]["speedup_vs_ar"], color="red", lw=0.8,
+                    ls="--", label="HF prompt lookup")
+  axes[1].set(xlabel="draft nodes", ylabel="decode tok/s / seqdec AR",
+              title="speedup over seqdec AR (median tok/s)")
+  for ax in axes:
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def phase_split(gens, inputs, n, bench):
+  """ms per round of draft / verify / finish for each speculative method."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from seqdec.decoding.autoregressive import DecodeShapes, bucket
+  from seqdec.decoding.sampling import SamplingParams, make_sampler, row_keys
+  from seqdec.decoding.speculative import PhaseTimer
+  # pylint: enable=g-import-not-at-top
+  picks = {}
+  for p, ids in inputs:
+    picks.setdefault(p.category, (p, ids))
+  out = {}
+  for m, gen in gens.items():
+    if m == AR:
+      continue
+    timer = PhaseTimer(gen.decoder)
+    totals = {"draft": 0.0, "verify": 0.0, "finish": 0.0, "rounds": 0}
+    for p, ids in picks.values():
+      shapes = DecodeShapes(1, bucket(len(ids)), bucket(n), 4)
+      tokens = np.zeros((1, shapes.prompt), np.int32)
+      tokens[0, :len(ids)] = ids
+      args = (shapes, tokens, np.array([len(ids)], np.int32), row_keys(0, [0]),
+              SamplingParams.make(1), np.array([n], np.int32),
+              np.full((4,), -1, np.int32), make_sampler())
+      _, sec = timer.run(*args)
+      for k in totals:
+        totals[k] += sec[k]
+    r = max(totals["rounds"], 1)
+    out[m] = {f"{k}_ms_per_round": 1e3 * totals[k] / r
+              for k in ("draft", "verify", "finish")}
+    out[m]["rounds"] = totals["rounds"]
+    log(f"  phases {m:24s} " + " ".join(
+        f"{k} {v:.1f}" for k, v in out[m].items() if k.endswith("round")))
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # pylint: disable=g-import-not-at-top
+  import seqdec
+  from seqdec import bench
+  from seqdec.checkpoints import gguf
+  from seqdec.decoding.autoregressive import bucket
+  # pylint: enable=g-import-not-at-top
+  methods = list(_METHODS.value)
+  if AR not in methods:
+    methods.insert(0, AR)
+  n = _MAX_NEW_TOKENS.value
+  if _QUICK.value and not flags.FLAGS["max_new_tokens"].present:
+    n = 32
+  per_category = _PER_CATEGORY.value
+  if _QUICK.value and per_category is None:
+    per_category = 1
+  prompts = bench.load_prompt_set(
+      None, categories=_CATEGORIES.value or bench.CATEGORIES,
+      per_category=per_category)
+  gguf_path = os.path.abspath(gguf.find_smollm2_gguf())
+  config = dict(gguf=gguf_path, max_new_tokens=n, methods=methods,
+                layers=_LAYERS.value, draft_layers=_DRAFT_LAYERS.value,
+                hf_pld_tokens=_HF_PLD_TOKENS.value, per_category=per_category,
+                prompts=[p.id for p in prompts], batch_size=1,
+                num_threads_torch=_NUM_THREADS.value)
+  done_rows = []
+  if os.path.exists(_OUTPUT.value):
+    with open(_OUTPUT.value, encoding="utf-8") as f:
+      old = json.load(f)
+    if old.get("config") == config and old.get("partial"):
+      done_rows = old["per_prompt"]
+      log(f"resuming: {len(done_rows)} prompts already measured")
+  machine = bench.machine_info()
+  log(f"bench_spec: {len(prompts)} prompts x {len(methods)} methods, N={n}")
+
+  model, tokenizer = seqdec.load_pretrained(gguf_path)
+  gens = build_generators(methods, model, tokenizer, n)
+  hf = None
+  if HF_PLD in methods:
+    from seqdec.bench_hf import HFSide  # pylint: disable=g-import-not-at-top
+    hf = HFSide(gguf_path, _NUM_THREADS.value)
+  inputs = [(p, gens[AR].encode(p.as_messages())) for p in prompts]
+
+  def run(m, ids):
+    return run_hf_pld(hf, ids, n) if m == HF_PLD else run_seqdec(
+        gens[m], ids, n)
+
+  warm = {}
+  for b in sorted({bucket(len(ids)) for _, ids in inputs}):
+    _, ids = next(x for x in inputs if bucket(len(x[1])) == b)
+    for m in methods:
+      t0 = time.perf_counter()
+      run(m, ids)
+      warm[f"{m}@{b}"] = time.perf_counter() - t0
+    log(f"warm-up bucket {b}: {sum(v for k, v in warm.items() if k.endswith(f'@{b}')):.0f} s")
+
+  rows = list(done_rows)
+  orders = bench.alternating_orders(len(inputs), methods)
+  for (p, ids), order in zip(inputs[len(rows):], orders[len(rows):]):
+    res = {m: run(m, ids) for m in order}
+    row = dict(id=p.id, category=p.category, prompt_tokens=len(ids),
+               order=list(order), **res)
+    for m in methods:
+      if m != AR:
+        row[m]["first_divergence_from_ar"] = bench.first_divergence(
+            res[m]["tokens"], res[AR]["tokens"])
+    rows.append(row)
+    log(f"  {p.id:16s} " + " ".join(
+        f"{m}={res[m]['decode_tps']:.1f}" + (
+            f"(tau {res[m]['tau']:.2f})" if "tau" in res[m] and m != AR else "")
+        for m in methods if res[m].get("decode_tps")))
+    bench.write_json(_OUTPUT.value, dict(config=config, partial=True,
+                                         machine=machine, per_prompt=rows))
+
+  phases = phase_split(gens, inputs, n, bench) if _PHASES.value else None
+  summary = dict(overall=summarize(rows, methods, bench),
+                 by_category={c: summarize(g, methods, bench)
+                              for c, g in bench.group_by(
+                                  rows, "category", bench.CATEGORIES).items()})
+  ar_step_ms = 1e3 / summary["overall"][AR]["decode_tps"]["median"]
+  overall_md, per_cat_md = tables(summary, methods, bench)
+  machine["load_average_1_5_15_at_end"] = bench.machine_info()[
+      "load_average_1_5_15"]
+  record = dict(benchmark="greedy speculative decoding, SmolLM2-135M, CPU",
+                config=config, partial=False, machine=machine,
+                warmup_s=warm, phases_ms_per_round=phases,
+                ar_ms_per_step=ar_step_ms, summary=summary,
+                table_methods=overall_md, table_categories=per_cat_md,
+                per_prompt=rows)
+  bench.write_json(_OUTPUT.value, record)
+  stem = os.path.splitext(_OUTPUT.value)[0]
+  phase_md = ""
+  if phases:
+    phase_md = bench.markdown_table(
+        ["method", "draft ms/round", "verify ms/round", "finish ms/round",
+         "rounds timed"],
+        [[m, f"{v['draft_ms_per_round']:.1f}", f"{v['verify_ms_per_round']:.1f}",
+          f"{v['finish_ms_per_round']:.1f}", v["rounds"]]
+         for m, v in phases.items()])
+  text = (f"Greedy, batch 1, N={n} new tokens, {len(rows)} prompts, "
+          f"median [p10-p90] over prompts.\n\n{overall_md}\n\n"
+          f"Best seqdec method per category:\n\n{per_cat_md}\n\n"
+          f"Phase split (one prompt per category; AR step "
+          f"{ar_step_ms:.1f} ms):\n\n{phase_md}\n")
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(text)
+  plot(summary, methods, stem + ".png")
+  brief = dict(config=config, ar_ms_per_step=ar_step_ms,
+               overall={m: dict(decode_tps=summary["overall"][m]["decode_tps"]
+                                and summary["overall"][m]["decode_tps"]["median"],
+                                speedup_vs_ar=summary["overall"][m]["speedup_vs_ar"],
+                                ratio_vs_hf_pld=summary["overall"][m]["ratio_vs_hf_pld"])
+                        for m in methods},
+               output=os.path.abspath(_OUTPUT.value))
+  print(json.dumps(brief, indent=2))
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
