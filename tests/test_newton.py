@@ -94,9 +94,8 @@ def test_newton_equals_rollout_f32(cell):
   assert iters <= 8 and iters2 <= 16
 
 
-@pytest.mark.parametrize("cell", [
-    "paragru", pytest.param("paralstm", marks=pytest.mark.slow),
-    pytest.param("gru", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", list(rnn.CELLS))
 def test_newton_equals_rollout_f64(x64, cell):
   check(cell, 64, jnp.float64, 1.0, 1e-10, 1e-9, 1e-12, max_iter=64)
   check(cell, 64, jnp.float64, 2.0, 1e-10, 1e-9, 1e-12, max_iter=64)
