@@ -103,10 +103,31 @@ def draft(drafter: Drafter, shape: TreeShape, draft_params, s: SpecState,
 
 def verify(graphdef, rule: Rule, max_depth: int, params, tree: Tree,
            cache: KVCache, keys, sparams, step) -> tuple[Acceptance, KVCache]:
-  """Phase 2: one target forward over the tree; the rule accepts a path."""
+  """Phase 2: one target forward over the tree; the rule accepts a path.
+
+  When no row has a valid draft node (e.g. prompt lookup found nothing), the
+  forward runs over the roots alone (T = 1, an autoregressive step's cost)
+  instead of the whole tree; the other nodes get zero logits, which no rule
+  reads since invalid nodes are never accepted.
+  """
   model = nnx.merge(graphdef, params)
   positions = cache.length[:, None] + tree.depth
-  logits, cache = model(tree.tokens, positions, cache, tree.mask)
+
+  def whole_tree(cache):
+    return model(tree.tokens, positions, cache, tree.mask)
+
+  def roots_only(cache):
+    logits, cache = model(tree.tokens[:, :1], positions[:, :1], cache,
+                          tree.mask[:, :1, :1])
+    pad = jnp.zeros((logits.shape[0], tree.tokens.shape[1] - 1,
+                     logits.shape[2]), logits.dtype)
+    return jnp.concatenate([logits, pad], axis=1), cache
+
+  if tree.tokens.shape[1] == 1:
+    logits, cache = roots_only(cache)
+  else:
+    logits, cache = jax.lax.cond(jnp.any(tree.valid[:, 1:]), whole_tree,
+                                 roots_only, cache)
   acc = rule(tree, logits, step_keys(keys, step + 1), sparams, max_depth)
   return acc, cache
 
