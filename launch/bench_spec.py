@@ -62,17 +62,15 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 DEFAULT_METHODS = (
     "ar", "hf_pld",
     "ngram/chain2", "ngram/chain4", "ngram/chain6", "ngram/kary2x1x1x1",
-    "ngram/kary3x1x1x1x1x1",
-    "layerskip/chain2", "layerskip/chain3", "layerskip/kary2x1",
-    "layerskip/static6",
-    "draft/chain2", "draft/kary2x1")
+    "ngram/kary3x1x1x1x1x1", "ngram/static6",
+    "layerskip/chain2", "layerskip/kary2x1", "draft/chain2")
 
 _METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS),
                              "ar, hf_pld, or <ngram|layerskip|draft>/<tree>.")
-_LAYERS = flags.DEFINE_string("layers", "skip:8-23",
+_LAYERS = flags.DEFINE_string("layers", "skip:4-15",
                               "Layer subset of the layerskip drafter.")
 _DRAFT_LAYERS = flags.DEFINE_integer(
-    "draft_layers", 8, "Layers of the truncated-target draft LM.")
+    "draft_layers", 10, "Layers of the truncated-target draft LM.")
 _HF_PLD_TOKENS = flags.DEFINE_integer(
     "hf_pld_tokens", 10, "HF prompt_lookup_num_tokens.")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Default: all six.")
