@@ -62,11 +62,12 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 DEFAULT_METHODS = (
     "ar", "hf_pld",
     "ngram/chain2", "ngram/chain4", "ngram/chain6", "ngram/kary2x1x1x1",
-    "ngram/kary3x1x1x1x1x1", "ngram/static6",
+    "ngram/kary3x1x1x1x1x1", "ngram/static6", "ngram@min_ngram=2/chain4",
     "layerskip/chain2", "layerskip/kary2x1", "draft/chain2")
 
-_METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS),
-                             "ar, hf_pld, or <ngram|layerskip|draft>/<tree>.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(DEFAULT_METHODS), "ar, hf_pld, or <drafter>[@key=value...]"
+    "/<tree>, drafter in ngram|layerskip|draft, keys of make_drafter.")
 _LAYERS = flags.DEFINE_string("layers", "skip:4-15",
                               "Layer subset of the layerskip drafter.")
 _DRAFT_LAYERS = flags.DEFINE_integer(
@@ -102,8 +103,12 @@ def build_generators(methods, model, tokenizer, n):
       gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=())
       continue
     drafter, _, tree = m.partition("/")
+    drafter, *extra = drafter.split("@")   # e.g. ngram@min_ngram=2
     options = {"layerskip": dict(layers=_LAYERS.value),
                "draft": dict(draft_layers=_DRAFT_LAYERS.value)}.get(drafter, {})
+    for item in extra:
+      key, _, value = item.partition("=")
+      options[key] = int(value) if value.lstrip("-").isdigit() else value
     gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
                         drafter=drafter, tree=tree, drafter_options=options)
   return gens
@@ -206,7 +211,7 @@ def plot(summary, methods, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   o = summary["overall"]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for drafter in ("ngram", "layerskip", "draft"):
+  for drafter in sorted({m.partition("/")[0] for m in methods if "/" in m}):
     ms = [m for m in methods if m.startswith(drafter + "/")]
     if not ms:
       continue
