@@ -262,8 +262,9 @@ def test_smollm2_speculative_equals_autoregressive():
   (such positions are counted and reported, never asserted on)."""
   import seqdec  # pylint: disable=g-import-not-at-top
   model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
-  convs = [[{"role": "user", "content": "Repeat exactly: the cat sat on the "
-                                        "mat, the cat sat on the mat."}],
+  from configs import spec_decode  # pylint: disable=g-import-not-at-top
+  copying = spec_decode.get_config().default_prompt   # the demo's rewrite task
+  convs = [[{"role": "user", "content": copying}],
            [{"role": "user", "content": "Name three primary colors."}],
            [{"role": "user", "content": "Rewrite in the passive voice: The "
                                         "dog chased the ball across the "
@@ -290,5 +291,5 @@ def test_smollm2_speculative_equals_autoregressive():
     taus = [r.metrics["tau"] for r in out]
     print(f"{name} {tree}: tau {np.round(taus, 2)}")
     if name == "ngram":
-      assert taus[0] > 1.5   # the copying prompt is accepted in runs
+      assert taus[0] > 1.5   # the rewrite prompt is accepted in runs
   print(f"SmolLM2: divergences at top-2 margin <= 1e-4: {small}")
