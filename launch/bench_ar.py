@@ -180,12 +180,9 @@ def main(argv):
   bucket = autoregressive.bucket
 
   load_at_start = bench.machine_info()["load_average_1_5_15"]
-  n = _MAX_NEW_TOKENS.value
-  if _QUICK.value and not flags.FLAGS["max_new_tokens"].present:
-    n = 32
-  per_category = _PER_CATEGORY.value
-  if _QUICK.value and per_category is None:
-    per_category = 1
+  n, per_category = bench.quick_settings(
+      _QUICK.value, _MAX_NEW_TOKENS.value,
+      flags.FLAGS["max_new_tokens"].present, _PER_CATEGORY.value)
   if n < 2:
     raise app.UsageError("--max_new_tokens must be >= 2 (decode has N - 1 "
                          "steps)")

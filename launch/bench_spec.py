@@ -284,12 +284,9 @@ def main(argv):
   methods = list(_METHODS.value)
   if AR not in methods:
     methods.insert(0, AR)
-  n = _MAX_NEW_TOKENS.value
-  if _QUICK.value and not flags.FLAGS["max_new_tokens"].present:
-    n = 32
-  per_category = _PER_CATEGORY.value
-  if _QUICK.value and per_category is None:
-    per_category = 1
+  n, per_category = bench.quick_settings(
+      _QUICK.value, _MAX_NEW_TOKENS.value,
+      flags.FLAGS["max_new_tokens"].present, _PER_CATEGORY.value)
   prompts = bench.load_prompt_set(
       None, categories=_CATEGORIES.value or bench.CATEGORIES,
       per_category=per_category)

@@ -243,6 +243,16 @@ class Stopwatch:
     self.seconds = self._clock() - self._start
 
 
+def quick_settings(quick: bool, max_new_tokens: int, max_new_given: bool,
+                   per_category: Optional[int]) -> tuple[int, Optional[int]]:
+  """`(N, per_category)` for a bench run: `--quick` means N=32 (unless
+  --max_new_tokens was given) and one prompt per category (unless given)."""
+  n = 32 if quick and not max_new_given else max_new_tokens
+  if quick and per_category is None:
+    per_category = 1
+  return n, per_category
+
+
 def time_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
   """`(fn(*args, **kwargs), wall seconds)`; fn must return finished work."""
   t0 = time.perf_counter()

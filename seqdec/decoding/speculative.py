@@ -327,17 +327,21 @@ class PhaseTimer:
                                              d.shape.max_depth))
     self._finish = jax.jit(functools.partial(finish, d.drafter, d.shape,
                                              stream=None))
+    self._initial = jax.jit(initial_state, static_argnums=(7, 8))
+    self._prefill = {}   # (shapes, sampler) -> jitted prefill
 
   def run(self, shapes, tokens, prompt_len, keys, sparams, max_new, eos_ids,
           sampler):
     d = self.d
     cache = init_cache(d.config, shapes.batch, d.capacity(shapes))
-    pre_fn, _ = d.programs(shapes, sampler, False)
-    first, logp, cache, dstate = jax.jit(pre_fn)(
+    if (shapes, sampler) not in self._prefill:
+      self._prefill[shapes, sampler] = jax.jit(
+          d.programs(shapes, sampler, False)[0])
+    first, logp, cache, dstate = self._prefill[shapes, sampler](
         d.params, d.drafter.params, tokens, prompt_len, cache, keys, sparams)
     prompt_last = jnp.asarray(np.take_along_axis(
         np.asarray(tokens), np.asarray(prompt_len)[:, None] - 1, 1)[:, 0])
-    s = jax.jit(initial_state, static_argnums=(7, 8))(
+    s = self._initial(
         first, logp, prompt_last, cache, dstate, jnp.asarray(max_new),
         jnp.asarray(eos_ids), shapes.new, d.shape.max_depth)
     seconds = {"draft": 0.0, "verify": 0.0, "finish": 0.0}
