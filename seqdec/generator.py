@@ -241,9 +241,8 @@ class Generator:
     compile_s = self.decoder.compile_seconds - compile_before
     spec = {}
     if self.speculative:
-      rounds = np.asarray(state.rounds)
       hist = np.asarray(state.accept_hist)
-      spec = dict(target_calls=rounds, accept_hist=hist,
+      spec = dict(target_calls=hist.sum(1), accept_hist=hist,
                   batch_target_calls=int(state.step))
     results = []
     for r in range(n):

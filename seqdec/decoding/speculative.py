@@ -62,8 +62,8 @@ class SpecState:
     done: `[B]` row stopped.
     cache: the target `KVCache`.
     draft: the drafter's state.
-    rounds: `[B]` rounds in which the row was live (its target calls).
-    accept_hist: `[B, M]` rounds by number of accepted drafts D (0 .. M-1).
+    accept_hist: `[B, M]` rounds in which the row was live, by number of
+      accepted drafts D (0 .. M-1); its row sums are the rows' target calls.
   """
   step: jax.Array
   root: jax.Array
@@ -74,7 +74,6 @@ class SpecState:
   done: jax.Array
   cache: KVCache
   draft: Any
-  rounds: jax.Array
   accept_hist: jax.Array
 
 
@@ -169,8 +168,7 @@ def finish(drafter: Drafter, shape: TreeShape, draft_params, s: SpecState,
   hist = s.accept_hist + (live[:, None] & (j[None] == acc.num_accepted[:, None]))
   return s.replace(step=s.step + 1, root=root, prev=prev, tokens=tokens,
                    logprobs=logprobs, num_new=num_new, done=done, cache=cache,
-                   draft=dstate, rounds=s.rounds + live.astype(jnp.int32),
-                   accept_hist=hist)
+                   draft=dstate, accept_hist=hist)
 
 
 def initial_state(first, first_logp, prompt_last, cache, dstate, max_new,
@@ -186,7 +184,6 @@ def initial_state(first, first_logp, prompt_last, cache, dstate, max_new,
   return SpecState(step=jnp.array(0, jnp.int32), root=first, prev=prompt_last,
                    tokens=tokens, logprobs=logprobs, num_new=num_new,
                    done=done, cache=cache, draft=dstate,
-                   rounds=jnp.zeros((b,), jnp.int32),
                    accept_hist=jnp.zeros((b, m), jnp.int32))
 
 
@@ -226,7 +223,7 @@ class SpeculativeDecoder(AutoregressiveDecoder):
   """Compiles and runs speculative prefill + loop per shape bucket.
 
   Same `run` interface as `AutoregressiveDecoder`, so `Generator` drives
-  either. The returned `SpecState` adds per-row `rounds` and `accept_hist`.
+  either. The returned `SpecState` adds the per-row `accept_hist`.
 
   Args:
     model: the target `Transformer`.
