@@ -250,11 +250,17 @@ def _static(arg: str) -> TreeShape:
   return from_paths(STATIC_TREES[int(arg)])
 
 
+def _sequoia(arg: str) -> TreeShape:
+  from seqdec.decoding import sequoia  # pylint: disable=g-import-not-at-top
+  return sequoia.from_spec(arg)  # imported lazily: sequoia imports trees
+
+
 _NAMED = {
     "chain": lambda arg: chain(int(arg)),
     "kary": lambda arg: kary(tuple(int(x) for x in arg.split("x"))),
     "static": _static,
     "paths:": _paths,
+    "sequoia": _sequoia,
 }
 
 
@@ -263,7 +269,11 @@ def parse(spec: str) -> TreeShape:
 
   'chain4' (4 drafted tokens), 'kary3x2x1' (branching per depth),
   'static10' (a hand-built tree of `STATIC_TREES`), 'paths:0-1-0.0-0.1'
-  (Medusa-style rank paths: ranks joined by '.', paths by '-').
+  (Medusa-style rank paths: ranks joined by '.', paths by '-'),
+  'sequoia16:configs/acceptance/x.json' (the Sequoia-optimal tree of 16
+  draft nodes for the per-rank acceptance rates in that file, path as given
+  or relative to the source tree), 'sequoia16d4:<file>' (depth <= 4); see
+  `seqdec.decoding.sequoia`.
   """
   if not isinstance(spec, str):
     raise TreeError(f"tree spec must be a string, got {spec!r}")
@@ -276,7 +286,8 @@ def parse(spec: str) -> TreeShape:
           raise
         raise TreeError(f"bad tree spec {spec!r}: {e}") from None
   raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
-                  f"kary<b1>x<b2>x..., static<n> or paths:<p1>-<p2>-...")
+                  f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-... or "
+                  f"sequoia<n>[d<depth>]:<acceptance.json>")
 
 
 @flax.struct.dataclass
