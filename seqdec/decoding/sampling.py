@@ -170,3 +170,26 @@ def row_keys(seed: int, row_ids: Sequence[int] | np.ndarray) -> jax.Array:
 def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
   """Each row's key for its `step`-th new token: fold_in(row_key, step)."""
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+def processed_probs(logits: jax.Array, params: SamplingParams,
+                    max_top_k: int = 64) -> jax.Array:
+  """The distribution each row samples from, `[B, V] -> [B, V]` float32.
+
+      p_b = softmax(topp_b(topk_b(logits_b / T_b)))     T_b > 0
+      p_b = onehot(argmax_v logits_b[v])                T_b = 0
+
+  with the rules of `make_sampler` in the same order (`Temperature`, `TopK`,
+  `TopP`). Each filter acts only on the rows that enable it (top_k > 0,
+  top_p < 1), so a row's p is what a sampler built for that row alone
+  draws from, whatever the other rows ask for. top_k is capped at
+  min(max_top_k, V). Speculative sampling rules use this as the target.
+  """
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  best = jnp.argmax(x, axis=-1)
+  z = Temperature()(x, params)
+  z = TopK(max_k=min(max_top_k, x.shape[-1]))(z, params)
+  z = jnp.where(params.top_p[:, None] < 1, TopP()(z, params), z)
+  p = jax.nn.softmax(z, axis=-1)
+  greedy = jax.nn.one_hot(best, x.shape[-1], dtype=p.dtype)
+  return jnp.where(params.temperature[:, None] > 0, p, greedy)

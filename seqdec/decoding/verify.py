@@ -8,21 +8,31 @@ accepted drafts, then one token from the target at the path's end: the
 call, so a speculative step never does worse than an autoregressive one in
 tokens per target call.
 
-Rules are small static objects chosen by name (`make_rule`). This module has
-the greedy rule; lossless sampling rules (matched to `Tree.scheme`) plug into
-the same interface.
+Rules are small static objects chosen by name (`make_rule`):
+
+* `greedy` (`Greedy`): exact for temperature 0 only (refused otherwise).
+* `sample` (`Sample`): lossless speculative sampling for any temperature,
+  top-k and top-p, matched per node to how the node's children were proposed
+  (`Tree.scheme`: deterministic, i.i.d. from q, without replacement from q).
+  The emitted tokens are distributed exactly as autoregressive sampling from
+  the processed target; temperature-0 rows equal `greedy` exactly.
+* `typical_lossy` (`TypicalLossy`): Medusa's typical acceptance. NOT
+  lossless: the emitted distribution differs from the target's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from seqdec.decoding.sampling import SamplingParams
+from seqdec.decoding import trees
+from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.decoding.trees import Tree
 
 
@@ -125,7 +135,333 @@ class Greedy(Rule):
                       logprobs=path_logprobs(logits, path, tokens))
 
 
-RULES = {"greedy": Greedy}
+# Lossless speculative sampling over token trees.
+
+# Folded into each row's step key before the rule draws: the drafter may be
+# handed the same key, and the acceptance uniforms must be independent of
+# the draws that proposed the tree.
+_VERIFY_TAG = 0x76657269
+# Residual mass below this is rounding (a rejection of probability ~0).
+_TINY = 1e-30
+
+
+class ChildTry(NamedTuple):
+  """One try of a drafted child x at the current node (one row).
+
+  Attributes:
+    r: `[V]` the residual target at the current node (sums to 1).
+    p: `[V]` the target's processed distribution at the current node.
+    q: `[V]` the draft distribution the node's children were drawn from.
+    drawn: `[V]` bool, tokens of the current node's earlier (rejected)
+      children.
+    x: `[]` int32, the child's token.
+    u: `[]` float32, a fresh uniform in [0, 1).
+  """
+  r: jax.Array
+  p: jax.Array
+  q: jax.Array
+  drawn: jax.Array
+  x: jax.Array
+  u: jax.Array
+
+
+# A step: `(ChildTry) -> (accept [] bool, residual after a rejection [V])`.
+Step = Callable[[ChildTry], tuple[jax.Array, jax.Array]]
+
+
+def normalise(x: jax.Array, fallback: jax.Array) -> jax.Array:
+  """x / sum(x) `[V]`, or `fallback` if x has no mass.
+
+  Zero mass only arises from rounding on a branch of probability ~0 (e.g.
+  rejecting a token with r(x) = 1 - 1e-8); keeping the previous distribution
+  there avoids 0/0.
+  """
+  mass = jnp.sum(x)
+  return jnp.where(mass > _TINY, x / jnp.maximum(mass, _TINY), fallback)
+
+
+def rejection_test(r: jax.Array, q: jax.Array, x: jax.Array,
+                   u: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Speculative sampling of one draw x ~ q against r (`[V]` each).
+
+      accept   iff  u < min(1, r(x) / q(x))     (computed as u q(x) < r(x))
+      residual      r' = norm(max(r - q, 0))
+
+  For x ~ q: P(accept, x = y) = min(q(y), r(y)) and P(reject) =
+  sum_y max(r(y) - q(y), 0) = Z, so "the accepted x, else a draw from r'"
+  is distributed as min(q, r) + Z r' = r (Leviathan et al. 2023; Chen et
+  al. 2023). q(x) = 0 (a draft that q could not have drawn) accepts iff
+  r(x) > 0.
+  """
+  rx, qx = r[x], q[x]
+  accept = jnp.where(qx > 0, u * qx < rx, rx > 0)
+  return accept, normalise(jnp.maximum(r - q, 0.0), r)
+
+
+def deterministic_step(t: ChildTry) -> tuple[jax.Array, jax.Array]:
+  """A child proposed deterministically (top-k, static tree, n-gram, beam).
+
+      accept   iff  u < r(x)
+      residual      r' = norm(r with r(x) := 0)
+
+  This is `rejection_test` with q = onehot(x): the children form a fixed
+  list, so the law of x is a point mass. P(emit x) = r(x), and on rejection
+  r' is r conditioned on "not x", so trying the next child (or the bonus)
+  against r' keeps the emitted token distributed as r.
+  """
+  accept = t.u < t.r[t.x]
+  return accept, normalise(t.r.at[t.x].set(0.0), t.r)
+
+
+def iid_step(t: ChildTry) -> tuple[jax.Array, jax.Array]:
+  """A child drawn i.i.d. from q with its siblings (duplicates kept;
+  SpecInfer, multi-candidate speculative sampling).
+
+      accept   iff  u < min(1, r(x) / q(x))
+      residual      r' = norm(max(r - q, 0))
+
+  Each sibling is a fresh draw from the same q, independent of the earlier
+  siblings' rejections, so `rejection_test` applies with r the residual left
+  by the earlier siblings: the first accepted sibling, else the bonus drawn
+  from the last residual, is distributed as the node's p (induction on the
+  number of siblings). A chain with one sampled draft is the case k = 1.
+  """
+  return rejection_test(t.r, t.q, t.x, t.u)
+
+
+def without_replacement_step(t: ChildTry) -> tuple[jax.Array, jax.Array]:
+  """A child drawn without replacement from q (Gumbel-top-k, stochastic
+  beam; Recursive Speculative Decoding).
+
+      q_j(v)   = q(v) [v not drawn by an earlier sibling] / Z_j
+      accept   iff  u < min(1, r(x) / q_j(x))
+      residual      r' = norm(max(r - q_j, 0))
+
+  Gumbel-top-k in rank order is sequential sampling without replacement:
+  given the earlier siblings, sibling j is a draw from q_j, so
+  `rejection_test` against q_j keeps the invariant of `iid_step`. A
+  rejected x had r(x) <= q_j(x), hence r'(x) = 0, consistent with x not
+  being drawn again.
+  """
+  qj = normalise(jnp.where(t.drawn, 0.0, t.q), t.q)
+  return rejection_test(t.r, qj, t.x, t.u)
+
+
+# Indexed by `trees.DETERMINISTIC`, `trees.IID`, `trees.WITHOUT_REPLACEMENT`.
+LOSSLESS_STEPS: tuple[Step, Step, Step] = (
+    deterministic_step, iid_step, without_replacement_step)
+assert (trees.DETERMINISTIC, trees.IID, trees.WITHOUT_REPLACEMENT) == (0, 1, 2)
+
+
+def node_targets(logits: jax.Array, sparams: SamplingParams,
+                 max_top_k: int) -> jax.Array:
+  """`[B, N, V]` float32 processed target at every node of every row:
+  `processed_probs` of logits[b, i] with row b's sampling parameters."""
+  b, n, v = logits.shape
+  rows = jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), sparams)
+  return processed_probs(logits.reshape(b * n, v), rows,
+                         max_top_k).reshape(b, n, v)
+
+
+def draft_q(tree: Tree, like: jax.Array) -> tuple[jax.Array, bool]:
+  """`(q [B, N, V] float32, whether q exists)`.
+
+  A tree without q must be all-deterministic (`Tree`'s contract). That is
+  checked here when the schemes are concrete (eager calls, tests); inside
+  jit the schemes are traced and the caller's contract is trusted.
+
+  Raises:
+    ValueError: a concrete tree has a sampled scheme but no q.
+  """
+  if tree.q is not None:
+    return tree.q.astype(jnp.float32), True
+  try:
+    schemes = np.asarray(tree.scheme)
+  except jax.errors.TracerArrayConversionError:
+    schemes = None
+  if schemes is not None and (schemes != trees.DETERMINISTIC).any():
+    raise ValueError(
+        "the tree has sampled proposal schemes (IID / WITHOUT_REPLACEMENT) "
+        "but no q: a drafter that samples children must record the draft "
+        "distribution they were drawn from in Tree.q")
+  return jnp.zeros_like(like), False
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample(Rule):
+  """Lossless speculative sampling over a token tree, any mix of schemes.
+
+  Target at node i: p_i = `processed_probs(logits[:, i])` (temperature,
+  top-k, top-p per row; onehot(argmax) for temperature 0). Per row, with
+  u_j fresh uniforms and step_s = `steps[s]`:
+
+      cur <- 0;  r <- p_0;  drawn <- {};  D <- 0
+      for j = 1 .. N-1:                     (level order: cur's children
+        if valid[j] and parent[j] == cur:    all come after cur)
+          accept, r' = step_{scheme[cur]}(r, p_cur, q_cur, drawn, tokens[j], u_j)
+          if accept:  D += 1; path[D] <- j; emit tokens[j]
+                      cur <- j;  r <- p_j;  drawn <- {}
+          else:       r <- r';  drawn <- drawn + {tokens[j]}
+      emit bonus ~ r
+
+  Why the emitted sequence is distributed as autoregressive sampling from
+  p: at a node, each step keeps the invariant "the accepted child, else a
+  draw from the current residual, is distributed as p_cur" (see the step
+  functions), so the first emitted token has law p_cur. Given that child j
+  (token x) is accepted, its subtree was drafted from x by the drafter's
+  own randomness, independent of the uniforms spent at cur, so the walk
+  below j is the same procedure at a node whose target is p_j = p(. |
+  prefix, x): by induction on depth the whole emitted sequence (drafts, then
+  the bonus, then the next round) has the autoregressive law. Invalid nodes
+  are never tried (no proposal). With the drafter's and the rule's draws
+  independent (the rule folds `_VERIFY_TAG` into its key), the schemes may
+  differ from node to node.
+
+  Temperature-0 rows take `Greedy`'s acceptance: the walk above already
+  emits the greedy tokens there (r is one-hot), but with duplicate siblings
+  (i.i.d. drafts) it stops at the first copy while `Greedy` takes the
+  deepest; the tokens agree, `Greedy` accepts more.
+
+  Attributes:
+    steps: the "try one child" functions indexed by scheme (`trees.
+      DETERMINISTIC`, `IID`, `WITHOUT_REPLACEMENT`), each `(ChildTry) ->
+      (accept, residual after rejection)`; variants swap one.
+    max_top_k: cap on per-row top_k (as `sampling.make_sampler`).
+  """
+  name = "sample"
+  steps: tuple[Step, ...] = LOSSLESS_STEPS
+  max_top_k: int = 64
+
+  def __call__(self, tree, logits, keys, sparams, max_depth):
+    if max_depth is None:
+      raise ValueError("max_depth (static) is required")
+    p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
+    q, has_q = draft_q(tree, p)
+    steps = self.steps if has_q else (self.steps[trees.DETERMINISTIC],) * 3
+    walk = functools.partial(self.walk, steps=steps, max_depth=max_depth)
+    path, num_accepted, tokens = jax.vmap(walk)(
+        tree.tokens, tree.parents, tree.valid, tree.scheme, p, q, keys)
+    greedy = Greedy()(tree, logits, max_depth=max_depth)
+    t0 = sparams.temperature <= 0                                     # [B]
+    path = jnp.where(t0[:, None], greedy.path, path)
+    num_accepted = jnp.where(t0, greedy.num_accepted, num_accepted)
+    tokens = jnp.where(t0[:, None], greedy.tokens, tokens)
+    return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
+                      logprobs=path_logprobs(logits, path, tokens))
+
+  @staticmethod
+  def walk(tokens: jax.Array, parents: jax.Array, valid: jax.Array,
+           scheme: jax.Array, p: jax.Array, q: jax.Array, key: jax.Array,
+           *, steps: tuple[Step, ...], max_depth: int
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The walk of the class docstring for one row.
+
+    Args:
+      tokens, parents, scheme: `[N]` int32; valid: `[N]` bool.
+      p, q: `[N, V]` float32 target and draft distributions per node.
+      key: a typed PRNG key (the row's key for this step).
+      steps: per-scheme step functions.
+      max_depth: static maximum depth (M = max_depth + 1).
+
+    Returns:
+      `(path [M], num_accepted [], emitted tokens [M])`.
+    """
+    n, v = p.shape
+    m = max_depth + 1
+    key_u, key_bonus = jax.random.split(jax.random.fold_in(key, _VERIFY_TAG))
+    u = jax.random.uniform(key_u, (n,))
+    vocab = jnp.arange(v)
+
+    def body(j, state):
+      cur, r, drawn, path, d = state
+      tried = valid[j] & (parents[j] == cur)
+      t = ChildTry(r=r, p=p[cur], q=q[cur], drawn=drawn, x=tokens[j], u=u[j])
+      accept, r_rejected = jax.lax.switch(scheme[cur], steps, t)
+      accept = tried & accept
+      rejected = tried & ~accept
+      r = jnp.where(accept, p[j], jnp.where(rejected, r_rejected, r))
+      drawn = jnp.where(accept, False,
+                        drawn | (rejected & (vocab == tokens[j])))
+      d = d + accept.astype(jnp.int32)
+      path = jnp.where(accept, path.at[d].set(j), path)
+      cur = jnp.where(accept, j, cur)
+      return cur, r, drawn, path, d
+
+    init = (jnp.int32(0), p[0], jnp.zeros((v,), jnp.bool_),
+            jnp.zeros((m,), jnp.int32), jnp.int32(0))
+    cur, r, _, path, d = jax.lax.fori_loop(1, n, body, init)
+    bonus = jax.random.categorical(key_bonus, jnp.log(r)).astype(jnp.int32)
+    index = jnp.arange(m)
+    path = jnp.where(index <= d, path, cur)
+    drafts = jnp.append(tokens[path[1:]], bonus)
+    return path, d, jnp.where(index < d, drafts, bonus)
+
+
+@dataclasses.dataclass(frozen=True)
+class TypicalLossy(Rule):
+  """Medusa's typical acceptance. LOSSY: NOT the target distribution.
+
+      p_i    = processed target at node i (as `Sample`)
+      H_i    = -sum_v p_i(v) log p_i(v)
+      ok[i]  = valid[i] and p_a(tokens[i]) > min(epsilon, delta exp(-H_a)),
+               a = parent[i]
+      path   = `deepest_accepted_path(ok)`
+      bonus  = argmax p_end (bonus="greedy") or a draw from p_end ("sample")
+
+  Any token the target finds plausible enough is accepted whatever the
+  draft's q, so the emitted distribution leans toward the drafter's choices
+  (and ignores the proposal scheme); use it as a speed baseline only. At
+  temperature 0 (p one-hot, H = 0) only the argmax passes: exact greedy.
+
+  Attributes:
+    epsilon: hard probability threshold (Medusa's posterior_threshold).
+    delta: entropy-scaled threshold factor (Medusa's posterior_alpha).
+    bonus: "greedy" or "sample".
+    max_top_k: cap on per-row top_k.
+  """
+  name = "typical_lossy"
+  epsilon: float = 0.09
+  delta: float = 0.3
+  bonus: str = "greedy"
+  max_top_k: int = 64
+
+  def __post_init__(self):
+    if self.bonus not in ("greedy", "sample"):
+      raise ValueError(f"bonus must be 'greedy' or 'sample', got "
+                       f"{self.bonus!r}")
+
+  def __call__(self, tree, logits, keys, sparams, max_depth):
+    if max_depth is None:
+      raise ValueError("max_depth (static) is required")
+    p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
+    logp = jnp.log(jnp.maximum(p, 1e-38))
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)     # [B,N]
+    thresh = jnp.minimum(self.epsilon, self.delta * jnp.exp(-entropy))
+    par = jnp.maximum(tree.parents, 0)
+    p_parent = jnp.take_along_axis(p, par[:, :, None], axis=1)       # [B,N,V]
+    px = jnp.take_along_axis(p_parent, tree.tokens[:, :, None], axis=2)[..., 0]
+    ok = tree.valid & (px > jnp.take_along_axis(thresh, par, axis=1))
+    path, num_accepted = deepest_accepted_path(tree, ok, max_depth)
+    p_end = jnp.take_along_axis(
+        p, jnp.take_along_axis(path, num_accepted[:, None], 1)[:, :, None],
+        axis=1)[:, 0]                                                 # [B,V]
+    if self.bonus == "greedy":
+      bonus = jnp.argmax(p_end, axis=-1).astype(jnp.int32)
+    else:
+      bonus_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_TAG))(
+          keys)
+      bonus = jax.vmap(jax.random.categorical)(
+          bonus_keys, jnp.log(p_end)).astype(jnp.int32)
+    drafts = jnp.take_along_axis(tree.tokens, path, axis=1)           # [B,M]
+    drafts = jnp.concatenate([drafts[:, 1:], bonus[:, None]], axis=1)
+    index = jnp.arange(max_depth + 1)
+    tokens = jnp.where(index[None] < num_accepted[:, None], drafts,
+                       bonus[:, None])
+    return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
+                      logprobs=path_logprobs(logits, path, tokens))
+
+
+RULES = {"greedy": Greedy, "sample": Sample, "typical_lossy": TypicalLossy}
 
 
 def make_rule(name: str) -> Rule:
@@ -137,7 +473,11 @@ def make_rule(name: str) -> Rule:
 
 
 def needs_greedy(rule: Rule, temperature) -> Optional[str]:
-  """An error message if `rule` cannot serve these temperatures, else None."""
+  """An error message if `rule` cannot serve these temperatures, else None.
+
+  Only `Greedy` is limited (temperature 0); `Sample` and `TypicalLossy`
+  serve any temperature.
+  """
   if isinstance(rule, Greedy) and (jnp.asarray(temperature) > 0).any():
     return ("greedy verification serves temperature 0 only; speculative "
             "sampling at temperature > 0 needs a lossless sampling rule")
