@@ -191,7 +191,8 @@ def _solve(probs: tuple[float, ...], max_nodes: int, depth: int) -> _Tables:
     w = np.full(m_len, -np.inf)                      # W(., K + 1, d)
     w[0] = 0.0
     for k in range(k_max - 1, -1, -1):
-      a = np.where(np.isfinite(child), p[k] * child, -np.inf)
+      a = np.full(m_len, -np.inf)                    # p_k V(j, d - 1)
+      a[np.isfinite(child)] = p[k] * child[np.isfinite(child)]
       c = np.where(lower, a[None, :] + w[b_idx], -np.inf)   # [M, M]
       c[:, 0] = w                                    # j = 0: skip rank k
       choice[d, k] = np.argmax(c, axis=1)
@@ -468,7 +469,8 @@ def rank_statistics(target, drafter, tokens: np.ndarray,
 
   Args:
     target: the target `Transformer`.
-    drafter: a `ModelDrafter` of this target (`layer_skip` or `draft_lm`).
+    drafter: a `ModelDrafter` of this target (`layer_skip` or `draft_lm`),
+      proposing its top-K deterministically (the 'topk' proposal).
     tokens: `[B, T]` int32 prompt + continuation, right-padded.
     first_root: `[B]` int32 first root position (prompt length - 1).
     num_roots: R, roots per row (positions past T - 1 are clipped: the
@@ -487,6 +489,10 @@ def rank_statistics(target, drafter, tokens: np.ndarray,
                      f"got {max_rank}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0 and getattr(drafter, "proposal", "topk") != "topk":
+    raise ValueError(f"rank statistics describe deterministic top-K children;"
+                     f" drafter {drafter!r} samples its children "
+                     f"({drafter.proposal!r}) at temperature > 0")
   if drafter.shared_cache and drafter.config != target.config:
     raise ValueError("a layer-skip drafter must be built from this target")
   tdef, tparams = nnx.split(target)

@@ -1,0 +1,237 @@
+"""Measures per-rank acceptance rates of a drafter/target pair for Sequoia trees.
+
+  python launch/measure_acceptance.py --drafter=layerskip --layers=skip:4-15 \\
+      --temperature=0 --output=configs/acceptance/smollm2_layerskip_t0.json
+  python launch/measure_acceptance.py --drafter=draft --draft_layers=10 \\
+      --temperature=1 --per_category=8
+  python launch/measure_acceptance.py --model=tiny --drafter=draft \\
+      --draft_layers=1 --categories=qa --per_category=1   # smoke run
+
+Writes an acceptance file (format: `seqdec/decoding/sequoia.py`) that the tree
+spec 'sequoia<n>:<file>' turns into the DP-optimal tree, and prints the rates
+and the predicted tau of Sequoia trees at 8/16/32/64 draft nodes.
+
+Method
+------
+* Data: the frozen prompt set (data/prompts, chat template), the first
+  --per_category prompts of each category; each is continued by the target
+  itself (seqdec's autoregressive `Generator`, --max_new_tokens tokens, no
+  stop id, as in bench_spec.py): greedily at --temperature=0, sampled at
+  temperature T otherwise (seeded).
+* Teacher forcing: one target forward and one drafter forward over prompt +
+  continuation give, at every continuation position (each continuation
+  token as the root of a round), the drafter's top-K tokens x_1..x_K
+  (K = --max_rank) and the target's distribution p there
+  (`sequoia.rank_statistics`). The layer-skip drafter attends to the full
+  target's K/V of the context, exactly as when drafting; a draft LM runs over
+  the same tokens with its own cache.
+* Rates: at T = 0, p_k = fraction of positions where the target's argmax is
+  the drafter's k-th token (greedy verification accepts that child); at
+  T > 0, p_k = mean over positions of p_T(x_k) (deterministic top-K
+  children under the lossless rule: the child equal to y ~ p_T is
+  accepted). "trials" = number of positions; "stderr" = per-rank standard
+  error treating positions as independent (they are not quite: neighbours
+  share context).
+* The positional model behind Sequoia assumes these rates hold at every
+  depth; deeper drafted nodes see drafted (not target) K/V for their
+  ancestors with the layer-skip drafter, which this measurement does not
+  model.
+* The n-gram drafter is not supported: its tree branches only at the root
+  (deeper nodes follow one match's continuation and nodes off those lines
+  are invalid), so per-rank rates that hold at every depth do not describe
+  it; use chain / kary<K>x1x1... trees for it.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+_MODEL = flags.DEFINE_string(
+    "model", "smollm2-135m-instruct",
+    "Target: a registry name (smollm2-135m-instruct, tiny), HF dir or .gguf.")
+_DRAFTER = flags.DEFINE_enum(
+    "drafter", "layerskip", ["layerskip", "draft", "ngram"],
+    "layerskip | draft (ngram: unsupported, see the module docstring).")
+_LAYERS = flags.DEFINE_string("layers", "skip:4-15",
+                              "Layer subset of the layerskip drafter.")
+_DRAFT_LAYERS = flags.DEFINE_integer(
+    "draft_layers", 10, "Layers of the truncated-target draft LM (draft).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "0: greedy verification; T > 0: lossless rule for "
+    "deterministic top-K children at temperature T.")
+_MAX_RANK = flags.DEFINE_integer("max_rank", 16, "K, ranks measured.")
+_CATEGORIES = flags.DEFINE_list("categories", None, "Default: all six.")
+_PER_CATEGORY = flags.DEFINE_integer(
+    "per_category", 2, "First k prompts per category (0: all).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", 64, "Continuation tokens per prompt (= positions).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (T > 0).")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Acceptance JSON to write (default: configs/acceptance/"
+    "<model>_<drafter>_t<T>.json).")
+
+BUDGETS = (8, 16, 32, 64)
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def drafter_label() -> str:
+  if _DRAFTER.value == "layerskip":
+    return f"layerskip@{_LAYERS.value}"
+  return f"draft@draft_layers={_DRAFT_LAYERS.value}"
+
+
+def default_output() -> str:
+  model = os.path.splitext(os.path.basename(_MODEL.value))[0].split("-")[0]
+  drafter = ("layerskip-" + _LAYERS.value.replace(":", "").replace("+", "_")
+             if _DRAFTER.value == "layerskip"
+             else f"draft{_DRAFT_LAYERS.value}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(root, "configs", "acceptance",
+                      f"{model}_{drafter}_t{_TEMPERATURE.value:g}.json")
+
+
+def check_flags() -> None:
+  """Fails fast (before any model load) on unusable flags."""
+  if _DRAFTER.value == "ngram":
+    raise ValueError(
+        "the ngram drafter is not supported: its trees branch only at the root"
+        " (deeper nodes follow one match's continuation), so per-rank rates "
+        "that hold at every depth do not describe it; use chain / kary<K>x1x1"
+        " trees with it")
+  if _TEMPERATURE.value < 0:
+    raise ValueError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
+  if _MAX_RANK.value < 1:
+    raise ValueError(f"--max_rank must be >= 1, got {_MAX_RANK.value}")
+  if _MAX_NEW_TOKENS.value < 1:
+    raise ValueError(f"--max_new_tokens must be >= 1, got "
+                     f"{_MAX_NEW_TOKENS.value}")
+  if _PER_CATEGORY.value < 0:
+    raise ValueError(f"--per_category must be >= 0, got {_PER_CATEGORY.value}")
+  out = _OUTPUT.value or default_output()
+  directory = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(directory) and not os.path.isdir(
+      os.path.dirname(directory)):
+    raise ValueError(f"output directory {directory!r} does not exist")
+
+
+def measure() -> dict:
+  """Runs the measurement; returns the acceptance record (also written)."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import seqdec
+  from seqdec import bench
+  from seqdec.decoding import sequoia
+  from seqdec.decoding.autoregressive import bucket
+  from seqdec.decoding.drafters import make_drafter
+  from seqdec.generator import Generator
+  # pylint: enable=g-import-not-at-top
+  t_start = time.perf_counter()
+  n, k, temp = _MAX_NEW_TOKENS.value, _MAX_RANK.value, _TEMPERATURE.value
+  prompts = bench.load_prompt_set(
+      None, categories=_CATEGORIES.value or bench.CATEGORIES,
+      per_category=_PER_CATEGORY.value or None)
+  model, tokenizer = seqdec.load_pretrained(_MODEL.value)
+  options = (dict(layers=_LAYERS.value) if _DRAFTER.value == "layerskip"
+             else dict(draft_layers=_DRAFT_LAYERS.value))
+  drafter = make_drafter(_DRAFTER.value, model, **options)
+  gen = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
+                  temperature=temp, seed=_SEED.value)
+  inputs = []
+  for p in prompts:
+    if tokenizer.chat_template:
+      ids = gen.encode(p.as_messages())
+    else:  # e.g. the byte-level tokenizer of the tiny test model
+      ids = gen.encode("\n".join(m["content"] for m in p.messages))
+    inputs.append(ids)
+  log(f"measure_acceptance: {len(prompts)} prompts x {n} positions, "
+      f"{drafter_label()}, T={temp:g}, K={k}")
+  t0 = time.perf_counter()
+  results = gen.generate_ids(inputs)
+  continuation_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  per_prompt, by_cat, mismatches = [], {}, 0
+  for p, ids, r in zip(prompts, inputs, results):
+    seq = list(ids) + list(r.tokens)
+    length = bucket(len(seq))
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(seq)] = seq
+    s, argmax = sequoia.rank_statistics(
+        model, drafter, tokens, np.array([len(ids) - 1]), len(r.tokens),
+        temp, k)
+    s = s[0, :len(r.tokens)].astype(np.float64)              # [N, K]
+    if temp == 0:
+      mismatches += int((argmax[0, :len(r.tokens)] != r.tokens).sum())
+    per_prompt.append(dict(id=p.id, category=p.category,
+                           positions=len(r.tokens),
+                           probs=s.mean(0).tolist()))
+    by_cat.setdefault(p.category, []).append(s)
+    log(f"  {p.id:16s} p_1..3 = "
+        + " ".join(f"{x:.3f}" for x in s.mean(0)[:3]))
+  probe_s = time.perf_counter() - t0
+
+  every = np.concatenate([x for v in by_cat.values() for x in v])  # [P, K]
+  probs = every.mean(0)
+  stderr = every.std(0, ddof=1) / np.sqrt(len(every)) if len(every) > 1 else (
+      np.zeros(k))
+  taus = sequoia.optimal_taus(probs, max(BUDGETS))
+  record = dict(
+      drafter=drafter_label(), target=_MODEL.value, temperature=temp,
+      rule="greedy" if temp == 0 else "lossless-deterministic",
+      trials=int(len(every)),
+      command="python launch/measure_acceptance.py " + " ".join(
+          a for a in sys.argv[1:]),
+      method=("teacher-forced: target continuation (greedy at T=0, sampled "
+              "at T>0, no stop id), rank of the target's argmax among the "
+              "drafter's top-K (T=0) or mean p_T(x_k) (T>0) per position"),
+      max_rank=k, max_new_tokens=n, per_category=_PER_CATEGORY.value or None,
+      prompts=[p.id for p in prompts], seed=_SEED.value,
+      stderr=stderr.tolist(), reject_all=float(1 - probs.sum()),
+      by_category={c: np.concatenate(v).mean(0).tolist()
+                   for c, v in by_cat.items()},
+      per_prompt=per_prompt,
+      sequoia_tau={str(b): float(taus[b]) for b in BUDGETS},
+      chain_tau={str(g): float(sequoia.expected_accepted(
+          sequoia.trees.chain(g), probs)) for g in (2, 4, 8)},
+      greedy_continuation_mismatches=mismatches if temp == 0 else None,
+      seconds=dict(continuation=continuation_s, probe=probe_s,
+                   total=time.perf_counter() - t_start),
+      machine=bench.machine_info(packages=("jax", "jaxlib", "flax")))
+  out = _OUTPUT.value or default_output()
+  sequoia.write_acceptance(out, probs, **record)
+  record["probs"] = probs.tolist()
+  record["output"] = os.path.abspath(out)
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    check_flags()
+    rec = measure()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(dict(
+      output=rec["output"], drafter=rec["drafter"],
+      temperature=rec["temperature"], trials=rec["trials"],
+      probs=[round(x, 4) for x in rec["probs"]],
+      reject_all=round(rec["reject_all"], 4),
+      sequoia_tau={b: round(t, 3) for b, t in rec["sequoia_tau"].items()},
+      chain_tau={b: round(t, 3) for b, t in rec["chain_tau"].items()},
+      seconds={k: round(v, 1) for k, v in rec["seconds"].items()}), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
