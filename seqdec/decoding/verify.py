@@ -247,6 +247,21 @@ def without_replacement_step(t: ChildTry) -> tuple[jax.Array, jax.Array]:
   return rejection_test(t.r, qj, t.x, t.u)
 
 
+def inverse_cdf(r: jax.Array, u: jax.Array) -> jax.Array:
+  """A draw from `r` `[V]` (sums to ~1) by inversion with u in [0, 1).
+
+      x = min { i : sum_{v <= i} r(v) > u sum(r) }
+
+  A token with r = 0 is never chosen (the cumulative sum does not rise
+  there); if rounding puts u sum(r) past the last step, the last token of
+  positive mass is taken.
+  """
+  c = jnp.cumsum(r)
+  x = jnp.sum(c <= u * c[-1]).astype(jnp.int32)
+  last = (r.shape[0] - 1 - jnp.argmax((r > 0)[::-1])).astype(jnp.int32)
+  return jnp.minimum(x, last)
+
+
 # Indexed by `trees.DETERMINISTIC`, `trees.IID`, `trees.WITHOUT_REPLACEMENT`.
 LOSSLESS_STEPS: tuple[Step, Step, Step] = (
     deterministic_step, iid_step, without_replacement_step)
@@ -263,8 +278,8 @@ def node_targets(logits: jax.Array, sparams: SamplingParams,
                          max_top_k).reshape(b, n, v)
 
 
-def draft_q(tree: Tree, like: jax.Array) -> tuple[jax.Array, bool]:
-  """`(q [B, N, V] float32, whether q exists)`.
+def draft_q(tree: Tree, vocab_size: int) -> tuple[jax.Array, bool]:
+  """`(q [B, N, V] float32, whether q exists)` (zeros if it does not).
 
   A tree without q must be all-deterministic (`Tree`'s contract). That is
   checked here when the schemes are concrete (eager calls, tests); inside
@@ -284,7 +299,7 @@ def draft_q(tree: Tree, like: jax.Array) -> tuple[jax.Array, bool]:
         "the tree has sampled proposal schemes (IID / WITHOUT_REPLACEMENT) "
         "but no q: a drafter that samples children must record the draft "
         "distribution they were drawn from in Tree.q")
-  return jnp.zeros_like(like), False
+  return jnp.zeros(tree.tokens.shape + (vocab_size,), jnp.float32), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,35 +332,40 @@ class Sample(Rule):
   independent (the rule folds `_VERIFY_TAG` into its key), the schemes may
   differ from node to node.
 
-  Temperature-0 rows take `Greedy`'s acceptance: the walk above already
-  emits the greedy tokens there (r is one-hot), but with duplicate siblings
-  (i.i.d. drafts) it stops at the first copy while `Greedy` takes the
-  deepest; the tokens agree, `Greedy` accepts more.
+  Temperature-0 rows take `Greedy`'s acceptance (`greedy_rows`): the walk
+  above already emits exactly the greedy tokens there (r is one-hot), and
+  with distinct siblings the same path; with duplicate siblings (i.i.d.
+  drafts) it stops at the first copy while `Greedy` takes the deepest, so
+  the tokens agree and `Greedy` accepts more.
 
   Attributes:
     steps: the "try one child" functions indexed by scheme (`trees.
       DETERMINISTIC`, `IID`, `WITHOUT_REPLACEMENT`), each `(ChildTry) ->
       (accept, residual after rejection)`; variants swap one.
     max_top_k: cap on per-row top_k (as `sampling.make_sampler`).
+    greedy_rows: temperature-0 rows take `Greedy`'s acceptance (False: the
+      walk alone, which agrees whenever siblings are distinct).
   """
   name = "sample"
   steps: tuple[Step, ...] = LOSSLESS_STEPS
   max_top_k: int = 64
+  greedy_rows: bool = True
 
   def __call__(self, tree, logits, keys, sparams, max_depth):
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
+    q, has_q = draft_q(tree, logits.shape[-1])                       # [B,N,V]
     p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
-    q, has_q = draft_q(tree, p)
     steps = self.steps if has_q else (self.steps[trees.DETERMINISTIC],) * 3
     walk = functools.partial(self.walk, steps=steps, max_depth=max_depth)
     path, num_accepted, tokens = jax.vmap(walk)(
         tree.tokens, tree.parents, tree.valid, tree.scheme, p, q, keys)
-    greedy = Greedy()(tree, logits, max_depth=max_depth)
-    t0 = sparams.temperature <= 0                                     # [B]
-    path = jnp.where(t0[:, None], greedy.path, path)
-    num_accepted = jnp.where(t0, greedy.num_accepted, num_accepted)
-    tokens = jnp.where(t0[:, None], greedy.tokens, tokens)
+    if self.greedy_rows:
+      greedy = Greedy()(tree, logits, max_depth=max_depth)
+      t0 = sparams.temperature <= 0                                   # [B]
+      path = jnp.where(t0[:, None], greedy.path, path)
+      num_accepted = jnp.where(t0, greedy.num_accepted, num_accepted)
+      tokens = jnp.where(t0[:, None], greedy.tokens, tokens)
     return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
                       logprobs=path_logprobs(logits, path, tokens))
 
@@ -368,8 +388,9 @@ class Sample(Rule):
     """
     n, v = p.shape
     m = max_depth + 1
-    key_u, key_bonus = jax.random.split(jax.random.fold_in(key, _VERIFY_TAG))
-    u = jax.random.uniform(key_u, (n,))
+    # One draw of N uniforms: u_j for child j >= 1; u_0 (the root is never
+    # tried) for the bonus.
+    u = jax.random.uniform(jax.random.fold_in(key, _VERIFY_TAG), (n,))
     vocab = jnp.arange(v)
 
     def body(j, state):
@@ -390,7 +411,7 @@ class Sample(Rule):
     init = (jnp.int32(0), p[0], jnp.zeros((v,), jnp.bool_),
             jnp.zeros((m,), jnp.int32), jnp.int32(0))
     cur, r, _, path, d = jax.lax.fori_loop(1, n, body, init)
-    bonus = jax.random.categorical(key_bonus, jnp.log(r)).astype(jnp.int32)
+    bonus = inverse_cdf(r, u[0])
     index = jnp.arange(m)
     path = jnp.where(index <= d, path, cur)
     drafts = jnp.append(tokens[path[1:]], bonus)
