@@ -249,12 +249,13 @@ def test_lossless_scheme(case):
 def test_mixed_schemes_and_temperatures():
   """Schemes mixed within a level (root: without replacement; its children:
   i.i.d., top-k, without replacement), in a batch mixing temperature-0 rows
-  (which must equal Greedy exactly) with temperature-0.7, top-k=4 rows
-  (which must follow the processed target)."""
+  (which must equal Greedy exactly) with temperature-0.7, top-k=4,
+  top-p=0.9 rows (which must follow the processed target)."""
   temperature = np.full(B, 0.7, np.float32)
   temperature[::11] = 0.0
   t0 = temperature == 0
-  sparams = SamplingParams.make(B, temperature=temperature, top_k=4)
+  sparams = SamplingParams.make(B, temperature=temperature, top_k=4,
+                                top_p=0.9)
   schemes = ("wor", "iid", "topk", "wor") + ("topk",) * 6
   acc, tree, logits = run(verify.Sample(), KARY, schemes, 7, sparams)
   want = greedy(tree, logits, max_depth=KARY.max_depth)
@@ -262,12 +263,21 @@ def test_mixed_schemes_and_temperatures():
     np.testing.assert_array_equal(np.asarray(getattr(acc, field))[t0],
                                   np.asarray(getattr(want, field))[t0],
                                   err_msg=field)
-  # Processed target: logits log P / 0.7, the top 4 kept.
+  # Processed target: log P / 0.7, the top 4 kept, then the nucleus of
+  # mass 0.9 (tokens whose sorted mass before them is < 0.9).
   z = np.log(P) / 0.7
   z = np.where(z >= np.sort(z, -1)[:, -4:-3], z, -np.inf)
-  target = np.exp(z - z.max(-1, keepdims=True))
+  probs = np.exp(z - z.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  order = np.argsort(-probs, axis=-1)
+  ranked = np.take_along_axis(probs, order, -1)
+  before = np.cumsum(ranked, -1) - ranked
+  assert np.abs(before - 0.9).min() > 1e-3     # no float-rounding edge case
+  keep = np.zeros_like(probs, bool)
+  np.put_along_axis(keep, order, before < 0.9, -1)
+  target = np.where(keep, probs, 0.0)
   target /= target.sum(-1, keepdims=True)
-  p = chi2_of(acc, "mixed wor/iid/topk, T=0.7 top_k=4", target=target,
+  p = chi2_of(acc, "mixed wor/iid/topk, T=0.7 top_k=4 top_p=0.9", target=target,
               rows=~t0)
   assert p > ALPHA_LEVEL
 
@@ -294,7 +304,8 @@ def test_greedy_rows_walk_exactly_with_distinct_siblings():
 def overlap_pair(alpha: float) -> tuple[np.ndarray, np.ndarray]:
   """Markov p, q `[V, V]` with sum_v min(p(v|a), q(v|a)) = alpha for all a.
 
-      p(.|a) = alpha c_a + (1 - alpha) e_a,   q(.|a) = alpha c_a + (1 - alpha) f_a
+      p(.|a) = alpha c_a + (1 - alpha) e_a
+      q(.|a) = alpha c_a + (1 - alpha) f_a
 
   with c_a, e_a, f_a supported on disjoint token pairs (rotated by a), so
   min(p, q) = alpha c_a and a sampled draft is accepted with probability

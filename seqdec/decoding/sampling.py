@@ -183,13 +183,23 @@ def processed_probs(logits: jax.Array, params: SamplingParams,
   `TopP`). Each filter acts only on the rows that enable it (top_k > 0,
   top_p < 1), so a row's p is what a sampler built for that row alone
   draws from, whatever the other rows ask for. top_k is capped at
-  min(max_top_k, V). Speculative sampling rules use this as the target.
+  min(max_top_k, V). The filters run only if some row enables them
+  (`lax.cond`: TopP's full sort costs ~15 ms per 49k-token row on CPU).
+  Speculative sampling rules use this as the target.
   """
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   best = jnp.argmax(x, axis=-1)
   z = Temperature()(x, params)
-  z = TopK(max_k=min(max_top_k, x.shape[-1]))(z, params)
-  z = jnp.where(params.top_p[:, None] < 1, TopP()(z, params), z)
+
+  def only_where(enabled, rule, z):
+    return jax.lax.cond(jnp.any(enabled),
+                        lambda z: jnp.where(enabled[:, None], rule(z, params),
+                                            z),
+                        lambda z: z, z)
+
+  z = only_where(params.top_k > 0,
+                 TopK(max_k=min(max_top_k, x.shape[-1])), z)
+  z = only_where(params.top_p < 1, TopP(), z)
   p = jax.nn.softmax(z, axis=-1)
   greedy = jax.nn.one_hot(best, x.shape[-1], dtype=p.dtype)
   return jnp.where(params.temperature[:, None] > 0, p, greedy)

@@ -313,7 +313,8 @@ class Sample(Rule):
       cur <- 0;  r <- p_0;  drawn <- {};  D <- 0
       for j = 1 .. N-1:                     (level order: cur's children
         if valid[j] and parent[j] == cur:    all come after cur)
-          accept, r' = step_{scheme[cur]}(r, p_cur, q_cur, drawn, tokens[j], u_j)
+          accept, r' = step_{scheme[cur]}(r, p_cur, q_cur, drawn,
+                                          tokens[j], u_j)
           if accept:  D += 1; path[D] <- j; emit tokens[j]
                       cur <- j;  r <- p_j;  drawn <- {}
           else:       r <- r';  drawn <- drawn + {tokens[j]}
@@ -351,7 +352,9 @@ class Sample(Rule):
   max_top_k: int = 64
   greedy_rows: bool = True
 
-  def __call__(self, tree, logits, keys, sparams, max_depth):
+  def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
+               sparams: SamplingParams, max_depth: int) -> Acceptance:
+    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Acceptance`."""
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
     q, has_q = draft_q(tree, logits.shape[-1])                       # [B,N,V]
@@ -451,7 +454,9 @@ class TypicalLossy(Rule):
       raise ValueError(f"bonus must be 'greedy' or 'sample', got "
                        f"{self.bonus!r}")
 
-  def __call__(self, tree, logits, keys, sparams, max_depth):
+  def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
+               sparams: SamplingParams, max_depth: int) -> Acceptance:
+    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Acceptance`."""
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
     p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
