@@ -241,7 +241,8 @@ def without_replacement_step(t: ChildTry) -> tuple[jax.Array, jax.Array]:
   given the earlier siblings, sibling j is a draw from q_j, so
   `rejection_test` against q_j keeps the invariant of `iid_step`. A
   rejected x had r(x) <= q_j(x), hence r'(x) = 0, consistent with x not
-  being drawn again.
+  being drawn again. `drawn` holds the tried siblings only, so a drafter
+  may invalidate a suffix of its ranked draws but not a draw in the middle.
   """
   qj = normalise(jnp.where(t.drawn, 0.0, t.q), t.q)
   return rejection_test(t.r, qj, t.x, t.u)
@@ -463,9 +464,10 @@ class TypicalLossy(Rule):
     logp = jnp.log(jnp.maximum(p, 1e-38))
     entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)     # [B,N]
     thresh = jnp.minimum(self.epsilon, self.delta * jnp.exp(-entropy))
+    b, n, v = p.shape
     par = jnp.maximum(tree.parents, 0)
-    p_parent = jnp.take_along_axis(p, par[:, :, None], axis=1)       # [B,N,V]
-    px = jnp.take_along_axis(p_parent, tree.tokens[:, :, None], axis=2)[..., 0]
+    px = jnp.take_along_axis(p.reshape(b, n * v), par * v + tree.tokens,
+                             axis=1)                                 # [B,N]
     ok = tree.valid & (px > jnp.take_along_axis(thresh, par, axis=1))
     path, num_accepted = deepest_accepted_path(tree, ok, max_depth)
     p_end = jnp.take_along_axis(
