@@ -12,7 +12,16 @@ drafter: 'ngram' (prompt lookup over prompt + output), 'layerskip' (the target
   keep:a-b | every:K), 'draft' (an independent draft LM: `draft_model` names
   one like `model` does, or `draft_layers=K` truncates the target to K layers).
 tree: chain<g> | kary<b1>x<b2>... | static<n> (6, 10, 16) | paths:0-1-0.0-...
-rule: 'greedy' (temperature 0; the output equals autoregressive decoding).
+rule: 'auto' (greedy at temperature 0, else sample), 'greedy' (temperature
+  0; the output equals autoregressive decoding), 'sample' (lossless
+  speculative sampling at any temperature / top-k / top-p, matched to how the
+  drafter proposed each node's children), 'typical_lossy' (Medusa's typical
+  acceptance: NOT the target distribution).
+proposal: model drafters at temperature > 0: 'topk' (deterministic), 'iid'
+  (children drawn i.i.d. from the draft distribution), 'wor' (without
+  replacement, Gumbel-top-k).
+temperature: sampling temperature (0 = greedy), e.g.
+  --config=configs/spec_decode.py:drafter=layerskip,layers=skip:4-15,temperature=1,proposal=wor,tree=kary2x1
 compare_ar: also decode autoregressively, then print the speedup and whether
   the outputs agree.
 """
@@ -26,11 +35,14 @@ from configs import decode
 def get_config(arg=None):
   arg = common.parse_arg(
       arg, model="smollm2-135m-instruct", runlocal=False, drafter="ngram",
-      tree="chain4", layers="", draft_layers=0, draft_model="", compare_ar=True)
+      tree="chain4", layers="", draft_layers=0, draft_model="", compare_ar=True,
+      rule="auto", proposal="topk", temperature=0.0)
   c = decode.get_config("runlocal" if arg.runlocal else f"model={arg.model}")
   c.drafter = arg.drafter
   c.tree = arg.tree
-  c.rule = "greedy"
+  c.rule = arg.rule
+  c.proposal = arg.proposal
+  c.temperature = float(arg.temperature)
   c.max_ngram = 3              # n-gram drafter: longest suffix matched
   c.min_ngram = 1              # ... and shortest
   c.layers = arg.layers        # layerskip drafter: layer subset spec

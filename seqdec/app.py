@@ -73,6 +73,13 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
                                   for row in rows))
 
 
+def resolve_rule(rule: str, temperature) -> str:
+  """'auto' -> 'greedy' at temperature 0, else 'sample' (lossless)."""
+  if rule != "auto":
+    return rule
+  return "sample" if float(temperature) > 0 else "greedy"
+
+
 def make_generator(config, model, tokenizer, speculative: bool = True
                    ) -> Generator:
   """The `Generator` a decode config describes (speculative when the config
@@ -93,7 +100,10 @@ def make_generator(config, model, tokenizer, speculative: bool = True
                                                    dtype=config.dtype)[0])
       else:
         options = dict(draft_layers=config.draft_layers)
-    kwargs.update(drafter=config.drafter, tree=config.tree, rule=config.rule,
+    if config.drafter != "ngram":
+      options["proposal"] = config.get("proposal", "topk")
+    kwargs.update(drafter=config.drafter, tree=config.tree,
+                  rule=resolve_rule(config.rule, config.temperature),
                   drafter_options=options)
   return Generator(model, tokenizer, **kwargs)
 
@@ -183,9 +193,14 @@ def compare_autoregressive(config, model, tokenizer, ids, spec_results,
   spec_tps = spec_results[0].metrics["decode_tokens_per_s"]
   out = dict(ar_tokens_per_s=ar_tps, spec_tokens_per_s=spec_tps,
              speedup=spec_tps / ar_tps, rows_agree=same, rows=len(ids))
+  if float(config.temperature) > 0:
+    agree = (f"outputs agree: {same}/{len(ids)} rows (sampling at temperature "
+             f"{config.temperature}: equal in distribution, not token for "
+             f"token)")
+  else:
+    agree = f"outputs agree: {same}/{len(ids)} rows" + (
+        "" if same == len(ids) else " (float32 near-ties: see README)")
   print(f"[seqdec] autoregressive {ar_tps:.1f} tokens/s vs speculative "
-        f"{spec_tps:.1f} tokens/s: speedup {out['speedup']:.2f}x | outputs "
-        f"agree: {same}/{len(ids)} rows" + (
-            "" if same == len(ids) else " (float32 near-ties: see README)"),
+        f"{spec_tps:.1f} tokens/s: speedup {out['speedup']:.2f}x | {agree}",
         file=log)
   return out

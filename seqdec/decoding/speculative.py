@@ -44,7 +44,8 @@ from seqdec.decoding.autoregressive import (AutoregressiveDecoder,
 from seqdec.decoding.drafters.base import Drafter, Outcome, Round
 from seqdec.decoding.sampling import Sampler, SamplingParams, step_keys
 from seqdec.decoding.trees import Tree, TreeError, TreeShape
-from seqdec.decoding.verify import Acceptance, Rule, make_rule, needs_greedy
+from seqdec.decoding.verify import (Acceptance, Greedy, Rule, make_rule,
+                                    needs_greedy)
 from seqdec.models.transformer import KVCache, commit, init_cache, write_rows
 
 
@@ -91,12 +92,30 @@ def spec_prefill(graphdef, drafter: Drafter, sampler: Sampler, capacity: int,
   return first, logp, cache, draft
 
 
+# Round i's keys: the rule draws from step_keys(keys, i + 1) (index 0 is the
+# prefill's token), the drafter from step_keys(keys, DRAFT_KEY_OFFSET + i + 1),
+# so the drafter's and the verifier's randomness are independent.
+DRAFT_KEY_OFFSET = 1 << 30
+
+
+def draft_temperature(rule: Rule, sparams: SamplingParams):
+  """Rows' temperatures as drafters see them: None under greedy verification
+  (which serves temperature 0 only), so drafters propose deterministically."""
+  return None if isinstance(rule, Greedy) else sparams.temperature
+
+
 def draft(drafter: Drafter, shape: TreeShape, draft_params, s: SpecState,
-          keys) -> tuple[Tree, Round, Any, KVCache]:
-  """Phase 1: the drafter proposes a tree under each row's root."""
-  rnd = Round(root=s.root, prev=s.prev, length=s.cache.length, live=~s.done)
-  tree, dstate, cache = drafter.propose(draft_params, s.draft, shape, rnd,
-                                        s.cache, step_keys(keys, s.step + 1))
+          keys, temperature=None) -> tuple[Tree, Round, Any, KVCache]:
+  """Phase 1: the drafter proposes a tree under each row's root.
+
+  `temperature` `[B]` (None: all rows greedy) tells sampling drafters which
+  rows draw their children from q.
+  """
+  rnd = Round(root=s.root, prev=s.prev, length=s.cache.length, live=~s.done,
+              temperature=temperature)
+  tree, dstate, cache = drafter.propose(
+      draft_params, s.draft, shape, rnd, s.cache,
+      step_keys(keys, DRAFT_KEY_OFFSET + s.step + 1))
   return tree, rnd, dstate, cache
 
 
@@ -205,12 +224,14 @@ def spec_loop(graphdef, drafter: Drafter, rule: Rule, shape: TreeShape,
                     eos_ids, num_new_buffer, shape.max_depth)
   if stream is not None:
     io_callback(stream, None, first[:, None], s.num_new, ordered=True)
+  temperature = draft_temperature(rule, sparams)
 
   def cond(s: SpecState):
     return (s.step < num_new_buffer) & ~jnp.all(s.done)
 
   def body(s: SpecState):
-    tree, rnd, dstate, cache = draft(drafter, shape, draft_params, s, keys)
+    tree, rnd, dstate, cache = draft(drafter, shape, draft_params, s, keys,
+                                     temperature)
     acc, cache = verify(graphdef, rule, shape.max_depth, params, tree, cache,
                         keys, sparams, s.step)
     return finish(drafter, shape, draft_params, s, tree, rnd, acc, dstate,
@@ -347,7 +368,8 @@ class PhaseTimer:
       warm = int(s.step) > 0  # the first round compiles
       t0 = time.perf_counter()
       tree, rnd, dstate, cache = jax.block_until_ready(
-          self._draft(d.drafter.params, s, keys))
+          self._draft(d.drafter.params, s, keys,
+                      draft_temperature(d.rule, sparams)))
       t1 = time.perf_counter()
       acc, cache = jax.block_until_ready(self._verify(
           d.params, tree, cache, keys, sparams, s.step))

@@ -12,9 +12,9 @@ from typing import Optional, Union
 
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round)
-from seqdec.decoding.drafters.model import (ModelDrafter, draft_lm,
-                                            layer_skip, parse_layers,
-                                            truncated)
+from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
+                                            draft_lm, layer_skip,
+                                            parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
 
 DRAFTERS = ("ngram", "layerskip", "draft")
@@ -22,7 +22,8 @@ DRAFTERS = ("ngram", "layerskip", "draft")
 
 def make_drafter(name: str, target, *, max_ngram: int = 3,
                  min_ngram: int = 1, layers: str = "",
-                 draft_model=None, draft_layers: int = 0) -> Drafter:
+                 draft_model=None, draft_layers: int = 0,
+                 proposal: str = "topk") -> Drafter:
   """A drafter by name.
 
   Args:
@@ -31,24 +32,31 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
       `draft_model`, or the target truncated to its first `draft_layers`
       blocks with an own cache).
     target: the target `Transformer`.
+    proposal: model drafters at temperature > 0: 'topk' (deterministic),
+      'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
+      replacement); the n-gram drafter is always deterministic.
   """
   if name == "ngram":
+    if proposal != "topk":
+      raise DrafterError(f"the n-gram drafter proposes deterministically; "
+                         f"proposal={proposal!r} needs a model drafter")
     return NgramDrafter(max_ngram, min_ngram)
   if name == "layerskip":
     if not layers:
       raise DrafterError("drafter 'layerskip' needs a layer spec, e.g. "
                          "layers=skip:10-20 or layers=first:8")
-    return layer_skip(target, parse_layers(layers, target.config.num_layers))
+    return layer_skip(target, parse_layers(layers, target.config.num_layers),
+                      proposal=proposal)
   if name == "draft":
     if draft_model is None and not draft_layers:
       raise DrafterError("drafter 'draft' needs a draft model (draft_model=...)"
                          " or draft_layers=K to truncate the target")
     if draft_model is None:
       draft_model = truncated(target, draft_layers)
-    return draft_lm(draft_model)
+    return draft_lm(draft_model, proposal=proposal)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 
 __all__ = ["Drafter", "DrafterError", "ModelDrafter", "NgramDrafter",
-           "Outcome", "Round", "DRAFTERS", "make_drafter", "draft_lm",
+           "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",
            "layer_skip", "parse_layers", "truncated"]

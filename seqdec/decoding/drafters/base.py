@@ -20,7 +20,7 @@ K/V directly and leave nothing to roll back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -43,11 +43,16 @@ class Round:
     prev: `[B]` int32 token at position `length - 1`.
     length: `[B]` int32 committed target length.
     live: `[B]` bool rows still decoding.
+    temperature: `[B]` float32 sampling temperature of each row (0: greedy),
+      or None (all greedy). Sampling drafters draw a row's children from
+      q = softmax(draft logits / temperature) and fall back to deterministic
+      top-k for greedy rows.
   """
   root: jax.Array
   prev: jax.Array
   length: jax.Array
   live: jax.Array
+  temperature: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass

@@ -1,13 +1,26 @@
 """Drafters that run a transformer: an independent draft LM, and the target's
 own layers (self-speculative layer skip).
 
-Both expand the tree one level per forward call, proposing each node's
-children as the top-ranked tokens of the drafter's distribution there
-(node with rank r under parent p gets the r-th most likely token at p; a
-deterministic proposal scheme). Level d's nodes are fed together, in a
-scratch window that already holds levels < d, with the ancestor mask, so a
-tree of depth D costs D drafter calls whatever its width; leaves are never
-fed.
+Both expand the tree one level per forward call. Level d's nodes are fed
+together, in a scratch window that already holds levels < d, with the
+ancestor mask, so a tree of depth D costs D drafter calls whatever its width;
+leaves are never fed. The children of a node are its drafter distribution's
+candidates by rank (the child of rank r gets candidate r), drawn by the
+drafter's proposal scheme (`PROPOSALS`):
+
+* 'topk': the r-th most likely token (deterministic; the only scheme for
+  greedy rows, whatever the configured proposal);
+* 'iid': K independent draws from q = softmax(logits / temperature)
+  (duplicates kept), the proposal of speculative sampling (K = 1, a chain)
+  and of SpecInfer-style multi-draft trees;
+* 'wor': K draws without replacement from q by Gumbel-top-K,
+      children = top_K(log q + G),  G_v ~ Gumbel(0, 1) i.i.d.,
+  which draws the first child from q, the second from q renormalised without
+  the first, and so on (Recursive Speculative Decoding's proposal).
+
+The tree records each node's scheme and q, which the lossless sampling rule
+(`verify.py`) matches. Rows at temperature 0 propose top-K with the
+deterministic scheme.
 
 Caches:
 
@@ -35,6 +48,7 @@ from flax import nnx
 
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round, static_children)
+from seqdec.decoding import trees as trees_lib
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.models.transformer import KVCache, Transformer, commit, init_cache
 
@@ -49,6 +63,51 @@ def _window_mask(shape: TreeShape, lag: int) -> np.ndarray:
   return m
 
 
+PROPOSALS = {"topk": trees_lib.DETERMINISTIC, "iid": trees_lib.IID,
+             "wor": trees_lib.WITHOUT_REPLACEMENT}
+
+
+def propose_children(logits: jax.Array, k: int, proposal: str,
+                     temperature: Optional[jax.Array], key: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """K ranked candidates per node by the proposal scheme (module docstring).
+
+  Args:
+    logits: `[B, w, V]` drafter logits at w nodes of a level.
+    k: static number of candidates (the widest branching of the level).
+    proposal: 'topk', 'iid' or 'wor'.
+    temperature: `[B]` per-row temperature (0: greedy) or None.
+    key: `[B]` typed keys for this level.
+
+  Returns:
+    `(tokens [B, w, k] int32, scheme [B] int32, q [B, w, V] float32)`: the
+    candidates, each row's scheme (deterministic for greedy rows), and q.
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)
+  b = logits.shape[0]
+  if proposal not in PROPOSALS:
+    raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                       f"{sorted(PROPOSALS)}")
+  if proposal == "topk" or temperature is None:
+    return top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None
+  sampled = temperature > 0
+  t = jnp.where(sampled, temperature, 1.0)[:, None, None]
+  logq = jax.nn.log_softmax(logits / t, axis=-1)                  # [B, w, V]
+
+  def row(key, logq):                                             # [w, V]
+    if proposal == "iid":
+      draws = jax.random.categorical(key, logq, axis=-1,
+                                     shape=(k,) + logq.shape[:-1])
+      return jnp.moveaxis(draws, 0, -1)                           # [w, k]
+    gumbel = jax.random.gumbel(key, logq.shape, logq.dtype)
+    return jax.lax.top_k(logq + gumbel, k)[1]
+  drawn = jax.vmap(row)(key, logq).astype(jnp.int32)
+  tokens = jnp.where(sampled[:, None, None], drawn, top)
+  scheme = jnp.where(sampled, PROPOSALS[proposal], trees_lib.DETERMINISTIC)
+  return tokens, scheme.astype(jnp.int32), jnp.exp(logq)
+
+
 class ModelDrafter(Drafter):
   """Top-k tree drafting with a `Transformer` (see module docstring).
 
@@ -58,10 +117,17 @@ class ModelDrafter(Drafter):
     shared_cache: draft against the target's cache (layer skip) instead of
       an own cache.
     name: config name.
+    proposal: how children are drawn at temperature > 0: 'topk', 'iid' or
+      'wor' (module docstring).
   """
 
   def __init__(self, model: Transformer, layers: Optional[Sequence[int]] = None,
-               shared_cache: bool = False, name: str = "draft"):
+               shared_cache: bool = False, name: str = "draft",
+               proposal: str = "topk"):
+    if proposal not in PROPOSALS:
+      raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                         f"{sorted(PROPOSALS)}")
+    self.proposal = proposal
     self.name = name
     self.config = model.config
     self.graphdef, self.params = nnx.split(model)
@@ -108,6 +174,9 @@ class ModelDrafter(Drafter):
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(rnd.root)
     behind = rnd.prev[:, None] if lag else jnp.zeros((b, 0), jnp.int32)
     k_max = max(shape.ranks) + 1
+    sampling = self.proposal != "topk" and rnd.temperature is not None
+    scheme = jnp.full((b, n), trees_lib.DETERMINISTIC, jnp.int32)
+    q = jnp.zeros((b, n, self.vocab_size), jnp.float32) if sampling else None
     for d in range(shape.max_depth):
       lo, hi = levels[d]
       e_lo, e_hi = (0, lag + hi) if d == 0 else (lag + lo, lag + hi)
@@ -118,10 +187,16 @@ class ModelDrafter(Drafter):
           jnp.broadcast_to(mask[e_lo:e_hi, :e_hi], (b, e_hi - e_lo, e_hi)),
           layers=self.layers)
       logits = model.logits(hidden[:, -(hi - lo):])               # [B, w, V]
-      top = jax.lax.top_k(logits, k_max)[1].astype(jnp.int32)    # [B, w, k]
+      level_keys = jax.vmap(lambda k: jax.random.fold_in(k, d))(key)
+      cand, level_scheme, level_q = propose_children(
+          logits, k_max, self.proposal if sampling else "topk",
+          rnd.temperature, level_keys)                             # [B, w, k]
       c_lo, c_hi, parent_offset, rank = static_children(shape, d)
-      tokens = tokens.at[:, c_lo:c_hi].set(top[:, parent_offset, rank])
-    tree = Tree.from_shape(shape, tokens)
+      tokens = tokens.at[:, c_lo:c_hi].set(cand[:, parent_offset, rank])
+      scheme = scheme.at[:, lo:hi].set(level_scheme[:, None])
+      if sampling:
+        q = q.at[:, lo:hi].set(level_q)
+    tree = Tree.from_shape(shape, tokens, q=q).replace(scheme=scheme)
     if self.shared_cache:
       return tree, state, cache
     return tree, cache, target_cache
@@ -136,15 +211,17 @@ class ModelDrafter(Drafter):
     return commit(state, outcome.num_kept, keep)
 
 
-def draft_lm(model: Transformer, name: str = "draft") -> ModelDrafter:
+def draft_lm(model: Transformer, name: str = "draft",
+             proposal: str = "topk") -> ModelDrafter:
   """An independent draft model with its own cache (same tokenizer)."""
-  return ModelDrafter(model, name=name)
+  return ModelDrafter(model, name=name, proposal=proposal)
 
 
 def layer_skip(target: Transformer, layers: Sequence[int],
-               name: str = "layerskip") -> ModelDrafter:
+               name: str = "layerskip", proposal: str = "topk") -> ModelDrafter:
   """The target with only `layers` run, drafting against the target's cache."""
-  return ModelDrafter(target, layers=layers, shared_cache=True, name=name)
+  return ModelDrafter(target, layers=layers, shared_cache=True, name=name,
+                      proposal=proposal)
 
 
 def truncated(target: Transformer, num_layers: int) -> Transformer:
