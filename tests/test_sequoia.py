@@ -286,14 +286,18 @@ def test_rank_statistics_match_the_drafters(target, kind):
   assert (s0.sum(-1) <= 1).all() and (s.sum(-1) <= 1 + 1e-6).all()
 
 
-def test_rank_statistics_of_the_full_model_is_exact(target):
-  """A layer 'subset' of every layer is the target: p_1 = 1 at T = 0."""
-  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 32), 0,
-                                         target.config.vocab_size), np.int32)
-  s, _ = sequoia.rank_statistics(target, layer_skip(target, (0, 1, 2, 3)),
-                                 tokens, np.array([3, 7]), 16, 0.0, 3)
-  np.testing.assert_array_equal(s[..., 0], 1.0)
-  np.testing.assert_array_equal(s[..., 1:], 0.0)
+def test_rank_statistics_bad_inputs(target):
+  tokens, first = np.zeros((1, 16), np.int32), np.array([3])
+  drafter = layer_skip(target, (0, 3))
+  with pytest.raises(ValueError, match="max_rank must be in"):
+    sequoia.rank_statistics(target, drafter, tokens, first, 4, 0.0, 0)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    sequoia.rank_statistics(target, drafter, tokens, first, 4, -1.0, 4)
+  with pytest.raises(ValueError, match="need a model drafter"):
+    sequoia.rank_statistics(target, object(), tokens, first, 4, 0.0, 4)
+  with pytest.raises(ValueError, match="built from this target"):
+    sequoia.rank_statistics(truncated(target, 2), drafter, tokens, first, 4,
+                            0.0, 4)
 
 
 def test_measure_acceptance_rejects_ngram():
