@@ -81,11 +81,15 @@ def spec_generator(drafter: str, tree: str, **options):
 
 
 @pytest.mark.parametrize("drafter,tree,options", [
-    ("draft", "chain2", dict(proposal="iid")),
     ("draft", "kary2x2", dict(proposal="iid")),
-    ("layerskip", "kary3x1", dict(layers="first:1", proposal="wor")),
-    ("draft", "static6", dict(proposal="topk")),
-    ("ngram", "chain2", {}),
+    pytest.param("draft", "chain2", dict(proposal="iid"),
+                 marks=pytest.mark.slow),
+    pytest.param("layerskip", "kary3x1", dict(layers="first:1",
+                                              proposal="wor"),
+                 marks=pytest.mark.slow),
+    pytest.param("draft", "static6", dict(proposal="topk"),
+                 marks=pytest.mark.slow),
+    pytest.param("ngram", "chain2", {}, marks=pytest.mark.slow),
 ])
 def test_first_tokens_match_autoregressive_law(drafter, tree, options):
   """Joint law of (x1, x2) over ROWS independent rows vs the exact one.
