@@ -187,7 +187,8 @@ class ModelDrafter(Drafter):
           jnp.broadcast_to(mask[e_lo:e_hi, :e_hi], (b, e_hi - e_lo, e_hi)),
           layers=self.layers)
       logits = model.logits(hidden[:, -(hi - lo):])               # [B, w, V]
-      level_keys = jax.vmap(lambda k: jax.random.fold_in(k, d))(key)
+      level_keys = (jax.vmap(lambda k: jax.random.fold_in(k, d))(key)
+                    if sampling else None)
       cand, level_scheme, level_q = propose_children(
           logits, k_max, self.proposal if sampling else "topk",
           rnd.temperature, level_keys)                             # [B, w, k]
