@@ -285,9 +285,14 @@ def _dot(x, w, dtype):
 
 
 # Above this many queries per kv head (T*G), 'auto' uses matmuls on CPU too:
-# the copy-free broadcast-multiply form has no blocking and loses to a GEMM
-# once the query block is large (prefill).
-FUSED_MAX_QUERIES = 64
+# the broadcast-multiply form has no blocking and loses to a GEMM once the
+# query block grows. Measured on SmolLM2 (G = 3, 384 cache slots, 2 cores,
+# jax 0.10 / YNNPACK fusions; a side script timing the jitted forward,
+# medians of 25): one
+# forward over T = 1 / 3 / 5 / 7 tokens took 37.5 / 90.8 / 105.7 / 146.6 ms
+# fused vs 49.9 / 100.1 / 107.9 / 124.1 ms with dots, and a profile at T = 7
+# put 60 ms of thread time in the fused attention against ~7 ms as dots.
+FUSED_MAX_QUERIES = 12
 
 
 # 'pallas' runs `seqdec.kernels.tree_attention` for calls of 2 ..
