@@ -4,6 +4,9 @@ seqdec's autoregressive decoding and HF transformers' prompt-lookup decoding.
   python launch/bench_spec.py                       # all 48 prompts, N=64
   python launch/bench_spec.py --quick               # 1 prompt/category, N=32
   python launch/bench_spec.py --per_category=3 --methods=ar,ngram/chain4,hf_pld
+  python launch/bench_spec.py --temperature=1 --output=bench_results/spec_t1.json \
+      --methods=ar,hf_pld,ngram/chain4,layerskip@proposal=wor/kary2x1,\
+layerskip/sequoia16:configs/acceptance/smollm2_layerskip-skip4-15_t1.json
 
 Prints a JSON summary and Markdown tables; writes the record to `--output`
 (JSON, rewritten after every prompt so an interrupted run keeps its rows;
@@ -84,6 +87,16 @@ _NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "torch threads.")
 _PHASES = flags.DEFINE_bool("phases", True, "Measure the phase split.")
 _OUTPUT = flags.DEFINE_string("output", "bench_results/spec.json",
                               "JSON record (.md and .png beside it).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "Sampling temperature of every method (0: greedy). "
+    "At T > 0 seqdec's speculative methods verify with the lossless 'sample' "
+    "rule unless a method names another (@rule=typical_lossy), and HF "
+    "samples too (do_sample=True).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (T > 0).")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Rebuild the summary, tables and plot from the "
+    "per-prompt rows already in --output (e.g. an interrupted run), running "
+    "nothing.")
 
 AR, HF_PLD = "ar", "hf_pld"
 
@@ -99,8 +112,10 @@ def build_generators(methods, model, tokenizer, n):
   for m in methods:
     if m == HF_PLD:
       continue
+    sampling = dict(temperature=_TEMPERATURE.value, seed=_SEED.value)
     if m == AR:
-      gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=())
+      gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
+                          **sampling)
       continue
     drafter, _, tree = m.partition("/")
     drafter, *extra = drafter.split("@")   # e.g. ngram@min_ngram=2
@@ -109,8 +124,10 @@ def build_generators(methods, model, tokenizer, n):
     for item in extra:
       key, _, value = item.partition("=")
       options[key] = int(value) if value.lstrip("-").isdigit() else value
+    rule = options.pop("rule", "sample" if _TEMPERATURE.value > 0 else "greedy")
     gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
-                        drafter=drafter, tree=tree, drafter_options=options)
+                        drafter=drafter, tree=tree, drafter_options=options,
+                        rule=rule, **sampling)
   return gens
 
 
@@ -130,6 +147,8 @@ def run_seqdec(gen, ids, n):
 
 def run_hf_pld(hf, ids, n):
   options = dict(prompt_lookup_num_tokens=_HF_PLD_TOKENS.value)
+  if _TEMPERATURE.value > 0:
+    options.update(do_sample=True, temperature=_TEMPERATURE.value, top_k=0)
   _, gen1_s = hf.generate(ids, 1, **options)
   toks, genn_s = hf.generate(ids, n, **options)
   decode_s = genn_s - gen1_s
@@ -295,7 +314,18 @@ def main(argv):
                 layers=_LAYERS.value, draft_layers=_DRAFT_LAYERS.value,
                 hf_pld_tokens=_HF_PLD_TOKENS.value, per_category=per_category,
                 prompts=[p.id for p in prompts], batch_size=1,
-                num_threads_torch=_NUM_THREADS.value)
+                num_threads_torch=_NUM_THREADS.value,
+                temperature=_TEMPERATURE.value, seed=_SEED.value)
+  if _REPORT_ONLY.value:
+    with open(_OUTPUT.value, encoding="utf-8") as f:
+      old = json.load(f)
+    log(f"report only: {len(old['per_prompt'])} measured prompts of "
+        f"{_OUTPUT.value}")
+    report(old["per_prompt"], old["config"]["methods"], old["config"],
+           old["machine"], old.get("warmup_s"),
+           old.get("phases_ms_per_round"), old["config"]["max_new_tokens"],
+           bench)
+    return
   done_rows = []
   if os.path.exists(_OUTPUT.value):
     with open(_OUTPUT.value, encoding="utf-8") as f:
@@ -346,6 +376,11 @@ def main(argv):
                                          machine=machine, per_prompt=rows))
 
   phases = phase_split(gens, inputs, n, bench) if _PHASES.value else None
+  report(rows, methods, config, machine, warm, phases, n, bench)
+
+
+def report(rows, methods, config, machine, warm, phases, n, bench):
+  """Summary, tables, JSON record, Markdown and plot from per-prompt rows."""
   summary = dict(overall=summarize(rows, methods, bench),
                  by_category={c: summarize(g, methods, bench)
                               for c, g in bench.group_by(

@@ -48,17 +48,18 @@ class HFSide:
       return time.perf_counter() - t0
 
   def generate(self, ids, n: int, **options) -> tuple[list[int], float]:
-    """(exactly n greedy tokens, wall seconds of `generate`).
+    """(exactly n tokens, greedy unless `options` sample; wall seconds of
+    `generate`).
 
     `options` go to `generate`, e.g. `prompt_lookup_num_tokens=10` for HF's
-    prompt-lookup decoding.
+    prompt-lookup decoding, `do_sample=True, temperature=1.0, top_k=0`.
     """
     x, mask = self._inputs(ids)
+    options = dict(dict(do_sample=False), **options)
     with self.torch.inference_mode():
       t0 = time.perf_counter()
       out = self.model.generate(x, attention_mask=mask, max_new_tokens=n,
-                                min_new_tokens=n, do_sample=False,
-                                eos_token_id=[], **options)
+                                min_new_tokens=n, eos_token_id=[], **options)
       seconds = time.perf_counter() - t0
     toks = out[0, len(ids):].tolist()
     if len(toks) != n:
