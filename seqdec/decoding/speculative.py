@@ -92,12 +92,6 @@ def spec_prefill(graphdef, drafter: Drafter, sampler: Sampler, capacity: int,
   return first, logp, cache, draft
 
 
-# Round i's keys: the rule draws from step_keys(keys, i + 1) (index 0 is the
-# prefill's token), the drafter from step_keys(keys, DRAFT_KEY_OFFSET + i + 1),
-# so the drafter's and the verifier's randomness are independent.
-DRAFT_KEY_OFFSET = 1 << 30
-
-
 def draft_temperature(rule: Rule, sparams: SamplingParams):
   """Rows' temperatures as drafters see them: None under greedy verification
   (which serves temperature 0 only), so drafters propose deterministically."""
@@ -109,13 +103,15 @@ def draft(drafter: Drafter, shape: TreeShape, draft_params, s: SpecState,
   """Phase 1: the drafter proposes a tree under each row's root.
 
   `temperature` `[B]` (None: all rows greedy) tells sampling drafters which
-  rows draw their children from q.
+  rows draw their children from q. The drafter gets the round's step key;
+  the rule folds its own tag into the same key (`verify._VERIFY_TAG`), so
+  the draws that built the tree and the ones that verify it are independent.
   """
   rnd = Round(root=s.root, prev=s.prev, length=s.cache.length, live=~s.done,
               temperature=temperature)
   tree, dstate, cache = drafter.propose(
       draft_params, s.draft, shape, rnd, s.cache,
-      step_keys(keys, DRAFT_KEY_OFFSET + s.step + 1))
+      step_keys(keys, s.step + 1))
   return tree, rnd, dstate, cache
 
 
