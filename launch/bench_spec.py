@@ -164,7 +164,7 @@ def tree_nodes(method):
   return trees.parse(method.partition("/")[2]).num_nodes - 1
 
 
-def summarize(rows, methods, bench):
+def summarize(rows, methods, bench, greedy=True):
   """Per-method statistics of a group of per-prompt rows."""
   out = {"n": len(rows)}
   ar_med = None
@@ -177,7 +177,8 @@ def summarize(rows, methods, bench):
           [1e3 * r[m]["decode_s"] / max(r[m]["target_calls"] - 1, 1)
            for r in rows])
       st["identical_to_ar"] = sum(r[m]["tokens"] == r[AR]["tokens"]
-                                  for r in rows) if AR in methods else None
+                                  for r in rows) if (
+                                      AR in methods and greedy) else None
     out[m] = st
     if m == AR and tps:
       ar_med = st["decode_tps"]["median"]
@@ -224,32 +225,46 @@ def tables(summary, methods, bench):
   return overall, per_cat
 
 
-def plot(summary, methods, path):
+def tree_family(method):
+  """'chain' / 'k-ary' / 'Sequoia' / 'static' / 'paths' of `<drafter>/<tree>`."""
+  spec = method.partition("/")[2]
+  for prefix, name in (("chain", "chain"), ("kary", "k-ary"),
+                       ("sequoia", "Sequoia"), ("static", "static")):
+    if spec.startswith(prefix):
+      return name
+  return "paths"
+
+
+def plot(summary, methods, path, temperature=0.0):
+  """tau and speedup against draft nodes, one line per drafter x tree family."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   o = summary["overall"]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for drafter in sorted({m.partition("/")[0] for m in methods if "/" in m}):
-    ms = [m for m in methods if m.startswith(drafter + "/")]
-    if not ms:
-      continue
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  lines = {}
+  for m in methods:
+    if "/" in m:
+      lines.setdefault(f"{m.partition('/')[0]} {tree_family(m)}", []).append(m)
+  for label, ms in lines.items():
     for ax, key in zip(axes, ("tau", "speedup_vs_ar")):
       pts = sorted((tree_nodes(m), o[m]["tau"]["median"] if key == "tau"
                     else o[m][key], m) for m in ms)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=drafter)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
       for x, y, m in pts:
-        ax.annotate(m.partition("/")[2], (x, y), fontsize=7)
-  axes[0].set(xlabel="draft nodes", ylabel="tau (tokens / target call)",
-              title="tau (median over prompts)")
+        ax.annotate(m.partition("/")[2].partition(":")[0], (x, y), fontsize=6)
+  axes[0].set(xscale="symlog", xlabel="draft nodes (log)",
+              ylabel="tau (tokens / target call)",
+              title=f"tau vs node budget, T={temperature:g} (median)")
   axes[1].axhline(1.0, color="gray", lw=0.8)
   if HF_PLD in o and o[HF_PLD]["speedup_vs_ar"]:
     axes[1].axhline(o[HF_PLD]["speedup_vs_ar"], color="red", lw=0.8,
                     ls="--", label="HF prompt lookup")
-  axes[1].set(xlabel="draft nodes", ylabel="decode tok/s / seqdec AR",
+  axes[1].set(xscale="symlog", xlabel="draft nodes (log)",
+              ylabel="decode tok/s / seqdec AR",
               title="speedup over seqdec AR (median tok/s)")
   for ax in axes:
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -381,15 +396,18 @@ def main(argv):
 
 def report(rows, methods, config, machine, warm, phases, n, bench):
   """Summary, tables, JSON record, Markdown and plot from per-prompt rows."""
-  summary = dict(overall=summarize(rows, methods, bench),
-                 by_category={c: summarize(g, methods, bench)
+  greedy = not config.get("temperature")
+  summary = dict(overall=summarize(rows, methods, bench, greedy),
+                 by_category={c: summarize(g, methods, bench, greedy)
                               for c, g in bench.group_by(
                                   rows, "category", bench.CATEGORIES).items()})
   ar_step_ms = 1e3 / summary["overall"][AR]["decode_tps"]["median"]
   overall_md, per_cat_md = tables(summary, methods, bench)
   machine["load_average_1_5_15_at_end"] = bench.machine_info()[
       "load_average_1_5_15"]
-  record = dict(benchmark="greedy speculative decoding, SmolLM2-135M, CPU",
+  kind = ("greedy" if greedy else
+          f"T={config['temperature']:g} sampling (lossless rule unless @rule=)")
+  record = dict(benchmark=f"{kind} speculative decoding, SmolLM2-135M, CPU",
                 config=config, partial=False, machine=machine,
                 warmup_s=warm, phases_ms_per_round=phases,
                 ar_ms_per_step=ar_step_ms, summary=summary,
@@ -406,14 +424,15 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
           f"{v['finish_ms_per_round']:.1f}", v["rounds"],
           f"{summary['overall'][m]['loop_ms_per_round']['median']:.1f}"]
          for m, v in phases.items()])
-  text = (f"Greedy, batch 1, N={n} new tokens, {len(rows)} prompts, "
+  text = (f"{kind[0].upper() + kind[1:]}, batch 1, N={n} new tokens, {len(rows)} prompts, "
           f"median [p10-p90] over prompts.\n\n{overall_md}\n\n"
-          f"Best seqdec method per category:\n\n{per_cat_md}\n\n"
-          f"Phase split (one prompt per category; AR step "
-          f"{ar_step_ms:.1f} ms):\n\n{phase_md}\n")
+          f"Best seqdec method per category:\n\n{per_cat_md}\n")
+  if phase_md:
+    text += (f"\nPhase split (one prompt per category; AR step "
+             f"{ar_step_ms:.1f} ms):\n\n{phase_md}\n")
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(text)
-  plot(summary, methods, stem + ".png")
+  plot(summary, methods, stem + ".png", config.get("temperature", 0.0))
   brief = dict(config=config, ar_ms_per_step=ar_step_ms,
                overall={m: dict(decode_tps=summary["overall"][m]["decode_tps"]
                                 and summary["overall"][m]["decode_tps"]["median"],
