@@ -62,6 +62,8 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from seqdec import bench as bench_lib  # pylint: disable=g-import-not-at-top
+
 DEFAULT_METHODS = (
     "ar", "hf_pld",
     "ngram/chain2", "ngram/chain4", "ngram/chain6", "ngram/kary2x1x1x1",
@@ -71,10 +73,7 @@ DEFAULT_METHODS = (
 _METHODS = flags.DEFINE_list(
     "methods", list(DEFAULT_METHODS), "ar, hf_pld, or <drafter>[@key=value...]"
     "/<tree>, drafter in ngram|layerskip|draft, keys of make_drafter.")
-_LAYERS = flags.DEFINE_string("layers", "skip:4-15",
-                              "Layer subset of the layerskip drafter.")
-_DRAFT_LAYERS = flags.DEFINE_integer(
-    "draft_layers", 10, "Layers of the truncated-target draft LM.")
+_LAYERS, _DRAFT_LAYERS = bench_lib.define_drafter_flags()
 _HF_PLD_TOKENS = flags.DEFINE_integer(
     "hf_pld_tokens", 10, "HF prompt_lookup_num_tokens.")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Default: all six.")

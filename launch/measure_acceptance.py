@@ -60,16 +60,15 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from seqdec import bench as bench_lib  # pylint: disable=g-import-not-at-top
+
 _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
     "Target: a registry name (smollm2-135m-instruct, tiny), HF dir or .gguf.")
 _DRAFTER = flags.DEFINE_enum(
     "drafter", "layerskip", ["layerskip", "draft", "ngram"],
     "layerskip | draft (ngram: unsupported, see the module docstring).")
-_LAYERS = flags.DEFINE_string("layers", "skip:4-15",
-                              "Layer subset of the layerskip drafter.")
-_DRAFT_LAYERS = flags.DEFINE_integer(
-    "draft_layers", 10, "Layers of the truncated-target draft LM (draft).")
+_LAYERS, _DRAFT_LAYERS = bench_lib.define_drafter_flags()
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy verification; T > 0: lossless rule for "
     "deterministic top-K children at temperature T.")

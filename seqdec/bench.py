@@ -243,6 +243,20 @@ class Stopwatch:
     self.seconds = self._clock() - self._start
 
 
+def define_drafter_flags():
+  """absl flags `--layers` and `--draft_layers` shared by the drafter benches.
+
+  Returns their holders `(layers, draft_layers)`: the layer subset of the
+  layer-skip drafter and the depth of the truncated-target draft LM.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  layers = flags.DEFINE_string("layers", "skip:4-15",
+                               "Layer subset of the layerskip drafter.")
+  draft_layers = flags.DEFINE_integer(
+      "draft_layers", 10, "Layers of the truncated-target draft LM (draft).")
+  return layers, draft_layers
+
+
 def quick_settings(quick: bool, max_new_tokens: int, max_new_given: bool,
                    per_category: Optional[int]) -> tuple[int, Optional[int]]:
   """`(N, per_category)` for a bench run: `--quick` means N=32 (unless
