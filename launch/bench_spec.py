@@ -252,17 +252,21 @@ def plot(summary, methods, path, temperature=0.0):
       ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
       for x, y, m in pts:
         ax.annotate(m.partition("/")[2].partition(":")[0], (x, y), fontsize=6)
-  axes[0].set(xscale="symlog", xlabel="draft nodes (log)",
+  most = max([tree_nodes(m) for m in methods if "/" in m] or [1])
+  ticks = [2 ** i for i in range(most.bit_length() + 1) if 2 ** i <= 2 * most]
+  axes[0].set(xscale="log", xlabel="draft nodes (log)",
               ylabel="tau (tokens / target call)",
               title=f"tau vs node budget, T={temperature:g} (median)")
   axes[1].axhline(1.0, color="gray", lw=0.8)
   if HF_PLD in o and o[HF_PLD]["speedup_vs_ar"]:
     axes[1].axhline(o[HF_PLD]["speedup_vs_ar"], color="red", lw=0.8,
                     ls="--", label="HF prompt lookup")
-  axes[1].set(xscale="symlog", xlabel="draft nodes (log)",
+  axes[1].set(xscale="log", xlabel="draft nodes (log)",
               ylabel="decode tok/s / seqdec AR",
               title="speedup over seqdec AR (median tok/s)")
   for ax in axes:
+    ax.set_xticks(ticks, [str(x) for x in ticks], minor=False)
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()
