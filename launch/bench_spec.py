@@ -62,7 +62,7 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from seqdec import bench as bench_lib  # pylint: disable=g-import-not-at-top
+from seqdec import bench  # pylint: disable=g-import-not-at-top
 
 DEFAULT_METHODS = (
     "ar", "hf_pld",
@@ -73,7 +73,7 @@ DEFAULT_METHODS = (
 _METHODS = flags.DEFINE_list(
     "methods", list(DEFAULT_METHODS), "ar, hf_pld, or <drafter>[@key=value...]"
     "/<tree>, drafter in ngram|layerskip|draft, keys of make_drafter.")
-_LAYERS, _DRAFT_LAYERS = bench_lib.define_drafter_flags()
+_LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _HF_PLD_TOKENS = flags.DEFINE_integer(
     "hf_pld_tokens", 10, "HF prompt_lookup_num_tokens.")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Default: all six.")
@@ -104,6 +104,22 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def parse_method(method, temperature):
+  """`<drafter>[@key=value...]/<tree>` -> (drafter, tree, options, rule).
+
+  `rule` is the `@rule=` option, else 'sample' at temperature > 0 and
+  'greedy' at 0; the other options go to `make_drafter`.
+  """
+  drafter, _, tree = method.partition("/")
+  drafter, *extra = drafter.split("@")   # e.g. ngram@min_ngram=2
+  options = {}
+  for item in extra:
+    key, _, value = item.partition("=")
+    options[key] = int(value) if value.lstrip("-").isdigit() else value
+  rule = options.pop("rule", "sample" if temperature > 0 else "greedy")
+  return drafter, tree, options, rule
+
+
 def build_generators(methods, model, tokenizer, n):
   """`{method: Generator}` for every seqdec method."""
   from seqdec.generator import Generator  # pylint: disable=g-import-not-at-top
@@ -116,14 +132,10 @@ def build_generators(methods, model, tokenizer, n):
       gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
                           **sampling)
       continue
-    drafter, _, tree = m.partition("/")
-    drafter, *extra = drafter.split("@")   # e.g. ngram@min_ngram=2
+    drafter, tree, options, rule = parse_method(m, _TEMPERATURE.value)
     options = {"layerskip": dict(layers=_LAYERS.value),
-               "draft": dict(draft_layers=_DRAFT_LAYERS.value)}.get(drafter, {})
-    for item in extra:
-      key, _, value = item.partition("=")
-      options[key] = int(value) if value.lstrip("-").isdigit() else value
-    rule = options.pop("rule", "sample" if _TEMPERATURE.value > 0 else "greedy")
+               "draft": dict(draft_layers=_DRAFT_LAYERS.value)}.get(
+                   drafter, {}) | options
     gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
                         drafter=drafter, tree=tree, drafter_options=options,
                         rule=rule, **sampling)
@@ -190,7 +202,7 @@ def summarize(rows, methods, bench, greedy=True):
   return out
 
 
-def tables(summary, methods, bench):
+def tables(summary, methods, bench, temperature=0.0):
   """Markdown: per-method overall table, then per-category best methods."""
   fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
   head = ["method", "draft nodes", "tau", "decode tok/s", "vs AR",
@@ -209,9 +221,11 @@ def tables(summary, methods, bench):
   head = ["category", "n", "AR tok/s", "HF PLD tok/s", "best lossless method",
           "its tok/s", "tau", "vs AR", "vs HF PLD"]
   rows = []
+  from seqdec.decoding.verify import RULES  # pylint: disable=g-import-not-at-top
   # Lossy rules (Medusa's typical acceptance) are never "best": their output
   # is not the target's distribution.
-  spec = [m for m in methods if "/" in m and "typical_lossy" not in m]
+  spec = [m for m in methods if "/" in m
+          and RULES[parse_method(m, temperature)[3]].lossless]
   for cat, g in list(summary["by_category"].items()) + [("**overall**", o)]:
     best = max(spec, key=lambda m: g[m]["decode_tps"]["median"]) if spec else None
     b = g[best] if best else {}
@@ -316,7 +330,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # pylint: disable=g-import-not-at-top
   import seqdec
-  from seqdec import bench
   from seqdec.checkpoints import gguf
   from seqdec.decoding.autoregressive import bucket
   # pylint: enable=g-import-not-at-top
@@ -407,7 +420,8 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
                               for c, g in bench.group_by(
                                   rows, "category", bench.CATEGORIES).items()})
   ar_step_ms = 1e3 / summary["overall"][AR]["decode_tps"]["median"]
-  overall_md, per_cat_md = tables(summary, methods, bench)
+  overall_md, per_cat_md = tables(summary, methods, bench,
+                                  config.get("temperature", 0.0))
   machine["load_average_1_5_15_at_end"] = bench.machine_info()[
       "load_average_1_5_15"]
   kind = ("greedy" if greedy else

@@ -60,7 +60,7 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from seqdec import bench as bench_lib  # pylint: disable=g-import-not-at-top
+from seqdec import bench  # pylint: disable=g-import-not-at-top
 
 _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
@@ -68,7 +68,7 @@ _MODEL = flags.DEFINE_string(
 _DRAFTER = flags.DEFINE_enum(
     "drafter", "layerskip", ["layerskip", "draft", "ngram"],
     "layerskip | draft (ngram: unsupported, see the module docstring).")
-_LAYERS, _DRAFT_LAYERS = bench_lib.define_drafter_flags()
+_LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy verification; T > 0: lossless rule for "
     "deterministic top-K children at temperature T.")
@@ -135,7 +135,6 @@ def measure() -> dict:
   # pylint: disable=g-import-not-at-top
   import numpy as np
   import seqdec
-  from seqdec import bench
   from seqdec.decoding import sequoia
   from seqdec.decoding.autoregressive import bucket
   from seqdec.decoding.drafters import make_drafter

@@ -101,8 +101,10 @@ class Rule:
   """`rule(tree, logits [B, N, V], keys [B], sparams, max_depth) -> Acceptance`.
 
   `keys` are the rows' keys for this step (sampling rules draw from them).
+  `lossless`: whether the emitted tokens follow the target's distribution.
   """
   name = "rule"
+  lossless = True
 
   def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
                sparams: SamplingParams, max_depth: int) -> Acceptance:
@@ -445,6 +447,7 @@ class TypicalLossy(Rule):
     max_top_k: cap on per-row top_k.
   """
   name = "typical_lossy"
+  lossless = False
   epsilon: float = 0.09
   delta: float = 0.3
   bonus: str = "greedy"
