@@ -61,6 +61,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from seqdec import bench  # pylint: disable=g-import-not-at-top
+from seqdec.errors import USER_ERRORS, UserError  # pylint: disable=g-import-not-at-top
 
 _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
@@ -109,25 +110,25 @@ def default_output() -> str:
 def check_flags() -> None:
   """Fails fast (before any model load) on unusable flags."""
   if _DRAFTER.value == "ngram":
-    raise ValueError(
+    raise UserError(
         "the ngram drafter is not supported: its trees branch only at the root"
         " (deeper nodes follow one match's continuation), so per-rank rates "
         "that hold at every depth do not describe it; use chain / kary<K>x1x1"
         " trees with it")
   if _TEMPERATURE.value < 0:
-    raise ValueError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
+    raise UserError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
   if _MAX_RANK.value < 1:
-    raise ValueError(f"--max_rank must be >= 1, got {_MAX_RANK.value}")
+    raise UserError(f"--max_rank must be >= 1, got {_MAX_RANK.value}")
   if _MAX_NEW_TOKENS.value < 1:
-    raise ValueError(f"--max_new_tokens must be >= 1, got "
+    raise UserError(f"--max_new_tokens must be >= 1, got "
                      f"{_MAX_NEW_TOKENS.value}")
   if _PER_CATEGORY.value < 0:
-    raise ValueError(f"--per_category must be >= 0, got {_PER_CATEGORY.value}")
+    raise UserError(f"--per_category must be >= 0, got {_PER_CATEGORY.value}")
   out = _OUTPUT.value or default_output()
   directory = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(directory) and not os.path.isdir(
       os.path.dirname(directory)):
-    raise ValueError(f"output directory {directory!r} does not exist")
+    raise UserError(f"output directory {directory!r} does not exist")
 
 
 def measure() -> dict:
@@ -225,7 +226,7 @@ def main(argv):
   try:
     check_flags()
     rec = measure()
-  except ValueError as e:
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(dict(

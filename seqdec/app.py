@@ -15,14 +15,14 @@ import sys
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-from seqdec.checkpoints import CheckpointError, load_pretrained
+from seqdec import errors
+from seqdec.checkpoints import load_pretrained
 from seqdec.generator import GenerationResult, Generator, PromptError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
-from seqdec.tokenizer import TokenizerError
 
-# Exceptions that are the user's input, reported as one line.
-USER_ERRORS = (CheckpointError, PromptError, TokenizerError, ValueError,
-               FileNotFoundError, IsADirectoryError, PermissionError)
+# Exceptions that are the user's input, reported as one line (anything else
+# is a bug and keeps its traceback).
+USER_ERRORS = errors.USER_ERRORS
 
 
 def read_prompts_file(path: str) -> list[dict[str, Any]]:
@@ -31,16 +31,16 @@ def read_prompts_file(path: str) -> list[dict[str, Any]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompts file {path!r} does not exist")
   records = []
-  for where, rec in iter_jsonl(path):
+  for where, rec in iter_jsonl(path, PromptError):
     if isinstance(rec, str):
       rec = {"prompt": rec}
     if not isinstance(rec, dict) or not (("prompt" in rec)
                                          ^ ("messages" in rec)):
-      raise ValueError(f"{where}: expected an object with exactly "
+      raise PromptError(f"{where}: expected an object with exactly "
                        f"one of 'prompt' or 'messages'")
     records.append(rec)
   if not records:
-    raise ValueError(f"prompts file {path!r} has no prompts")
+    raise PromptError(f"prompts file {path!r} has no prompts")
   return records
 
 
@@ -130,7 +130,7 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
   produced; timings go to `log`.
   """
   if prompts and prompts_file:
-    raise ValueError("give --prompt or --prompts_file, not both")
+    raise errors.UserError("give --prompt or --prompts_file, not both")
   if prompts_file:
     records = read_prompts_file(prompts_file)
   else:

@@ -26,6 +26,7 @@ import platform
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from seqdec.errors import UserError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
 
 CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
@@ -34,7 +35,7 @@ _ROLES = ("system", "user", "assistant")
 _PROMPT_KEYS = {"id", "category", "messages"}
 
 
-class PromptSetError(ValueError):
+class PromptSetError(UserError):
   """A prompt file is missing or malformed."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import numpy as np
 
+from seqdec.errors import UserError
 from seqdec.decoding.autoregressive import (AutoregressiveDecoder,
                                             DecodeShapes, bucket)
 from seqdec.decoding.drafters import Drafter, make_drafter
@@ -31,7 +32,7 @@ Conversation = list  # list[dict(role=..., content=...)]
 Prompt = Union[str, Conversation]
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
   """A prompt cannot be decoded (empty, or too long for the context)."""
 
 

@@ -7,8 +7,10 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from seqdec.errors import UserError
 
-def iter_jsonl(path: str, error: type[Exception] = ValueError
+
+def iter_jsonl(path: str, error: type[Exception] = UserError
                ) -> Iterator[tuple[str, Any]]:
   """Yields `("path:line", object)` for every non-blank line of a JSONL file.
 

@@ -15,10 +15,12 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from seqdec.errors import UserError
+
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """A tokenizer file is missing or unusable."""
 
 

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqdec.errors import UserError
 from seqdec.models.config import TransformerConfig, as_dtype
 from seqdec.models.transformer import Transformer, inv_freq_array
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint is missing, corrupt, or does not match the model."""
 
 

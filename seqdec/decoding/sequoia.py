@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqdec.errors import UserError
 from seqdec.decoding import trees
 from seqdec.decoding.drafters.model import ModelDrafter
 from seqdec.jsonl import write_text_atomic
@@ -70,7 +71,7 @@ SUM_TOLERANCE = 1e-6
 _TIE = 1e-12
 
 
-class AcceptanceError(ValueError):
+class AcceptanceError(UserError):
   """A missing or malformed acceptance file, or bad acceptance rates."""
 
 

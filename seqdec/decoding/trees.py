@@ -35,12 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqdec.errors import TreeError
+
 # Proposal schemes of a node's children (`Tree.scheme`).
 DETERMINISTIC, IID, WITHOUT_REPLACEMENT = 0, 1, 2
-
-
-class TreeError(ValueError):
-  """An invalid tree (bad parent pointers, duplicate paths, too deep...)."""
 
 
 def validate_parents(parents: Sequence[int]) -> None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from seqdec.decoding.trees import TreeError
+from seqdec.errors import TreeError
 from seqdec.kernels import _common
 
 __all__ = ["tree_mask", "tree_mask_reference", "validate_parents",

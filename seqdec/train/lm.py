@@ -28,11 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from seqdec.errors import UserError
 from seqdec.data import stdlib_corpus
 from seqdec.models import rnn
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
   """Bad training configuration or state (reported as one line by the CLI)."""
 
 

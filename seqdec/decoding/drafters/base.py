@@ -26,11 +26,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from seqdec.errors import UserError
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.models.transformer import KVCache
 
 
-class DrafterError(ValueError):
+class DrafterError(UserError):
   """A drafter cannot serve this target or tree (e.g. vocabulary mismatch)."""
 
 
