@@ -173,7 +173,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import seqdec
   from seqdec import bench
-  from seqdec.bench_hf import HFSide
+  from launch.hf_baseline import HFSide
   from seqdec.checkpoints import gguf
   from seqdec.decoding import autoregressive
   # pylint: enable=g-import-not-at-top

@@ -169,10 +169,10 @@ def run_hf_pld(hf, ids, n):
 
 
 def tree_nodes(method):
-  from seqdec.decoding import trees  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding import tree_specs  # pylint: disable=g-import-not-at-top
   if "/" not in method:
     return 0
-  return trees.parse(method.partition("/")[2]).num_nodes - 1
+  return tree_specs.parse(method.partition("/")[2]).num_nodes - 1
 
 
 def summarize(rows, methods, bench, greedy=True):
@@ -373,7 +373,7 @@ def main(argv):
   gens = build_generators(methods, model, tokenizer, n)
   hf = None
   if HF_PLD in methods:
-    from seqdec.bench_hf import HFSide  # pylint: disable=g-import-not-at-top
+    from launch.hf_baseline import HFSide  # pylint: disable=g-import-not-at-top
     hf = HFSide(gguf_path, _NUM_THREADS.value)
   inputs = [(p, gens[AR].encode(p.as_messages())) for p in prompts]
 

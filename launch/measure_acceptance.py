@@ -7,9 +7,10 @@
   python launch/measure_acceptance.py --model=tiny --drafter=draft \\
       --draft_layers=1 --categories=qa --per_category=1   # smoke run
 
-Writes an acceptance file (format: `seqdec/decoding/sequoia.py`) that the tree
-spec 'sequoia<n>:<file>' turns into the DP-optimal tree, and prints the rates
-and the predicted tau of Sequoia trees at 8/16/32/64 draft nodes.
+Writes an acceptance file (format: `seqdec/decoding/acceptance_rates.py`)
+that the tree spec 'sequoia<n>:<file>' turns into the DP-optimal tree, and
+prints the rates and the predicted tau of Sequoia trees at 8/16/32/64 draft
+nodes.
 
 Method
 ------
@@ -22,9 +23,9 @@ Method
   continuation give, at every continuation position (each continuation
   token as the root of a round), the drafter's top-K tokens x_1..x_K
   (K = --max_rank) and the target's distribution p there
-  (`sequoia.rank_statistics`). The layer-skip drafter attends to the full
-  target's K/V of the context, exactly as when drafting; a draft LM runs over
-  the same tokens with its own cache.
+  (`rank_statistics.rank_statistics`). The layer-skip drafter attends to the
+  full target's K/V of the context, exactly as when drafting; a draft LM runs
+  over the same tokens with its own cache.
 * Rates: at T = 0, p_k = fraction of positions where the target's argmax is
   the drafter's k-th token (greedy verification accepts that child); at
   T > 0, p_k = mean over positions of p_T(x_k) (deterministic top-K
@@ -136,7 +137,10 @@ def measure() -> dict:
   # pylint: disable=g-import-not-at-top
   import numpy as np
   import seqdec
+  from seqdec.decoding import acceptance_rates
+  from seqdec.decoding import rank_statistics
   from seqdec.decoding import sequoia
+  from seqdec.decoding import trees
   from seqdec.decoding.autoregressive import bucket
   from seqdec.decoding.drafters import make_drafter
   from seqdec.generator import Generator
@@ -172,7 +176,7 @@ def measure() -> dict:
     length = bucket(len(seq))
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(seq)] = seq
-    s, argmax = sequoia.rank_statistics(
+    s, argmax = rank_statistics.rank_statistics(
         model, drafter, tokens, np.array([len(ids) - 1]), len(r.tokens),
         temp, k)
     s = s[0, :len(r.tokens)].astype(np.float64)              # [N, K]
@@ -208,13 +212,13 @@ def measure() -> dict:
       per_prompt=per_prompt,
       sequoia_tau={str(b): float(taus[b]) for b in BUDGETS},
       chain_tau={str(g): float(sequoia.expected_accepted(
-          sequoia.trees.chain(g), probs)) for g in (2, 4, 8)},
+          trees.chain(g), probs)) for g in (2, 4, 8)},
       greedy_continuation_mismatches=mismatches if temp == 0 else None,
       seconds=dict(continuation=continuation_s, probe=probe_s,
                    total=time.perf_counter() - t_start),
       machine=bench.machine_info(packages=("jax", "jaxlib", "flax")))
   out = _OUTPUT.value or default_output()
-  sequoia.write_acceptance(out, probs, **record)
+  acceptance_rates.write_acceptance(out, probs, **record)
   record["probs"] = probs.tolist()
   record["output"] = os.path.abspath(out)
   return record

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from seqdec.decoding import tree_specs
 from seqdec.decoding import trees
 from seqdec.decoding import verify
 from seqdec.decoding.sampling import SamplingParams
@@ -34,7 +35,7 @@ ALPHA_LEVEL = 1e-3
 
 KARY = trees.kary((3, 2))     # 3 children at the root, 2 under each
 CHAIN = trees.chain(3)
-STATIC = trees.parse("static6")
+STATIC = tree_specs.parse("static6")
 
 
 def _markov(seed: int, scale: float) -> np.ndarray:

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 from seqdec import testing
-from seqdec.decoding import sequoia, trees
+from seqdec.decoding import acceptance_rates
+from seqdec.decoding import rank_statistics
+from seqdec.decoding import sequoia
+from seqdec.decoding import tree_specs
+from seqdec.decoding import trees
 from seqdec.decoding.drafters import draft_lm, layer_skip, truncated
 from seqdec.decoding.drafters.base import Round
 from seqdec.models.transformer import commit
@@ -168,15 +172,15 @@ def write(path, obj):
 def test_parse_round_trip(tmp_path):
   p = [0.55, 0.15, 0.08, 0.04]
   path = str(tmp_path / "acc.json")
-  sequoia.write_acceptance(path, p, drafter="x", target="y", temperature=0.0,
+  acceptance_rates.write_acceptance(path, p, drafter="x", target="y", temperature=0.0,
                            rule="greedy", trials=100, command="test")
-  acc = sequoia.load_acceptance(path)
+  acc = acceptance_rates.load_acceptance(path)
   assert acc.probs == tuple(p) and acc.meta["trials"] == 100
   for n, depth in [(0, None), (8, None), (16, 3), (32, None)]:
     spec = f"sequoia{n}" + (f"d{depth}" if depth else "") + f":{path}"
-    shape = trees.parse(spec)
+    shape = tree_specs.parse(spec)
     assert shape == sequoia.optimal_tree(p, n, depth)[0]
-    assert shape == trees.parse(spec)           # deterministic, hashable
+    assert shape == tree_specs.parse(spec)           # deterministic, hashable
     assert shape.num_nodes == n + 1
 
 
@@ -185,10 +189,10 @@ def test_committed_acceptance_files_parse():
   files = sorted(f for f in os.listdir(directory) if f.endswith(".json"))
   assert files
   for f in files:
-    acc = sequoia.load_acceptance(os.path.join(directory, f))
+    acc = acceptance_rates.load_acceptance(os.path.join(directory, f))
     assert acc.meta["command"].startswith("python launch/measure_acceptance")
     # Paths relative to the source tree work from any directory.
-    shape = trees.parse(f"sequoia16:configs/acceptance/{f}")
+    shape = tree_specs.parse(f"sequoia16:configs/acceptance/{f}")
     assert shape.num_nodes == 17
 
 
@@ -207,11 +211,11 @@ def test_committed_acceptance_files_parse():
 ])
 def test_bad_acceptance_files(tmp_path, content, message):
   path = write(tmp_path / "bad.json", content)
-  with pytest.raises(sequoia.AcceptanceError, match=message):
-    sequoia.load_acceptance(path)
+  with pytest.raises(acceptance_rates.AcceptanceError, match=message):
+    acceptance_rates.load_acceptance(path)
   with pytest.raises(trees.TreeError, match="bad tree spec 'sequoia4:.*" +
                      message):
-    trees.parse(f"sequoia4:{path}")
+    tree_specs.parse(f"sequoia4:{path}")
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -222,13 +226,13 @@ def test_bad_acceptance_files(tmp_path, content, message):
 ])
 def test_bad_specs(spec, message):
   with pytest.raises(trees.TreeError, match=message):
-    trees.parse(spec)
+    tree_specs.parse(spec)
 
 
 def test_bad_spec_depth(tmp_path):
   path = write(tmp_path / "a.json", {"probs": [0.5]})
   with pytest.raises(trees.TreeError, match="max_depth must be >= 1"):
-    trees.parse(f"sequoia8d0:{path}")
+    tree_specs.parse(f"sequoia8d0:{path}")
 
 
 # ------------------------------------------------ teacher-forced measurement
@@ -268,9 +272,9 @@ def test_rank_statistics_match_the_drafters(target, kind):
                                          target.config.vocab_size), np.int32)
   drafter = (layer_skip(target, (0, 3)) if kind == "layerskip"
              else draft_lm(truncated(target, 2)))
-  s, argmax = sequoia.rank_statistics(target, drafter, tokens[None],
+  s, argmax = rank_statistics.rank_statistics(target, drafter, tokens[None],
                                       np.array([start]), roots, 1.0, k)
-  s0, _ = sequoia.rank_statistics(target, drafter, tokens[None],
+  s0, _ = rank_statistics.rank_statistics(target, drafter, tokens[None],
                                   np.array([start]), roots, 0.0, k)
   probs = np.asarray(jax.nn.softmax(testing.full_forward(
       target, jnp.asarray(tokens[None])), -1))[0]            # [T, V]
@@ -290,14 +294,14 @@ def test_rank_statistics_bad_inputs(target):
   tokens, first = np.zeros((1, 16), np.int32), np.array([3])
   drafter = layer_skip(target, (0, 3))
   with pytest.raises(ValueError, match="max_rank must be in"):
-    sequoia.rank_statistics(target, drafter, tokens, first, 4, 0.0, 0)
+    rank_statistics.rank_statistics(target, drafter, tokens, first, 4, 0.0, 0)
   with pytest.raises(ValueError, match="temperature must be >= 0"):
-    sequoia.rank_statistics(target, drafter, tokens, first, 4, -1.0, 4)
+    rank_statistics.rank_statistics(target, drafter, tokens, first, 4, -1.0, 4)
   with pytest.raises(ValueError, match="need a model drafter"):
-    sequoia.rank_statistics(target, object(), tokens, first, 4, 0.0, 4)
+    rank_statistics.rank_statistics(target, object(), tokens, first, 4, 0.0, 4)
   with pytest.raises(ValueError, match="built from this target"):
-    sequoia.rank_statistics(truncated(target, 2), drafter, tokens, first, 4,
-                            0.0, 4)
+    rank_statistics.rank_statistics(truncated(target, 2), drafter, tokens,
+                                    first, 4, 0.0, 4)
 
 
 def test_measure_acceptance_rejects_ngram():
@@ -319,7 +323,7 @@ def test_measure_acceptance_cli_tiny(tmp_path):
        "--max_rank=4", f"--output={path}"],
       capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr
-  acc = sequoia.load_acceptance(path)
+  acc = acceptance_rates.load_acceptance(path)
   assert len(acc.probs) == 4 and acc.meta["trials"] == 8
   assert math.isclose(sum(acc.probs) + acc.meta["reject_all"], 1.0,
                       abs_tol=1e-9)

@@ -17,6 +17,7 @@ import pytest
 
 from seqdec import testing
 from seqdec.decoding import drafters as drafters_lib
+from seqdec.decoding import tree_specs
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding import verify as verify_lib
 from seqdec.decoding.drafters import ngram as ngram_lib
@@ -165,7 +166,7 @@ def test_trees_built_in_jit_pass_the_host_validator():
   for name, spec in (("ngram", "static10"), ("layerskip", "kary2x2"),
                      ("draft_perturbed", "chain3")):
     drafter = make(name, model)
-    shape = trees_lib.parse(spec)
+    shape = tree_specs.parse(spec)
 
     @jax.jit
     def propose(params, cache):
@@ -233,7 +234,7 @@ def test_bad_input_gets_clear_errors(tok):
   with pytest.raises(trees_lib.TreeError, match="listed after it"):
     trees_lib.TreeShape((-1, 2, 0), (0, 0, 0))
   with pytest.raises(trees_lib.TreeError, match="unknown tree spec"):
-    trees_lib.parse("bush7")
+    tree_specs.parse("bush7")
   with pytest.raises(trees_lib.TreeError, match="level by level"):
     SpeculativeDecoder(model, make("ngram", model),
                        trees_lib.TreeShape((-1, 0, 1, 0), (0, 0, 0, 1)))

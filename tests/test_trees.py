@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqdec.decoding import tree_specs
 from seqdec.decoding import trees
 
 
@@ -38,8 +39,8 @@ def test_constructors():
   p = trees.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
   assert p.parents == (-1, 0, 0, 1, 1, 2, 3)
   assert p.ranks == (0, 0, 1, 0, 1, 0, 0)
-  assert trees.parse("chain4") == trees.chain(4)
-  assert trees.parse("kary2x2") == trees.kary((2, 2))
+  assert tree_specs.parse("chain4") == trees.chain(4)
+  assert tree_specs.parse("kary2x2") == trees.kary((2, 2))
 
 
 @pytest.mark.parametrize("parents,message", [
@@ -67,9 +68,9 @@ def test_invalid_paths(paths, message):
 
 def test_bad_specs_and_duplicate_ranks():
   with pytest.raises(trees.TreeError, match="unknown tree spec"):
-    trees.parse("star5")
+    tree_specs.parse("star5")
   with pytest.raises(trees.TreeError, match="bad tree spec"):
-    trees.parse("karyAx2")
+    tree_specs.parse("karyAx2")
   with pytest.raises(trees.TreeError, match="repeats rank"):
     trees.TreeShape((-1, 0, 0), (0, 0, 0))
 

@@ -25,89 +25,28 @@ tokens a round emits, accepted drafts plus the bonus token, is
 optionally depth <= D) by dynamic programming (the recursion is in its
 docstring); `expected_accepted` evaluates (1) for any `TreeShape`.
 
-Acceptance files (written by `launch/measure_acceptance.py`, read by the
-tree spec 'sequoia<n>[d<D>]:<path.json>' of `trees.parse`) are JSON objects:
-
-    {
-      "probs": [p_1, p_2, ..., p_K],   # required: numbers in [0, 1],
-                                       # sum <= 1 (+1e-6 rounding slack)
-      "drafter": "layerskip@skip:4-15",   # what was measured (free text)
-      "target": "smollm2-135m-instruct",
-      "temperature": 0.0,
-      "rule": "greedy",                # or "lossless-deterministic" (T > 0)
-      "trials": 3072,                  # positions the rates are averaged over
-      "command": "python launch/measure_acceptance.py ...",
-      ...                              # further keys are kept, not checked
-    }
-
-Only "probs" is required; the other keys document the measurement (when
-present, "temperature" must be a number >= 0 and "trials" an integer >= 1).
+The rates come from acceptance files (`seqdec.decoding.acceptance_rates`,
+measured by `seqdec.decoding.rank_statistics`); the tree spec
+'sequoia<n>[d<D>]:<path.json>' of `seqdec.decoding.tree_specs` joins the
+three. This module is the host-side dynamic program only: numpy, no model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
-import os
-import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from seqdec.errors import UserError
 from seqdec.decoding import trees
-from seqdec.decoding.drafters.model import ModelDrafter
-from seqdec.jsonl import write_text_atomic
-from seqdec.models.transformer import init_cache
+from seqdec.decoding.acceptance_rates import check_probs
 
-# Rounding slack allowed on sum(p) <= 1 (measured rates are float sums).
-SUM_TOLERANCE = 1e-6
 # Relative slack under which a smaller tree counts as equally good.
 _TIE = 1e-12
 
 
-class AcceptanceError(UserError):
-  """A missing or malformed acceptance file, or bad acceptance rates."""
-
-
 # ----------------------------------------------------------------- validation
-
-
-def check_probs(probs: Sequence[float], what: str = "probs") -> np.ndarray:
-  """Validates per-rank acceptance rates; returns them as float64 `[K]`.
-
-  Valid means: a non-empty flat sequence of real numbers (no bools), each
-  finite and in [0, 1], with sum <= 1 + `SUM_TOLERANCE`. They need not be
-  sorted (measured rates can be out of order by noise); the dynamic program
-  handles any order.
-
-  Raises:
-    AcceptanceError: naming the first offending entry.
-  """
-  if isinstance(probs, (str, bytes, Mapping)) or not hasattr(probs, "__len__"):
-    raise AcceptanceError(f"{what} must be a list of numbers, got "
-                          f"{type(probs).__name__}")
-  items = list(probs)
-  if not items:
-    raise AcceptanceError(f"{what} is empty; need at least p_1")
-  for k, x in enumerate(items, 1):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(
-        x, (int, float, np.integer, np.floating)):
-      raise AcceptanceError(f"{what}: p_{k} = {x!r} is not a number")
-    if not math.isfinite(float(x)) or not 0.0 <= float(x) <= 1.0:
-      raise AcceptanceError(f"{what}: p_{k} = {x!r} is outside [0, 1]")
-  p = np.asarray(items, np.float64)
-  if p.sum() > 1.0 + SUM_TOLERANCE:
-    raise AcceptanceError(
-        f"{what} sum to {p.sum():.6g} > 1: p_k is the probability that the "
-        f"k-th ranked child is *the* accepted one, so the p_k of one node's "
-        f"children are exclusive events")
-  return p
 
 
 def _check_budget(budget: int) -> int:
@@ -280,229 +219,3 @@ def optimal_taus(probs: Sequence[float], max_budget: int,
   depth = n if limit is None else min(limit, n)
   tables = _solve(tuple(float(x) for x in p), n + 1, depth)
   return np.maximum.accumulate(tables.value[depth, 1:n + 2])
-
-
-# ---------------------------------------------------------- acceptance files
-
-
-@dataclasses.dataclass(frozen=True)
-class Acceptance:
-  """A validated acceptance file.
-
-  Attributes:
-    probs: `(K,)` per-rank acceptance rates p_1..p_K.
-    meta: every other key of the file (drafter, target, temperature, ...).
-    path: where it was read from ('' if built in memory).
-  """
-  probs: tuple[float, ...]
-  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  path: str = ""
-
-
-def _repo_root() -> str:
-  return os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-
-
-def resolve_path(path: str) -> str:
-  """`path` as given if it exists, else relative to the source tree (so
-  'configs/acceptance/x.json' works from any directory).
-
-  Raises:
-    AcceptanceError: neither exists.
-  """
-  if not isinstance(path, str) or not path:
-    raise AcceptanceError(f"acceptance file path must be a non-empty string, "
-                          f"got {path!r}")
-  if os.path.isfile(path):
-    return path
-  alt = os.path.join(_repo_root(), path)
-  if not os.path.isabs(path) and os.path.isfile(alt):
-    return alt
-  tried = path if os.path.isabs(path) else f"{path} (nor {alt})"
-  raise AcceptanceError(f"acceptance file {tried} does not exist; measure "
-                        f"one with launch/measure_acceptance.py")
-
-
-def parse_acceptance(obj: Any, where: str = "acceptance") -> Acceptance:
-  """Validates a decoded acceptance JSON object (module docstring)."""
-  if not isinstance(obj, dict):
-    raise AcceptanceError(f"{where}: expected a JSON object with a 'probs' "
-                          f"list, got {type(obj).__name__}")
-  if "probs" not in obj:
-    raise AcceptanceError(f"{where}: missing 'probs' (the per-rank acceptance "
-                          f"rates p_1, p_2, ...)")
-  p = check_probs(obj["probs"], f"{where}: 'probs'")
-  meta = {k: v for k, v in obj.items() if k != "probs"}
-  t = meta.get("temperature")
-  if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                        or not math.isfinite(t) or t < 0):
-    raise AcceptanceError(f"{where}: 'temperature' must be a number >= 0, "
-                          f"got {t!r}")
-  n = meta.get("trials")
-  if n is not None and (isinstance(n, bool) or not isinstance(n, int)
-                        or n < 1):
-    raise AcceptanceError(f"{where}: 'trials' must be an integer >= 1, got "
-                          f"{n!r}")
-  return Acceptance(tuple(float(x) for x in p), meta)
-
-
-def load_acceptance(path: str) -> Acceptance:
-  """Reads and validates an acceptance file (format: module docstring).
-
-  Raises:
-    AcceptanceError: a missing file, invalid JSON, or bad contents; the
-      message names the file.
-  """
-  full = resolve_path(path)
-  try:
-    with open(full, encoding="utf-8") as f:
-      obj = json.load(f)
-  except json.JSONDecodeError as e:
-    raise AcceptanceError(f"{path}: not valid JSON ({e.msg} at line "
-                          f"{e.lineno} column {e.colno})") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise AcceptanceError(f"{path}: cannot be read ({e})") from None
-  return dataclasses.replace(parse_acceptance(obj, path), path=full)
-
-
-def write_acceptance(path: str, probs: Sequence[float], **meta: Any) -> None:
-  """Validates and writes an acceptance file atomically (creates the
-  directory); `meta` holds drafter, target, temperature, rule, trials,
-  command and any extra keys."""
-  acc = parse_acceptance({"probs": [float(x) for x in probs], **meta}, path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  write_text_atomic(path, json.dumps({"probs": list(acc.probs), **meta},
-                                     indent=2, allow_nan=False) + "\n")
-
-
-_SPEC = re.compile(r"^(\d+)(?:d(\d+))?:(.+)$", re.DOTALL)
-
-
-def from_spec(arg: str) -> trees.TreeShape:
-  """The tree of a 'sequoia' spec's argument: '<n>:<path>' or
-  '<n>d<D>:<path>' (n draft nodes, depth <= D, rates from the acceptance
-  file at path); see `optimal_tree` and `load_acceptance`."""
-  match = _SPEC.match(arg)
-  if not match:
-    raise trees.TreeError(
-        f"bad sequoia spec {'sequoia' + arg!r}; expected sequoia<n>:<file.json>"
-        f" or sequoia<n>d<depth>:<file.json>, e.g. "
-        f"sequoia16:configs/acceptance/smollm2_layerskip_t0.json")
-  n, d, path = match.groups()
-  acc = load_acceptance(path)
-  shape, _ = optimal_tree(acc.probs, int(n), None if d is None else int(d))
-  return shape
-
-
-# --------------------------------------------------------------- measurement
-
-
-def window_mask(num_tokens: int) -> np.ndarray:
-  """`[T, 2T]` scratch-window mask of the layer-skip teacher-forced pass.
-
-  Window slots 0..T-1 hold the *full* model's K/V of the T tokens (an earlier
-  call's scratch), slots T..2T-1 the layer-skip pass's own. Token i sees the
-  full model's K/V of tokens j < i and its own: exactly what the layer-skip
-  drafter sees when token i is the root (committed K/V come from the
-  target's verification; the root is fed through the kept layers).
-  """
-  t = num_tokens
-  m = np.zeros((t, 2 * t), bool)
-  m[:, :t] = np.tril(np.ones((t, t), bool), -1)
-  m[np.arange(t), t + np.arange(t)] = True
-  return m
-
-
-@functools.partial(jax.jit,
-                   static_argnames=("tdef", "ddef", "layers", "shared",
-                                    "num_roots", "max_rank"))
-def _rank_stats(tdef, tparams, ddef, dparams, tokens, first_root, temperature,
-                *, layers, shared, num_roots, max_rank):
-  target = nnx.merge(tdef, tparams)
-  b, t = tokens.shape
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  roots = jnp.clip(first_root[:, None] + jnp.arange(num_roots), 0, t - 1)
-
-  def at_roots(hidden):                                  # [B, T, D] -> [B, R, D]
-    return jnp.take_along_axis(hidden, roots[..., None], axis=1)
-
-  cache = init_cache(target.config, b, 2 * t if shared else t)
-  hidden, cache = target.backbone(tokens, pos, cache)
-  t_logits = target.logits(at_roots(hidden))            # [B, R, V]
-  if shared:
-    mask = jnp.broadcast_to(jnp.asarray(window_mask(t)), (b, t, 2 * t))
-    d_hidden, _ = target.backbone(tokens, pos, cache, mask, layers=layers)
-    d_logits = target.logits(at_roots(d_hidden))
-  else:
-    draft = nnx.merge(ddef, dparams)
-    d_cache = init_cache(draft.config, b, t)
-    d_hidden, _ = draft.backbone(tokens, pos, d_cache, layers=layers)
-    d_logits = draft.logits(at_roots(d_hidden))
-  top = jax.lax.top_k(d_logits, max_rank)[1]             # [B, R, K]
-  argmax = jnp.argmax(t_logits, -1)                      # [B, R]
-  hit = (top == argmax[..., None]).astype(jnp.float32)
-  probs = jax.nn.softmax(t_logits / jnp.maximum(temperature, 1e-6), -1)
-  sampled = jnp.take_along_axis(probs, top, axis=-1)
-  return jnp.where(temperature > 0, sampled, hit), argmax
-
-
-def rank_statistics(target, drafter, tokens: np.ndarray,
-                    first_root: np.ndarray, num_roots: int,
-                    temperature: float, max_rank: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Teacher-forced per-rank acceptance of a model drafter, per position.
-
-  For each row b and root position t = first_root[b] + i (i < num_roots),
-  with x_k the drafter's k-th most likely token after tokens[b, :t+1] (the
-  drafter's view when tokens[b, t] is the root of a round) and p the target's
-  distribution there:
-
-      T = 0:  s[b, i, k] = 1[x_k = argmax p]      (greedy verification)
-      T > 0:  s[b, i, k] = p_T(x_k),  p_T = softmax(logits / T)
-              (deterministic children, lossless rule: accept the child equal
-              to y ~ p_T, so rank k is the accepted one with prob. p_T(x_k))
-
-  and the acceptance rates are p_k = mean over (b, i) of s[b, i, k]. The
-  layer-skip drafter (`drafter.shared_cache`) attends to the full target's
-  K/V of the context, as in decoding (`window_mask`); an independent draft
-  LM runs causally over the same tokens with its own cache.
-
-  Args:
-    target: the target `Transformer`.
-    drafter: a `ModelDrafter` of this target (`layer_skip` or `draft_lm`),
-      proposing its top-K deterministically (the 'topk' proposal).
-    tokens: `[B, T]` int32 prompt + continuation, right-padded.
-    first_root: `[B]` int32 first root position (prompt length - 1).
-    num_roots: R, roots per row (positions past T - 1 are clipped: the
-      caller keeps only valid ones).
-    temperature: T >= 0.
-    max_rank: K, ranks measured (the drafter's top-K).
-
-  Returns:
-    `(s [B, R, K] float32, target argmax [B, R] int32)`.
-  """
-  if not isinstance(drafter, ModelDrafter):
-    raise ValueError(f"teacher-forced rank statistics need a model drafter "
-                     f"(layerskip or draft), got {drafter!r}")
-  if not 1 <= max_rank <= target.config.vocab_size:
-    raise ValueError(f"max_rank must be in [1, {target.config.vocab_size}], "
-                     f"got {max_rank}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature > 0 and getattr(drafter, "proposal", "topk") != "topk":
-    raise ValueError(f"rank statistics describe deterministic top-K children;"
-                     f" drafter {drafter!r} samples its children "
-                     f"({drafter.proposal!r}) at temperature > 0")
-  if drafter.shared_cache and drafter.config != target.config:
-    raise ValueError("a layer-skip drafter must be built from this target")
-  tdef, tparams = nnx.split(target)
-  ddef, dparams = ((None, None) if drafter.shared_cache
-                   else (drafter.graphdef, drafter.params))
-  s, argmax = _rank_stats(
-      tdef, tparams, ddef, dparams,
-      np.asarray(tokens, np.int32), np.asarray(first_root, np.int32),
-      np.float32(temperature), layers=drafter.layers,
-      shared=drafter.shared_cache, num_roots=int(num_roots),
-      max_rank=int(max_rank))
-  return np.asarray(s), np.asarray(argmax)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from seqdec.decoding import trees as trees_lib
+from seqdec.decoding import tree_specs
 from seqdec.decoding.autoregressive import (AutoregressiveDecoder,
                                             DecodeShapes, prefill)
 from seqdec.decoding.drafters.base import Drafter, Outcome, Round
@@ -46,7 +46,8 @@ from seqdec.decoding.sampling import Sampler, SamplingParams, step_keys
 from seqdec.decoding.trees import Tree, TreeError, TreeShape
 from seqdec.decoding.verify import (Acceptance, Greedy, Rule, make_rule,
                                     needs_greedy)
-from seqdec.models.transformer import KVCache, commit, init_cache, write_rows
+from seqdec.models.transformer import KVCache, commit, init_cache
+from seqdec.ops import write_rows
 
 
 @flax.struct.dataclass
@@ -251,7 +252,7 @@ class SpeculativeDecoder(AutoregressiveDecoder):
 
   def __init__(self, model, drafter: Drafter, tree="chain4", rule="greedy"):
     super().__init__(model)
-    self.shape = trees_lib.parse(tree) if isinstance(tree, str) else tree
+    self.shape = tree_specs.parse(tree) if isinstance(tree, str) else tree
     self.rule = make_rule(rule) if isinstance(rule, str) else rule
     self.drafter = drafter
     drafter.check(model.config, self.shape)

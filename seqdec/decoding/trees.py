@@ -13,9 +13,10 @@ Two levels of description:
 * `TreeShape` is the static topology (a tuple of parent indices plus, for each
   node, which ranked candidate of its parent it is); it is hashable and
   chooses the compiled program. Shapes are built by `chain(gamma)`,
-  `kary(branching)` and `from_paths(paths)` (Medusa-style lists of rank paths),
-  parsed from config strings by `parse`, and validated on the host with
-  `validate_parents`, which raises `TreeError` with a clear message.
+  `kary(branching)` and `from_paths(paths)` (Medusa-style lists of rank
+  paths), parsed from config strings by `seqdec.decoding.tree_specs.parse`,
+  and validated on the host with `validate_parents`, which raises
+  `TreeError` with a clear message.
 * `Tree` is the per-row array form a drafter fills in inside jit: tokens,
   parents, depth, validity, the ancestor mask, and for every node the
   *proposal scheme* that produced its children (`DETERMINISTIC`: top-k,
@@ -220,8 +221,8 @@ def from_paths(paths: Sequence[Sequence[int]]) -> TreeShape:
 
 
 # Hand-built sparse trees (Medusa style: most nodes on the top-ranked line),
-# by number of draft nodes. Sequoia-optimal trees are built from measured
-# acceptance rates instead.
+# by number of draft nodes ('static<n>' in `tree_specs`). Sequoia-optimal
+# trees are built from measured acceptance rates instead.
 STATIC_TREES = {
     6: [(0,), (1,), (0, 0), (1, 0), (0, 0, 0), (0, 0, 0, 0)],
     10: [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1),
@@ -230,62 +231,6 @@ STATIC_TREES = {
          (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0),
          (0, 0, 0, 0, 0)],
 }
-
-
-def _paths(arg: str) -> TreeShape:
-  try:
-    paths = [tuple(int(r) for r in p.split(".")) for p in arg.split("-")]
-  except ValueError:
-    raise TreeError(f"bad path list {arg!r}; expected ranks joined by '.' "
-                    f"and paths by '-', e.g. paths:0-1-0.0") from None
-  return from_paths(paths)
-
-
-def _static(arg: str) -> TreeShape:
-  if int(arg) not in STATIC_TREES:
-    raise TreeError(f"no static tree with {arg} nodes; known: "
-                    f"{sorted(STATIC_TREES)}")
-  return from_paths(STATIC_TREES[int(arg)])
-
-
-def _sequoia(arg: str) -> TreeShape:
-  from seqdec.decoding import sequoia  # pylint: disable=g-import-not-at-top
-  return sequoia.from_spec(arg)  # imported lazily: sequoia imports trees
-
-
-_NAMED = {
-    "chain": lambda arg: chain(int(arg)),
-    "kary": lambda arg: kary(tuple(int(x) for x in arg.split("x"))),
-    "static": _static,
-    "paths:": _paths,
-    "sequoia": _sequoia,
-}
-
-
-def parse(spec: str) -> TreeShape:
-  """A tree from a config string.
-
-  'chain4' (4 drafted tokens), 'kary3x2x1' (branching per depth),
-  'static10' (a hand-built tree of `STATIC_TREES`), 'paths:0-1-0.0-0.1'
-  (Medusa-style rank paths: ranks joined by '.', paths by '-'),
-  'sequoia16:configs/acceptance/x.json' (the Sequoia-optimal tree of 16
-  draft nodes for the per-rank acceptance rates in that file, path as given
-  or relative to the source tree), 'sequoia16d4:<file>' (depth <= 4); see
-  `seqdec.decoding.sequoia`.
-  """
-  if not isinstance(spec, str):
-    raise TreeError(f"tree spec must be a string, got {spec!r}")
-  for name, build in _NAMED.items():
-    if spec.startswith(name) and spec[len(name):]:
-      try:
-        return build(spec[len(name):])
-      except ValueError as e:
-        if isinstance(e, TreeError):
-          raise
-        raise TreeError(f"bad tree spec {spec!r}: {e}") from None
-  raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
-                  f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-... or "
-                  f"sequoia<n>[d<depth>]:<acceptance.json>")
 
 
 @flax.struct.dataclass

@@ -44,6 +44,7 @@ from flax import nnx
 from seqdec.kernels.tree_attention import tree_attention
 from seqdec.kernels.tree_mask import pack_mask
 from seqdec.models.config import TransformerConfig, as_dtype
+from seqdec.ops import write_rows
 
 # Logical axis names carried by every parameter as sharding metadata.
 EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP = (
@@ -77,40 +78,6 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int,
   kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
              for _ in range(config.num_layers))
   return KVCache(kv=kv, length=jnp.zeros((batch_size,), jnp.int32))
-
-
-# Batches up to this size update rows one by one in `write_rows`.
-WRITE_ROWS_UNROLL = 16
-
-
-def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array,
-               axis: int = 1) -> jax.Array:
-  """buf[b, ..., start[b] : start[b] + T, ...] = new[b] for every row b.
-
-  The slice is along `axis` (T = new.shape[axis]; other axes match buf).
-  Up to `WRITE_ROWS_UNROLL` rows: one `dynamic_update_slice` per row, which
-  XLA performs in place on a donated buffer (a batched update lowers to a
-  scatter, several times slower on CPU for small B). Larger batches use the
-  vmapped update: the unrolled form's compile time grows with B (two minutes
-  for a B=64 speculative loop).
-
-  Args:
-    buf: `[B, ...]`, e.g. a cache buffer `[B, K, S, Dh]` (axis 2) or a token
-      buffer `[B, L]` (axis 1).
-    new: like buf with T entries along `axis`.
-    start: `[B]` int32 offsets along `axis`.
-  """
-  zero = jnp.zeros((), start.dtype)
-  new = new.astype(buf.dtype)
-  if buf.shape[0] > WRITE_ROWS_UNROLL:
-    return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice_in_dim(
-        row, upd, s, axis - 1))(buf, new, start)
-  for b in range(buf.shape[0]):
-    index = [zero] * buf.ndim
-    index[0] = jnp.asarray(b, start.dtype)
-    index[axis] = start[b]
-    buf = jax.lax.dynamic_update_slice(buf, new[b:b + 1], tuple(index))
-  return buf
 
 
 def commit(cache: KVCache, n_keep: jax.Array,

@@ -27,7 +27,7 @@ import numpy as np
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome, Round
 from seqdec.decoding.trees import Tree, TreeShape
-from seqdec.models.transformer import write_rows
+from seqdec.ops import write_rows
 
 
 @flax.struct.dataclass

@@ -1,0 +1,171 @@
+"""Per-rank acceptance rates: validation and the acceptance files.
+
+The rates p_1, p_2, ..., p_K of the positional acceptance model (see
+`seqdec.decoding.sequoia`): p_k is the probability that the accepted token at
+a reached tree node is its rank-k child. They are marginal and exclusive, so
+sum_k p_k <= 1.
+
+Acceptance files (written by `launch/measure_acceptance.py`, read by the
+tree spec 'sequoia<n>[d<D>]:<path.json>' of `tree_specs.parse`) are JSON
+objects:
+
+    {
+      "probs": [p_1, p_2, ..., p_K],   # required: numbers in [0, 1],
+                                       # sum <= 1 (+1e-6 rounding slack)
+      "drafter": "layerskip@skip:4-15",   # what was measured (free text)
+      "target": "smollm2-135m-instruct",
+      "temperature": 0.0,
+      "rule": "greedy",                # or "lossless-deterministic" (T > 0)
+      "trials": 3072,                  # positions the rates are averaged over
+      "command": "python launch/measure_acceptance.py ...",
+      ...                              # further keys are kept, not checked
+    }
+
+Only "probs" is required; the other keys document the measurement (when
+present, "temperature" must be a number >= 0 and "trials" an integer >= 1).
+
+Host code only (numpy, json): no model, no drafter, no jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from seqdec.errors import UserError
+from seqdec.jsonl import write_text_atomic
+
+# Rounding slack allowed on sum(p) <= 1 (measured rates are float sums).
+SUM_TOLERANCE = 1e-6
+
+
+class AcceptanceError(UserError):
+  """A missing or malformed acceptance file, or bad acceptance rates."""
+
+
+def check_probs(probs: Sequence[float], what: str = "probs") -> np.ndarray:
+  """Validates per-rank acceptance rates; returns them as float64 `[K]`.
+
+  Valid means: a non-empty flat sequence of real numbers (no bools), each
+  finite and in [0, 1], with sum <= 1 + `SUM_TOLERANCE`. They need not be
+  sorted (measured rates can be out of order by noise); the dynamic program
+  handles any order.
+
+  Raises:
+    AcceptanceError: naming the first offending entry.
+  """
+  if isinstance(probs, (str, bytes, Mapping)) or not hasattr(probs, "__len__"):
+    raise AcceptanceError(f"{what} must be a list of numbers, got "
+                          f"{type(probs).__name__}")
+  items = list(probs)
+  if not items:
+    raise AcceptanceError(f"{what} is empty; need at least p_1")
+  for k, x in enumerate(items, 1):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(
+        x, (int, float, np.integer, np.floating)):
+      raise AcceptanceError(f"{what}: p_{k} = {x!r} is not a number")
+    if not math.isfinite(float(x)) or not 0.0 <= float(x) <= 1.0:
+      raise AcceptanceError(f"{what}: p_{k} = {x!r} is outside [0, 1]")
+  p = np.asarray(items, np.float64)
+  if p.sum() > 1.0 + SUM_TOLERANCE:
+    raise AcceptanceError(
+        f"{what} sum to {p.sum():.6g} > 1: p_k is the probability that the "
+        f"k-th ranked child is *the* accepted one, so the p_k of one node's "
+        f"children are exclusive events")
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceRates:
+  """A validated acceptance file.
+
+  Attributes:
+    probs: `(K,)` per-rank acceptance rates p_1..p_K.
+    meta: every other key of the file (drafter, target, temperature, ...).
+    path: where it was read from ('' if built in memory).
+  """
+  probs: tuple[float, ...]
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  path: str = ""
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+
+
+def resolve_path(path: str) -> str:
+  """`path` as given if it exists, else relative to the source tree (so
+  'configs/acceptance/x.json' works from any directory).
+
+  Raises:
+    AcceptanceError: neither exists.
+  """
+  if not isinstance(path, str) or not path:
+    raise AcceptanceError(f"acceptance file path must be a non-empty string, "
+                          f"got {path!r}")
+  if os.path.isfile(path):
+    return path
+  alt = os.path.join(_repo_root(), path)
+  if not os.path.isabs(path) and os.path.isfile(alt):
+    return alt
+  tried = path if os.path.isabs(path) else f"{path} (nor {alt})"
+  raise AcceptanceError(f"acceptance file {tried} does not exist; measure "
+                        f"one with launch/measure_acceptance.py")
+
+
+def parse_acceptance(obj: Any, where: str = "acceptance") -> AcceptanceRates:
+  """Validates a decoded acceptance JSON object (module docstring)."""
+  if not isinstance(obj, dict):
+    raise AcceptanceError(f"{where}: expected a JSON object with a 'probs' "
+                          f"list, got {type(obj).__name__}")
+  if "probs" not in obj:
+    raise AcceptanceError(f"{where}: missing 'probs' (the per-rank acceptance "
+                          f"rates p_1, p_2, ...)")
+  p = check_probs(obj["probs"], f"{where}: 'probs'")
+  meta = {k: v for k, v in obj.items() if k != "probs"}
+  t = meta.get("temperature")
+  if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                        or not math.isfinite(t) or t < 0):
+    raise AcceptanceError(f"{where}: 'temperature' must be a number >= 0, "
+                          f"got {t!r}")
+  n = meta.get("trials")
+  if n is not None and (isinstance(n, bool) or not isinstance(n, int)
+                        or n < 1):
+    raise AcceptanceError(f"{where}: 'trials' must be an integer >= 1, got "
+                          f"{n!r}")
+  return AcceptanceRates(tuple(float(x) for x in p), meta)
+
+
+def load_acceptance(path: str) -> AcceptanceRates:
+  """Reads and validates an acceptance file (format: module docstring).
+
+  Raises:
+    AcceptanceError: a missing file, invalid JSON, or bad contents; the
+      message names the file.
+  """
+  full = resolve_path(path)
+  try:
+    with open(full, encoding="utf-8") as f:
+      obj = json.load(f)
+  except json.JSONDecodeError as e:
+    raise AcceptanceError(f"{path}: not valid JSON ({e.msg} at line "
+                          f"{e.lineno} column {e.colno})") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise AcceptanceError(f"{path}: cannot be read ({e})") from None
+  return dataclasses.replace(parse_acceptance(obj, path), path=full)
+
+
+def write_acceptance(path: str, probs: Sequence[float], **meta: Any) -> None:
+  """Validates and writes an acceptance file atomically (creates the
+  directory); `meta` holds drafter, target, temperature, rule, trials,
+  command and any extra keys."""
+  acc = parse_acceptance({"probs": [float(x) for x in probs], **meta}, path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_text_atomic(path, json.dumps({"probs": list(acc.probs), **meta},
+                                     indent=2, allow_nan=False) + "\n")
