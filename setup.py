@@ -20,8 +20,8 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["seqdec", "seqdec.*", "configs",
-                                    "configs.*"]),
+    # configs/ and launch/ are files run by path, not packages.
+    packages=find_packages(include=["seqdec", "seqdec.*"]),
     install_requires=requirements("requirements.txt"),
     extras_require={
         "test": requirements("requirements-dev.txt"),

@@ -14,11 +14,11 @@ a few files and steps, for a CPU smoke run). Rerunning with the same
 
 import ml_collections
 
-from configs import common
+from seqdec import config_utils
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, cell="paragru", mode="parallel", runlocal=False)
+  arg = config_utils.parse_arg(arg, cell="paragru", mode="parallel", runlocal=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
 

@@ -2,55 +2,53 @@
 
 Launch:
   python launch/decode.py --config=configs/spec_decode.py
-  python launch/decode.py --config=configs/spec_decode.py:drafter=ngram,tree=chain4
-  python launch/decode.py --config=configs/spec_decode.py:drafter=layerskip,layers=skip:8-23,tree=kary2x2
-  python launch/decode.py --config=configs/spec_decode.py:drafter=draft,draft_layers=10,tree=static6
+  python launch/decode.py --config=configs/spec_decode.py:spec=ngram/chain4
+  python launch/decode.py --config=configs/spec_decode.py:spec=layerskip@layers=skip:8-23/kary2x2
+  python launch/decode.py --config=configs/spec_decode.py:spec=draft@draft_layers=10/static6
+  python launch/decode.py --config=configs/spec_decode.py:spec=layerskip@layers=skip:4-15@proposal=wor/kary2x1,temperature=1
   python launch/decode.py --config=configs/spec_decode.py:runlocal --prompt=hello
+  python launch/decode.py --config=configs/spec_decode.py --config.spec.tree=chain6
 
-drafter: 'ngram' (prompt lookup over prompt + output), 'layerskip' (the target
-  with a subset of its layers, `layers` = first:K | skip:a-b[+c-d] |
-  keep:a-b | every:K), 'draft' (an independent draft LM: `draft_model` names
-  one like `model` does, or `draft_layers=K` truncates the target to K layers).
+`spec` is a method of the one grammar (`seqdec.decoding.spec`):
+`<drafter>[@key=value...]/<tree>` or `ar`. It fills the nested `config.spec`
+block (drafter, tree, rule, proposal, max_top_k, options), which
+`--config.spec.<field>=...` overrides like any other key.
+
+drafter: 'ngram' (prompt lookup over prompt + output; options max_ngram,
+  min_ngram), 'layerskip' (the target with a subset of its layers: `layers`
+  = first:K | skip:a-b[+c-d] | keep:a-b | every:K), 'draft' (an independent
+  draft LM: `draft_model` names one like `model` does, or `draft_layers=K`
+  truncates the target to K layers).
 tree: chain<g> | kary<b1>x<b2>... | static<n> (6, 10, 16) | paths:0-1-0.0-...
-rule: 'auto' (greedy at temperature 0, else sample), 'greedy' (temperature
-  0; the output equals autoregressive decoding), 'sample' (lossless
-  speculative sampling at any temperature / top-k / top-p, matched to how the
-  drafter proposed each node's children), 'typical_lossy' (Medusa's typical
-  acceptance: NOT the target distribution).
+  | sequoia<n>[d<D>]:<acceptance.json>
+rule: 'auto' (greedy when every row is at temperature 0, else sample),
+  'greedy', 'sample' (lossless speculative sampling at any temperature /
+  top-k / top-p), 'typical_lossy' (Medusa's typical acceptance: NOT the
+  target distribution).
 proposal: model drafters at temperature > 0: 'topk' (deterministic), 'iid'
   (children drawn i.i.d. from the draft distribution), 'wor' (without
   replacement, Gumbel-top-k).
-temperature: sampling temperature (0 = greedy), e.g.
-  --config=configs/spec_decode.py:drafter=layerskip,layers=skip:4-15,temperature=1,proposal=wor,tree=kary2x1
 compare_ar: also decode autoregressively, then print the speedup and whether
   the outputs agree.
 """
 
 import ml_collections
 
-from configs import common
-from configs import decode
+from seqdec import config_utils
+from seqdec.decoding.spec import SpecConfig
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
-      arg, model="smollm2-135m-instruct", runlocal=False, drafter="ngram",
-      tree="chain4", layers="", draft_layers=0, draft_model="", compare_ar=True,
-      rule="auto", proposal="topk", temperature=0.0)
-  c = decode.get_config("runlocal" if arg.runlocal else f"model={arg.model}")
-  c.drafter = arg.drafter
-  c.tree = arg.tree
-  c.rule = arg.rule
-  c.proposal = arg.proposal
+  arg = config_utils.parse_arg(
+      arg, model="smollm2-135m-instruct", runlocal=False, spec="ngram/chain4",
+      temperature=0.0, compare_ar=True)
+  c = config_utils.decode_config(arg.model, arg.runlocal)
   c.temperature = float(arg.temperature)
-  c.max_ngram = 3              # n-gram drafter: longest suffix matched
-  c.min_ngram = 1              # ... and shortest
-  c.layers = arg.layers        # layerskip drafter: layer subset spec
-  c.draft_model = arg.draft_model   # draft drafter: a model name/path
-  c.draft_layers = arg.draft_layers  # draft drafter: or the target truncated
+  c.spec = ml_collections.ConfigDict(
+      SpecConfig.parse(arg.spec).to_config())
   c.compare_ar = arg.compare_ar
   # An input-copying task, where prompt lookup shines (the bench covers all
-  # categories: bench_results/spec.md).
+  # categories: benchmarks/results/spec.md).
   c.default_prompt = (
       "Rewrite the following text in the past tense. Change nothing else.\n\n"
       "Every morning, the baker opens the shop at six o'clock. She turns on "

@@ -64,8 +64,6 @@ Method
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -173,7 +171,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import seqdec
   from seqdec import bench
-  from launch.hf_baseline import HFSide
+  from hf_baseline import HFSide
   from seqdec.checkpoints import gguf
   from seqdec.decoding import autoregressive
   # pylint: enable=g-import-not-at-top

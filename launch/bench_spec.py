@@ -35,7 +35,7 @@ Method
   prompt-length bucket before any timed run. Timed runs interleave the
   methods in a rotating order per prompt.
 * Phase split: for each speculative method, one prompt per category is also
-  run through `PhaseTimer` (draft, verify, finish as three separately jitted
+  run through `HostLoop(phases=True)` (draft, verify, finish as three separately jitted
   programs with a host sync between them; the real loop has none), giving
   ms per round for each phase; the autoregressive ms per step is reported
   beside it, and so is the real loop's ms per round (decode seconds / rounds,
@@ -49,8 +49,6 @@ Method
 
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -104,42 +102,24 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def parse_method(method, temperature):
-  """`<drafter>[@key=value...]/<tree>` -> (drafter, tree, options, rule).
-
-  `rule` is the `@rule=` option, else 'sample' at temperature > 0 and
-  'greedy' at 0; the other options go to `make_drafter`.
-  """
-  drafter, _, tree = method.partition("/")
-  drafter, *extra = drafter.split("@")   # e.g. ngram@min_ngram=2
-  options = {}
-  for item in extra:
-    key, _, value = item.partition("=")
-    options[key] = int(value) if value.lstrip("-").isdigit() else value
-  rule = options.pop("rule", "sample" if temperature > 0 else "greedy")
-  return drafter, tree, options, rule
+def parse_method(method):
+  """A method string as a `SpecConfig` (the one grammar,
+  `seqdec.decoding.spec`), with --layers / --draft_layers as the default
+  drafter options."""
+  from seqdec.decoding.spec import SpecConfig  # pylint: disable=g-import-not-at-top
+  return SpecConfig.parse(method, layers=_LAYERS.value,
+                          draft_layers=_DRAFT_LAYERS.value)
 
 
 def build_generators(methods, model, tokenizer, n):
-  """`{method: Generator}` for every seqdec method."""
+  """`{method: Generator}` for every seqdec method ('auto' rules: greedy at
+  temperature 0, the lossless 'sample' at T > 0, unless a method names
+  another with @rule=)."""
   from seqdec.generator import Generator  # pylint: disable=g-import-not-at-top
-  gens = {}
-  for m in methods:
-    if m == HF_PLD:
-      continue
-    sampling = dict(temperature=_TEMPERATURE.value, seed=_SEED.value)
-    if m == AR:
-      gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
-                          **sampling)
-      continue
-    drafter, tree, options, rule = parse_method(m, _TEMPERATURE.value)
-    options = {"layerskip": dict(layers=_LAYERS.value),
-               "draft": dict(draft_layers=_DRAFT_LAYERS.value)}.get(
-                   drafter, {}) | options
-    gens[m] = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
-                        drafter=drafter, tree=tree, drafter_options=options,
-                        rule=rule, **sampling)
-  return gens
+  return {m: Generator(model, tokenizer, parse_method(m), max_new_tokens=n,
+                       eos_ids=(), temperature=_TEMPERATURE.value,
+                       seed=_SEED.value)
+          for m in methods if m != HF_PLD}
 
 
 def run_seqdec(gen, ids, n):
@@ -221,11 +201,14 @@ def tables(summary, methods, bench, temperature=0.0):
   head = ["category", "n", "AR tok/s", "HF PLD tok/s", "best lossless method",
           "its tok/s", "tau", "vs AR", "vs HF PLD"]
   rows = []
-  from seqdec.decoding.verify import RULES  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.spec import resolve_rule
+  from seqdec.decoding.verify import RULES
+  # pylint: enable=g-import-not-at-top
   # Lossy rules (Medusa's typical acceptance) are never "best": their output
   # is not the target's distribution.
   spec = [m for m in methods if "/" in m
-          and RULES[parse_method(m, temperature)[3]].lossless]
+          and RULES[resolve_rule(parse_method(m).rule, temperature)].lossless]
   for cat, g in list(summary["by_category"].items()) + [("**overall**", o)]:
     best = max(spec, key=lambda m: g[m]["decode_tps"]["median"]) if spec else None
     b = g[best] if best else {}
@@ -290,32 +273,29 @@ def plot(summary, methods, path, temperature=0.0):
 
 
 def phase_split(gens, inputs, n, bench):
-  """ms per round of draft / verify / finish for each speculative method."""
+  """ms per round of draft / verify / finish for each speculative method
+  (`loops.HostLoop(phases=True)`: the loop's own step, phase by phase)."""
   # pylint: disable=g-import-not-at-top
-  import numpy as np
-  from seqdec.decoding.autoregressive import DecodeShapes, bucket
-  from seqdec.decoding.sampling import SamplingParams, make_sampler, row_keys
-  from seqdec.decoding.speculative import PhaseTimer
+  from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs
+  from seqdec.decoding.sampling import SamplingParams
   # pylint: enable=g-import-not-at-top
   picks = {}
   for p, ids in inputs:
     picks.setdefault(p.category, (p, ids))
   out = {}
+  temperature = _TEMPERATURE.value
   for m, gen in gens.items():
     if m == AR:
       continue
-    timer = PhaseTimer(gen.decoder)
     totals = {"draft": 0.0, "verify": 0.0, "finish": 0.0, "rounds": 0}
     for p, ids in picks.values():
-      shapes = DecodeShapes(1, bucket(len(ids)), bucket(n), 4)
-      tokens = np.zeros((1, shapes.prompt), np.int32)
-      tokens[0, :len(ids)] = ids
-      args = (shapes, tokens, np.array([len(ids)], np.int32), row_keys(0, [0]),
-              SamplingParams.make(1), np.array([n], np.int32),
-              np.full((4,), -1, np.int32), make_sampler())
-      _, sec = timer.run(*args)
+      shapes = DecodeShapes.for_batch(1, len(ids), n, 1)
+      sparams = SamplingParams.make(1, temperature)
+      inputs_ = Inputs.make(shapes, [ids], [n], [-1], sparams, _SEED.value)
+      host = HostLoop(gen.loop(shapes, [temperature]), phases=True)
+      host.run(params=gen.loop_params, inputs=inputs_)
       for k in totals:
-        totals[k] += sec[k]
+        totals[k] += host.seconds.get(k, 0)
     r = max(totals["rounds"], 1)
     out[m] = {f"{k}_ms_per_round": 1e3 * totals[k] / r
               for k in ("draft", "verify", "finish")}
@@ -331,7 +311,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import seqdec
   from seqdec.checkpoints import gguf
-  from seqdec.decoding.autoregressive import bucket
+  from seqdec.decoding.loops import bucket
   # pylint: enable=g-import-not-at-top
   methods = list(_METHODS.value)
   if AR not in methods:
@@ -373,7 +353,7 @@ def main(argv):
   gens = build_generators(methods, model, tokenizer, n)
   hf = None
   if HF_PLD in methods:
-    from launch.hf_baseline import HFSide  # pylint: disable=g-import-not-at-top
+    from hf_baseline import HFSide  # pylint: disable=g-import-not-at-top
     hf = HFSide(gguf_path, _NUM_THREADS.value)
   inputs = [(p, gens[AR].encode(p.as_messages())) for p in prompts]
 

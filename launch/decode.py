@@ -13,8 +13,6 @@ every prompt has been decoded.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging

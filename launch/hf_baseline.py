@@ -1,7 +1,7 @@
 """HF transformers as the benchmarks' baseline (torch CPU, float32).
 
-Imported only by `launch/bench_*.py` (as `launch.hf_baseline`: they put the
-source tree on `sys.path`); torch and transformers are test and benchmark
+Imported only by `launch/bench_*.py` (as `hf_baseline`: a script's own
+directory is on `sys.path`); torch and transformers are test and benchmark
 oracles, never needed to decode, so this lives outside the `seqdec` package
 (tests/test_imports.py checks that nothing under seqdec imports them).
 """

@@ -53,8 +53,6 @@ Method
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from seqdec import errors
 from seqdec.checkpoints import load_pretrained
+from seqdec.decoding.spec import SpecConfig
 from seqdec.generator import GenerationResult, Generator, PromptError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
 
@@ -73,39 +74,18 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
                                   for row in rows))
 
 
-def resolve_rule(rule: str, temperature) -> str:
-  """'auto' -> 'greedy' at temperature 0, else 'sample' (lossless)."""
-  if rule != "auto":
-    return rule
-  return "sample" if float(temperature) > 0 else "greedy"
-
-
 def make_generator(config, model, tokenizer, speculative: bool = True
                    ) -> Generator:
-  """The `Generator` a decode config describes (speculative when the config
-  names a drafter and `speculative` is True)."""
-  kwargs = dict(max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, top_k=config.top_k,
-                top_p=config.top_p, seed=config.seed,
-                max_batch=config.max_batch)
-  if speculative and config.get("drafter"):
-    options = {}
-    if config.drafter == "ngram":
-      options = dict(max_ngram=config.max_ngram, min_ngram=config.min_ngram)
-    elif config.drafter == "layerskip":
-      options = dict(layers=config.layers)
-    elif config.drafter == "draft":
-      if config.draft_model:
-        options = dict(draft_model=load_pretrained(config.draft_model,
-                                                   dtype=config.dtype)[0])
-      else:
-        options = dict(draft_layers=config.draft_layers)
-    if config.drafter != "ngram":
-      options["proposal"] = config.get("proposal", "topk")
-    kwargs.update(drafter=config.drafter, tree=config.tree,
-                  rule=resolve_rule(config.rule, config.temperature),
-                  drafter_options=options)
-  return Generator(model, tokenizer, **kwargs)
+  """The `Generator` a decode config describes: its `config.spec` block
+  (`SpecConfig.from_config`), autoregressive when `speculative` is False."""
+  spec = SpecConfig.from_config(config.spec)
+  if not speculative:
+    spec = SpecConfig(max_top_k=spec.max_top_k)
+  return Generator(model, tokenizer, spec,
+                   max_new_tokens=config.max_new_tokens,
+                   temperature=config.temperature, top_k=config.top_k,
+                   top_p=config.top_p, seed=config.seed,
+                   max_batch=config.max_batch)
 
 
 def describe(results: Sequence[GenerationResult]) -> str:
@@ -170,8 +150,8 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
         f"({sum(r.metrics['new_tokens'] for r in results)} new tokens, "
         f"batch {m['batch_size']})", file=log)
   if gen.speculative:
-    print(f"[seqdec] speculative: drafter={config.drafter} tree={config.tree} "
-          f"| {describe(results)}", file=log)
+    print(f"[seqdec] speculative: {gen.spec} | {describe(results)}",
+          file=log)
     if config.get("compare_ar"):
       compare_autoregressive(config, model, tokenizer, ids, results, log)
   if output:

@@ -19,13 +19,19 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from flax import nnx
 
-from seqdec.errors import UserError
-from seqdec.decoding.autoregressive import (AutoregressiveDecoder,
-                                            DecodeShapes, bucket)
-from seqdec.decoding.drafters import Drafter, make_drafter
-from seqdec.decoding.sampling import SamplingParams, make_sampler, row_keys
-from seqdec.decoding.speculative import SpeculativeDecoder
+from seqdec.checkpoints import load_pretrained
+from seqdec.decoding import spec as spec_lib
+from seqdec.decoding import tree_specs
+from seqdec.decoding.autoregressive import AutoregressiveLoop
+from seqdec.decoding.drafters import Drafter
+from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs, Programs
+from seqdec.decoding.sampling import SamplingParams, make_sampler
+from seqdec.decoding.spec import SpecConfig
+from seqdec.decoding.speculative import SpecLoop
+from seqdec.decoding.trees import TreeShape
+from seqdec.errors import ConfigError, TreeError, UserError
 from seqdec.tokenizer import Tokenizer
 
 Conversation = list  # list[dict(role=..., content=...)]
@@ -67,47 +73,94 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 
 
 class Generator:
-  """Autoregressive generation with bucketed, ahead-of-time compiled programs.
+  """Generation with bucketed, ahead-of-time compiled programs.
 
   Args:
-    model: a `seqdec.models.Transformer`.
+    model: the target (a `seqdec.models.Transformer`, or any model of the
+      target protocol `seqdec.models.protocol.Target`).
     tokenizer: a `seqdec.Tokenizer`.
+    spec: the decoder: a method string of the one grammar
+      (`seqdec.decoding.spec`: 'ar', 'ngram/chain4',
+      'layerskip@layers=skip:4-15@proposal=wor/kary2x1', ...) or a
+      `SpecConfig`; None for autoregressive decoding unless `drafter` is
+      given.
     max_new_tokens: default budget per row.
     temperature, top_k, top_p: default sampling (temperature 0 = greedy).
     seed: default random seed; row r uses fold_in(key(seed), row_id[r]).
     eos_ids: stop ids (default: the tokenizer's).
     max_batch: prompts beyond this are decoded in several batches.
-    max_top_k: static cap on per-row top_k.
-    drafter: None for autoregressive decoding, or speculative decoding with
-      a `Drafter` or a drafter name ('ngram', 'layerskip', 'draft') built by
-      `make_drafter(name, model, **drafter_options)`.
-    tree: the draft tree ('chain4', 'kary2x2', 'static10', or a `TreeShape`).
-    rule: the acceptance rule ('greedy').
+    max_top_k: static cap on per-row top_k, shared by the sampler and the
+      speculative acceptance rule (a method string's `@max_top_k=` wins).
+    drafter, tree, rule, proposal, drafter_options: the `SpecConfig` fields
+      as keywords (instead of `spec`), or `drafter=` a `Drafter` object (a
+      custom drafter, with `tree` and `rule`). `drafter_options` may hold
+      `draft_model=` a loaded model; a name or path there is loaded with
+      `seqdec.load_pretrained`.
   """
 
-  def __init__(self, model, tokenizer: Tokenizer, *, max_new_tokens: int = 128,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0, eos_ids: Optional[Sequence[int]] = None,
-               max_batch: int = 8, max_top_k: int = 64,
-               drafter: Union[None, str, Drafter] = None, tree="chain4",
-               rule: str = "greedy", drafter_options: Optional[dict] = None):
+  def __init__(self, model, tokenizer: Tokenizer,
+               spec: Union[None, str, SpecConfig] = None, *,
+               max_new_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               eos_ids: Optional[Sequence[int]] = None, max_batch: int = 8,
+               max_top_k: int = spec_lib.DEFAULT_MAX_TOP_K,
+               drafter: Union[None, str, Drafter] = None,
+               tree: Optional[str] = None, rule: Optional[str] = None,
+               proposal: Optional[str] = None,
+               drafter_options: Optional[dict] = None):
     self.model = model
     self.tokenizer = tokenizer
     self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, seed=seed)
     self.eos_ids = tuple(tokenizer.eos_ids if eos_ids is None else eos_ids)
     self.max_batch = max_batch
-    self.max_top_k = max_top_k
-    if drafter is None:
-      self.decoder = AutoregressiveDecoder(model)
+    self.graphdef, self.params = nnx.split(model)
+    self.spec, self.drafter, self.tree = self._build(
+        model, spec, max_top_k, drafter, tree, rule, proposal,
+        dict(drafter_options or {}))
+    self.programs = Programs()
+
+  @staticmethod
+  def _build(model, spec, max_top_k, drafter, tree, rule, proposal, options):
+    """`(SpecConfig, Drafter | None, TreeShape | None)` from the arguments."""
+    shape = None
+    if isinstance(tree, TreeShape):   # a topology object, not a spec string
+      shape, tree = tree, tree_specs.to_spec(tree)
+    fields = {k: v for k, v in dict(tree=tree, rule=rule,
+                                    proposal=proposal).items()
+              if v is not None}
+    draft_model = None
+    if spec is not None:
+      if drafter is not None or fields or options:
+        raise ConfigError("give either spec= or the drafter/tree/rule/"
+                          "proposal/drafter_options keywords, not both")
+      if not isinstance(spec, SpecConfig):
+        spec = SpecConfig.parse(spec, max_top_k=max_top_k)
+    elif isinstance(drafter, Drafter):
+      # A custom drafter object: the spec holds tree, rule and caps.
+      spec = SpecConfig(max_top_k=max_top_k, **fields)
+      shape = shape or spec_lib.build_tree(spec)
+      drafter.check(model.config, shape)
+      return spec, drafter, shape
     else:
-      if isinstance(drafter, str):
-        drafter = make_drafter(drafter, model, **(drafter_options or {}))
-      self.decoder = SpeculativeDecoder(model, drafter, tree, rule)
+      if not isinstance(options.get("draft_model", ""), str):
+        draft_model = options.pop("draft_model")   # a loaded model
+      spec = SpecConfig(drafter=drafter, options=tuple(options.items()),
+                        max_top_k=max_top_k, **fields)
+    if not spec.speculative:
+      return spec, None, None
+    if (spec.drafter == "draft" and draft_model is None
+        and spec.option("draft_model")):
+      draft_model, _ = load_pretrained(spec.option("draft_model"),
+                                       dtype=model.config.param_dtype)
+    shape = shape or spec_lib.build_tree(spec)
+    built = spec_lib.build_drafter(spec, model, draft_model=draft_model)
+    built.check(model.config, shape)
+    return spec, built, shape
 
   @property
   def speculative(self) -> bool:
-    return isinstance(self.decoder, SpeculativeDecoder)
+    return self.drafter is not None
 
   @property
   def context_length(self) -> int:
@@ -119,6 +172,53 @@ class Generator:
       return self.tokenizer.encode(prompt)
     return self.tokenizer.encode_chat(prompt)
 
+  def loop(self, shapes: DecodeShapes, temperature=0.0, top_k=0, top_p=1.0):
+    """The decoder object for one shape bucket and these (per-row) sampling
+    values: the sampler and, when speculative, the acceptance rule ('auto'
+    resolved here, `spec.resolve_rule`) share the spec's `max_top_k`."""
+    sampler = make_sampler(temperature, top_k, top_p, self.spec.max_top_k)
+    if not self.speculative:
+      return AutoregressiveLoop(target=self.graphdef, sampler=sampler,
+                                shapes=shapes)
+    return SpecLoop(target=self.graphdef, drafter=self.drafter,
+                    tree=self.tree,
+                    rule=spec_lib.build_rule(self.spec, temperature),
+                    sampler=sampler, shapes=shapes)
+
+  @property
+  def loop_params(self):
+    """`(target params, drafter params)`, the loops' `params`."""
+    return (self.params, self.drafter.params if self.speculative else ())
+
+  def warmup(self, prompt_lengths: Sequence[int] = (16,),
+             batch_sizes: Sequence[int] = (1,),
+             max_new_tokens: Optional[int] = None, temperature=None,
+             top_k=None, top_p=None, stream: bool = False) -> float:
+    """Compiles, ahead of time, the programs of every (batch size, prompt
+    length) bucket given, so that a harness can warm up once and then time.
+
+    Returns the seconds spent compiling (0 when everything was compiled).
+    `stream=True` compiles the streaming (host loop) programs instead.
+    """
+    before = self.programs.compile_seconds
+    opts = {**self.defaults, **{k: v for k, v in dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p).items() if v is not None}}
+    n = int(opts["max_new_tokens"])
+    eos = list(self.eos_ids) or [-1]
+    for b in batch_sizes:
+      for length in prompt_lengths:
+        shapes = DecodeShapes.for_batch(b, length, n, len(eos))
+        sparams = SamplingParams.make(b, opts["temperature"], opts["top_k"],
+                                      opts["top_p"])
+        loop = self.loop(shapes, *(np.broadcast_to(np.asarray(opts[k]), (b,))
+                                   for k in ("temperature", "top_k", "top_p")))
+        inputs = Inputs.make(shapes, [[0] * length] * b, [n] * b, eos,
+                             sparams, 0)
+        for kind in ("prefill", "step" if stream else "decode"):
+          self.programs.get(kind, loop, self.loop_params, inputs)
+    return self.programs.compile_seconds - before
+
   def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                stream: Optional[Callable[[int, str], None]] = None,
                **overrides) -> list[GenerationResult]:
@@ -126,7 +226,9 @@ class Generator:
 
     Args:
       prompts: a string, a conversation, or a list of either.
-      stream: optional `fn(row_index, text_delta)` called while decoding.
+      stream: optional `fn(row_index, text_delta)` called while decoding
+        (the rounds are then driven from the host, `loops.HostLoop`, so
+        that text arrives after every round).
       **overrides: max_new_tokens, temperature, top_k, top_p, seed, row_ids
         (scalars, or per-prompt sequences for the sampling values).
 
@@ -156,7 +258,8 @@ class Generator:
     max_new = np.broadcast_to(np.asarray(opts["max_new_tokens"], np.int64),
                               (n,))
     if (max_new < 1).any():
-      raise PromptError(f"max_new_tokens must be >= 1, got {opts['max_new_tokens']}")
+      raise PromptError(f"max_new_tokens must be >= 1, got "
+                        f"{opts['max_new_tokens']}")
     vocab = self.model.config.vocab_size
     for i, p in enumerate(prompt_ids):
       if len(p) == 0:
@@ -168,78 +271,81 @@ class Generator:
             f"{self.context_length} tokens (at most "
             f"{self.context_length - int(max_new[i])} prompt tokens)")
       if self.speculative:
-        self.decoder.check_fits(len(p), int(max_new[i]), self.context_length)
+        deepest = len(p) + int(max_new[i]) - 2 + self.tree.max_depth
+        if deepest >= self.context_length:
+          raise TreeError(
+              f"a tree of depth {self.tree.max_depth} after a {len(p)}-token "
+              f"prompt and max_new_tokens={int(max_new[i])} reaches position "
+              f"{deepest}, beyond the context of {self.context_length} "
+              f"tokens; shorten the prompt, lower max_new_tokens or use a "
+              f"shallower tree")
       if min(p) < 0 or max(p) >= vocab:
         raise PromptError(f"prompt {i} has token ids outside [0, {vocab})")
     row_ids = np.asarray(opts.get("row_ids", np.arange(n)))
     per_row = {k: np.broadcast_to(np.asarray(opts[k]), (n,))
                for k in ("temperature", "top_k", "top_p")}
-    sampler = make_sampler(per_row["temperature"], per_row["top_k"],
-                           per_row["top_p"], self.max_top_k)
+    # Validate sampling values (and the rule against them) before decoding.
+    SamplingParams.make(n, per_row["temperature"], per_row["top_k"],
+                        per_row["top_p"])
+    make_sampler(per_row["temperature"], per_row["top_k"], per_row["top_p"],
+                 self.spec.max_top_k)
+    if self.speculative:
+      spec_lib.resolve_rule(self.spec.rule, per_row["temperature"])
     results: list[GenerationResult] = []
     for start in range(0, n, self.max_batch):
       rows = slice(start, min(n, start + self.max_batch))
       results += self._run_batch(
           [list(p) for p in prompt_ids[rows]], max_new[rows],
           {k: v[rows] for k, v in per_row.items()}, row_ids[rows],
-          int(opts["seed"]), sampler, stream, start)
+          int(opts["seed"]), stream, start)
     return results
 
-  def _run_batch(self, prompt_ids, max_new, per_row, row_ids, seed, sampler,
-                 stream, row_offset) -> list[GenerationResult]:
+  def _run_batch(self, prompt_ids, max_new, per_row, row_ids, seed, stream,
+                 row_offset) -> list[GenerationResult]:
     n = len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids], np.int32)
     eos = list(self.eos_ids) or [-1]
-    shapes = DecodeShapes(batch=bucket(n, 1), prompt=bucket(int(lengths.max())),
-                          new=bucket(int(max_new.max())),
-                          num_eos=bucket(len(eos), 4))
-    b = shapes.batch
-    tokens = np.zeros((b, shapes.prompt), np.int32)
-    for i, p in enumerate(prompt_ids):
-      tokens[i, :len(p)] = p
-    prompt_len = np.ones((b,), np.int32)
-    prompt_len[:n] = lengths
-    budget = np.zeros((b,), np.int32)
-    budget[:n] = max_new
-    eos_arr = np.full((shapes.num_eos,), -1, np.int32)
-    eos_arr[:len(eos)] = eos
-    sparams = SamplingParams.make(
-        n, per_row["temperature"], per_row["top_k"], per_row["top_p"]).pad(b)
-    ids = np.zeros((b,), np.int64)
-    ids[:n] = row_ids
-    keys = row_keys(seed, ids)
+    shapes = DecodeShapes.for_batch(n, int(lengths.max()), int(max_new.max()),
+                                    len(eos))
+    sparams = SamplingParams.make(n, per_row["temperature"], per_row["top_k"],
+                                  per_row["top_p"])
+    inputs = Inputs.make(shapes, prompt_ids, max_new, eos, sparams, seed,
+                         row_ids)
+    loop = self.loop(shapes, per_row["temperature"], per_row["top_k"],
+                     per_row["top_p"])
+    params = self.loop_params
+    compile_before = self.programs.compile_seconds
+    prefill = self.programs.get("prefill", loop, params, inputs)
+    if stream is None:
+      decode = self.programs.get("decode", loop, params, inputs)
+      t0 = time.perf_counter()
+      state = jax.block_until_ready(prefill(params=params, inputs=inputs))
+      t1 = time.perf_counter()
+      state = jax.block_until_ready(decode(params=params, state=state,
+                                           inputs=inputs))
+      t2 = time.perf_counter()
+    else:
+      self.programs.get("step", loop, params, inputs)
+      on_step = _Streamer(self.tokenizer, self.eos_ids, n, row_offset, stream)
+      marks = []
+      host = HostLoop(loop, programs=self.programs)
 
-    on_tokens = None
-    if stream is not None:
-      decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
-      eos_set = set(self.eos_ids)
+      def on_step_timed(state):
+        if not marks:
+          jax.block_until_ready(state)
+          marks.append(time.perf_counter())
+        on_step(state)
 
-      def on_tokens(tok, counts):
-        for r in range(n):
-          for t in tok[r, :counts[r]].tolist():
-            if t in eos_set:
-              break
-            delta = decoders[r].push(t)
-            if delta:
-              stream(row_offset + r, delta)
-
-    marks = {}
-    compile_before = self.decoder.compile_seconds
-    state = self.decoder.run(shapes, tokens, prompt_len, keys, sparams,
-                             budget, eos_arr, sampler, stream=on_tokens,
-                             timer=lambda k: marks.__setitem__(
-                                 k, time.perf_counter()))
-    if stream is not None:
-      for r in range(n):
-        rest = decoders[r].flush()
-        if rest:
-          stream(row_offset + r, rest)
+      t0 = time.perf_counter()
+      state = jax.block_until_ready(host.run(params=params, inputs=inputs,
+                                             on_step=on_step_timed))
+      t1, t2 = marks[0], time.perf_counter()
+      on_step.flush()
+    compile_s = self.programs.compile_seconds - compile_before
     out_tokens = np.asarray(state.tokens)
     out_logp = np.asarray(state.logprobs)
     num_new = np.asarray(state.num_new)
-    prefill_s = marks["prefill_end"] - marks["prefill_start"]
-    decode_s = marks["decode_end"] - marks["prefill_end"]
-    compile_s = self.decoder.compile_seconds - compile_before
+    prefill_s, decode_s = t1 - t0, t2 - t1
     spec = {}
     if self.speculative:
       hist = np.asarray(state.accept_hist)
@@ -264,6 +370,40 @@ class Generator:
                        compile_s=compile_s,
                        **(spec_metrics(spec, r, len(toks)) if spec else {}))))
     return results
+
+
+class _Streamer:
+  """`on_step(state)` for `HostLoop`: sends each row's new text to
+  `stream(row_offset + row, delta)` (stop ids end a row's text)."""
+
+  def __init__(self, tokenizer, eos_ids, num_rows, row_offset, stream):
+    self.decoders = [tokenizer.stream_decoder() for _ in range(num_rows)]
+    self.sent = np.zeros((num_rows,), np.int64)
+    self.stopped = np.zeros((num_rows,), bool)
+    self.eos = set(eos_ids)
+    self.row_offset = row_offset
+    self.stream = stream
+
+  def __call__(self, state) -> None:
+    num_new = np.asarray(state.num_new)[:len(self.sent)]
+    if (num_new <= self.sent).all():
+      return
+    tokens = np.asarray(state.tokens)
+    for r, (have, sent) in enumerate(zip(num_new, self.sent)):
+      for t in tokens[r, sent:have].tolist():
+        if self.stopped[r] or t in self.eos:
+          self.stopped[r] = True
+          break
+        delta = self.decoders[r].push(t)
+        if delta:
+          self.stream(self.row_offset + r, delta)
+      self.sent[r] = have
+
+  def flush(self) -> None:
+    for r, dec in enumerate(self.decoders):
+      rest = dec.flush()
+      if rest:
+        self.stream(self.row_offset + r, rest)
 
 
 def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:

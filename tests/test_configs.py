@@ -5,19 +5,20 @@ arms build their tiny model for real.
 """
 
 import glob
-import importlib
 import os
 
 import jax
 import pytest
 from flax import nnx
 
+from seqdec import config_utils
 from seqdec.checkpoints import registry
+from seqdec.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3]
                  for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not os.path.basename(p).startswith(("_", "common"))
+                 if not os.path.basename(p).startswith("_")
                  and os.path.basename(p) != "pararnn_lm.py")  # test_train.py
 
 
@@ -27,15 +28,15 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_default_and_runlocal(name):
-  module = importlib.import_module(f"configs.{name}")
-  assert "launch/" in module.__doc__  # the docstring gives its command
-  full = module.get_config()
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  assert "launch/" in config_utils.module_doc(path)  # its command
+  full = config_utils.load_config(path)
   full.lock()
   with pytest.raises(AttributeError):
     full.no_such_key = 1
   model = registry.abstract_model(full.model)
   assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
-  local = module.get_config("runlocal")
+  local = config_utils.load_config(path + ":runlocal")
   local.lock()
   tiny, tok = registry.load_pretrained(local.model)
   assert tiny.config.vocab_size >= tok.vocab_size
@@ -47,6 +48,5 @@ def test_config_default_and_runlocal(name):
     ("model", "needs a value"),
 ])
 def test_config_arguments_are_strict(arg, error):
-  module = importlib.import_module("configs.decode")
-  with pytest.raises(ValueError, match=error):
-    module.get_config(arg)
+  with pytest.raises(ConfigError, match=error):
+    config_utils.load_config(os.path.join(ROOT, "configs", "decode.py:") + arg)

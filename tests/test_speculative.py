@@ -9,6 +9,7 @@ rejects sometimes), prompt lookup on a target whose continuations repeat
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,11 @@ from seqdec.decoding import tree_specs
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding import verify as verify_lib
 from seqdec.decoding.drafters import ngram as ngram_lib
-from seqdec.decoding.speculative import SpeculativeDecoder
+from seqdec.errors import ConfigError
 from seqdec.generator import Generator
 from seqdec.tokenizer import Tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = ["chain1", "chain4", "kary2x2", "static6", "kary3x1x1"]
 # Ragged prompts; the first two hold repeats that prompt lookup can use.
 PROMPTS = [[1, 2, 3, 4, 0, 1, 2], [7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 100, 30],
@@ -236,11 +238,11 @@ def test_bad_input_gets_clear_errors(tok):
   with pytest.raises(trees_lib.TreeError, match="unknown tree spec"):
     tree_specs.parse("bush7")
   with pytest.raises(trees_lib.TreeError, match="level by level"):
-    SpeculativeDecoder(model, make("ngram", model),
-                       trees_lib.TreeShape((-1, 0, 1, 0), (0, 0, 0, 1)))
+    Generator(model, tok, drafter=make("ngram", model),
+              tree=trees_lib.TreeShape((-1, 0, 1, 0), (0, 0, 0, 1)))
   other = testing.tiny_model(vocab_size=300)
   with pytest.raises(drafters_lib.DrafterError, match="vocabulary"):
-    SpeculativeDecoder(model, drafters_lib.draft_lm(other), "chain2")
+    Generator(model, tok, drafter=drafters_lib.draft_lm(other), tree="chain2")
   with pytest.raises(drafters_lib.DrafterError, match="unknown drafter"):
     drafters_lib.make_drafter("medusa9", model)
   with pytest.raises(drafters_lib.DrafterError, match="outside"):
@@ -251,8 +253,10 @@ def test_bad_input_gets_clear_errors(tok):
   long_prompt = [5] * (ctx - 12)          # fits autoregressively, not the tree
   with pytest.raises(trees_lib.TreeError, match="beyond the context"):
     gen.generate_ids([long_prompt])
-  with pytest.raises(ValueError, match="temperature 0 only"):
-    gen.generate_ids([[1, 2, 3]], temperature=0.7)
+  greedy = Generator(model, tok, max_new_tokens=12, eos_ids=(),
+                     drafter="ngram", tree="chain4", rule="greedy")
+  with pytest.raises(ConfigError, match="temperature 0 only"):
+    greedy.generate_ids([[1, 2, 3]], temperature=0.7)
 
 
 @pytest.mark.slow
@@ -263,8 +267,9 @@ def test_smollm2_speculative_equals_autoregressive():
   (such positions are counted and reported, never asserted on)."""
   import seqdec  # pylint: disable=g-import-not-at-top
   model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
-  from configs import spec_decode  # pylint: disable=g-import-not-at-top
-  copying = spec_decode.get_config().default_prompt   # the demo's rewrite task
+  from seqdec import config_utils  # pylint: disable=g-import-not-at-top
+  copying = config_utils.load_config(os.path.join(
+      ROOT, "configs", "spec_decode.py")).default_prompt  # the demo's task
   convs = [[{"role": "user", "content": copying}],
            [{"role": "user", "content": "Name three primary colors."}],
            [{"role": "user", "content": "Rewrite in the passive voice: The "

@@ -7,7 +7,6 @@ float64 sequential runs of the same training; in float64 the two agree to
 1e-8.
 """
 
-import importlib
 import itertools
 import json
 import os
@@ -18,11 +17,12 @@ import jax
 import numpy as np
 import pytest
 
+from seqdec import config_utils
 from seqdec.data import stdlib_corpus
 from seqdec.train import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-config_module = importlib.import_module("configs.pararnn_lm")
+CONFIG = os.path.join(ROOT, "configs", "pararnn_lm.py")
 
 
 def run_cli(*args, timeout=600):
@@ -33,7 +33,7 @@ def run_cli(*args, timeout=600):
 
 
 def tiny_config(**model):
-  c = config_module.get_config("runlocal")
+  c = config_utils.load_config(CONFIG + ":runlocal")
   c.train.checkpoint_every = 0
   c.model.update(model)
   return c
@@ -69,13 +69,13 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_config_locks_and_is_strict():
   for arg in (None, "runlocal", "cell=paralstm,mode=sequential"):
-    c = config_module.get_config(arg)
+    c = config_utils.load_config(CONFIG + (f":{arg}" if arg else ""))
     c.lock()
     with pytest.raises(AttributeError):
       c.train.no_such_key = 1
     lm.model_config(c.model)
   with pytest.raises(ValueError, match="unknown config argument"):
-    config_module.get_config("cells=gru")
+    config_utils.load_config(CONFIG + ":cells=gru")
   with pytest.raises(lm.TrainError, match="unknown cell"):
     lm.model_config(tiny_config(cell="lstm").model)
 

@@ -90,3 +90,14 @@ def parse(spec: str) -> trees.TreeShape:
   raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
                   f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-... or "
                   f"sequoia<n>[d<depth>]:<acceptance.json>")
+
+
+def to_spec(shape: trees.TreeShape) -> str:
+  """A spec string for a topology: 'chain<g>' for chains, else its rank
+  paths ('paths:0-1-0.0'), which `parse` reads back (for display and for a
+  `SpecConfig` holding a tree built in code)."""
+  if shape.parents == tuple(range(-1, shape.num_nodes - 1)) and not any(
+      shape.ranks):
+    return f"chain{shape.num_nodes - 1}"
+  return "paths:" + "-".join(".".join(str(r) for r in p)
+                             for p in shape.rank_paths()[1:])

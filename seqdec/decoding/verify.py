@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqdec.errors import ConfigError
 from seqdec.decoding import trees
 from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.decoding.trees import Tree
@@ -495,12 +496,22 @@ class TypicalLossy(Rule):
 RULES = {"greedy": Greedy, "sample": Sample, "typical_lossy": TypicalLossy}
 
 
-def make_rule(name: str) -> Rule:
-  """A rule by config name."""
+def make_rule(name: str, *, max_top_k: int):
+  """A rule by config name, with the sampler's top-k cap.
+
+  `max_top_k` must be the cap of the autoregressive sampler the rule stands
+  in for (`sampling.make_sampler`): the rule's target at a node is
+  `processed_probs(logits, sparams, max_top_k)`, so a different cap would
+  make speculative sampling draw from another distribution than plain
+  sampling. It is a required argument for that reason.
+  """
   if name not in RULES:
-    raise ValueError(f"unknown acceptance rule {name!r}; known: "
-                     f"{sorted(RULES)}")
-  return RULES[name]()
+    raise ConfigError(f"unknown acceptance rule {name!r}; known: "
+                      f"{sorted(RULES)}")
+  rule = RULES[name]
+  if "max_top_k" in {f.name for f in dataclasses.fields(rule)}:
+    return rule(max_top_k=max_top_k)
+  return rule()
 
 
 def needs_greedy(rule: Rule, temperature) -> Optional[str]:

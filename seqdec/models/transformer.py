@@ -488,7 +488,14 @@ class Transformer(nnx.Module):
     self.inv_freq = nnx.Variable(inv_freq_array(config))
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache of `max_len` slots per row (target protocol)."""
     return init_cache(self.config, batch_size, max_len)
+
+  @staticmethod
+  def commit(cache: KVCache, n_keep: jax.Array,
+             keep_index: Optional[jax.Array] = None) -> KVCache:
+    """Commits kept scratch tokens (target protocol; see `commit`)."""
+    return commit(cache, n_keep, keep_index)
 
   def backbone(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array] = None,

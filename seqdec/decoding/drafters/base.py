@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from seqdec.errors import UserError
 from seqdec.decoding.trees import Tree, TreeShape
-from seqdec.models.transformer import KVCache
 
 
 class DrafterError(UserError):
@@ -96,7 +95,7 @@ class Drafter:
     shape.levels  # raises TreeError unless nodes are numbered level by level
 
   def init(self, params, tokens: jax.Array, prompt_len: jax.Array,
-           first: jax.Array, capacity: int, target_cache: KVCache) -> Any:
+           first: jax.Array, capacity: int, target_cache: Any) -> Any:
     """State after the prompt.
 
     Args:
@@ -109,8 +108,8 @@ class Drafter:
     raise NotImplementedError
 
   def propose(self, params, state, shape: TreeShape, rnd: Round,
-              target_cache: KVCache, key: jax.Array
-              ) -> tuple[Tree, Any, KVCache]:
+              target_cache: Any, key: jax.Array
+              ) -> tuple[Tree, Any, Any]:
     """Drafts a tree of topology `shape` under each row's root.
 
     Returns `(tree, state, target_cache)`; only scratch slots (>= length) of

@@ -50,7 +50,7 @@ from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round, static_children)
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding.trees import Tree, TreeShape
-from seqdec.models.transformer import KVCache, Transformer, commit, init_cache
+from seqdec.models.transformer import Transformer
 
 
 def _window_mask(shape: TreeShape, lag: int) -> np.ndarray:
@@ -155,10 +155,10 @@ class ModelDrafter(Drafter):
       return ()
     model = nnx.merge(self.graphdef, params)
     b, p = tokens.shape
-    cache = init_cache(self.config, b, capacity + self.lag)
+    cache = model.init_cache(b, capacity + self.lag)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     _, cache = model.backbone(tokens, positions, cache, layers=self.layers)
-    return commit(cache, prompt_len - self.lag)
+    return model.commit(cache, prompt_len - self.lag)
 
   def propose(self, params, state, shape, rnd, target_cache, key):
     model = nnx.merge(self.graphdef, params)
@@ -209,7 +209,8 @@ class ModelDrafter(Drafter):
     # moves the drafter from L - 1 to L + c - 1 = L' - 1.
     keep = jnp.concatenate([jnp.zeros_like(outcome.path[:, :1]),
                             outcome.path[:, :-1] + self.lag], axis=1)
-    return commit(state, outcome.num_kept, keep)
+    return nnx.merge(self.graphdef, params).commit(state, outcome.num_kept,
+                                                   keep)
 
 
 def draft_lm(model: Transformer, name: str = "draft",

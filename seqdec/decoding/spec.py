@@ -1,0 +1,286 @@
+"""One description of a decoder: the method grammar, `SpecConfig`, and the
+one function that builds drafter, tree and acceptance rule from it.
+
+Every way of naming a decoder goes through this module: the
+`configs/spec_decode.py` config (its `config.spec` block), `launch/decode.py`,
+`Generator(spec=...)` and the benchmarks' method strings. The grammar:
+
+    method  :=  "ar"                                  autoregressive
+             |  drafter ("@" key "=" value)* "/" tree
+    drafter :=  "ngram" | "layerskip" | "draft"
+    key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
+             |  "rule"       auto | greedy | sample | typical_lossy
+             |  "proposal"   topk | iid | wor (model drafters)
+    tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
+                static6, paths:0-1-0.0, sequoia16:<file>, ...)
+
+e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
+kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`. Values are
+typed by the option's default (int options parse as int), and an unknown
+drafter, key or value is a `ConfigError` naming what is known.
+
+`rule='auto'` is resolved per batch by `resolve_rule` (the one place that
+does it): 'greedy' when every row's temperature is 0, else 'sample', whose
+temperature-0 rows equal 'greedy'. The rule is built with the sampler's caps
+(`max_top_k`), so the speculative target distribution is exactly the one
+the autoregressive sampler draws from.
+
+Room for what comes next: a dynamic tree budget, per-round tree shapes, a
+precision policy and a mesh become new `SpecConfig` fields with defaults that
+mean today's behaviour, and new keys of the grammar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from seqdec.decoding import drafters
+from seqdec.decoding import tree_specs
+from seqdec.decoding import verify
+from seqdec.errors import ConfigError
+
+AR = "ar"
+
+# Options of each drafter, with their defaults (the defaults type the values).
+DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
+    "ngram": {"max_ngram": 3, "min_ngram": 1},
+    "layerskip": {"layers": ""},
+    "draft": {"draft_layers": 0, "draft_model": ""},
+}
+RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
+PROPOSAL_NAMES = ("topk", "iid", "wor")
+DEFAULT_MAX_TOP_K = 64
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+  """`value` converted to the type of `default` (ConfigError if it cannot)."""
+  if isinstance(default, bool):
+    if isinstance(value, str):
+      if value.lower() in ("1", "true", "yes"):
+        return True
+      if value.lower() in ("0", "false", "no"):
+        return False
+      raise ConfigError(f"option {key!r} expects a bool, got {value!r}")
+    return bool(value)
+  if isinstance(default, int):
+    try:
+      return int(value)
+    except (TypeError, ValueError):
+      raise ConfigError(f"option {key!r} expects an int, got {value!r}"
+                        ) from None
+  return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+  """A decoder: autoregressive (`drafter=None`) or speculative.
+
+  Attributes:
+    drafter: 'ngram' | 'layerskip' | 'draft', or None (autoregressive).
+    options: the drafter's options as sorted `(key, value)` pairs, only
+      those that differ from `DRAFTER_OPTIONS` defaults are kept.
+    tree: tree spec string.
+    rule: acceptance rule name ('auto' resolved per batch, `resolve_rule`).
+    proposal: how model drafters draw children at temperature > 0.
+    max_top_k: static cap on per-row top_k, shared by the sampler and the
+      acceptance rule.
+  """
+  drafter: Optional[str] = None
+  options: tuple[tuple[str, Any], ...] = ()
+  tree: str = "chain4"
+  rule: str = "auto"
+  proposal: str = "topk"
+  max_top_k: int = DEFAULT_MAX_TOP_K
+
+  def __post_init__(self):
+    if self.drafter is not None and self.drafter not in DRAFTER_OPTIONS:
+      raise ConfigError(f"unknown drafter {self.drafter!r}; known: "
+                        f"{sorted(DRAFTER_OPTIONS)}")
+    if self.rule not in RULE_NAMES:
+      raise ConfigError(f"unknown acceptance rule {self.rule!r}; known: "
+                        f"{list(RULE_NAMES)}")
+    if self.proposal not in PROPOSAL_NAMES:
+      raise ConfigError(f"unknown proposal {self.proposal!r}; known: "
+                        f"{list(PROPOSAL_NAMES)}")
+    if self.drafter == "ngram" and self.proposal != "topk":
+      raise ConfigError(f"the n-gram drafter proposes deterministically; "
+                        f"proposal={self.proposal!r} needs a model drafter")
+    if self.max_top_k < 1:
+      raise ConfigError(f"max_top_k must be >= 1, got {self.max_top_k}")
+    known = DRAFTER_OPTIONS.get(self.drafter, {})
+    typed = {}
+    for key, value in dict(self.options).items():
+      if key not in known:
+        raise ConfigError(
+            f"unknown option {key!r} of drafter {self.drafter!r}; known: "
+            f"{sorted(known) + ['proposal', 'rule']}")
+      typed[key] = _typed(key, value, known[key])
+    object.__setattr__(self, "options", tuple(sorted(
+        (k, v) for k, v in typed.items() if v != known[k])))
+
+  @property
+  def speculative(self) -> bool:
+    return self.drafter is not None
+
+  def option(self, key: str) -> Any:
+    """A drafter option's value (its default when not set)."""
+    return dict(self.options).get(key, DRAFTER_OPTIONS[self.drafter][key])
+
+  def drafter_options(self) -> dict[str, Any]:
+    """Every option of the drafter, defaults filled in."""
+    return {**DRAFTER_OPTIONS[self.drafter], **dict(self.options)}
+
+  def replace(self, **changes) -> "SpecConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def parse(cls, method: str, **defaults) -> "SpecConfig":
+    """A `SpecConfig` from the method grammar (module docstring).
+
+    `defaults` (e.g. max_top_k, or drafter options such as `layers`) apply
+    where the string does not set them; a drafter option in `defaults` that
+    the parsed drafter does not have is ignored (so one set of defaults can
+    serve a list of methods).
+    """
+    if not isinstance(method, str) or not method.strip():
+      raise ConfigError(f"a decoder method must be a non-empty string, got "
+                        f"{method!r}")
+    method = method.strip()
+    fields = {k: defaults.pop(k) for k in ("rule", "proposal", "max_top_k")
+              if k in defaults}
+    if method == AR:
+      return cls(max_top_k=fields.get("max_top_k", DEFAULT_MAX_TOP_K))
+    head, slash, tree = method.partition("/")
+    if not slash or not tree:
+      raise ConfigError(f"bad method {method!r}: expected 'ar' or "
+                        f"<drafter>[@key=value...]/<tree>, e.g. ngram/chain4")
+    drafter, *items = head.split("@")
+    if drafter not in DRAFTER_OPTIONS:
+      raise ConfigError(f"unknown drafter {drafter!r} in {method!r}; known: "
+                        f"{sorted(DRAFTER_OPTIONS)}")
+    options = {k: v for k, v in defaults.items()
+               if k in DRAFTER_OPTIONS[drafter]}
+    unknown = set(defaults) - set().union(*DRAFTER_OPTIONS.values())
+    if unknown:
+      raise ConfigError(f"unknown defaults {sorted(unknown)}")
+    for item in items:
+      key, eq, value = item.partition("=")
+      if not eq or not key:
+        raise ConfigError(f"bad option {item!r} in {method!r}: expected "
+                          f"@key=value")
+      if key in ("rule", "proposal"):
+        fields[key] = value
+      elif key == "max_top_k":
+        fields[key] = _typed(key, value, 0)
+      else:
+        options[key] = value
+    return cls(drafter=drafter, options=tuple(options.items()), tree=tree,
+               **fields)
+
+  def __str__(self) -> str:
+    """The canonical method string (`parse(str(s)) == s`, but for
+    max_top_k, which is not part of a method name)."""
+    if self.drafter is None:
+      return AR
+    items = [f"@{k}={v}" for k, v in self.options]
+    if self.proposal != "topk":
+      items.append(f"@proposal={self.proposal}")
+    if self.rule != "auto":
+      items.append(f"@rule={self.rule}")
+    return f"{self.drafter}{''.join(items)}/{self.tree}"
+
+  # -- the config file's nested block ----------------------------------------
+
+  @classmethod
+  def from_config(cls, block: Mapping[str, Any]) -> "SpecConfig":
+    """From a `config.spec` block (`to_config`'s layout); unknown keys are a
+    `ConfigError`."""
+    block = dict(block)
+    known = {"drafter", "tree", "rule", "proposal", "max_top_k", "options"}
+    unknown = set(block) - known
+    if unknown:
+      raise ConfigError(f"unknown spec keys {sorted(unknown)}; known: "
+                        f"{sorted(known)}")
+    drafter = block.get("drafter") or None
+    options = dict(block.get("options") or {})
+    if drafter is not None:
+      defaults = DRAFTER_OPTIONS.get(drafter, {})
+      # The block lists every drafter's options; keep this drafter's.
+      options = {k: v for k, v in options.items() if k in defaults}
+    else:
+      options = {}
+    return cls(drafter=drafter, options=tuple(options.items()),
+               tree=block.get("tree", "chain4"), rule=block.get("rule", "auto"),
+               proposal=block.get("proposal", "topk"),
+               max_top_k=int(block.get("max_top_k", DEFAULT_MAX_TOP_K)))
+
+  def to_config(self) -> dict[str, Any]:
+    """A plain dict for `config.spec`: every drafter's options appear (with
+    this drafter's values), so `--config.spec.options.<key>=...` overrides
+    type-check against the config file."""
+    options = {k: v for opts in DRAFTER_OPTIONS.values()
+               for k, v in opts.items()}
+    if self.drafter is not None:
+      options.update(self.drafter_options())
+    return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
+                proposal=self.proposal, max_top_k=self.max_top_k,
+                options=options)
+
+
+def resolve_rule(rule: str, temperature: Any) -> str:
+  """The rule a batch runs: 'auto' -> 'greedy' if every row's temperature
+  is 0, else 'sample' (lossless; its temperature-0 rows equal 'greedy').
+
+  Raises:
+    ConfigError: 'greedy' asked for with a row at temperature > 0.
+  """
+  hot = bool((np.asarray(temperature, np.float64) > 0).any())
+  if rule == "auto":
+    return "sample" if hot else "greedy"
+  if rule == "greedy" and hot:
+    raise ConfigError("greedy verification serves temperature 0 only; "
+                      "speculative sampling at temperature > 0 needs "
+                      "rule='sample' (or 'auto')")
+  return rule
+
+
+# -- the builder ---------------------------------------------------------------
+
+
+def build_tree(spec: SpecConfig):
+  """The spec's `TreeShape` (a `TreeError` for a bad tree spec)."""
+  return tree_specs.parse(spec.tree)
+
+
+def build_drafter(spec: SpecConfig, target, draft_model=None):
+  """The spec's drafter for `target`.
+
+  Args:
+    spec: a speculative `SpecConfig`.
+    target: the target model.
+    draft_model: the loaded draft LM for drafter 'draft' when the spec names
+      one by `draft_model=<name or path>` (loading is the caller's: decoding
+      does not import checkpoints; `Generator` loads it).
+  """
+  if not spec.speculative:
+    raise ConfigError("an autoregressive spec has no drafter")
+  options = spec.drafter_options()
+  name = options.pop("draft_model", "")
+  if spec.drafter == "draft":
+    if name and draft_model is None:
+      raise ConfigError(f"drafter 'draft' names draft_model={name!r}: load "
+                        f"it and pass draft_model= (Generator does)")
+    options["draft_model"] = draft_model
+  if spec.drafter != "ngram":
+    options["proposal"] = spec.proposal
+  return drafters.make_drafter(spec.drafter, target, **options)
+
+
+def build_rule(spec: SpecConfig, temperature: Any):
+  """The acceptance rule a batch at these per-row temperatures runs ('auto'
+  resolved by `resolve_rule`), with the spec's sampler caps."""
+  return verify.make_rule(resolve_rule(spec.rule, temperature),
+                          max_top_k=spec.max_top_k)
