@@ -110,7 +110,7 @@ greedy = jax.jit(verify.Greedy(), static_argnames="max_depth")
 def run(rule, shape, schemes, seed, sparams=None, p_table=P, q_table=Q,
         scheme=None):
   """Drafts B trees and runs `rule`, with every node's scheme code set to
-  `scheme` if given; returns `(Acceptance, tree, logits)`."""
+  `scheme` if given; returns `(Verdict, tree, logits)`."""
   tree, logits = draft(seed, shape, schemes, p_table, q_table)
   if sparams is None:
     sparams = SamplingParams.make(B, temperature=1.0)

@@ -1,9 +1,10 @@
 """Sampling rules: small static classes with per-row parameters.
 
-A `Sampler` is a hashable tuple of rules (static: it changes the program); the
-numbers it reads are per-row arrays in `SamplingParams` (dynamic: changing them
-never recompiles). Rules transform logits in HF's order (temperature, top-k,
-top-p); rows whose temperature is 0 take the argmax of the raw logits.
+A `Sampler` is a hashable tuple of `LogitsTransform`s (static: it changes the
+program); the numbers they read are per-row arrays in `SamplingParams`
+(dynamic: changing them never recompiles). The transforms act in HF's order
+(temperature, top-k, top-p); rows whose temperature is 0 take the argmax of
+the raw logits.
 
 Random keys are per row: row r's key for its i-th new token is
 `fold_in(fold_in(key(seed), row_id[r]), i)`, so a sampled row does not depend
@@ -61,7 +62,7 @@ class SamplingParams:
         top_p=jnp.pad(self.top_p, (0, n), constant_values=1.0))
 
 
-class Rule:
+class LogitsTransform:
   """A logits transform `[B, V] -> [B, V]` driven by per-row parameters."""
 
   def __call__(self, logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -69,7 +70,7 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
-class Temperature(Rule):
+class Temperature(LogitsTransform):
   """logits / temperature (rows with temperature 0 are handled as greedy)."""
 
   def __call__(self, logits, params):
@@ -78,7 +79,7 @@ class Temperature(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK(Rule):
+class TopK(LogitsTransform):
   """Keeps each row's top_k[b] largest logits (top_k <= max_k, a static cap).
 
   threshold_b = k-th largest logit of row b; logits below it become -inf.
@@ -96,7 +97,7 @@ class TopK(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class TopP(Rule):
+class TopP(LogitsTransform):
   """Nucleus: keeps the smallest set of top tokens whose mass reaches top_p.
 
   With probabilities sorted descending p_(1) >= p_(2) >= ..., token (i) is kept
@@ -120,7 +121,7 @@ class Sampler:
   `(tokens [B] int32, logprobs [B] float32)`, where logprobs are the chosen
   tokens' log-probabilities under the model (the raw softmax, temperature 1).
   """
-  rules: tuple[Rule, ...] = ()
+  rules: tuple[LogitsTransform, ...] = ()
 
   @property
   def greedy(self) -> bool:
@@ -148,7 +149,7 @@ def make_sampler(temperature=0.0, top_k=0, top_p=1.0,
   t = np.asarray(temperature, np.float32)
   if not (t > 0).any():
     return Sampler(())
-  rules: list[Rule] = [Temperature()]
+  rules: list[LogitsTransform] = [Temperature()]
   k = np.asarray(top_k)
   if (k > 0).any():
     if (k > max_top_k).any():

@@ -1,14 +1,15 @@
 """Tree verification: which drafted path the target accepts, and the bonus.
 
 An acceptance rule reads the drafted `Tree` and the target's logits at every
-node (one forward over the tree with the ancestor mask) and returns an
-`Acceptance`: the accepted root-to-node path and the tokens to emit (the
+node (one forward over the tree with the ancestor mask) and returns a
+`Verdict`: the accepted root-to-node path and the tokens to emit (the
 accepted drafts, then one token from the target at the path's end: the
 "bonus"). Every rule emits between 1 and max_depth + 1 tokens per row and
 call, so a speculative step never does worse than an autoregressive one in
 tokens per target call.
 
-Rules are small static objects chosen by name (`make_rule`):
+Rules (`AcceptanceRule`) are small static objects chosen by name
+(`make_rule`):
 
 * `greedy` (`Greedy`): exact for temperature 0 only (refused otherwise).
 * `sample` (`Sample`): lossless speculative sampling for any temperature,
@@ -38,7 +39,7 @@ from seqdec.decoding.trees import Tree
 
 
 @flax.struct.dataclass
-class Acceptance:
+class Verdict:
   """What a rule accepted, per row (M = max tree depth + 1).
 
   Attributes:
@@ -98,8 +99,8 @@ def path_logprobs(logits: jax.Array, path: jax.Array,
   return jnp.take_along_axis(logp, tokens[:, :, None], axis=2)[:, :, 0]
 
 
-class Rule:
-  """`rule(tree, logits [B, N, V], keys [B], sparams, max_depth) -> Acceptance`.
+class AcceptanceRule:
+  """`rule(tree, logits [B, N, V], keys [B], sparams, max_depth) -> Verdict`.
 
   `keys` are the rows' keys for this step (sampling rules draw from them).
   `lossless`: whether the emitted tokens follow the target's distribution.
@@ -108,12 +109,12 @@ class Rule:
   lossless = True
 
   def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
-               sparams: SamplingParams, max_depth: int) -> Acceptance:
+               sparams: SamplingParams, max_depth: int) -> Verdict:
     raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
-class Greedy(Rule):
+class Greedy(AcceptanceRule):
   """Greedy verification: a drafted token is accepted iff it is the target's
   argmax at its parent; the bonus is the argmax at the deepest accepted node.
 
@@ -134,7 +135,7 @@ class Greedy(Rule):
     ok = tree.valid & (tree.tokens == parent_y)
     path, num_accepted = deepest_accepted_path(tree, ok, max_depth)
     tokens = jnp.take_along_axis(y, path, axis=1)
-    return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
+    return Verdict(path=path, num_accepted=num_accepted, tokens=tokens,
                       logprobs=path_logprobs(logits, path, tokens))
 
 
@@ -307,7 +308,7 @@ def draft_q(tree: Tree, vocab_size: int) -> tuple[jax.Array, bool]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sample(Rule):
+class Sample(AcceptanceRule):
   """Lossless speculative sampling over a token tree, any mix of schemes.
 
   Target at node i: p_i = `processed_probs(logits[:, i])` (temperature,
@@ -357,8 +358,8 @@ class Sample(Rule):
   greedy_rows: bool = True
 
   def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
-               sparams: SamplingParams, max_depth: int) -> Acceptance:
-    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Acceptance`."""
+               sparams: SamplingParams, max_depth: int) -> Verdict:
+    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Verdict`."""
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
     q, has_q = draft_q(tree, logits.shape[-1])                       # [B,N,V]
@@ -373,7 +374,7 @@ class Sample(Rule):
       path = jnp.where(t0[:, None], greedy.path, path)
       num_accepted = jnp.where(t0, greedy.num_accepted, num_accepted)
       tokens = jnp.where(t0[:, None], greedy.tokens, tokens)
-    return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
+    return Verdict(path=path, num_accepted=num_accepted, tokens=tokens,
                       logprobs=path_logprobs(logits, path, tokens))
 
   @staticmethod
@@ -426,7 +427,7 @@ class Sample(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class TypicalLossy(Rule):
+class TypicalLossy(AcceptanceRule):
   """Medusa's typical acceptance. LOSSY: NOT the target distribution.
 
       p_i    = processed target at node i (as `Sample`)
@@ -460,8 +461,8 @@ class TypicalLossy(Rule):
                        f"{self.bonus!r}")
 
   def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
-               sparams: SamplingParams, max_depth: int) -> Acceptance:
-    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Acceptance`."""
+               sparams: SamplingParams, max_depth: int) -> Verdict:
+    """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Verdict`."""
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
     p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
@@ -489,7 +490,7 @@ class TypicalLossy(Rule):
     index = jnp.arange(max_depth + 1)
     tokens = jnp.where(index[None] < num_accepted[:, None], drafts,
                        bonus[:, None])
-    return Acceptance(path=path, num_accepted=num_accepted, tokens=tokens,
+    return Verdict(path=path, num_accepted=num_accepted, tokens=tokens,
                       logprobs=path_logprobs(logits, path, tokens))
 
 
@@ -514,7 +515,7 @@ def make_rule(name: str, *, max_top_k: int):
   return rule()
 
 
-def needs_greedy(rule: Rule, temperature) -> Optional[str]:
+def needs_greedy(rule: AcceptanceRule, temperature) -> Optional[str]:
   """An error message if `rule` cannot serve these temperatures, else None.
 
   Only `Greedy` is limited (temperature 0); `Sample` and `TypicalLossy`
