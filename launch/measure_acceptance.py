@@ -60,7 +60,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from seqdec import bench  # pylint: disable=g-import-not-at-top
-from seqdec.errors import USER_ERRORS, UserError  # pylint: disable=g-import-not-at-top
+from seqdec import cli  # pylint: disable=g-import-not-at-top
+from seqdec.errors import UserError  # pylint: disable=g-import-not-at-top
 
 _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
@@ -225,12 +226,8 @@ def measure() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    check_flags()
-    rec = measure()
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run_reporting_user_errors(check_flags)
+  rec = cli.run_reporting_user_errors(measure)
   print(json.dumps(dict(
       output=rec["output"], drafter=rec["drafter"],
       temperature=rec["temperature"], trials=rec["trials"],

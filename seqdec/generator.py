@@ -215,7 +215,8 @@ class Generator:
                                    for k in ("temperature", "top_k", "top_p")))
         inputs = Inputs.make(shapes, [[0] * length] * b, [n] * b, eos,
                              sparams, 0)
-        for kind in ("prefill", "step" if stream else "decode"):
+        for kind in ("prefill",) + (("step", "live") if stream else
+                                    ("decode",)):
           self.programs.get(kind, loop, self.loop_params, inputs)
     return self.programs.compile_seconds - before
 
@@ -325,7 +326,8 @@ class Generator:
                                            inputs=inputs))
       t2 = time.perf_counter()
     else:
-      self.programs.get("step", loop, params, inputs)
+      for kind in ("step", "live"):
+        self.programs.get(kind, loop, params, inputs)
       on_step = _Streamer(self.tokenizer, self.eos_ids, n, row_offset, stream)
       marks = []
       host = HostLoop(loop, programs=self.programs)

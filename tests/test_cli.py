@@ -121,7 +121,7 @@ def test_bad_checkpoint(damage, tmp_path, hf_dir):
 
 def test_speculative_decode_reports_tau_speedup_and_agreement(tmp_path):
   out = tmp_path / "out.jsonl"
-  proc = run_cli("--config=configs/spec_decode.py:runlocal,tree=kary2x2",
+  proc = run_cli("--config=configs/spec_decode.py:runlocal,spec=ngram/kary2x2",
                  "--prompt=abcabcabcabc", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
   assert "tau" in proc.stderr and "speedup" in proc.stderr
@@ -131,12 +131,36 @@ def test_speculative_decode_reports_tau_speedup_and_agreement(tmp_path):
 
 
 @pytest.mark.parametrize("arg,fragment", [
-    ("tree=bush3", "unknown tree spec 'bush3'"),
-    ("drafter=medusa", "unknown drafter 'medusa'"),
-    ("drafter=layerskip,layers=skip:0-99", "outside 0..1"),
+    ("spec=ngram/bush3", "unknown tree spec 'bush3'"),
+    ("spec=medusa/chain4", "unknown drafter 'medusa'"),
+    ("spec=layerskip@layers=skip:0-99/chain2", "outside 0..1"),
+    ("spec=ngram@max_n=3/chain2", "unknown option 'max_n'"),
     ("nosuchkey=1", "unknown config argument"),
 ])
 def test_speculative_bad_config(arg, fragment):
   proc = run_cli(f"--config=configs/spec_decode.py:runlocal,{arg}",
                  "--prompt=x")
   assert_user_error(proc, fragment)
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+  """Only `UserError`s (and file-system errors of the user's paths) are
+  reported as one line with exit status 1; a bare ValueError from inside
+  seqdec is a bug and propagates (issue 13: USER_ERRORS caught ValueError)."""
+  from seqdec import app as seqdec_app  # pylint: disable=g-import-not-at-top
+  from seqdec import cli  # pylint: disable=g-import-not-at-top
+  from seqdec import errors  # pylint: disable=g-import-not-at-top
+  assert not isinstance(ValueError("internal"), seqdec_app.USER_ERRORS)
+  assert isinstance(errors.ConfigError("bad"), seqdec_app.USER_ERRORS)
+
+  def bug():
+    raise ValueError("an internal bug")
+  with pytest.raises(ValueError, match="internal bug"):
+    cli.run_reporting_user_errors(bug)
+
+  def user():
+    raise seqdec_app.PromptError("prompt 0 is empty")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_reporting_user_errors(user)
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == "error: prompt 0 is empty\n"

@@ -19,6 +19,7 @@ from seqdec import testing
 from seqdec.decoding import drafters as drafters_lib
 from seqdec.decoding import trees
 from seqdec.decoding.drafters.model import propose_children
+from seqdec.decoding.loops import DecodeShapes
 from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.generator import Generator
 from seqdec.tokenizer import Tokenizer
@@ -34,16 +35,17 @@ def target():
   return testing.tiny_model()
 
 
-def exact_joint(model, prompt, temperature: float) -> np.ndarray:
+def exact_joint(model, prompt, temperature: float, top_k: int = 0,
+                max_top_k: int = 64) -> np.ndarray:
   """P(x1, x2) `[V, V]` of autoregressive sampling after `prompt`."""
   v = model.config.vocab_size
-  params = SamplingParams.make(1, temperature=temperature)
+  params = SamplingParams.make(1, temperature=temperature, top_k=top_k)
   logits = testing.full_forward(model, jnp.asarray([prompt]))[:, -1]
-  p1 = np.asarray(processed_probs(logits, params), np.float64)[0]
+  p1 = np.asarray(processed_probs(logits, params, max_top_k), np.float64)[0]
   seqs = jnp.asarray([prompt + [x] for x in range(v)])
   logits2 = testing.full_forward(model, seqs)[:, -1]
   p2 = np.asarray(processed_probs(logits2, SamplingParams.make(
-      v, temperature=temperature)), np.float64)
+      v, temperature=temperature, top_k=top_k), max_top_k), np.float64)
   return p1[:, None] * p2
 
 
@@ -68,7 +70,8 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray,
   return stat, pvalue, dof
 
 
-def spec_generator(drafter: str, tree: str, **options):
+def spec_generator(drafter: str, tree: str, top_k: int = 0,
+                   max_top_k: int = 64, **options):
   model = target()
   if drafter == "draft":
     d = drafters_lib.draft_lm(testing.perturbed(model, 0.3),
@@ -77,11 +80,18 @@ def spec_generator(drafter: str, tree: str, **options):
     d = drafters_lib.make_drafter(drafter, model, **options)
   return Generator(model, Tokenizer.byte_level(), max_new_tokens=3,
                    eos_ids=(), drafter=d, tree=tree, rule="sample",
-                   temperature=1.0, max_batch=BATCH)
+                   temperature=1.0, top_k=top_k, max_top_k=max_top_k,
+                   max_batch=BATCH)
+
+
+def gen_shapes():
+  return DecodeShapes.for_batch(BATCH, len(PROMPT), 3, 1)
 
 
 @pytest.mark.parametrize("drafter,tree,options", [
-    ("draft", "kary2x2", dict(proposal="iid")),
+    # top_k = 100 above the rule's old fixed cap of 64 (issue 13): the rule
+    # must take the sampler's max_top_k, or x2 follows a top-64 law.
+    ("draft", "kary2x2", dict(proposal="iid", top_k=100, max_top_k=128)),
     pytest.param("draft", "chain2", dict(proposal="iid"),
                  marks=pytest.mark.slow),
     pytest.param("layerskip", "kary3x1", dict(layers="first:1",
@@ -103,11 +113,16 @@ def test_first_tokens_match_autoregressive_law(drafter, tree, options):
   v = target().config.vocab_size
   counts = np.zeros((v, v))
   np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(target(), PROMPT, 1.0))
+  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(
+      target(), PROMPT, 1.0, options.get("top_k", 0),
+      options.get("max_top_k", 64)))
   accepted = np.mean([r.metrics["mean_accepted"] for r in results])
   print(f"{drafter}/{tree} {options}: chi2 {stat:.1f} dof {dof} "
         f"p {pvalue:.3g}; accepted drafts per round {accepted:.2f}")
   assert pvalue > P_MIN, (stat, dof)
+  if "max_top_k" in options:   # the rule shares the sampler's cap
+    loop = gen.loop(gen_shapes(), [1.0], [options["top_k"]], [1.0])
+    assert loop.rule.max_top_k == options["max_top_k"]
   if drafter != "ngram":
     assert accepted > 0.3, "the test must exercise acceptance"
 

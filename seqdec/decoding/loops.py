@@ -166,10 +166,15 @@ def _step(loop, *, params, state, inputs):
   return loop.step(params=params, state=state, inputs=inputs)
 
 
+def _live(loop, *, state):
+  return loop.live(state)
+
+
 # The jitted programs: the loop is static, the state is donated by name.
 PREFILL = jax.jit(_prefill, static_argnums=0)
 DECODE = jax.jit(_decode, static_argnums=0, donate_argnames=("state",))
 STEP = jax.jit(_step, static_argnums=0, donate_argnames=("state",))
+LIVE = jax.jit(_live, static_argnums=0)
 
 
 class Programs:
@@ -177,8 +182,9 @@ class Programs:
   spent compiling (so that a harness can warm up, then time).
 
   `get(kind, loop, params, inputs)` compiles `PREFILL` ('prefill'), `DECODE`
-  ('decode') or `STEP` ('step') for that loop on first use; the state's
-  shape comes from `jax.eval_shape` of the prefill (nothing runs).
+  ('decode'), `STEP` ('step') or `LIVE` ('live') for that loop on first
+  use; the state's shape comes from `jax.eval_shape` of the prefill
+  (nothing runs).
   """
 
   def __init__(self):
@@ -194,8 +200,11 @@ class Programs:
       else:
         state = jax.eval_shape(
             lambda p, i: loop.prefill(params=p, inputs=i), params, inputs)
-        fn = {"decode": DECODE, "step": STEP}[kind]
-        lowered = fn.lower(loop, params=params, state=state, inputs=inputs)
+        if kind == "live":
+          lowered = LIVE.lower(loop, state=state)
+        else:
+          fn = {"decode": DECODE, "step": STEP}[kind]
+          lowered = fn.lower(loop, params=params, state=state, inputs=inputs)
       self.compiled[key] = lowered.compile()
       self.compile_seconds += time.perf_counter() - t0
     return self.compiled[key]
@@ -244,6 +253,14 @@ class HostLoop:
   def prefill(self, *, params, inputs: Inputs):
     return self._call("prefill", params, inputs)
 
+  def live(self, state, params, inputs: Inputs) -> bool:
+    if not self.jit:
+      return bool(self.loop.live(state))
+    if self.programs is not None:
+      return bool(self.programs.get("live", self.loop, params, inputs)(
+          state=state))
+    return bool(LIVE(self.loop, state=state))
+
   def step(self, *, params, state, inputs: Inputs):
     if not self.phases:
       return self._call("step", params, inputs, state=state)
@@ -275,7 +292,7 @@ class HostLoop:
     state = self.prefill(params=params, inputs=inputs)
     if on_step is not None:
       on_step(state)
-    while bool(self.loop.live(state)):
+    while self.live(state, params, inputs):
       state = self.step(params=params, state=state, inputs=inputs)
       if on_step is not None:
         on_step(state)
