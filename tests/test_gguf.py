@@ -6,7 +6,11 @@ SmolLM2 GGUF loaded by seqdec with transformers' own GGUF load.
 """
 
 import importlib.util
+import json
 import os
+import shutil
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,7 +24,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seqdec.checkpoints import cache as C
 from seqdec.checkpoints import gguf as G
+from seqdec.checkpoints.gguf import load as L
 from seqdec.checkpoints.convert import (CheckpointError, model_from_hf_tensors,
                                         model_to_hf_tensors)
 from seqdec.models.config import TransformerConfig
@@ -447,26 +453,40 @@ def _entry(path, cache):
   return os.path.join(cache, G.sha256_file(path))
 
 
+def _entries(cache):
+  """Entry dirs and leftovers in a cache root (not the alias dir)."""
+  return sorted(n for n in os.listdir(cache) if n != C.ALIASES_DIR)
+
+
+def _assert_same_model(m1, m2):
+  a, b = model_to_hf_tensors(m1), model_to_hf_tensors(m2)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _forbid(monkeypatch, module, name, why):
+  def boom(*a, **k):
+    raise AssertionError(why)
+  monkeypatch.setattr(module, name, boom)
+
+
 def test_cache_written_and_used(tiny, tmp_path, monkeypatch):
   config, _, path = tiny
   cache = tmp_path / "cache"
   m1, t1 = G.load_gguf(path, cache_dir=cache)
   entry = _entry(path, cache)
-  assert sorted(os.listdir(cache)) == [os.path.basename(entry)]
+  assert _entries(cache) == [os.path.basename(entry)]
   assert sorted(os.listdir(entry)) == ["model.safetensors", "seqdec.json",
                                        "tokenizer.json"]
+  assert len(os.listdir(cache / C.ALIASES_DIR)) == 1
 
-  def boom(*a, **k):
-    raise AssertionError("a cache hit must not parse the GGUF")
-
-  monkeypatch.setattr(G, "read_gguf", boom)
+  _forbid(monkeypatch, L, "read_gguf", "a cache hit must not parse the GGUF")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     m2, t2 = G.load_gguf(path, cache_dir=cache)
   assert m2.config == m1.config
-  a, b = model_to_hf_tensors(m1), model_to_hf_tensors(m2)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
+  _assert_same_model(m1, m2)
   text = "<|im_start|>user\nthe 42<|im_end|>"
   assert t2.encode(text) == t1.encode(text)
   assert (t2.eos_ids, t2.bos_id, t2.pad_id, t2.chat_template) == (
@@ -504,9 +524,12 @@ def test_cache_damaged_is_rebuilt(tiny, tmp_path, damage):
     with open(meta, "w") as f:
       f.write('{"format_version": 1, "sourc')
   elif damage == "old_format":
-    text = open(meta).read().replace('"format_version": 1',
-                                     '"format_version": 0')
-    open(meta, "w").write(text)
+    with open(meta) as f:
+      record = json.load(f)
+    assert record["format_version"] == L.CACHE_FORMAT_VERSION
+    record["format_version"] -= 1
+    with open(meta, "w") as f:
+      json.dump(record, f)
   elif damage == "no_tokenizer":
     os.remove(os.path.join(entry, "tokenizer.json"))
   with pytest.warns(RuntimeWarning, match="unusable.*rebuilding"):
@@ -518,7 +541,7 @@ def test_cache_damaged_is_rebuilt(tiny, tmp_path, damage):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     G.load_gguf(path, cache_dir=cache)
-  assert sorted(os.listdir(cache)) == [os.path.basename(entry)]
+  assert _entries(cache) == [os.path.basename(entry)]
 
 
 def test_killed_conversion_leaves_no_entry(tiny, tmp_path):
@@ -552,7 +575,7 @@ def test_killed_conversion_leaves_no_entry(tiny, tmp_path):
   assert not os.path.isdir(_entry(path, cache))
 
   model, _ = G.load_gguf(path, cache_dir=cache)
-  assert sorted(os.listdir(cache)) == [os.path.basename(_entry(path, cache))]
+  assert _entries(cache) == [os.path.basename(_entry(path, cache))]
   got = model_to_hf_tensors(model)
   for k in hf:
     np.testing.assert_array_equal(got[k], hf[k])
@@ -563,7 +586,7 @@ def test_live_temp_dir_is_kept_and_exception_cleans_up(tiny, tmp_path,
   _, _, path = tiny
   cache = tmp_path / "cache"
   os.makedirs(cache)
-  live = cache / f".tmp-{G.socket.gethostname()}-{os.getpid()}-abcdef12"
+  live = cache / f".tmp-{socket.gethostname()}-{os.getpid()}-abcdef12"
   os.makedirs(live)
   import safetensors.numpy
 
@@ -586,6 +609,126 @@ def test_unwritable_cache_dir_still_loads(tiny, tmp_path):
     model, tok = G.load_gguf(path, cache_dir=blocker / "sub")
   assert model.config.vocab_size == len(TOKENS) and tok.vocab_size == len(
       TOKENS)
+
+
+# ------------------------------------------------------------ cache keys
+
+
+def _count_full_hashes(monkeypatch):
+  """Records every whole-file SHA-256 (`cache.sha256_file`) from now on."""
+  calls = []
+  real = C.sha256_file
+
+  def counted(path, *a, **k):
+    calls.append(os.fspath(path))
+    return real(path, *a, **k)
+
+  monkeypatch.setattr(C, "sha256_file", counted)
+  return calls
+
+
+def test_cache_hit_does_not_hash_the_file(tiny, tmp_path, monkeypatch):
+  """A hit is found from stat data + the header digest, not a full hash."""
+  _, _, path = tiny
+  cache = tmp_path / "cache"
+  m1, _ = G.load_gguf(path, cache_dir=cache)
+  _forbid(monkeypatch, C, "sha256_file",
+          "a cache hit must not hash the whole GGUF")
+  _forbid(monkeypatch, L, "read_gguf", "a cache hit must not parse the GGUF")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    m2, _ = G.load_gguf(path, cache_dir=cache)
+  _assert_same_model(m1, m2)
+
+
+@pytest.mark.parametrize("mtime", ["new", "restored"])
+def test_modified_file_is_detected(tiny, tmp_path, monkeypatch, mtime):
+  """Same size, other tensor bytes, same header: the old entry is not used.
+
+  'restored' puts the old mtime back (as `touch -r` would); the ctime still
+  moves, so the fast key misses and the full hash tells the files apart.
+  """
+  _, hf, path = tiny
+  cache = tmp_path / "cache"
+  G.load_gguf(path, cache_dir=cache)
+  st = os.stat(path)
+  norm = G.scan_gguf(path).tensors["output_norm.weight"]  # F32 model.norm
+  with open(path, "r+b") as f:
+    f.seek(norm.offset)
+    f.write(struct.pack("<f", 123.5))
+  new_mtime = st.st_mtime_ns + (10**9 if mtime == "new" else 0)
+  os.utime(path, ns=(st.st_atime_ns, new_mtime))
+  assert os.stat(path).st_size == st.st_size
+  calls = _count_full_hashes(monkeypatch)
+  model, _ = G.load_gguf(path, cache_dir=cache)
+  got = model_to_hf_tensors(model)["model.norm.weight"]
+  assert got[0] == 123.5
+  np.testing.assert_array_equal(got[1:], hf["model.norm.weight"][1:])
+  assert calls == [str(path)]
+  assert len(_entries(cache)) == 2  # the old content's entry and the new
+
+
+def test_touched_identical_file_hits_after_one_full_hash(tiny, tmp_path,
+                                                         monkeypatch):
+  _, _, path = tiny
+  cache = tmp_path / "cache"
+  m1, _ = G.load_gguf(path, cache_dir=cache)
+  st = os.stat(path)
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  _forbid(monkeypatch, L, "read_gguf", "an identical file was converted again")
+  calls = _count_full_hashes(monkeypatch)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    G.load_gguf(path, cache_dir=cache)
+    assert calls == [str(path)]  # one full hash finds the entry ...
+    m3, _ = G.load_gguf(path, cache_dir=cache)
+    assert calls == [str(path)]  # ... and records the new fast key
+  _assert_same_model(m1, m3)
+  assert len(os.listdir(cache / C.ALIASES_DIR)) == 2
+
+
+@pytest.mark.parametrize("damage", ["corrupt_alias", "entry_deleted"])
+def test_bad_alias_or_missing_entry_falls_back(tiny, tmp_path, monkeypatch,
+                                               damage):
+  _, hf, path = tiny
+  cache = tmp_path / "cache"
+  G.load_gguf(path, cache_dir=cache)
+  entry = _entry(path, cache)
+  [alias] = os.listdir(cache / C.ALIASES_DIR)
+  if damage == "corrupt_alias":
+    (cache / C.ALIASES_DIR / alias).write_text('{"key": "')
+    _forbid(monkeypatch, L, "read_gguf", "the entry is intact")
+  else:
+    shutil.rmtree(entry)
+  calls = _count_full_hashes(monkeypatch)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    model, _ = G.load_gguf(path, cache_dir=cache)
+    G.load_gguf(path, cache_dir=cache)
+  assert calls == [str(path)]  # the second load is a fast hit again
+  got = model_to_hf_tensors(model)
+  for k in hf:
+    np.testing.assert_array_equal(got[k], hf[k])
+  assert _entries(cache) == [os.path.basename(entry)]
+
+
+def test_file_changed_during_load_is_not_cached(tiny, tmp_path, monkeypatch):
+  _, hf, path = tiny
+  cache = tmp_path / "cache"
+  real = L.hf_tensors_from_gguf
+
+  def touch_then_convert(reader, config):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    return real(reader, config)
+
+  monkeypatch.setattr(L, "hf_tensors_from_gguf", touch_then_convert)
+  with pytest.warns(RuntimeWarning, match="changed while it was being loaded"):
+    model, _ = G.load_gguf(path, cache_dir=cache)
+  assert not cache.exists() or not _entries(cache)
+  got = model_to_hf_tensors(model)
+  for k in hf:
+    np.testing.assert_array_equal(got[k], hf[k])
 
 
 # ------------------------------------------------------------- SmolLM2
@@ -761,3 +904,20 @@ def test_smollm2_greedy_32_tokens(smollm2, hf_smollm2):
         f"{int((margins <= MARGIN).sum())}, smallest margin "
         f"{margins.min():.3e}")
   assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
+
+
+def test_float64_without_x64_raises_before_converting(tiny, tmp_path):
+  assert not jax.config.read("jax_enable_x64")
+  _, _, path = tiny
+  with pytest.raises(CheckpointError,
+                     match=r'jax\.config\.update\("jax_enable_x64", True\)'):
+    G.load_gguf(path, dtype="float64", cache_dir=tmp_path / "c")
+  assert not jax.config.read("jax_enable_x64")
+  assert not (tmp_path / "c").exists()
+
+
+def test_float64_with_x64(tiny, tmp_path, x64):
+  _, _, path = tiny
+  model, _ = G.load_gguf(path, dtype="float64", cache_dir=tmp_path / "c")
+  assert model.embed[...].dtype == jnp.float64
+  assert model.inv_freq[...].dtype == jnp.float64

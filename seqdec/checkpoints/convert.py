@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,39 @@ from seqdec.models.transformer import Transformer, inv_freq_array
 
 class CheckpointError(UserError):
   """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+X64_SWITCH = 'jax.config.update("jax_enable_x64", True)'
+
+
+def check_dtypes(*names: Optional[str]) -> None:
+  """Checks that JAX can build arrays of every dtype a loader was asked for.
+
+  Without `jax_enable_x64`, JAX silently builds float32 arrays where float64
+  is requested, so a float64 load would return a float32 model. Loaders call
+  this first and refuse instead; they never set the process-wide flag
+  themselves (it changes every later computation in the process).
+
+  Args:
+    *names: dtype names ('float32', 'bfloat16', 'float16', 'float64') or
+      dtypes; None entries are skipped.
+
+  Raises:
+    CheckpointError: an unknown dtype name, or a 64-bit dtype while
+      `jax_enable_x64` is off (the message names the switch).
+  """
+  for name in names:
+    if name is None:
+      continue
+    try:
+      dtype = as_dtype(name)
+    except (ValueError, TypeError) as e:
+      raise CheckpointError(f"unknown dtype {name!r}: {e}") from None
+    if dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+      raise CheckpointError(
+          f"dtype {name!r} needs 64-bit JAX types, which are off (JAX would "
+          f"silently build a float32 model): call {X64_SWITCH} before "
+          f"loading, or start Python with JAX_ENABLE_X64=1")
 
 
 # A parameter of the model is built from one or more HF tensors:
@@ -140,6 +173,7 @@ def model_from_hf_tensors(config: TransformerConfig,
   the embedding (some exporters save it); it is then ignored. Unknown tensors,
   missing tensors and shape mismatches raise `CheckpointError` naming them.
   """
+  check_dtypes(config.dtype, config.param_dtype)
   graphdef, state = _abstract_split(config)
   specs = param_specs(config)
   used = {n for names, _, _ in specs.values() for n in names}

@@ -24,7 +24,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from seqdec.checkpoints.convert import CheckpointError, model_from_hf_tensors
+from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
+                                        model_from_hf_tensors)
 from seqdec.models.config import ROPE_TYPES, TransformerConfig
 from seqdec.models.transformer import Transformer
 from seqdec.tokenizer import Tokenizer, TokenizerError
@@ -391,7 +392,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
     path: a directory with `config.json` and safetensors weights.
     dtype: compute dtype name of the model ('float32' on CPU).
     param_dtype: parameter dtype name; None means `dtype`. bfloat16 and
-      float16 checkpoints are cast to it.
+      float16 checkpoints are cast to it. float64 (either dtype) needs
+      `jax.config.update("jax_enable_x64", True)` first.
 
   Returns:
     `(model, tokenizer)`; the tokenizer is None when the directory has no
@@ -400,8 +402,10 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
   Raises:
     CheckpointError: with a one-line message naming the offending file when
       the directory, config or weights are missing, unreadable, unsupported or
-      do not match each other.
+      do not match each other; an unknown dtype, or float64 without
+      `jax_enable_x64`.
   """
+  check_dtypes(dtype, param_dtype)
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint directory {path} does not exist")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from seqdec.checkpoints.convert import CheckpointError
+from seqdec.checkpoints.convert import CheckpointError, check_dtypes
 from seqdec.models.config import PRESETS
 from seqdec.models.transformer import create
 from seqdec.tokenizer import Tokenizer
@@ -53,12 +53,15 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", **kwargs):
   Args:
     name_or_path: a name in `KNOWN_MODELS`, a directory with an HF
       `config.json` + safetensors, or a `.gguf` file.
-    dtype: compute and parameter dtype ('float32' on CPU).
+    dtype: compute and parameter dtype ('float32' on CPU). 'float64' needs
+      `jax.config.update("jax_enable_x64", True)` first; no loader sets it.
     **kwargs: passed to the format loader (e.g. `cache_dir` for GGUF).
 
   Raises:
-    CheckpointError: unknown name, missing path, or a bad checkpoint.
+    CheckpointError: unknown name, missing path, a bad checkpoint, or an
+      unknown dtype / float64 without `jax_enable_x64`.
   """
+  check_dtypes(dtype, kwargs.get("param_dtype"))
   if name_or_path in KNOWN_MODELS:
     return KNOWN_MODELS[name_or_path](dtype=dtype, **kwargs)
   if os.path.isdir(name_or_path):
