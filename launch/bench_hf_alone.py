@@ -23,7 +23,7 @@ from absl import flags
 
 _CATEGORIES = flags.DEFINE_list(
     "categories", ["writing", "qa", "summarization", "rewrite", "math", "code"],
-    "Prompt categories (data/prompts/<category>.jsonl).")
+    "Prompt categories (benchmarks/prompts/<category>.jsonl).")
 _PER_CATEGORY = flags.DEFINE_integer("per_category", 2, "Prompts per category.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 64, "Forced new tokens N.")
 _THREADS = flags.DEFINE_integer("num_threads", 2, "torch intra-op threads.")
@@ -53,7 +53,7 @@ def main(argv):
   rates = []
   with torch.no_grad():
     for cat in _CATEGORIES.value:
-      with open(os.path.join(ROOT, "data", "prompts", f"{cat}.jsonl")) as fh:
+      with open(os.path.join(ROOT, "benchmarks", "prompts", f"{cat}.jsonl")) as fh:
         recs = [json.loads(line) for line in fh if line.strip()]
       for rec in recs[:_PER_CATEGORY.value]:
         ids = tok.apply_chat_template(rec["messages"],

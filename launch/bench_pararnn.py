@@ -18,7 +18,7 @@ Every timing is the median (p10-p90) of interleaved rounds (the order rotates
 each round). The JSON also holds what does not depend on this 2-core CPU:
 Newton iterations to tolerance, the critical-path depth in sequential steps
 of each method, modelled bytes and FLOPs per token, and a projected speedup on
-an accelerator under stated assumptions. Writes bench_results/pararnn.json,
+an accelerator under stated assumptions. Writes benchmarks/results/pararnn.json,
 .md and .png; prints the JSON.
 """
 
@@ -306,7 +306,7 @@ def main():
                       help="T in {1k, 4k}, ParaGRU + dense GRU only")
   parser.add_argument("--sections", default="scan,cells,dense",
                       help="comma-separated subset of scan,cells,dense")
-  parser.add_argument("--output", default="bench_results/pararnn.json")
+  parser.add_argument("--output", default="benchmarks/results/pararnn.json")
   args = parser.parse_args()
   sections = set(args.sections.split(","))
   unknown = sections - {"scan", "cells", "dense"}

@@ -4,7 +4,7 @@ seqdec's autoregressive decoding and HF transformers' prompt-lookup decoding.
   python launch/bench_spec.py                       # all 48 prompts, N=64
   python launch/bench_spec.py --quick               # 1 prompt/category, N=32
   python launch/bench_spec.py --per_category=3 --methods=ar,ngram/chain4,hf_pld
-  python launch/bench_spec.py --temperature=1 --output=bench_results/spec_t1.json \
+  python launch/bench_spec.py --temperature=1 --output=benchmarks/results/spec_t1.json \
       --methods=ar,hf_pld,ngram/chain4,layerskip@proposal=wor/kary2x1,\
 layerskip/sequoia16:configs/acceptance/smollm2_layerskip-skip4-15_t1.json
 
@@ -17,7 +17,7 @@ against tree size.
 Method
 ------
 * Target: SmolLM2-135M-Instruct, float32, batch 1, greedy, exactly N new
-  tokens (no stop id), the frozen prompt set of data/prompts (chat template).
+  tokens (no stop id), the frozen prompt set of benchmarks/prompts (chat template).
 * Methods: `ar` (seqdec autoregressive), `<drafter>/<tree>` (seqdec
   speculative; drafters below), `hf_pld` (HF `generate(...,
   prompt_lookup_num_tokens=K)`, K = --hf_pld_tokens, HF's n-gram size 2 by
@@ -82,7 +82,7 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64,
 _QUICK = flags.DEFINE_bool("quick", False, "1 prompt per category, N=32.")
 _NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "torch threads.")
 _PHASES = flags.DEFINE_bool("phases", True, "Measure the phase split.")
-_OUTPUT = flags.DEFINE_string("output", "bench_results/spec.json",
+_OUTPUT = flags.DEFINE_string("output", "benchmarks/results/spec.json",
                               "JSON record (.md and .png beside it).")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "Sampling temperature of every method (0: greedy). "

@@ -14,7 +14,7 @@ nodes.
 
 Method
 ------
-* Data: the frozen prompt set (data/prompts, chat template), the first
+* Data: the frozen prompt set (benchmarks/prompts, chat template), the first
   --per_category prompts of each category; each is continued by the target
   itself (seqdec's autoregressive `Generator`, --max_new_tokens tokens, no
   stop id, as in bench_spec.py): greedily at --temperature=0, sampled at

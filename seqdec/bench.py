@@ -8,7 +8,7 @@ are also usable from a notebook:
     with bench.Stopwatch() as sw:
       ...
     stats = bench.summarize([12.0, 11.5, 13.2])   # median, p10, p90, ...
-    bench.write_json("bench_results/x.json", {"machine": bench.machine_info()})
+    bench.write_json("benchmarks/results/x.json", {"machine": bench.machine_info()})
 
 Nothing here imports torch or transformers (they are test and benchmark
 oracles only); library versions are read from package metadata.
@@ -58,9 +58,9 @@ class BenchPrompt:
 
 
 def default_prompts_dir() -> str:
-  """`data/prompts` of the source tree this module belongs to."""
+  """`benchmarks/prompts` of the source tree this module belongs to."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return os.path.join(root, "data", "prompts")
+  return os.path.join(root, "benchmarks", "prompts")
 
 
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:

@@ -1,0 +1,125 @@
+"""One spec, one grammar: `SpecConfig` parsing, the config block, the rule
+resolution shared by every entry point, and the bugs issue 13 fixed."""
+
+import os
+
+import numpy as np
+import pytest
+
+from seqdec import config_utils
+from seqdec import testing
+from seqdec.decoding import spec as spec_lib
+from seqdec.decoding import verify
+from seqdec.decoding.loops import DecodeShapes
+from seqdec.decoding.spec import SpecConfig
+from seqdec.errors import ConfigError, TreeError
+from seqdec.generator import Generator
+from seqdec.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC_CONFIG = os.path.join(ROOT, "configs", "spec_decode.py")
+
+
+@pytest.mark.parametrize("method", [
+    "ar", "ngram/chain4", "ngram@min_ngram=2/chain4",
+    "layerskip@layers=skip:4-15@proposal=wor/kary2x1",
+    "draft@draft_layers=10@rule=typical_lossy/static6",
+    "layerskip@layers=first:1/sequoia16:configs/acceptance/"
+    "smollm2_layerskip-skip4-15_t0.json",
+])
+def test_method_strings_round_trip(method):
+  spec = SpecConfig.parse(method)
+  assert SpecConfig.parse(str(spec)) == spec
+  assert str(spec) == method
+
+
+def test_parse_types_options_and_applies_defaults():
+  spec = SpecConfig.parse("ngram@max_ngram=4/chain2")
+  assert spec.option("max_ngram") == 4 and spec.option("min_ngram") == 1
+  # Defaults (the bench's --layers) fill what the string does not set, and
+  # are ignored by drafters that lack the option.
+  assert SpecConfig.parse("layerskip/chain2", layers="skip:1-2",
+                          draft_layers=3).option("layers") == "skip:1-2"
+  assert SpecConfig.parse("ngram/chain2", layers="skip:1-2").options == ()
+  # Options equal to their default are not kept: one spec, one name.
+  assert SpecConfig.parse("ngram@max_ngram=3/chain2") == SpecConfig.parse(
+      "ngram/chain2")
+
+
+@pytest.mark.parametrize("method,fragment", [
+    ("medusa/chain2", "unknown drafter 'medusa'"),
+    ("ngram@max_n=2/chain2", "unknown option 'max_n'"),
+    ("ngram@max_ngram=x/chain2", "expects an int"),
+    ("ngram@proposal=iid/chain2", "proposes deterministically"),
+    ("layerskip@rule=best/chain2", "unknown acceptance rule 'best'"),
+    ("ngram", "expected 'ar' or"),
+    ("ngram@max_ngram/chain2", "expected @key=value"),
+])
+def test_bad_methods_are_config_errors(method, fragment):
+  with pytest.raises(ConfigError, match=fragment):
+    SpecConfig.parse(method)
+
+
+def test_config_file_block_is_the_parsed_spec():
+  """configs/spec_decode.py's `spec=` argument fills `config.spec`, which
+  reads back as the same SpecConfig; `--config.spec.*` overrides apply."""
+  method = "layerskip@layers=skip:4-15@proposal=wor/kary2x1"
+  config = config_utils.load_config(f"{SPEC_CONFIG}:spec={method}")
+  assert SpecConfig.from_config(config.spec) == SpecConfig.parse(method)
+  config.spec.tree = "chain3"
+  config.spec.options.max_ngram = 5       # another drafter's: ignored
+  assert str(SpecConfig.from_config(config.spec)) == (
+      "layerskip@layers=skip:4-15@proposal=wor/chain3")
+  with pytest.raises(ConfigError, match="unknown spec keys"):
+    SpecConfig.from_config({**config.spec.to_dict(), "tree_size": 3})
+
+
+def test_resolve_rule_is_per_batch():
+  assert spec_lib.resolve_rule("auto", [0.0, 0.0]) == "greedy"
+  assert spec_lib.resolve_rule("auto", [0.0, 0.7]) == "sample"
+  assert spec_lib.resolve_rule("typical_lossy", 1.0) == "typical_lossy"
+  with pytest.raises(ConfigError, match="temperature 0 only"):
+    spec_lib.resolve_rule("greedy", [0.0, 0.7])
+
+
+def test_speculative_generator_samples_with_its_default_rule():
+  """Issue 13 bug: `Generator(drafter=...)` defaulted to rule='greedy', so
+  generate(temperature=0.7) raised. The default is 'auto', resolved per
+  batch: greedy rows verify greedily, sampled batches losslessly."""
+  model = testing.tiny_model()
+  gen = Generator(model, Tokenizer.byte_level(), max_new_tokens=4,
+                  eos_ids=(), drafter="ngram", tree="chain2")
+  assert gen.spec.rule == "auto"
+  shapes = DecodeShapes.for_batch(1, 4, 4, 1)
+  assert isinstance(gen.loop(shapes, [0.0]).rule, verify.Greedy)
+  assert isinstance(gen.loop(shapes, [0.7]).rule, verify.Sample)
+  [r] = gen.generate_ids([[1, 2, 3, 1, 2]], temperature=0.7, seed=3)
+  assert len(r.tokens) == 4
+
+
+def test_rule_takes_the_generators_top_k_cap():
+  """Issue 13 bug: the rule built `Sample()` with its own max_top_k=64;
+  it must get the sampler's cap (the chi-squared case with top_k=100 under
+  max_top_k=128 is in test_spec_sampling.py)."""
+  model = testing.tiny_model()
+  gen = Generator(model, Tokenizer.byte_level(), "ngram/chain2",
+                  max_top_k=128)
+  loop = gen.loop(DecodeShapes.for_batch(1, 4, 4, 1), [1.0], [100], [1.0])
+  assert loop.rule.max_top_k == 128
+  assert any(getattr(t, "max_k", None) == 128 for t in loop.sampler.rules)
+  with pytest.raises(TypeError):
+    verify.make_rule("sample")          # the cap is a required argument
+
+
+def test_tree_objects_and_strings_build_the_same_loop():
+  from seqdec.decoding import trees  # pylint: disable=g-import-not-at-top
+  model = testing.tiny_model()
+  tok = Tokenizer.byte_level()
+  a = Generator(model, tok, drafter="ngram", tree=trees.kary((2, 1)))
+  b = Generator(model, tok, "ngram/kary2x1")
+  assert a.tree == b.tree
+  with pytest.raises(TreeError, match="unknown tree spec"):
+    Generator(model, tok, "ngram/bush3")
+  with pytest.raises(ConfigError, match="not both"):
+    Generator(model, tok, "ngram/chain2", tree="chain3")
+  assert np.array_equal(a.tree.depth, b.tree.depth)
