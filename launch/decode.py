@@ -29,6 +29,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value.dtype == "float64":
+    # The process owns this switch; loaders never flip it (they refuse
+    # float64 without it).
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_enable_x64", True)
   from seqdec import app as seqdec_app  # pylint: disable=g-import-not-at-top
   cli.run_reporting_user_errors(lambda: seqdec_app.run_decode(
       _CONFIG.value, prompts=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,

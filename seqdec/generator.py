@@ -51,6 +51,8 @@ class GenerationResult:
     tokens: generated ids, including a final stop id if one was produced.
     text: the detokenised generation (stop id and special tokens excluded).
     logprobs: per generated token, log p under the model (temperature 1).
+    margins: per generated token, the target's top-1 minus top-2 logit at
+      the position it was chosen (how far greedy decoding was from a tie).
     finish_reason: "stop" (a stop id) or "length" (max_new_tokens).
     metrics: timings and counts (prefill_s, decode_s, decode_tokens_per_s,
       compile_s, new_tokens, prompt_tokens, batch_size).
@@ -59,6 +61,7 @@ class GenerationResult:
   tokens: list[int]
   text: str
   logprobs: list[float]
+  margins: list[float]
   finish_reason: str
   metrics: dict[str, Any]
 
@@ -346,6 +349,7 @@ class Generator:
     compile_s = self.programs.compile_seconds - compile_before
     out_tokens = np.asarray(state.tokens)
     out_logp = np.asarray(state.logprobs)
+    out_margin = np.asarray(state.margins)
     num_new = np.asarray(state.num_new)
     prefill_s, decode_s = t1 - t0, t2 - t1
     spec = {}
@@ -364,6 +368,7 @@ class Generator:
           prompt_tokens=list(prompt_ids[r]), tokens=toks,
           text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
           logprobs=out_logp[r, :num_new[r]].tolist(),
+          margins=out_margin[r, :num_new[r]].tolist(),
           finish_reason="stop" if stopped else "length",
           metrics=dict(prompt_tokens=int(lengths[r]), new_tokens=len(toks),
                        batch_size=n, prefill_s=prefill_s, decode_s=decode_s,

@@ -123,3 +123,23 @@ def test_tree_objects_and_strings_build_the_same_loop():
   with pytest.raises(ConfigError, match="not both"):
     Generator(model, tok, "ngram/chain2", tree="chain3")
   assert np.array_equal(a.tree.depth, b.tree.depth)
+
+
+def test_results_carry_top2_margins():
+  """Per-token top-1 minus top-2 logits: the autoregressive ones equal a
+  full forward's (whole-model f32 bound 1e-4), the speculative ones the
+  autoregressive ones (the same positions, verified in a tree)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = testing.tiny_model()
+  tok = Tokenizer.byte_level()
+  prompt = [1, 2, 3, 1, 2, 3, 1]
+  [ar] = Generator(model, tok, max_new_tokens=6, eos_ids=()).generate_ids(
+      [prompt])
+  [sp] = Generator(model, tok, "ngram/chain2", max_new_tokens=6,
+                   eos_ids=()).generate_ids([prompt])
+  assert sp.tokens == ar.tokens
+  seq = jnp.asarray([prompt + ar.tokens[:-1]])
+  logits = np.sort(np.asarray(testing.full_forward(model, seq))[0], -1)
+  ref = (logits[:, -1] - logits[:, -2])[len(prompt) - 1:]
+  np.testing.assert_allclose(ar.margins, ref, atol=1e-4)
+  np.testing.assert_allclose(sp.margins, ar.margins, atol=1e-4)

@@ -45,6 +45,15 @@ def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
   return logits[:, 0], model.commit(cache, prompt_len)
 
 
+def top2_margin(logits: jax.Array) -> jax.Array:
+  """`[..., V] -> [...]`: logits[top-1] - logits[top-2], the distance of the
+  greedy choice from a tie (float32 token-equality checks skip positions
+  where it is tiny, CONTRIBUTING.md)."""
+  top = jax.lax.top_k(logits.astype(jnp.promote_types(logits.dtype,
+                                                      jnp.float32)), 2)[0]
+  return top[..., 0] - top[..., 1]
+
+
 @flax.struct.dataclass
 class DecodeState:
   """Loop state of the autoregressive decoder.
@@ -54,6 +63,8 @@ class DecodeState:
     last: `[B]` the last sampled token of each row (fed next).
     tokens: `[B, NB]` generated ids (valid up to `num_new`).
     logprobs: `[B, NB]` their log-probabilities under the model.
+    margins: `[B, NB]` top-1 minus top-2 raw logit where each was chosen
+      (`top2_margin`).
     num_new: `[B]` tokens generated so far per row.
     done: `[B]` row stopped (EOS, max_new reached, or padding row).
     cache: the committed target cache.
@@ -62,6 +73,7 @@ class DecodeState:
   last: jax.Array
   tokens: jax.Array
   logprobs: jax.Array
+  margins: jax.Array
   num_new: jax.Array
   done: jax.Array
   cache: Any
@@ -92,12 +104,14 @@ class AutoregressiveLoop(LoopMixin):
         jnp.where(live, tok, state.tokens[:, step]))
     logprobs = state.logprobs.at[:, step].set(
         jnp.where(live, logp, state.logprobs[:, step]))
+    margins = state.margins.at[:, step].set(
+        jnp.where(live, top2_margin(logits), state.margins[:, step]))
     num_new = state.num_new + live.astype(jnp.int32)
     # A row stops when it emits any stop id or reaches its own max_new.
     done = (state.done | (live & jnp.isin(tok, inputs.eos_ids))
             | (num_new >= inputs.max_new))
     return state.replace(step=step, last=tok, tokens=tokens, logprobs=logprobs,
-                         num_new=num_new, done=done)
+                         margins=margins, num_new=num_new, done=done)
 
   def prefill(self, *, params, inputs: Inputs) -> DecodeState:
     """Prompt prefill and the first token (step 0)."""
@@ -105,11 +119,11 @@ class AutoregressiveLoop(LoopMixin):
     logits, cache = prefill(model, inputs.tokens, inputs.prompt_len,
                             self.shapes.cache_len)
     b, nb = logits.shape[0], self.shapes.new
+    acc = jnp.promote_types(logits.dtype, jnp.float32)
     state = DecodeState(
         step=jnp.array(-1, jnp.int32), last=jnp.zeros((b,), jnp.int32),
         tokens=jnp.zeros((b, nb), jnp.int32),
-        logprobs=jnp.zeros((b, nb),
-                           jnp.promote_types(logits.dtype, jnp.float32)),
+        logprobs=jnp.zeros((b, nb), acc), margins=jnp.zeros((b, nb), acc),
         num_new=jnp.zeros((b,), jnp.int32), done=inputs.max_new <= 0,
         cache=cache)
     return self._record(state, logits, inputs)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqdec.decoding.autoregressive import prefill
+from seqdec.decoding.autoregressive import prefill, top2_margin
 from seqdec.ops import write_rows
 from seqdec.decoding.drafters.base import Drafter, Outcome, Round
 from seqdec.decoding.loops import DecodeShapes, Inputs, LoopMixin
@@ -55,6 +55,8 @@ class SpecState:
     prev: `[B]` token before it (the last committed one).
     tokens: `[B, NB + M]` generated ids (valid up to `num_new`).
     logprobs: `[B, NB + M]` their log-probabilities under the target.
+    margins: `[B, NB + M]` the target's top-1 minus top-2 logit where each
+      was chosen (`autoregressive.top2_margin`).
     num_new: `[B]` tokens generated so far.
     done: `[B]` row stopped.
     cache: the target cache.
@@ -67,6 +69,7 @@ class SpecState:
   prev: jax.Array
   tokens: jax.Array
   logprobs: jax.Array
+  margins: jax.Array
   num_new: jax.Array
   done: jax.Array
   cache: Any
@@ -86,9 +89,11 @@ class Drafted:
 
 @flax.struct.dataclass
 class Verified:
-  """Phase 2's output: the rule's verdict and the cache holding the tree's
-  K/V in scratch."""
+  """Phase 2's output: the rule's verdict, the target's top-2 margins at
+  the accepted path's nodes `[B, M]`, and the cache holding the tree's K/V
+  in scratch."""
   verdict: Any
+  margins: jax.Array
   cache: Any
 
 
@@ -148,12 +153,15 @@ class SpecLoop(LoopMixin):
     tokens = jnp.zeros((b, nb + m), jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((b, nb + m), first_logp.dtype)
     logprobs = logprobs.at[:, 0].set(first_logp)
+    margins = jnp.zeros((b, nb + m), first_logp.dtype).at[:, 0].set(
+        top2_margin(logits))
     num_new = live.astype(jnp.int32)
     done = (~live | jnp.isin(first, inputs.eos_ids)
             | (num_new >= inputs.max_new))
     return SpecState(step=jnp.array(0, jnp.int32), root=first,
                      prev=inputs.prompt_last, tokens=tokens,
-                     logprobs=logprobs, num_new=num_new, done=done,
+                     logprobs=logprobs, margins=margins, num_new=num_new,
+                     done=done,
                      cache=cache, draft=dstate,
                      accept_hist=jnp.zeros((b, m), jnp.int32))
 
@@ -205,7 +213,9 @@ class SpecLoop(LoopMixin):
                                    roots_only, draft.cache)
     verdict = self.rule(tree, logits, step_keys(inputs.keys, state.step + 1),
                         inputs.sparams, self.max_depth)
-    return Verified(verdict=verdict, cache=cache)
+    margins = top2_margin(jnp.take_along_axis(
+        logits, verdict.path[:, :, None], axis=1))                   # [B, M]
+    return Verified(verdict=verdict, margins=margins, cache=cache)
 
   def finish(self, *, params, state: SpecState, inputs: Inputs,
              draft: Drafted, verdict: Verified) -> SpecState:
@@ -229,6 +239,8 @@ class SpecLoop(LoopMixin):
     tokens = write_rows(s.tokens, jnp.where(keep, acc.tokens, 0), s.num_new)
     logprobs = write_rows(s.logprobs, jnp.where(keep, acc.logprobs, 0.0),
                           s.num_new)
+    margins = write_rows(s.margins, jnp.where(keep, verdict.margins, 0.0),
+                         s.num_new)
     num_new = s.num_new + c
     done = s.done | (live & (stop & keep).any(1)) | (num_new >= inputs.max_new)
     cache = model.commit(verdict.cache, c, acc.path)
@@ -245,7 +257,8 @@ class SpecLoop(LoopMixin):
     hist = s.accept_hist + (live[:, None]
                             & (j[None] == acc.num_accepted[:, None]))
     return s.replace(step=s.step + 1, root=root, prev=prev, tokens=tokens,
-                     logprobs=logprobs, num_new=num_new, done=done,
+                     logprobs=logprobs, margins=margins, num_new=num_new,
+                     done=done,
                      cache=cache, draft=dstate, accept_hist=hist)
 
   def step(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
