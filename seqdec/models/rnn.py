@@ -1,22 +1,22 @@
 """Recurrent cells that train in parallel over time, and an RNN language model.
 
-Shape legend: T time steps, B batch rows, D model width, H cell channels,
+Shapes (`seqdec.shapes`): T time steps, B batch rows, D model width, C cell channels,
 V vocabulary, L layers. Cells work time-major ([T, B, ...]).
 
 Cells (`CELLS`, chosen by string), each a pure step h_t = f(h_{t-1}, u_t) of
 its input projection u_t = W x_t + bias (computed for all t at once, outside
 the recurrence), with sigma the logistic function:
 
-  'paragru'   ParaGRU (ParaRNN): diagonal recurrent weights a_z, a_r, a_c [H],
+  'paragru'   ParaGRU (ParaRNN): diagonal recurrent weights a_z, a_r, a_c [C],
               z = sigma(a_z h + u_z), r = sigma(a_r h + u_r),
               c = tanh(a_c (r h) + u_c), h' = z c + (1 - z) h.
               df/dh is diagonal.
   'paralstm'  ParaLSTM (ParaRNN's CIFG LSTM with peepholes), state (c, h) as
-              planes [.., 2, H]: f = sigma(a_f h + p_f c + u_f),
+              planes [.., 2, C]: f = sigma(a_f h + p_f c + u_f),
               c~ = tanh(a_c h + u_c), c' = f c + (1 - f) c~,
               o = sigma(a_o h + p_o c' + u_o), h' = o tanh(c').
               df/d(c, h) is 2x2 block-diagonal over channels.
-  'gru'       classic GRU with dense recurrent matrices U [3, H, H] (DEER's
+  'gru'       classic GRU with dense recurrent matrices U [3, C, C] (DEER's
               case): z = sigma(h U_z + u_z), r = sigma(h U_r + u_r),
               c = tanh((r h) U_c + u_c), h' = z c + (1 - z) h. Dense df/dh.
 
@@ -46,7 +46,7 @@ MODES = ("sequential", "parallel")
 
 
 def paragru_step(params, h: jax.Array, u: jax.Array) -> jax.Array:
-  """ParaGRU: params {'a': [3, H]}, h [..., H], u [..., 3, H] -> [..., H]."""
+  """ParaGRU: params {'a': [3, C]}, h [..., C], u [..., 3, C] -> [..., C]."""
   a = params["a"]
   z = jax.nn.sigmoid(a[0] * h + u[..., 0, :])
   r = jax.nn.sigmoid(a[1] * h + u[..., 1, :])
@@ -55,8 +55,8 @@ def paragru_step(params, h: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def paralstm_step(params, s: jax.Array, u: jax.Array) -> jax.Array:
-  """ParaLSTM-CIFG: params {'a': [3, H], 'p': [2, H]}, s [..., 2, H] (c, h),
-  u [..., 3, H] -> [..., 2, H]."""
+  """ParaLSTM-CIFG: params {'a': [3, C], 'p': [2, C]}, s [..., 2, C] (c, h),
+  u [..., 3, C] -> [..., 2, C]."""
   a, p = params["a"], params["p"]
   c, h = s[..., 0, :], s[..., 1, :]
   f = jax.nn.sigmoid(a[0] * h + p[0] * c + u[..., 0, :])
@@ -67,7 +67,7 @@ def paralstm_step(params, s: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def gru_step(params, h: jax.Array, u: jax.Array) -> jax.Array:
-  """Dense GRU: params {'u': [3, H, H]}, h [..., H], u [..., 3, H]."""
+  """Dense GRU: params {'u': [3, C, C]}, h [..., C], u [..., 3, C]."""
   w = params["u"]
   z = jax.nn.sigmoid(h @ w[0] + u[..., 0, :])
   r = jax.nn.sigmoid(h @ w[1] + u[..., 1, :])
@@ -80,7 +80,7 @@ class CellKind:
   """A cell type: its step, Jacobian structure and state layout."""
   step: Any
   structure: str
-  planes: int  # 0: state [.., H]; 2: state [.., 2, H] (output = plane 1)
+  planes: int  # 0: state [.., C]; 2: state [.., 2, C] (output = plane 1)
 
 
 CELLS = {
@@ -151,22 +151,22 @@ class Cell(nnx.Module):
     return {k: v[...] for k, v in self.rec.items()}
 
   def init_state(self, batch: int, dtype=jnp.float32) -> jax.Array:
-    """Zeros: [B, H], or [B, 2, H] for 'paralstm'."""
+    """Zeros: [B, C], or [B, 2, C] for 'paralstm'."""
     planes = (self.kind.planes,) if self.kind.planes else ()
     return jnp.zeros((batch,) + planes + (self.hidden,), dtype)
 
   def output(self, state: jax.Array) -> jax.Array:
-    """The features a state exposes: h ([.., H])."""
+    """The features a state exposes: h ([.., C])."""
     return state[..., 1, :] if self.kind.planes else state
 
   def project(self, x: jax.Array) -> jax.Array:
-    """u = W x + bias: [..., D] -> [..., 3, H]."""
+    """u = W x + bias: [..., D] -> [..., 3, C]."""
     u = self.proj(x)
     return u.reshape(u.shape[:-1] + (3, self.hidden))
 
   def __call__(self, x: jax.Array, h0: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array, newton.NewtonInfo]:
-    """x [T, B, D] -> (features [T, B, H], last state, solver info)."""
+    """x [T, B, D] -> (features [T, B, C], last state, solver info)."""
     u = self.project(x)
     if h0 is None:
       h0 = self.init_state(x.shape[1], u.dtype)
@@ -180,7 +180,7 @@ class Cell(nnx.Module):
 
   def step(self, x: jax.Array, state: jax.Array
            ) -> tuple[jax.Array, jax.Array]:
-    """One decode step: x [B, D], state -> (features [B, H], new state)."""
+    """One decode step: x [B, D], state -> (features [B, C], new state)."""
     state = self.kind.step(self.params(), state, self.project(x))
     return self.output(state), state
 
@@ -194,7 +194,7 @@ class RNNLMConfig:
 
   Attributes:
     vocab_size: V (256 for bytes).
-    dim: D, also the cell width H.
+    dim: D, also the cell width C.
     num_layers: L.
     cell: 'paragru' | 'paralstm' | 'gru'.
     mode: 'sequential' | 'parallel'.
@@ -256,7 +256,7 @@ class Block(nnx.Module):
 
 
 class RNNState(NamedTuple):
-  """Decode state: one cell state per layer ([B, H] or [B, 2, H])."""
+  """Decode state: one cell state per layer ([B, C] or [B, 2, C])."""
   cells: tuple[jax.Array, ...]
 
 

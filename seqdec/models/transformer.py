@@ -1,9 +1,8 @@
 """A Llama-family decoder in Flax NNX with an explicit, tree-ready KV cache.
 
-Shape legend used in signatures and comments:
-  B batch rows, T new tokens in this call, S cache slots, D hidden size,
-  H query heads, K (= Hkv) key/value heads, G = H / K query heads per kv head,
-  Dh head size, F SwiGLU width, V vocabulary, L layers.
+Shapes follow the legend of `seqdec.shapes`: B batch rows, T new tokens in
+this call, S cache slots, D model width, H query heads, K key/value heads,
+G = H / K, Dh head size, F SwiGLU width, V vocabulary, L layers.
 
 The cache and mask contract (everything in `seqdec.decoding` relies on it):
 

@@ -21,7 +21,7 @@ r = 0).
 
 J has the cell's structure (`scan.STRUCTURES`): 'diagonal' (one
 Jacobian-vector product with a vector of ones, valid when df/dh is diagonal),
-'block2' (two JVPs, one per plane of a [.., 2, H] state) or 'dense' (H JVPs).
+'block2' (two JVPs, one per plane of a [.., 2, C] state) or 'dense' (C JVPs).
 
 Convergence: the relative residual max|h - f(h_prev)| / max|f(h_prev)| <= tol,
 or `max_iter` iterations (tol = 0 gives ParaRNN's fixed iteration count).
@@ -111,7 +111,7 @@ def _basis(structure: str, state: jax.Array) -> jax.Array:
     return jnp.ones((1, 1), state.dtype)
   if structure == "block2":
     return jnp.eye(2, dtype=state.dtype)[:, :, None]          # [2, 2, 1]
-  return jnp.eye(state.shape[-1], dtype=state.dtype)          # [H, H]
+  return jnp.eye(state.shape[-1], dtype=state.dtype)          # [C, C]
 
 
 def linearize(step: Step, params, h_prev: jax.Array, xs, structure: str):
@@ -119,9 +119,9 @@ def linearize(step: Step, params, h_prev: jax.Array, xs, structure: str):
 
   Returns:
     y: h_prev.shape, f(params, h_prev, x).
-    J: diagonal h_prev.shape; block2 [..., 2, 2, H] with
+    J: diagonal h_prev.shape; block2 [..., 2, 2, C] with
       J[..., i, j, k] = d y[..., i, k] / d h_prev[..., j, k]; dense
-      [..., H, H] with J[..., i, j] = d y_i / d h_prev_j.
+      [..., C, C] with J[..., i, j] = d y_i / d h_prev_j.
   """
   f = lambda h: step(params, h, xs)
   basis = _basis(structure, h_prev)
@@ -218,7 +218,7 @@ def solve(step: Step, params, xs, h0: jax.Array,
     step: f(params, h_prev, x) -> h, elementwise in time (module docstring).
     params: pytree of parameters (differentiable).
     xs: pytree of per-step inputs, each [T, *B, ...] (differentiable).
-    h0: [*B, ...] (diagonal, dense: [*B, H]; block2: [*B, 2, H]).
+    h0: [*B, ...] (diagonal, dense: [*B, C]; block2: [*B, 2, C]).
     config: `NewtonConfig` (static).
 
   Returns:
@@ -257,5 +257,5 @@ def max_jacobian_norm(step: Step, params, xs, h: jax.Array, h0: jax.Array,
   if structure == "diagonal":
     return jnp.max(jnp.abs(jac))
   if structure == "block2":
-    jac = jnp.moveaxis(jac, -1, -3)  # [..., H, 2, 2]
+    jac = jnp.moveaxis(jac, -1, -3)  # [..., C, 2, 2]
   return jnp.max(jnp.linalg.norm(jac, ord=2, axis=(-2, -1)))

@@ -7,14 +7,14 @@ state of the recurrence
     reverse:  h_t = A_t h_{t+1} + b_t,   t = T-1 .. 0,   h_{T}  = h0
 
 (the reverse form is the adjoint recurrence of backpropagation). Arrays are
-time-major; shape legend: T steps, `*B` any batch dims, H channels.
+time-major; shapes (`seqdec.shapes`): T steps, `*B` any batch dims, C channels.
 
 Structures (how `A_t` acts on a state), chosen by string:
 
-  'diagonal'  A [T, *B, H],        b [T, *B, H]      (A h)_k = A_k h_k
-  'block2'    A [T, *B, 2, 2, H],  b [T, *B, 2, H]   (A h)_{i,k} = sum_j A_{ijk} h_{jk}
-              (H independent 2x2 blocks, planar layout: an LSTM's (c, h))
-  'dense'     A [T, *B, H, H],     b [T, *B, H]      (A h)_i = sum_j A_{ij} h_j
+  'diagonal'  A [T, *B, C],        b [T, *B, C]      (A h)_k = A_k h_k
+  'block2'    A [T, *B, 2, 2, C],  b [T, *B, 2, C]   (A h)_{i,k} = sum_j A_{ijk} h_{jk}
+              (C independent 2x2 blocks, planar layout: an LSTM's (c, h))
+  'dense'     A [T, *B, C, C],     b [T, *B, C]      (A h)_i = sum_j A_{ij} h_j
 
 Back ends (`impl`), chosen by string:
 
@@ -22,12 +22,12 @@ Back ends (`impl`), chosen by string:
   'associative'  `lax.associative_scan` over the affine maps x -> A x + b with
                  (A_i, b_i) . (A_j, b_j) = (A_j A_i, A_j b_i + b_j)  (j after i).
                  Depth ~2 log2 T, work O(T) combines.
-  'chunked'      T = N chunks of C steps. (1) read-only pass, sequential within
+  'chunked'      T = Q chunks of `chunk` steps. (1) read-only pass, sequential within
                  chunks and vectorised across them: each chunk's composite map
                  (P_n, s_n) = (A_{C-1}...A_0, state at the chunk end from 0);
-                 (2) carry pass over the N chunks: e_n = P_n e_{n-1} + s_n;
+                 (2) carry pass over the Q chunks: e_n = P_n e_{n-1} + s_n;
                  (3) fix-up: rerun each chunk from its true start e_{n-1},
-                 vectorised across chunks, writing the states. Depth 2C + N,
+                 vectorised across chunks, writing the states. Depth 2 chunk + Q,
                  work ~2x sequential. ParaRNN's CUDA reduction (thread-local
                  Thomas sweeps, a reduction over chunk ends, back-substitution)
                  and a future Pallas kernel have this shape.
@@ -191,12 +191,13 @@ def _associative(A, b, h0, ops: Ops, chunk: int):
 
 
 def _chunk_sweep(A, b, h, ops: Ops, carry_map: bool, write: bool):
-  """Runs the recurrence through the C steps of N chunks at once.
+  """Runs the recurrence through the `chunk` steps of Q chunks at once.
 
-  A [N, C, *B, ...], b [N, C, *B, ...], h [N, *B, ...] (each chunk's start).
+  A [Q, chunk, *B, ...], b [Q, chunk, *B, ...], h [Q, *B, ...] (each
+  chunk's start).
   Step c reads A[:, c], b[:, c] (one strided slice per step; no transposes).
   Returns the chunk-end states, the composite maps P_n = A_{C-1}..A_0 if
-  `carry_map`, and every state [N, C, ...] if `write`.
+  `carry_map`, and every state [Q, chunk, ...] if `write`.
   """
   n_steps = A.shape[1]
   p0 = ops.identity_like(h) if carry_map else None
@@ -221,9 +222,9 @@ def _chunk_sweep(A, b, h, ops: Ops, carry_map: bool, write: bool):
 def _chunked(A, b, h0, ops: Ops, chunk: int):
   """Two-pass chunked scan: read-only chunk reduction, carry pass, fix-up.
 
-  Pads T to N*C with identity maps and zero offsets (which leave the state
+  Pads T to Q chunk with identity maps and zero offsets (which leave the state
   unchanged), then (1) (P_n, s_n) per chunk from a zero start, (2)
-  e_n = P_n e_{n-1} + s_n with e_{-1} = h0 (`_sequential` over N), (3) each
+  e_n = P_n e_{n-1} + s_n with e_{-1} = h0 (`_sequential` over Q), (3) each
   chunk rerun from e_{n-1}.
   """
   t = A.shape[0]
@@ -285,9 +286,9 @@ def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
   """All states of h_t = A_t h_{t-1} + b_t (or of the reverse recurrence).
 
   Args:
-    A: [T, *B, H] (diagonal), [T, *B, 2, 2, H] (block2), [T, *B, H, H]
+    A: [T, *B, C] (diagonal), [T, *B, 2, 2, C] (block2), [T, *B, C, C]
       (dense).
-    b: [T, *B, H] (diagonal, dense) or [T, *B, 2, H] (block2).
+    b: [T, *B, C] (diagonal, dense) or [T, *B, 2, C] (block2).
     h0: b.shape[1:], the state before the first step (after the last one if
       `reverse`); None means zeros.
     structure: 'diagonal' | 'block2' | 'dense'.
@@ -304,7 +305,7 @@ def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
   """
   ops = ops_for(structure)
   if b.ndim < 2:
-    raise ValueError(f"b must be [T, ..., H] (time-major), got {b.shape}")
+    raise ValueError(f"b must be [T, ..., C] (time-major), got {b.shape}")
   if not ops.state_shape_ok(tuple(A.shape), tuple(b.shape)):
     raise ValueError(f"A {A.shape} does not fit b {b.shape} for structure "
                      f"{structure!r} (see the shape table in the docstring)")
