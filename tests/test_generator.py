@@ -102,13 +102,13 @@ def test_per_row_stop_on_any_eos_and_max_new(tok):
 def test_bucketing_avoids_recompiles(tok):
   gen = Generator(testing.tiny_model(), tok, max_new_tokens=5, eos_ids=())
   gen.generate(["abc", "de"])
-  n = len(gen.decoder.compiled)
-  assert n == 2  # prefill + loop
+  n = len(gen.programs)
+  assert n == 2  # prefill + decode
   gen.generate(["a longer prompt", "x"], max_new_tokens=7)  # same buckets
   gen.generate(["other", "prompts", "three"][:2], max_new_tokens=3)
-  assert len(gen.decoder.compiled) == n
+  assert len(gen.programs) == n
   gen.generate(["y" * 40])  # a new prompt bucket and batch size
-  assert len(gen.decoder.compiled) == n + 2
+  assert len(gen.programs) == n + 2
 
 
 def test_sampled_row_independent_of_batch_position(tok):

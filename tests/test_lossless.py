@@ -25,6 +25,7 @@ from scipy import stats
 from seqdec.decoding import tree_specs
 from seqdec.decoding import trees
 from seqdec.decoding import verify
+from seqdec.errors import ConfigError
 from seqdec.decoding.sampling import SamplingParams
 
 V = 6          # toy vocabulary
@@ -343,7 +344,7 @@ def test_chain_acceptance_rate_matches_alpha():
 # The lossy rule is lossy; interface checks.
 
 def test_typical_lossy_is_greedy_at_t0_and_biased_at_t1():
-  rule = verify.make_rule("typical_lossy")
+  rule = verify.make_rule("typical_lossy", max_top_k=64)
   acc, tree, logits = run(rule, KARY, ("iid", "iid"), seed=0)
   p = chi2_of(acc, "typical_lossy (must fail: lossy)")
   assert p < ALPHA_LEVEL
@@ -365,7 +366,10 @@ def test_sampled_scheme_without_q_is_refused():
 
 
 def test_rules_by_name():
-  assert isinstance(verify.make_rule("sample"), verify.Sample)
-  assert isinstance(verify.make_rule("typical_lossy"), verify.TypicalLossy)
-  assert verify.needs_greedy(verify.make_rule("sample"), [0.0, 1.0]) is None
-  assert verify.needs_greedy(verify.make_rule("greedy"), [1.0]) is not None
+  assert isinstance(verify.make_rule("sample", max_top_k=64), verify.Sample)
+  assert isinstance(verify.make_rule("typical_lossy", max_top_k=64),
+                    verify.TypicalLossy)
+  assert verify.make_rule("sample", max_top_k=128).max_top_k == 128
+  assert isinstance(verify.make_rule("greedy", max_top_k=64), verify.Greedy)
+  with pytest.raises(ConfigError, match="unknown acceptance rule"):
+    verify.make_rule("best", max_top_k=64)

@@ -143,3 +143,29 @@ def test_results_carry_top2_margins():
   ref = (logits[:, -1] - logits[:, -2])[len(prompt) - 1:]
   np.testing.assert_allclose(ar.margins, ref, atol=1e-4)
   np.testing.assert_allclose(sp.margins, ar.margins, atol=1e-4)
+
+
+def test_warmup_compiles_ahead_and_the_eager_twin_equals_the_loop():
+  """`warmup` compiles the bucket's programs (a timed run then compiles
+  nothing); `HostLoop` (the same step from Python: jitted per step, or op
+  by op with jit=False) gives the jitted while_loop's tokens and
+  acceptance."""
+  from seqdec.decoding.loops import HostLoop, Inputs  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  model = testing.tiny_model()
+  gen = Generator(model, Tokenizer.byte_level(), "ngram/chain2",
+                  max_new_tokens=5, eos_ids=())
+  assert gen.warmup(prompt_lengths=[7], batch_sizes=[1]) > 0
+  prompt = [1, 2, 3, 1, 2, 3, 1]
+  [r] = gen.generate_ids([prompt])
+  assert r.metrics["compile_s"] == 0
+  assert gen.warmup(prompt_lengths=[7], batch_sizes=[1]) == 0
+  shapes = DecodeShapes.for_batch(1, len(prompt), 5, 1)
+  loop = gen.loop(shapes, [0.0])
+  inputs = Inputs.make(shapes, [prompt], [5], [-1], SamplingParams.make(1),
+                       seed=0)
+  for jit in (True, False):
+    state = HostLoop(loop, jit=jit).run(params=gen.loop_params, inputs=inputs)
+    assert np.asarray(state.tokens)[0, :5].tolist() == r.tokens
+    assert np.asarray(state.accept_hist).sum() + 1 == r.metrics[
+        "target_calls"]

@@ -249,7 +249,7 @@ def _prefill_then_tree(model, tokens, lengths):
   prompt_logits, cache = fwd(tokens[:, :9], pos, model.init_cache(b, 48))
   cache = testing.commit(cache, jnp.asarray(lengths))
   shape = trees.kary((3, 2))
-  mask = trees.ancestor_mask(jnp.asarray([shape.parents] * b))
+  mask = tm.ancestor_mask(jnp.asarray([shape.parents] * b))
   tree_pos = cache.length[:, None] + jnp.asarray(shape.depth)[None]
   tree_logits, _ = fwd(tokens[:, 9:19], tree_pos, cache, mask)
   return prompt_logits, tree_logits
@@ -309,7 +309,7 @@ def _assert_same(out, ref):
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", ["kary2x2"])
 def test_speculative_pallas_equals_autoregressive(x64, tree):
-  """Greedy speculative decoding (SpeculativeDecoder through Generator; a
+  """Greedy speculative decoding (SpecLoop through Generator; a
   perturbed draft LM, so some drafts are rejected), float64, ragged batch of
   3: with 'pallas' the tokens equal autoregressive decoding and 'xla'
   speculative decoding exactly; logprobs within 1e-10. Autoregressive decoding
@@ -321,3 +321,30 @@ def test_speculative_pallas_equals_autoregressive(x64, tree):
   if tree == "kary2x2":                  # and == 'xla', directly, once
     _assert_same(_generate("xla", tree), spec)
   assert np.mean([r.metrics["mean_accepted"] for r in spec]) > 1.0
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_parents_entry_point_equals_words_entry_point(platform):
+  """`tree_attention_from_parents` (words built by `tree_mask`) gives the
+  words entry point's output bit for bit: trees, a forest row, a sliding
+  window with default positions (length + depth), and inside jit."""
+  rng = np.random.default_rng(3)
+  forest = [-1, 0, -1, 2, 2, -1] + [5] * (N - 6)
+  parents = np.array([_tree("deep", N, rng), _tree("random", N, rng), forest],
+                     np.int32)
+  args, pos = make_inputs(4, 3, parents, [0, 50, S])
+  blocks = BLOCKS[platform]
+  want = ta.tree_attention(*args, platform=platform, **blocks)
+  got = ta.tree_attention_from_parents(*args[:6], parents, platform=platform,
+                                       **blocks)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  kw = dict(sliding_window=20, platform=platform, **blocks)
+  want = ta.tree_attention(*args, positions=pos, **kw)
+  got = ta.tree_attention_from_parents(*args[:6], parents, **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  jitted = jax.jit(lambda *a: ta.tree_attention_from_parents(
+      *a, validate=False, **kw))
+  got = jitted(*args[:6], jnp.asarray(parents))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(trees.TreeError, match="listed after it"):
+    ta.tree_attention_from_parents(*args[:6], parents[:, ::-1], **kw)

@@ -513,15 +513,3 @@ def make_rule(name: str, *, max_top_k: int):
   if "max_top_k" in {f.name for f in dataclasses.fields(rule)}:
     return rule(max_top_k=max_top_k)
   return rule()
-
-
-def needs_greedy(rule: AcceptanceRule, temperature) -> Optional[str]:
-  """An error message if `rule` cannot serve these temperatures, else None.
-
-  Only `Greedy` is limited (temperature 0); `Sample` and `TypicalLossy`
-  serve any temperature.
-  """
-  if isinstance(rule, Greedy) and (jnp.asarray(temperature) > 0).any():
-    return ("greedy verification serves temperature 0 only; speculative "
-            "sampling at temperature > 0 needs a lossless sampling rule")
-  return None
