@@ -110,3 +110,29 @@ def cyclic_model(period: int = 5, dtype: str = "float32", seed: int = 0,
     block.attn.o_proj[...] = block.attn.o_proj[...] * residual_scale
     block.mlp.down_proj[...] = block.mlp.down_proj[...] * residual_scale
   return model
+
+
+def ancestor_mask_oracle(parents) -> np.ndarray:
+  """Ancestor-or-self masks by walking parent pointers on the host: the tests'
+  oracle for `seqdec.kernels.tree_mask` (independent of its pointer
+  doubling and of the Pallas kernel).
+
+      mask[..., i, j] = 1  iff  j is reached from i by following parents
+
+  Args:
+    parents: `[N]` or `[B, N]` integers, -1 for roots, valid (forests too).
+
+  Returns:
+    bool `[N, N]` or `[B, N, N]`, matching the input's rank.
+  """
+  arr = np.asarray(parents, np.int64)
+  rows = arr.reshape(-1, arr.shape[-1])
+  n = rows.shape[1]
+  out = np.zeros((rows.shape[0], n, n), bool)
+  for b, row in enumerate(rows):
+    for i in range(n):
+      j = i
+      while j >= 0:
+        out[b, i, j] = True
+        j = row[j]
+  return out.reshape(arr.shape + (n,))

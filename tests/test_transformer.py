@@ -110,9 +110,8 @@ TREE_PARENTS = [-1, 0, 0, 1, 3, 3]
 
 
 def ancestor_mask(parents):
-  """`[N, N]` ancestor-or-self mask (seqdec.decoding.trees, itself checked
-  against a pointer-chasing reference in test_trees.py)."""
-  return np.asarray(trees_lib.ancestor_mask(jnp.asarray([parents])))[0]
+  """`[N, N]` ancestor-or-self mask (the host pointer-walk oracle)."""
+  return testing.ancestor_mask_oracle(parents)
 
 
 def path_to(parents, i):
@@ -159,7 +158,8 @@ def test_tree_level_by_level_in_a_scratch_window_equals_one_call(window):
   _, cache = fwd(prompt, jnp.broadcast_to(jnp.arange(7), (2, 7)), cache)
   cache = testing.commit(cache, jnp.array([7, 5]))   # ragged rows
   length = np.array([7, 5])
-  mask = jnp.broadcast_to(jnp.asarray(shape.ancestor_mask()), (2, n, n))
+  mask = jnp.broadcast_to(jnp.asarray(ancestor_mask(shape.parents)),
+                          (2, n, n))
   pos = jnp.asarray(length[:, None] + depth[None])
   whole, _ = fwd(tree_tokens, pos, cache, mask=mask)
   outs = []

@@ -1,10 +1,11 @@
 """Bit-packed tree masks: Pallas kernel == jnp reference, bit for bit.
 
-Oracles: the library's sequential ancestor mask (`trees.ancestor_mask`,
-itself checked against a pointer walk in test_trees) packed with
-`pack_mask`, and depths counted from it (forests included). Both kernel
-bodies ('gpu', 'tpu') run in interpret mode; shapes are bucketed (N in
-{1, 32, 40, 120} plus the all-trees batch) so that compiles stay few.
+Oracle: a host pointer walk (`seqdec.testing.ancestor_mask_oracle`)
+packed with `pack_mask`, and depths counted from it (forests included);
+the dense `ancestor_mask` (the decode path's builder) must equal it
+unpacked. Both kernel bodies ('gpu', 'tpu') run in interpret mode; shapes
+are bucketed (N in {1, 32, 40, 120} plus the all-trees batch) so that
+compiles stay few.
 """
 
 import jax
@@ -14,28 +15,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seqdec import testing
 from seqdec.decoding import trees
 from seqdec.kernels import tree_mask as tm
 
 PLATFORMS = ("gpu", "tpu")
 
 
-_ancestor_mask = jax.jit(trees.ancestor_mask)
-
-
 def expected(parents):
-  """Packed sequential masks; depth = ancestors - 1 (forests included)."""
-  dense = _ancestor_mask(jnp.asarray(parents, jnp.int32))
-  depth = np.asarray(dense).sum(-1) - 1
-  return np.asarray(tm.pack_mask(dense)), depth
+  """Packed oracle masks; depth = ancestors - 1 (forests included)."""
+  dense = testing.ancestor_mask_oracle(parents)
+  depth = dense.sum(-1) - 1
+  return np.asarray(tm.pack_mask(jnp.asarray(dense))), depth, dense
 
 
 def check_all(parents):
-  """Kernel (both bodies) == reference == packed sequential mask."""
-  words, depth = expected(parents)
+  """Kernel (both bodies) == reference == packed oracle; dense == oracle."""
+  words, depth, dense = expected(parents)
   ref_w, ref_d = tm.tree_mask_reference(jnp.asarray(parents, jnp.int32))
   np.testing.assert_array_equal(np.asarray(ref_w), words)
   np.testing.assert_array_equal(np.asarray(ref_d), depth)
+  np.testing.assert_array_equal(
+      np.asarray(tm.ancestor_mask(jnp.asarray(parents, jnp.int32))), dense)
   for platform in PLATFORMS:
     got_w, got_d = tm.tree_mask(parents, platform=platform)
     assert got_w.dtype == jnp.uint32 and got_d.dtype == jnp.int32
@@ -110,6 +111,19 @@ def test_invalid_parents_are_rejected(parents, message):
   arr = np.array(parents)
   if arr.size and np.issubdtype(arr.dtype, np.integer):
     assert not bool(jnp.all(tm.parents_valid(jnp.asarray(arr))))
+
+
+def test_forests_and_the_decoding_root_rule():
+  """Kernels accept forests; decoding trees (forest=False) have one root."""
+  forest = np.array([[-1, 0, -1, 2]], np.int32)
+  np.testing.assert_array_equal(tm.validate_parents(forest), forest)
+  assert bool(tm.parents_valid(jnp.asarray(forest))[0])
+  with pytest.raises(trees.TreeError, match="row 0: node 2 has parent -1"):
+    tm.validate_parents(forest, forest=False)
+  assert not bool(tm.parents_valid(jnp.asarray(forest), forest=False)[0])
+  tree = np.array([[-1, 0, 0, 2]], np.int32)
+  tm.validate_parents(tree, forest=False)
+  assert bool(tm.parents_valid(jnp.asarray(tree), forest=False)[0])
 
 
 def test_validation_inside_jit():

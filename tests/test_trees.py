@@ -1,32 +1,42 @@
-"""Token tree topologies: constructors, host validation, the jitted mask."""
+"""Token tree topologies: constructors, host validation, the on-device
+mask (`seqdec.kernels.tree_mask.ancestor_mask`) against a pointer walk."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqdec import testing
 from seqdec.decoding import tree_specs
 from seqdec.decoding import trees
-
-
-def reference_mask(parents):
-  n = len(parents)
-  m = np.zeros((n, n), bool)
-  for i in range(n):
-    j = i
-    while j >= 0:
-      m[i, j] = True
-      j = parents[j]
-  return m
+from seqdec.kernels import tree_mask
 
 
 def test_jitted_ancestor_mask_matches_reference_for_every_small_tree():
   shapes = trees.all_shapes_up_to(5)
   assert len(shapes) == 24  # 1 * 2 * 3 * 4 parent choices
   parents = jnp.asarray([s.parents for s in shapes])
-  masks = np.asarray(jax.jit(trees.ancestor_mask)(parents))
+  masks = np.asarray(jax.jit(tree_mask.ancestor_mask)(parents))
   for s, m in zip(shapes, masks):
-    np.testing.assert_array_equal(m, reference_mask(s.parents))
+    np.testing.assert_array_equal(m, testing.ancestor_mask_oracle(s.parents))
+
+
+def test_tree_from_parents_inside_jit():
+  """Parents computed inside jit (a data-dependent tree) get exact masks and
+  depths: a chain or a star chosen by a traced flag."""
+  @jax.jit
+  def build(star):
+    chain = jnp.arange(-1, 4, dtype=jnp.int32)
+    parents = jnp.where(star, jnp.array([-1, 0, 0, 0, 0]), chain)
+    return trees.Tree.from_parents(jnp.zeros((2, 5), jnp.int32),
+                                   jnp.stack([parents, chain]))
+  for star in (False, True):
+    tree = build(star)
+    tree.check()
+    expected = [-1, 0, 0, 0, 0] if star else [-1, 0, 1, 2, 3]
+    np.testing.assert_array_equal(np.asarray(tree.mask[0]),
+                                  testing.ancestor_mask_oracle(expected))
+    assert list(np.asarray(tree.depth[0])) == list(trees.depths(expected))
 
 
 def test_constructors():
@@ -48,11 +58,19 @@ def test_constructors():
     ([0, 0], "must have parent -1"),
     ([-1, 5], "outside"),
     ([-1, 1], "its own parent"),
-    ([-1, 2, 1], "listed after it"),
+    ([-1, 2, 1], r"cycle through nodes \[1, 2\]"),
+    ([-1, 2, 0], "listed after it"),
+    ([-1, 0, -1], "only root"),
 ])
 def test_invalid_parents(parents, message):
+  """Decoding trees: the kernels' host check with node 0 the only root."""
   with pytest.raises(trees.TreeError, match=message):
-    trees.validate_parents(parents)
+    tree_mask.validate_parents(parents, forest=False)
+  with pytest.raises(trees.TreeError, match=message):
+    trees.TreeShape(tuple(parents), (0,) * len(parents))
+  if parents and parents[0] == -1 and min(parents) >= -1:
+    assert not bool(tree_mask.parents_valid(jnp.asarray([parents]),
+                                            forest=False)[0])
 
 
 @pytest.mark.parametrize("paths,message", [
@@ -73,13 +91,6 @@ def test_bad_specs_and_duplicate_ranks():
     tree_specs.parse("karyAx2")
   with pytest.raises(trees.TreeError, match="repeats rank"):
     trees.TreeShape((-1, 0, 0), (0, 0, 0))
-
-
-def test_tree_larger_than_remaining_context():
-  t = trees.chain(4)
-  t.check_fits(length=10, context=15)
-  with pytest.raises(trees.TreeError, match="beyond the context"):
-    t.check_fits(length=11, context=15)
 
 
 def test_positions_are_length_plus_depth():

@@ -15,14 +15,22 @@ Two levels of description:
   chooses the compiled program. Shapes are built by `chain(gamma)`,
   `kary(branching)` and `from_paths(paths)` (Medusa-style lists of rank
   paths), parsed from config strings by `seqdec.decoding.tree_specs.parse`,
-  and validated on the host with `validate_parents`, which raises
-  `TreeError` with a clear message.
+  and validated on the host by `seqdec.kernels.tree_mask.validate_parents`
+  with `forest=False` (node 0 the only root), which raises `TreeError` with
+  a clear message.
 * `Tree` is the per-row array form a drafter fills in inside jit: tokens,
   parents, depth, validity, the ancestor mask, and for every node the
   *proposal scheme* that produced its children (`DETERMINISTIC`: top-k,
   static, n-gram; `IID`: k draws from q; `WITHOUT_REPLACEMENT`: Gumbel-top-k
   from q) with q itself where the scheme has one. Verification rules read
   the scheme: a lossless sampling rule must match how the children were drawn.
+  Its mask and depth are derived from the parents on device by
+  `seqdec.kernels.tree_mask.ancestor_mask` (`Tree.from_parents`), so
+  parents computed inside jit get exact masks.
+
+Topology arrays (ancestor masks, parent validation) live in
+`seqdec.kernels.tree_mask`, the leaf both decoding and the kernels build on;
+this module holds the decoding-level objects.
 """
 
 from __future__ import annotations
@@ -37,35 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqdec.errors import TreeError
+from seqdec.kernels import tree_mask as tree_mask_lib
 
 # Proposal schemes of a node's children (`Tree.scheme`).
 DETERMINISTIC, IID, WITHOUT_REPLACEMENT = 0, 1, 2
-
-
-def validate_parents(parents: Sequence[int]) -> None:
-  """Checks a parent-pointer array on the host.
-
-  Valid means: at least one node; `parents[0] == -1`; for every i >= 1,
-  `0 <= parents[i] < i` (a parent listed after its child, a self-loop, a cycle
-  or an out-of-range index all violate this).
-
-  Raises:
-    TreeError: naming the first offending node.
-  """
-  parents = [int(p) for p in parents]
-  if not parents:
-    raise TreeError("a tree needs at least the root node")
-  if parents[0] != -1:
-    raise TreeError(f"node 0 is the root and must have parent -1, got "
-                    f"{parents[0]}")
-  for i, p in enumerate(parents[1:], 1):
-    if p < 0 or p >= len(parents):
-      raise TreeError(f"node {i} has parent {p}, outside [0, {len(parents)})")
-    if p == i:
-      raise TreeError(f"node {i} is its own parent")
-    if p > i:
-      raise TreeError(f"node {i} has parent {p} listed after it (parents "
-                      f"must precede children; this also rules out cycles)")
 
 
 def depths(parents: Sequence[int]) -> np.ndarray:
@@ -89,7 +72,7 @@ class TreeShape:
   ranks: tuple[int, ...]
 
   def __post_init__(self):
-    validate_parents(self.parents)
+    tree_mask_lib.validate_parents(self.parents, forest=False)
     if len(self.ranks) != len(self.parents):
       raise TreeError(f"{len(self.ranks)} ranks for {len(self.parents)} nodes")
     seen = set()
@@ -143,21 +126,6 @@ class TreeShape:
     for i in range(1, self.num_nodes):
       out.append(out[self.parents[i]] + (self.ranks[i],))
     return out
-
-  def ancestor_mask(self) -> np.ndarray:
-    """`[N, N]` bool: mask[i, j] iff j is i or an ancestor of i."""
-    n = self.num_nodes
-    m = np.eye(n, dtype=bool)
-    for i in range(1, n):
-      m[i] |= m[self.parents[i]]
-    return m
-
-  def check_fits(self, length: int, context: int) -> None:
-    """Raises if the deepest node's position exceeds the context."""
-    if length + self.max_depth >= context:
-      raise TreeError(f"a tree of depth {self.max_depth} at committed length "
-                      f"{length} reaches position {length + self.max_depth}, "
-                      f"beyond the context of {context} tokens")
 
 
 def chain(gamma: int) -> TreeShape:
@@ -243,7 +211,8 @@ class Tree:
     depth: `[B, N]` int32, root 0.
     valid: `[B, N]` bool; an invalid node (no proposal, e.g. an n-gram
       branch without a match) is never accepted, nor are its descendants.
-    mask: `[B, N, N]` bool ancestor-or-self mask (`ancestor_mask(parents)`).
+    mask: `[B, N, N]` bool ancestor-or-self mask
+      (`seqdec.kernels.tree_mask.ancestor_mask(parents)`).
     scheme: `[B, N]` int32 proposal scheme of each node's children
       (`DETERMINISTIC`, `IID` or `WITHOUT_REPLACEMENT`).
     q: `[B, N, V]` float32 draft distribution each node's children were drawn
@@ -258,54 +227,60 @@ class Tree:
   q: Optional[jax.Array] = None
 
   @classmethod
+  def from_parents(cls, tokens: jax.Array, parents: jax.Array,
+                   valid: Optional[jax.Array] = None,
+                   scheme=DETERMINISTIC,
+                   q: Optional[jax.Array] = None) -> "Tree":
+    """A tree of any topology, derived on device (jit-friendly).
+
+        mask  = ancestor_mask(parents)          (`seqdec.kernels.tree_mask`)
+        depth[b, i] = sum_j mask[b, i, j] - 1
+
+    Args:
+      tokens: `[B, N]` int tokens (node 0: the root).
+      parents: `[B, N]` int parents, node 0 the only root; they may be
+        computed inside jit (check them with `parents_valid(...,
+        forest=False)` if they can be invalid).
+      valid: `[B, N]` bool, or None (all valid).
+      scheme: `[B, N]` int32 proposal scheme of each node's children, or a
+        scalar for all nodes (default `DETERMINISTIC`).
+      q: `[B, N, V]` draft distributions, or None.
+    """
+    b, n = tokens.shape
+    parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (b, n))
+    mask = tree_mask_lib.ancestor_mask(parents)
+    depth = jnp.sum(mask, axis=-1, dtype=jnp.int32) - 1
+    return cls(tokens=tokens.astype(jnp.int32), parents=parents, depth=depth,
+               valid=(jnp.ones((b, n), jnp.bool_) if valid is None else valid),
+               mask=mask,
+               scheme=jnp.broadcast_to(jnp.asarray(scheme, jnp.int32),
+                                       (b, n)),
+               q=q)
+
+  @classmethod
   def from_shape(cls, shape: "TreeShape", tokens: jax.Array,
                  valid: Optional[jax.Array] = None,
                  scheme: int = DETERMINISTIC,
                  q: Optional[jax.Array] = None) -> "Tree":
-    """A tree of static topology `shape` holding `tokens` `[B, N]`."""
+    """A tree of static topology `shape` holding `tokens` `[B, N]`
+    (`from_parents` with the shape's parents in every row)."""
     b, n = tokens.shape
     if n != shape.num_nodes:
       raise TreeError(f"{n} tokens for a tree of {shape.num_nodes} nodes")
-
-    def rows(x, dtype):
-      return jnp.broadcast_to(jnp.asarray(x, dtype), (b,) + np.shape(x))
-    return cls(tokens=tokens.astype(jnp.int32),
-               parents=rows(shape.parents, jnp.int32),
-               depth=rows(shape.depth, jnp.int32),
-               valid=(jnp.ones((b, n), jnp.bool_) if valid is None else valid),
-               mask=rows(shape.ancestor_mask(), jnp.bool_),
-               scheme=jnp.full((b, n), scheme, jnp.int32), q=q)
+    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
+    return cls.from_parents(tokens, parents, valid=valid, scheme=scheme, q=q)
 
   def check(self) -> None:
-    """Host check of every row (tests): parents valid, depth and mask derived."""
-    parents = np.asarray(self.parents)
+    """Host check of every row (tests): parents valid (node 0 the only
+    root), depth and mask derived from them."""
+    parents = tree_mask_lib.validate_parents(np.asarray(self.parents),
+                                             forest=False)
+    mask = np.asarray(tree_mask_lib.ancestor_mask(jnp.asarray(parents)))
     for b, row in enumerate(parents):
-      validate_parents(row)
       np.testing.assert_array_equal(np.asarray(self.depth[b]), depths(row),
                                     err_msg=f"row {b} depth")
-      ref = np.asarray(ancestor_mask(jnp.asarray(row)[None]))[0]
-      np.testing.assert_array_equal(np.asarray(self.mask[b]), ref,
+      np.testing.assert_array_equal(np.asarray(self.mask[b]), mask[b],
                                     err_msg=f"row {b} mask")
-
-
-def ancestor_mask(parents: jax.Array) -> jax.Array:
-  """`[B, N, N]` ancestor-or-self mask from parent pointers `[B, N]`.
-
-      mask[b, i, :] = onehot(i) | mask[b, parents[b, i], :]   (i >= 1)
-
-  computed in index order (parents precede children), so it is exact for
-  any valid tree, including trees built inside jit.
-  """
-  b, n = parents.shape
-  eye = jnp.eye(n, dtype=jnp.bool_)
-
-  def body(i, mask):
-    p = jnp.clip(parents[:, i], 0, n - 1)
-    inherited = jnp.take_along_axis(mask, p[:, None, None], axis=1)[:, 0]
-    row = eye[i][None] | (inherited & (parents[:, i] >= 0)[:, None])
-    return mask.at[:, i].set(row)
-
-  return jax.lax.fori_loop(0, n, body, jnp.broadcast_to(eye, (b, n, n)))
 
 
 def positions(length: jax.Array, depth: jax.Array) -> jax.Array:

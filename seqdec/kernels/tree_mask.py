@@ -12,10 +12,23 @@ so a 64-node tree costs 2 words (8 bytes) per node instead of a dense
 `[N, N]` mask (64 bytes as bool, 256 as int32), and the attention kernel
 unpacks only the words of the nodes it is processing.
 
-`tree_mask` (Pallas) and `tree_mask_reference` (jnp) agree bit for bit;
-`validate_parents` is the host check that rejects a parent listed after its
-child, a cycle, or an index out of range with a `TreeError`; `parents_valid`
-is the same check as a device array, for parents built inside `jit`.
+This module is the one home of tree topology arrays (kernels are the leaf
+of the import graph, so decoding builds on it, never the reverse):
+
+* `tree_mask` (Pallas) and `tree_mask_reference` (jnp, pointer doubling)
+  build the packed words and depths and agree bit for bit;
+* `ancestor_mask` is the dense `[B, N, N]` mask, `unpack_mask` of
+  `tree_mask_reference`'s words: the one on-device builder the decode path
+  uses (`Tree.from_shape`, the model drafters' scratch-window masks), exact
+  for parents computed inside `jit`;
+* `validate_parents` is the one host check of parent pointers (a parent
+  listed after its child, a cycle, an index out of range; with
+  `forest=False` also the decoding rule that node 0 is the only root), and
+  `parents_valid` the same check as a device array, for parents built
+  inside `jit`.
+
+The tests' oracle is an independent host pointer walk
+(`seqdec.testing.ancestor_mask_oracle`).
 """
 
 from __future__ import annotations
@@ -32,8 +45,9 @@ from jax.experimental import pallas as pl
 from seqdec.errors import TreeError
 from seqdec.kernels import _common
 
-__all__ = ["tree_mask", "tree_mask_reference", "validate_parents",
-           "parents_valid", "pack_mask", "unpack_mask", "num_words"]
+__all__ = ["tree_mask", "tree_mask_reference", "ancestor_mask",
+           "validate_parents", "parents_valid", "pack_mask", "unpack_mask",
+           "num_words"]
 
 
 def num_words(num_nodes: int) -> int:
@@ -41,12 +55,22 @@ def num_words(num_nodes: int) -> int:
   return max(1, -(-int(num_nodes) // 32))
 
 
-def validate_parents(parents: Any) -> np.ndarray:
+def validate_parents(parents: Any, *, forest: bool = True) -> np.ndarray:
   """Checks concrete parent arrays `[N]` or `[B, N]` on the host.
 
-  Valid: every entry is -1 or an earlier node, `-1 <= parents[b, i] < i`.
-  Violations are reported in the order out-of-range, cycle (including a
-  self-loop), parent listed after its child, naming row and node.
+  Valid: every entry is -1 or an earlier node, `-1 <= parents[b, i] < i`
+  (a forest: any node with parent -1 hangs from the committed prefix).
+  With `forest=False`, the rule of decoding trees (`trees.TreeShape`,
+  `trees.Tree`) also holds: node 0 is the root (`parents[b, 0] == -1`) and
+  the only one (`parents[b, i] >= 0` for i >= 1). Violations are reported
+  in the order root rule (forest=False), out-of-range, cycle (including a
+  self-loop), parent listed after its child, naming the node (and the row,
+  for `[B, N]` input).
+
+  Args:
+    parents: integer `[N]` or `[B, N]`, N >= 1 (a list, tuple or array).
+    forest: accept several roots (the kernels' contract); False for the
+      decoding rule.
 
   Returns:
     The parents as an int32 `[B, N]` numpy array.
@@ -58,19 +82,28 @@ def validate_parents(parents: Any) -> np.ndarray:
     raise TreeError("validate_parents needs concrete parents; inside jit use "
                     "parents_valid (a device-side flag) instead")
   arr = np.asarray(parents)
+  batched = arr.ndim == 2
   if arr.ndim == 1:
     arr = arr[None]
   if arr.ndim != 2 or arr.shape[1] == 0:
-    raise TreeError(f"parents must be [B, N] with N >= 1, got shape "
-                    f"{np.shape(parents)}")
+    raise TreeError(f"parents must be [B, N] with N >= 1 (a tree needs at "
+                    f"least the root node), got shape {np.shape(parents)}")
   if not np.issubdtype(arr.dtype, np.integer):
     raise TreeError(f"parents must be integers, got {arr.dtype}")
   n = arr.shape[1]
   for b, row in enumerate(arr.tolist()):
+    at = f"row {b}: " if batched else ""
+    if not forest:
+      if row[0] != -1:
+        raise TreeError(f"{at}node 0 is the root and must have parent -1, "
+                        f"got {row[0]}")
+      for i, p in enumerate(row[1:], 1):
+        if p == -1:
+          raise TreeError(f"{at}node {i} has parent -1, but node 0 is the "
+                          f"only root of a decoding tree")
     for i, p in enumerate(row):
       if p < -1 or p >= n:
-        raise TreeError(f"row {b}: node {i} has parent {p}, outside "
-                        f"[-1, {n})")
+        raise TreeError(f"{at}node {i} has parent {p}, outside [-1, {n})")
     for i in range(n):  # follow pointers: a walk longer than N is a cycle
       j, steps = i, 0
       while j >= 0 and steps <= n:
@@ -80,23 +113,28 @@ def validate_parents(parents: Any) -> np.ndarray:
         while k != j:
           cycle.append(k)
           k = row[k]
-        raise TreeError(f"row {b}: parent pointers form a cycle through "
+        what = (f"node {j} is its own parent, " if len(cycle) == 1 else "")
+        raise TreeError(f"{at}{what}parent pointers form a cycle through "
                         f"nodes {sorted(cycle)}")
     for i, p in enumerate(row):
       if p >= i:
-        raise TreeError(f"row {b}: node {i} has parent {p} listed after it "
+        raise TreeError(f"{at}node {i} has parent {p} listed after it "
                         f"(parents must precede their children)")
   return arr.astype(np.int32)
 
 
-def parents_valid(parents: jax.Array) -> jax.Array:
-  """`[B]` bool: `-1 <= parents[b, i] < i` for all i (jit-friendly check).
+def parents_valid(parents: jax.Array, *, forest: bool = True) -> jax.Array:
+  """`[B]` bool: `-1 <= parents[b, i] < i` for all i (jit-friendly check);
+  with `forest=False` also node 0 the only root (`validate_parents`).
 
   Parents preceding children rules out cycles, so this is the whole of
   `validate_parents` as a device array.
   """
   idx = jnp.arange(parents.shape[1], dtype=parents.dtype)
-  return jnp.all((parents >= -1) & (parents < idx), axis=1)
+  ok = jnp.all((parents >= -1) & (parents < idx), axis=1)
+  if not forest:
+    ok &= (parents[:, 0] == -1) & jnp.all(parents[:, 1:] >= 0, axis=1)
+  return ok
 
 
 @jax.jit
@@ -166,6 +204,20 @@ def unpack_mask(words: jax.Array, num_keys: int) -> jax.Array:
   shifts = jnp.arange(32, dtype=jnp.uint32)
   bits = (words[..., None] >> shifts) & 1
   return bits.reshape(*words.shape[:-1], -1)[..., :num_keys] == 1
+
+
+def ancestor_mask(parents: jax.Array) -> jax.Array:
+  """`[B, N, N]` bool ancestor-or-self masks from parents `[B, N]`, on device.
+
+      mask[b, i, j]  <=>  j is i or an ancestor of i
+
+  = `unpack_mask(tree_mask_reference(parents)[0], N)`: exact for any valid
+  parents (forests included), concrete or computed inside `jit`, in
+  ceil(log2(depth + 1)) pointer-doubling rounds. The decode path's one
+  dense builder.
+  """
+  words, _ = tree_mask_reference(parents)
+  return unpack_mask(words, parents.shape[1])
 
 
 def _tree_mask_kernel(parents_ref, words_ref, depth_ref, *, max_rounds: int,

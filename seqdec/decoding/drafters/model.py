@@ -43,24 +43,31 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round, static_children)
 from seqdec.decoding import trees as trees_lib
-from seqdec.decoding.trees import Tree, TreeShape
+from seqdec.decoding.trees import Tree
+from seqdec.kernels.tree_mask import ancestor_mask
 from seqdec.models.transformer import Transformer
 
 
-def _window_mask(shape: TreeShape, lag: int) -> np.ndarray:
+def _window_mask(parents: jax.Array, lag: int) -> jax.Array:
   """Ancestor mask of the tree with a chain of `lag` committed-behind tokens
-  prepended above the root, `[lag + N, lag + N]` (each sees its whole path)."""
-  n = shape.num_nodes
-  m = np.zeros((lag + n, lag + n), bool)
-  m[:, :lag] = np.tril(np.ones((lag + n, lag), bool))
-  m[lag:, lag:] = shape.ancestor_mask()
-  return m
+  prepended above the root, `[B, lag + N, lag + N]` (each sees its whole
+  path), built on device from parents `[B, N]`:
+
+      mask[:, e, f] = f <= e               f < lag   (the chain behind)
+      mask[:, lag + i, lag + j] = ancestor_mask(parents)[:, i, j]
+      mask[:, e, lag + j] = 0              e < lag
+  """
+  b, n = parents.shape
+  behind = jnp.tril(jnp.ones((lag + n, lag), jnp.bool_))
+  tree = jnp.concatenate([jnp.zeros((b, lag, n), jnp.bool_),
+                          ancestor_mask(parents)], axis=1)
+  return jnp.concatenate([jnp.broadcast_to(behind, (b, lag + n, lag)), tree],
+                         axis=2)
 
 
 PROPOSALS = {"topk": trees_lib.DETERMINISTIC, "iid": trees_lib.IID,
@@ -165,7 +172,8 @@ class ModelDrafter(Drafter):
     cache = target_cache if self.shared_cache else state
     b, lag, n = rnd.root.shape[0], self.lag, shape.num_nodes
     levels = shape.levels
-    mask = jnp.asarray(_window_mask(shape, lag))
+    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
+    mask = _window_mask(parents, lag)                        # [B, lag+N, lag+N]
     depth = jnp.asarray(shape.depth, jnp.int32)
     # Window entry e holds ext node e: the lag tokens behind the root, then
     # the tree's nodes; positions L - lag + e (e < lag) and L + depth.
@@ -184,7 +192,7 @@ class ModelDrafter(Drafter):
           tokens[:, lo:hi])
       hidden, cache = model.backbone(
           fed, ext_pos[:, e_lo:e_hi], cache,
-          jnp.broadcast_to(mask[e_lo:e_hi, :e_hi], (b, e_hi - e_lo, e_hi)),
+          mask[:, e_lo:e_hi, :e_hi],
           layers=self.layers)
       logits = model.logits(hidden[:, -(hi - lo):])               # [B, w, V]
       level_keys = (jax.vmap(lambda k: jax.random.fold_in(k, d))(key)
@@ -197,7 +205,7 @@ class ModelDrafter(Drafter):
       scheme = scheme.at[:, lo:hi].set(level_scheme[:, None])
       if sampling:
         q = q.at[:, lo:hi].set(level_q)
-    tree = Tree.from_shape(shape, tokens, q=q).replace(scheme=scheme)
+    tree = Tree.from_parents(tokens, parents, scheme=scheme, q=q)
     if self.shared_cache:
       return tree, state, cache
     return tree, cache, target_cache
