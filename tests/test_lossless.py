@@ -93,10 +93,8 @@ def draft(seed: int, shape: trees.TreeShape, schemes: tuple[str, ...],
     valid[:, 1:] = rng.random((batch, n - 1)) < 0.8
   scheme = np.asarray([_SCHEME[k] for k in per_node], np.int32)
   tree = trees.Tree.from_shape(
-      shape, jnp.asarray(tokens), valid=jnp.asarray(valid),
+      shape, jnp.asarray(tokens), valid=jnp.asarray(valid), scheme=scheme,
       q=jnp.asarray(q_table[tokens], jnp.float32))
-  tree = tree.replace(scheme=jnp.asarray(np.broadcast_to(scheme,
-                                                         (batch, n))))
   return tree, jnp.asarray(logp[tokens], jnp.float32)
 
 

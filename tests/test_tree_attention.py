@@ -346,5 +346,8 @@ def test_parents_entry_point_equals_words_entry_point(platform):
       *a, validate=False, **kw))
   got = jitted(*args[:6], jnp.asarray(parents))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  with pytest.raises(trees.TreeError, match="listed after it"):
-    ta.tree_attention_from_parents(*args[:6], parents[:, ::-1], **kw)
+  bad = parents.copy()
+  bad[0, 1], bad[0, 2] = 2, 0           # node 1's parent listed after it
+  with pytest.raises(trees.TreeError, match="row 0: node 1 has parent 2 "
+                     "listed after it"):
+    ta.tree_attention_from_parents(*args[:6], bad, **kw)

@@ -84,6 +84,26 @@ def test_invalid_paths(paths, message):
     trees.from_paths(paths)
 
 
+def test_from_shape_takes_per_node_schemes():
+  shape = trees.kary((2, 1))
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  per_node = [trees.DETERMINISTIC, trees.IID, trees.WITHOUT_REPLACEMENT,
+              trees.IID, trees.IID]
+  for scheme, want in [
+      (trees.IID, [[trees.IID] * 5] * 2),
+      (per_node, [per_node] * 2),
+      (np.array([per_node, per_node[::-1]]), [per_node, per_node[::-1]]),
+      (jnp.asarray(per_node), [per_node] * 2)]:
+    tree = trees.Tree.from_shape(shape, tokens, scheme=scheme)
+    np.testing.assert_array_equal(np.asarray(tree.scheme), want)
+    assert tree.scheme.dtype == jnp.int32
+  traced = jax.jit(lambda s: trees.Tree.from_shape(shape, tokens, scheme=s))
+  np.testing.assert_array_equal(
+      np.asarray(traced(jnp.asarray(per_node)).scheme), [per_node] * 2)
+  with pytest.raises(trees.TreeError, match="scheme must be"):
+    trees.Tree.from_shape(shape, tokens, scheme=[0, 1])
+
+
 def test_bad_specs_and_duplicate_ranks():
   with pytest.raises(trees.TreeError, match="unknown tree spec"):
     tree_specs.parse("star5")

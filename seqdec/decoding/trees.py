@@ -242,11 +242,15 @@ class Tree:
         computed inside jit (check them with `parents_valid(...,
         forest=False)` if they can be invalid).
       valid: `[B, N]` bool, or None (all valid).
-      scheme: `[B, N]` int32 proposal scheme of each node's children, or a
-        scalar for all nodes (default `DETERMINISTIC`).
+      scheme: proposal scheme of each node's children: an int for every
+        node (default `DETERMINISTIC`), or per node `[N]` (the same in every
+        row) or `[B, N]`.
       q: `[B, N, V]` draft distributions, or None.
     """
     b, n = tokens.shape
+    if np.ndim(scheme) and np.shape(scheme) not in ((n,), (b, n)):
+      raise TreeError(f"scheme must be an int, [N] or [B, N] = {(b, n)}, got "
+                      f"shape {np.shape(scheme)}")
     parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (b, n))
     mask = tree_mask_lib.ancestor_mask(parents)
     depth = jnp.sum(mask, axis=-1, dtype=jnp.int32) - 1
@@ -260,10 +264,15 @@ class Tree:
   @classmethod
   def from_shape(cls, shape: "TreeShape", tokens: jax.Array,
                  valid: Optional[jax.Array] = None,
-                 scheme: int = DETERMINISTIC,
+                 scheme=DETERMINISTIC,
                  q: Optional[jax.Array] = None) -> "Tree":
     """A tree of static topology `shape` holding `tokens` `[B, N]`
-    (`from_parents` with the shape's parents in every row)."""
+    (`from_parents` with the shape's parents in every row).
+
+    `scheme` is per node: an int for all nodes, or an `[N]` / `[B, N]`
+    array (e.g. deterministic top-k children at the root, i.i.d. draws
+    below it); `valid` `[B, N]` and `q` `[B, N, V]` as in `from_parents`.
+    """
     b, n = tokens.shape
     if n != shape.num_nodes:
       raise TreeError(f"{n} tokens for a tree of {shape.num_nodes} nodes")

@@ -9,7 +9,9 @@ tree tokens j whose bit is set in node i's bit-packed ancestor mask
 (`seqdec.kernels.tree_mask`), each optionally limited by a sliding window
 `pos_i - pos_j < W` (cache slot s has position s). `tree_attention` is the
 Pallas kernel, `tree_attention_reference` the dense jnp reference that
-materialises the `[B, N, S + N]` mask.
+materialises the `[B, N, S + N]` mask, and `tree_attention_from_parents`
+the kernel's entry point from parent pointers (it builds the packed words
+with the `tree_mask` kernel).
 
 Kernel structure (`_tree_attention_tpu`, `_tree_attention_gpu`; the wrapper
 and the per-block online-softmax math in `_common` are shared):
@@ -79,9 +81,10 @@ import jax.numpy as jnp
 from seqdec.kernels import _common
 from seqdec.kernels import _tree_attention_gpu
 from seqdec.kernels import _tree_attention_tpu
-from seqdec.kernels.tree_mask import num_words, unpack_mask
+from seqdec.kernels.tree_mask import num_words, tree_mask, unpack_mask
 
-__all__ = ["tree_attention", "tree_attention_reference", "DEFAULT_BLOCKS"]
+__all__ = ["tree_attention", "tree_attention_from_parents",
+           "tree_attention_reference", "DEFAULT_BLOCKS"]
 
 # (block_kv, block_n) defaults: TPU blocks are multiples of the 8 x 128 vreg
 # tile; GPU blocks are powers of two >= 16 (Triton), block_n chosen so that
@@ -293,3 +296,46 @@ def tree_attention(
       platform=_common.resolve_platform(platform),
       interpret=_common.resolve_interpret(interpret),
       compiler_params=compiler_params)
+
+
+def tree_attention_from_parents(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+    k_tree: jax.Array, v_tree: jax.Array, parents: jax.Array, *,
+    positions: Optional[jax.Array] = None,
+    sliding_window: Optional[int] = None, scale: Optional[float] = None,
+    block_kv: Optional[int] = None, block_n: Optional[int] = None,
+    platform: Optional[str] = None, interpret: Any = None,
+    compiler_params: Any = None, validate: bool = True) -> jax.Array:
+  """`tree_attention` with the tree given by parent pointers.
+
+      words, depth = tree_mask(parents)        (Pallas, bit-packed)
+      out          = tree_attention(..., words)
+
+  so node i sees tree token j iff j is i or one of its ancestors (forests
+  are allowed: a node with parent -1 hangs from the committed prefix).
+  Positions default to `lengths[b] + depth[b, i]`, where a decoding tree
+  puts its nodes; pass them explicitly for other layouts.
+
+  Args:
+    parents: `[B, N]` int, -1 for children of the committed prefix,
+      otherwise an earlier node (see `tree_mask`).
+    positions: `[B, N]` int32 or None (`lengths[:, None] + depth`); used
+      by the sliding window only.
+    validate: check concrete parents on the host (`validate_parents`,
+      raises `TreeError`); pass False inside `jit`.
+    Other arguments as for `tree_attention` (platform, interpret and
+    compiler_params are passed to both kernels).
+
+  Returns:
+    `[B, H, N, Dh]` in q's dtype, equal to `tree_attention(..., words)`.
+  """
+  words, depth = tree_mask(parents, validate=validate, platform=platform,
+                           interpret=interpret,
+                           compiler_params=compiler_params)
+  if positions is None:
+    positions = jnp.asarray(lengths, jnp.int32)[:, None] + depth
+  return tree_attention(
+      q, k_cache, v_cache, lengths, k_tree, v_tree, words,
+      positions=positions, sliding_window=sliding_window, scale=scale,
+      block_kv=block_kv, block_n=block_n, platform=platform,
+      interpret=interpret, compiler_params=compiler_params)
