@@ -29,9 +29,9 @@ from seqdec.decoding.drafters import Drafter
 from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs, Programs
 from seqdec.decoding.sampling import SamplingParams, make_sampler
 from seqdec.decoding.spec import SpecConfig
-from seqdec.decoding.speculative import SpecLoop
+from seqdec.decoding.speculative import SpecLoop, check_fits
 from seqdec.decoding.trees import TreeShape
-from seqdec.errors import ConfigError, TreeError, UserError
+from seqdec.errors import ConfigError, UserError
 from seqdec.tokenizer import Tokenizer
 
 Conversation = list  # list[dict(role=..., content=...)]
@@ -275,14 +275,7 @@ class Generator:
             f"{self.context_length} tokens (at most "
             f"{self.context_length - int(max_new[i])} prompt tokens)")
       if self.speculative:
-        deepest = len(p) + int(max_new[i]) - 2 + self.tree.max_depth
-        if deepest >= self.context_length:
-          raise TreeError(
-              f"a tree of depth {self.tree.max_depth} after a {len(p)}-token "
-              f"prompt and max_new_tokens={int(max_new[i])} reaches position "
-              f"{deepest}, beyond the context of {self.context_length} "
-              f"tokens; shorten the prompt, lower max_new_tokens or use a "
-              f"shallower tree")
+        check_fits(self.tree, len(p), int(max_new[i]), self.context_length)
       if min(p) < 0 or max(p) >= vocab:
         raise PromptError(f"prompt {i} has token ids outside [0, {vocab})")
     row_ids = np.asarray(opts.get("row_ids", np.arange(n)))

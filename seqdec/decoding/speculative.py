@@ -97,6 +97,22 @@ class Verified:
   cache: Any
 
 
+def check_fits(tree: TreeShape, prompt_len: int, max_new: int,
+               context: int) -> None:
+  """Raises `TreeError` if the tree's deepest position can pass `context`.
+
+  The last round starts at length <= prompt_len + max_new - 2 and reaches
+  max_depth beyond it.
+  """
+  deepest = prompt_len + max_new - 2 + tree.max_depth
+  if deepest >= context:
+    raise TreeError(
+        f"a tree of depth {tree.max_depth} after a {prompt_len}-token "
+        f"prompt and max_new_tokens={max_new} reaches position {deepest}, "
+        f"beyond the context of {context} tokens; shorten the prompt, "
+        f"lower max_new_tokens or use a shallower tree")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpecLoop(LoopMixin):
   """Speculative decoding (`loops.Decoder` protocol).
@@ -124,20 +140,6 @@ class SpecLoop(LoopMixin):
   @property
   def max_depth(self) -> int:
     return self.tree.max_depth
-
-  def check_fits(self, prompt_len: int, max_new: int, context: int) -> None:
-    """Raises `TreeError` if the tree's deepest position can pass `context`.
-
-    The last round starts at length <= prompt_len + max_new - 2 and reaches
-    max_depth beyond it.
-    """
-    deepest = prompt_len + max_new - 2 + self.max_depth
-    if deepest >= context:
-      raise TreeError(
-          f"a tree of depth {self.max_depth} after a {prompt_len}-token "
-          f"prompt and max_new_tokens={max_new} reaches position {deepest}, "
-          f"beyond the context of {context} tokens; shorten the prompt, "
-          f"lower max_new_tokens or use a shallower tree")
 
   def prefill(self, *, params, inputs: Inputs) -> SpecState:
     """Target prefill, the first token, the drafter's initial state."""
