@@ -5,14 +5,76 @@ test only). Multi-device tests run in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8, never here.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax
-import pytest
+
+# Persistent compilation cache, one directory per test run (issue 13). Many
+# tests compile the very same XLA programs from different Python callables
+# (a tiny model's jitted init, a Generator's loop): with the cache the second
+# compile is a disk read. The directory is made by the first process of the
+# run (the pytest controller) and handed through the environment to xdist
+# workers and to the subprocesses of the CLI tests; the process that made it
+# removes it at exit. Set SEQDEC_TEST_COMPILE_CACHE to a directory to share
+# one cache across runs (.ci/run does, for its two tiers; it is then kept);
+# set it to "off" to measure without the cache.
+_CACHE_ENV = "SEQDEC_TEST_COMPILE_CACHE"
+if not os.environ.get(_CACHE_ENV):
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="seqdec-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+COMPILE_CACHE_DIR = os.environ[_CACHE_ENV]
+if COMPILE_CACHE_DIR == "off":
+  COMPILE_CACHE_DIR = None
+else:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE_DIR
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if COMPILE_CACHE_DIR:
+  jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _atomic_cache_put():
+  """Makes the cache's writes atomic (temp file + rename).
+
+  jax 0.10.2 writes an entry in place when the cache has no size limit, so
+  an xdist worker could read another worker's half-written entry (JAX then
+  warns and recompiles). A size limit would lock every access instead, at
+  the price of a directory scan per write.
+  """
+  from jax._src import lru_cache  # pylint: disable=g-import-not-at-top
+  cls = getattr(lru_cache, "LRUCache", None)
+  suffix = getattr(lru_cache, "_CACHE_SUFFIX", None)
+  if cls is None or suffix is None:
+    return
+  put = cls.put
+
+  def atomic_put(self, key, value):
+    if getattr(self, "eviction_enabled", True) or not key:
+      return put(self, key, value)
+    path = os.path.join(str(self.path), f"{key}{suffix}")
+    if os.path.exists(path):
+      return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(value)
+    os.replace(tmp, path)
+
+  cls.put = atomic_put
+
+
+_atomic_cache_put()
 
 
 @pytest.fixture
