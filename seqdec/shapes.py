@@ -36,6 +36,7 @@ Parallel scans
 
 Kernels
   Bk    keys per block of the tree-attention kernel, Bn nodes per block
+  Nr    roots (positions) scored at once by the rank statistics
   Nw    uint32 words per node of a bit-packed mask, ceil(N / 32)
 """
 
@@ -49,4 +50,5 @@ LEGEND = {
     "M": "max tree depth + 1", "R": "proposal ranks", "Q": "scan chunks",
     "Bk": "keys per kernel block", "Bn": "nodes per kernel block",
     "Nw": "uint32 words per node of a packed mask",
+    "Nr": "roots scored at once by the rank statistics",
 }

@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from seqdec.decoding.drafters.model import ModelDrafter
-from seqdec.models.transformer import init_cache
 
 
 def window_mask(num_tokens: int) -> np.ndarray:
@@ -50,23 +49,23 @@ def _rank_stats(tdef, tparams, ddef, dparams, tokens, first_root, temperature,
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   roots = jnp.clip(first_root[:, None] + jnp.arange(num_roots), 0, t - 1)
 
-  def at_roots(hidden):                                  # [B, T, D] -> [B, R, D]
+  def at_roots(hidden):                                  # [B, T, D] -> [B, Nr, D]
     return jnp.take_along_axis(hidden, roots[..., None], axis=1)
 
-  cache = init_cache(target.config, b, 2 * t if shared else t)
+  cache = target.init_cache(b, 2 * t if shared else t)
   hidden, cache = target.backbone(tokens, pos, cache)
-  t_logits = target.logits(at_roots(hidden))            # [B, R, V]
+  t_logits = target.logits(at_roots(hidden))            # [B, Nr, V]
   if shared:
     mask = jnp.broadcast_to(jnp.asarray(window_mask(t)), (b, t, 2 * t))
     d_hidden, _ = target.backbone(tokens, pos, cache, mask, layers=layers)
     d_logits = target.logits(at_roots(d_hidden))
   else:
     draft = nnx.merge(ddef, dparams)
-    d_cache = init_cache(draft.config, b, t)
+    d_cache = draft.init_cache(b, t)
     d_hidden, _ = draft.backbone(tokens, pos, d_cache, layers=layers)
     d_logits = draft.logits(at_roots(d_hidden))
-  top = jax.lax.top_k(d_logits, max_rank)[1]             # [B, R, K]
-  argmax = jnp.argmax(t_logits, -1)                      # [B, R]
+  top = jax.lax.top_k(d_logits, max_rank)[1]             # [B, Nr, R]
+  argmax = jnp.argmax(t_logits, -1)                      # [B, Nr]
   hit = (top == argmax[..., None]).astype(jnp.float32)
   probs = jax.nn.softmax(t_logits / jnp.maximum(temperature, 1e-6), -1)
   sampled = jnp.take_along_axis(probs, top, axis=-1)

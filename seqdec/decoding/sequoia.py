@@ -81,13 +81,13 @@ def expected_accepted(shape: trees.TreeShape, probs: Sequence[float]) -> float:
       tau = 1 + sum_{v >= 1} w(v),   w(root) = 1,
       w(v) = w(parent(v)) * p_{rank(v) + 1}
 
-  (`TreeShape.ranks` are 0-based; a rank >= K = len(probs) has p = 0).
+  (`TreeShape.ranks` are 0-based; a rank >= R = len(probs) has p = 0).
   Chain of gamma nodes with p_1 = a: tau = (1 - a^(gamma+1)) / (1 - a).
 
   Args:
     shape: any `TreeShape` (parents precede children, so one pass in index
       order computes every w).
-    probs: `[K]` per-rank acceptance rates (`check_probs`).
+    probs: `[R]` per-rank acceptance rates (`check_probs`).
 
   Returns:
     tau >= 1.
@@ -107,9 +107,9 @@ def expected_accepted(shape: trees.TreeShape, probs: Sequence[float]) -> float:
 class _Tables:
   """DP tables: `value[d][m]` best subtree value with m nodes (root
   included) and depth <= d; `choice[d][k][m]` the nodes given to the rank-k
-  child (0: none) when m descendants go to ranks k..K (k 0-based here)."""
+  child (0: none) when m descendants go to ranks k..R (k 0-based here)."""
   value: np.ndarray     # [D + 1, M + 1] float64, -inf where infeasible
-  choice: np.ndarray    # [D + 1, K, M] int32
+  choice: np.ndarray    # [D + 1, R, M] int32
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,7 +128,7 @@ def _solve(probs: tuple[float, ...], max_nodes: int, depth: int) -> _Tables:
   b_idx = np.where(lower, m_idx - j_idx, 0)
   for d in range(1, depth + 1):
     child = value[d - 1, :m_len]                     # V(j, d - 1), j < M
-    w = np.full(m_len, -np.inf)                      # W(., K + 1, d)
+    w = np.full(m_len, -np.inf)                      # W(., R + 1, d)
     w[0] = 0.0
     for k in range(k_max - 1, -1, -1):
       a = np.full(m_len, -np.inf)                    # p_k V(j, d - 1)
@@ -149,12 +149,12 @@ def optimal_tree(probs: Sequence[float], budget: int,
   Dynamic program. Let V(m, d) be the best value sum_{v in subtree}
   prod_{u on the path below the subtree's root} p_{rank(u)} (the root
   counting 1) of a subtree of exactly m nodes (root included) and depth
-  <= d, and W(m, k, d) the best total over the children of ranks k..K of a
+  <= d, and W(m, k, d) the best total over the children of ranks k..R of a
   node whose m descendants (depth <= d below it) are split among them:
 
       V(1, d) = 1;   V(m, 0) = -inf for m > 1
       V(m, d) = 1 + W(m - 1, 1, d)                                 (d >= 1)
-      W(0, k, d) = 0;   W(m, K + 1, d) = -inf for m > 0
+      W(0, k, d) = 0;   W(m, R + 1, d) = -inf for m > 0
       W(m, k, d) = max( W(m, k + 1, d),                       rank k unused
                         max_{1 <= j <= m} p_k V(j, d - 1) + W(m - j, k + 1, d) )
 
@@ -167,11 +167,11 @@ def optimal_tree(probs: Sequence[float], budget: int,
   p_1 >= p_2 >= ... the best tree uses ranks 1..c under each node and gives
   larger subtrees to better ranks.
 
-  Cost: O(D K n^2) with numpy max-plus convolutions, D = min(max_depth, n)
-  (n = 64, K = 16: a few tens of ms); tables are cached per (p, n, D).
+  Cost: O(D R n^2) with numpy max-plus convolutions, D = min(max_depth, n)
+  (n = 64, R = 16: a few tens of ms); tables are cached per (p, n, D).
 
   Args:
-    probs: `[K]` per-rank acceptance rates (`check_probs`); K caps the
+    probs: `[R]` per-rank acceptance rates (`check_probs`); R caps the
       number of children of any node.
     budget: n >= 0, draft nodes (the root excluded).
     max_depth: D >= 1, deepest draft node's depth, or None (no limit).
