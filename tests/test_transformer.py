@@ -39,12 +39,20 @@ def random_tokens(seed, b, t, vocab=260):
   return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
 
 
+# Default tier: base (GQA), window and MQA, the variants that change what the
+# cache holds or which slots are visible. The rest are slow tier; their
+# cached path is also checked against HF in the default tier
+# (test_hf_parity.py::test_chunked_prefill_then_extend_matches_hf).
+_SLOW = pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    {}, {"tie_embeddings": False}, {"qkv_bias": True},
-    {"sliding_window": 5}, {"num_kv_heads": 1}, {"num_kv_heads": 4},
-    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}},
+    {}, pytest.param({"tie_embeddings": False}, marks=_SLOW),
+    pytest.param({"qkv_bias": True}, marks=_SLOW),
+    {"sliding_window": 5}, {"num_kv_heads": 1},
+    pytest.param({"num_kv_heads": 4}, marks=_SLOW),
+    pytest.param({"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+                 marks=_SLOW),
 ], ids=["base", "untied", "qkv_bias", "window", "mqa", "mha", "llama3"])
 def test_prefill_then_step_by_step_equals_full_forward(overrides):
   model = make_model(**overrides)
