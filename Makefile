@@ -10,7 +10,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-all bench-ar clean
+.PHONY: demo test-env test test-slow test-all bench-ar clean
 
 # --- environments -------------------------------------------------------------
 
@@ -43,11 +43,20 @@ demo: $(DEMO_VENV)/.stamp
 	  || (echo "demo environment must not contain torch/transformers" && exit 1)
 	$(DEMO_VENV)/bin/python launch/decode.py --config=configs/spec_decode.py
 
+test-env: $(VENV)/.stamp-test
+
+# pytest-xdist workers (0: one process). Two on the 2-core CI machine: XLA
+# compiles on one thread, so a lone pytest leaves the second core mostly idle.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(PYTEST_WORKERS)
+
+# Default tier: <= 5 min on 2 cores (CONTRIBUTING.md); prints its 15 slowest
+# tests.
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow" $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-all: test test-slow
 

@@ -85,3 +85,11 @@ def x64():
     yield
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+  """(SmolLM2-135M-Instruct float32 model, tokenizer), loaded once per session
+  (per xdist worker) for the slow `realmodel` tests that only read it."""
+  import seqdec  # pylint: disable=g-import-not-at-top
+  return seqdec.load_pretrained("smollm2-135m-instruct")

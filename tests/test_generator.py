@@ -197,11 +197,10 @@ def test_temperature_sampling_matches_softmax_chi2():
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_smollm2_batched_greedy_equals_solo_and_full_forward():
+def test_smollm2_batched_greedy_equals_solo_and_full_forward(smollm2_model):
   """The real model: a ragged chat batch == each row alone == argmax of full
   forwards, wherever the reference top-1/top-2 margin exceeds 1e-4."""
-  import seqdec  # pylint: disable=g-import-not-at-top
-  model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
+  model, tok = smollm2_model    # conftest: loaded once per session
   gen = Generator(model, tok, max_new_tokens=16, eos_ids=())
   convs = [[{"role": "user", "content": "Name three primary colors."}],
            [{"role": "user", "content": "Write a haiku about autumn leaves "

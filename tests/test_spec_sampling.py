@@ -188,14 +188,13 @@ def test_wor_first_child_follows_q():
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_smollm2_speculative_sampling_matches_the_target_law():
+def test_smollm2_speculative_sampling_matches_the_target_law(smollm2_model):
   """SmolLM2 at temperature 1 with top_k=8: the joint law of the first two
   new tokens (x1 from the prefill, x2 from the first speculative round: a
   layer-skip drafter proposing a without-replacement tree from its own,
   untruncated q) against the exact law p(x1) p(x2 | x1) from the target's
   logits (top-k makes it 8 x 8 cells), over 1024 rows."""
-  import seqdec  # pylint: disable=g-import-not-at-top
-  model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
+  model, tok = smollm2_model    # conftest: loaded once per session
   # A plain-text prompt of < 16 tokens: the prefill of every row is the
   # cost here (a chat-templated prompt pads to 64 and took > 15 min).
   conv = "My favourite colour is"

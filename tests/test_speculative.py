@@ -276,12 +276,11 @@ def test_bad_input_gets_clear_errors(tok):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_smollm2_speculative_equals_autoregressive():
+def test_smollm2_speculative_equals_autoregressive(smollm2_model):
   """SmolLM2 in float32: every drafter's output equals greedy autoregressive
   decoding up to the first position whose AR top-1/top-2 margin is <= 1e-4
   (such positions are counted and reported, never asserted on)."""
-  import seqdec  # pylint: disable=g-import-not-at-top
-  model, tok = seqdec.load_pretrained("smollm2-135m-instruct")
+  model, tok = smollm2_model    # conftest: loaded once per session
   from seqdec import config_utils  # pylint: disable=g-import-not-at-top
   copying = config_utils.load_config(os.path.join(
       ROOT, "configs", "spec_decode.py")).default_prompt  # the demo's task
