@@ -140,8 +140,8 @@ def measure() -> dict:
   from seqdec.decoding import rank_statistics
   from seqdec.decoding import sequoia
   from seqdec.decoding import trees
-  from seqdec.decoding.autoregressive import bucket
-  from seqdec.decoding.drafters import make_drafter
+  from seqdec.decoding.loops import bucket
+  from seqdec.decoding import spec as spec_lib
   from seqdec.generator import Generator
   # pylint: enable=g-import-not-at-top
   t_start = time.perf_counter()
@@ -152,7 +152,8 @@ def measure() -> dict:
   model, tokenizer = seqdec.load_pretrained(_MODEL.value)
   options = (dict(layers=_LAYERS.value) if _DRAFTER.value == "layerskip"
              else dict(draft_layers=_DRAFT_LAYERS.value))
-  drafter = make_drafter(_DRAFTER.value, model, **options)
+  drafter = spec_lib.build_drafter(spec_lib.SpecConfig(
+      drafter=_DRAFTER.value, options=tuple(options.items())), model)
   gen = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
                   temperature=temp, seed=_SEED.value)
   inputs = []

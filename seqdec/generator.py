@@ -126,6 +126,13 @@ class Generator:
   @staticmethod
   def _build(model, spec, max_top_k, drafter, tree, rule, proposal, options):
     """`(SpecConfig, Drafter | None, TreeShape | None)` from the arguments."""
+    for key in ("proposal", "rule"):  # SpecConfig fields, not drafter options
+      if key in options:
+        if locals()[key] is not None:
+          raise ConfigError(f"{key} given twice (keyword and drafter_options)")
+        value = options.pop(key)
+        proposal, rule = ((value, rule) if key == "proposal"
+                          else (proposal, value))
     shape = None
     if isinstance(tree, TreeShape):   # a topology object, not a spec string
       shape, tree = tree, tree_specs.to_spec(tree)

@@ -145,11 +145,12 @@ def test_results_carry_top2_margins():
   np.testing.assert_allclose(sp.margins, ar.margins, atol=1e-4)
 
 
-def test_warmup_compiles_ahead_and_the_eager_twin_equals_the_loop():
+@pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_warmup_compiles_ahead_and_the_eager_twin_equals_the_loop(jit):
   """`warmup` compiles the bucket's programs (a timed run then compiles
   nothing); `HostLoop` (the same step from Python: jitted per step, or op
-  by op with jit=False) gives the jitted while_loop's tokens and
-  acceptance."""
+  by op with jit=False, ~25 s of eager dispatch, slow tier) gives the
+  jitted while_loop's tokens and acceptance."""
   from seqdec.decoding.loops import HostLoop, Inputs  # pylint: disable=g-import-not-at-top
   from seqdec.decoding.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   model = testing.tiny_model()
@@ -164,8 +165,6 @@ def test_warmup_compiles_ahead_and_the_eager_twin_equals_the_loop():
   loop = gen.loop(shapes, [0.0])
   inputs = Inputs.make(shapes, [prompt], [5], [-1], SamplingParams.make(1),
                        seed=0)
-  for jit in (True, False):
-    state = HostLoop(loop, jit=jit).run(params=gen.loop_params, inputs=inputs)
-    assert np.asarray(state.tokens)[0, :5].tolist() == r.tokens
-    assert np.asarray(state.accept_hist).sum() + 1 == r.metrics[
-        "target_calls"]
+  state = HostLoop(loop, jit=jit).run(params=gen.loop_params, inputs=inputs)
+  assert np.asarray(state.tokens)[0, :5].tolist() == r.tokens
+  assert np.asarray(state.accept_hist).sum() + 1 == r.metrics["target_calls"]
