@@ -215,20 +215,36 @@ class Generator:
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p).items() if v is not None}}
     n = int(opts["max_new_tokens"])
-    eos = list(self.eos_ids) or [-1]
     for b in batch_sizes:
+      per_row = {k: np.broadcast_to(np.asarray(opts[k]), (b,))
+                 for k in ("temperature", "top_k", "top_p")}
       for length in prompt_lengths:
-        shapes = DecodeShapes.for_batch(b, length, n, len(eos))
-        sparams = SamplingParams.make(b, opts["temperature"], opts["top_k"],
-                                      opts["top_p"])
-        loop = self.loop(shapes, *(np.broadcast_to(np.asarray(opts[k]), (b,))
-                                   for k in ("temperature", "top_k", "top_p")))
-        inputs = Inputs.make(shapes, [[0] * length] * b, [n] * b, eos,
-                             sparams, 0)
-        for kind in ("prefill",) + (("step", "live") if stream else
-                                    ("decode",)):
-          self.programs.get(kind, loop, self.loop_params, inputs)
+        loop, inputs = self._prepare([[0] * length] * b, np.full((b,), n),
+                                     per_row, seed=0)
+        self._compile(loop, inputs, stream)
     return self.programs.compile_seconds - before
+
+  def _prepare(self, prompt_ids, max_new, per_row, seed, row_ids=None):
+    """`(loop, inputs)` of one batch: its shape bucket, padded inputs and
+    the decoder object for its sampling values."""
+    eos = list(self.eos_ids) or [-1]
+    shapes = DecodeShapes.for_batch(len(prompt_ids),
+                                    max(len(p) for p in prompt_ids),
+                                    int(np.max(max_new)), len(eos))
+    sparams = SamplingParams.make(len(prompt_ids), per_row["temperature"],
+                                  per_row["top_k"], per_row["top_p"])
+    inputs = Inputs.make(shapes, prompt_ids, max_new, eos, sparams, seed,
+                         row_ids)
+    loop = self.loop(shapes, per_row["temperature"], per_row["top_k"],
+                     per_row["top_p"])
+    return loop, inputs
+
+  def _compile(self, loop, inputs, streaming: bool) -> None:
+    """Compiles the programs a run needs: prefill + the fused while_loop,
+    or prefill + step + live for the host-driven (streaming) loop."""
+    for kind in ("prefill",) + (("step", "live") if streaming
+                                else ("decode",)):
+      self.programs.get(kind, loop, self.loop_params, inputs)
 
   def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                stream: Optional[Callable[[int, str], None]] = None,
@@ -308,17 +324,10 @@ class Generator:
                  row_offset) -> list[GenerationResult]:
     n = len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids], np.int32)
-    eos = list(self.eos_ids) or [-1]
-    shapes = DecodeShapes.for_batch(n, int(lengths.max()), int(max_new.max()),
-                                    len(eos))
-    sparams = SamplingParams.make(n, per_row["temperature"], per_row["top_k"],
-                                  per_row["top_p"])
-    inputs = Inputs.make(shapes, prompt_ids, max_new, eos, sparams, seed,
-                         row_ids)
-    loop = self.loop(shapes, per_row["temperature"], per_row["top_k"],
-                     per_row["top_p"])
+    loop, inputs = self._prepare(prompt_ids, max_new, per_row, seed, row_ids)
     params = self.loop_params
     compile_before = self.programs.compile_seconds
+    self._compile(loop, inputs, stream is not None)
     prefill = self.programs.get("prefill", loop, params, inputs)
     if stream is None:
       decode = self.programs.get("decode", loop, params, inputs)
@@ -329,8 +338,6 @@ class Generator:
                                            inputs=inputs))
       t2 = time.perf_counter()
     else:
-      for kind in ("step", "live"):
-        self.programs.get(kind, loop, params, inputs)
       on_step = _Streamer(self.tokenizer, self.eos_ids, n, row_offset, stream)
       marks = []
       host = HostLoop(loop, programs=self.programs)
