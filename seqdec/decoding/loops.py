@@ -177,6 +177,19 @@ STEP = jax.jit(_step, static_argnums=0, donate_argnames=("state",))
 LIVE = jax.jit(_live, static_argnums=0)
 
 
+def _phase(name: str):
+  def call(loop, **kw):
+    return getattr(loop, name)(**kw)
+  call.__name__ = f"_{name}"
+  return call
+
+
+# The speculative round's phases, each its own program (`HostLoop(phases=
+# True)`); module-level so that every HostLoop shares their compile cache.
+PHASES = {name: jax.jit(_phase(name), static_argnums=0)
+          for name in ("draft", "verify", "finish")}
+
+
 class Programs:
   """Ahead-of-time compiled programs, one per (kind, loop), with the time
   spent compiling (so that a harness can warm up, then time).
@@ -235,10 +248,8 @@ class HostLoop:
     self.programs = programs
     self.seconds: dict[str, float] = {}
     if phases:
-      self._phase_fns = {
-          name: (jax.jit(getattr(type(loop), name), static_argnums=0)
-                 if jit else getattr(type(loop), name))
-          for name in ("draft", "verify", "finish")}
+      self._phase_fns = PHASES if jit else {
+          name: _phase(name) for name in PHASES}
 
   def _call(self, kind: str, params, inputs, **kw):
     if not self.jit:
