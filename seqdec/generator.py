@@ -391,7 +391,8 @@ class _Streamer:
   `stream(row_offset + row, delta)` (stop ids end a row's text)."""
 
   def __init__(self, tokenizer, eos_ids, num_rows, row_offset, stream):
-    self.decoders = [tokenizer.stream_decoder() for _ in range(num_rows)]
+    self.decoders = [tokenizer.stream_decoder(skip_special_tokens=True)
+                     for _ in range(num_rows)]
     self.sent = np.zeros((num_rows,), np.int64)
     self.stopped = np.zeros((num_rows,), bool)
     self.eos = set(eos_ids)

@@ -26,26 +26,22 @@ def tiny_model(dtype: str = "float32", seed: int = 0, scale: float = 0.3,
   """
   cfg = config_lib.PRESETS["tiny"].replace(dtype=dtype, param_dtype=dtype,
                                            **overrides)
-  # Every Param is redrawn by _rescale (from its shape and dtype only), so the
-  # model's own random init is never compiled: the params start as zeros and
-  # the jitted init returns only the rest (RoPE inv_freq), the RNG calls
-  # dead code. Same weights as tr.create + _rescale; ~5 s less compile per
-  # configuration.
+  # Every Param is redrawn on the host (from its shape and dtype only), so the
+  # model's own random init is never compiled: the jitted init returns only
+  # the rest (RoPE inv_freq), the RNG calls dead code. Drawing with numpy
+  # rather than jax.random keeps XLA out of it altogether (a jitted redraw
+  # compiled one threefry per leaf: 3-7 s per configuration on 2 cores).
   abstract = nnx.eval_shape(lambda: tr.Transformer(cfg, rngs=nnx.Rngs(seed)))
   graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
   rest = jax.jit(lambda: nnx.split(tr.Transformer(cfg, rngs=nnx.Rngs(seed)),
                                    nnx.Param, ...)[2])()
-  return nnx.merge(graphdef, _rescale(params, seed, scale), rest)
+  rng = np.random.default_rng([seed, 0])   # perturbed() draws from [s, 1]
 
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _rescale(params, seed, scale):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [jax.random.normal(k, x.shape, x.dtype) * (scale if x.ndim > 1 else 1.0)
-         + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, new)
+  def draw(x):
+    """Matrices ~ N(0, scale^2), vectors (norm scales) ~ N(1, 1)."""
+    z = rng.standard_normal(x.shape)
+    return jnp.asarray(z * scale if x.ndim > 1 else z + 1.0, x.dtype)
+  return nnx.merge(graphdef, jax.tree.map(draw, params), rest)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -78,19 +74,20 @@ def perturbed(model: tr.Transformer, noise: float, seed: int = 1
               ) -> tr.Transformer:
   """A copy of `model` with every weight matrix w -> w + noise * std(w) * N(0,1).
 
-  A draft model that agrees with the target often but not always.
+  A draft model that agrees with the target often but not always: on
+  `tiny_model()`, greedy top-1 agreement is ~73% at noise 0.02, ~52% at 0.05
+  and ~30% at 0.1 (24-token random contexts).
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return nnx.merge(graphdef, _perturb(params, seed, noise), rest)
+  rng = np.random.default_rng([seed, 1])   # independent of tiny_model's
 
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _perturb(params, seed, noise):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [x + noise * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
-         if x.ndim > 1 else x for k, x in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, new)
+  def perturb(x):
+    if x.ndim < 2:
+      return x
+    w = np.asarray(x, np.float64)
+    return jnp.asarray(w + noise * w.std() * rng.standard_normal(w.shape),
+                       x.dtype)
+  return nnx.merge(graphdef, jax.tree.map(perturb, params), rest)
 
 
 def cyclic_model(period: int = 5, dtype: str = "float32", seed: int = 0,

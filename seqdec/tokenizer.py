@@ -99,8 +99,9 @@ class Tokenizer:
     """Ids of a rendered conversation; no extra BOS (templates include it)."""
     return self.encode(self.apply_chat_template(messages), add_bos=False)
 
-  def stream_decoder(self) -> "StreamDecoder":
-    return StreamDecoder(self)
+  def stream_decoder(self, skip_special_tokens: bool = False
+                     ) -> "StreamDecoder":
+    return StreamDecoder(self, skip_special_tokens)
 
   # ---------------------------------------------------------------- loaders
 
@@ -206,9 +207,12 @@ class StreamDecoder:
   boundary and returns only the text that is complete, i.e.
       new_text = decode(ids[prefix:]) minus decode(ids[prefix:read])
   emitted only when it does not end in U+FFFD. `flush()` returns the rest.
+  With `skip_special_tokens` the pieces join to `decode(ids,
+  skip_special_tokens=True)`, the text a `GenerationResult` carries.
   """
 
-  def __init__(self, tokenizer: Tokenizer):
+  def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    self._skip = skip_special_tokens
     self._tok = tokenizer
     self._ids: list[int] = []
     self._prefix = 0  # start of the window re-decoded for context
@@ -216,15 +220,18 @@ class StreamDecoder:
 
   def push(self, token_id: int) -> str:
     self._ids.append(int(token_id))
-    prev = self._tok.decode(self._ids[self._prefix:self._read])
-    full = self._tok.decode(self._ids[self._prefix:])
+    prev = self._decode(self._ids[self._prefix:self._read])
+    full = self._decode(self._ids[self._prefix:])
     if full.endswith("\ufffd") or len(full) <= len(prev):
       return ""
     self._prefix, self._read = self._read, len(self._ids)
     return full[len(prev):]
 
+  def _decode(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=self._skip)
+
   def flush(self) -> str:
-    prev = self._tok.decode(self._ids[self._prefix:self._read])
-    full = self._tok.decode(self._ids[self._prefix:])
+    prev = self._decode(self._ids[self._prefix:self._read])
+    full = self._decode(self._ids[self._prefix:])
     self._prefix = self._read = len(self._ids)
     return full[len(prev):]

@@ -66,43 +66,87 @@ def test_single_prompt_streams(tmp_path):
   assert "[seqdec] model=tiny" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["empty", "oversize", "unknown_model",
-                                  "unknown_key", "bad_jsonl", "missing_file"])
-def test_bad_input(case, tmp_path):
+def run_in_process(config_arg, capsys, prompts=("x",), prompts_file=None,
+                   output=None):
+  """What `launch/decode.py --config=<config_arg> --prompt=...` runs after
+  flag parsing (`cli.run_reporting_user_errors` over `app.run_decode`), in
+  this process: (exit status, stderr). The subprocess cases below check
+  that the script is this call (one for each error route)."""
+  from seqdec import app as seqdec_app  # pylint: disable=g-import-not-at-top
+  from seqdec import cli  # pylint: disable=g-import-not-at-top
+  from seqdec import config_utils  # pylint: disable=g-import-not-at-top
+  capsys.readouterr()
+  try:
+    cli.run_reporting_user_errors(lambda: seqdec_app.run_decode(
+        config_utils.load_config(os.path.join(ROOT, config_arg)),
+        prompts=None if prompts_file else list(prompts),
+        prompts_file=prompts_file, output=output))
+    status = 0
+  except SystemExit as e:
+    status = e.code
+  return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status, stderr, fragment):
+  assert status == 1, stderr
+  lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert fragment in lines[0], lines[0]
+
+
+def preserved_output(tmp_path):
   out = tmp_path / "out.jsonl"
   out.write_text("previous results\n")  # must survive a failed run
-  args = ["--config=configs/decode.py:runlocal", f"--output={out}"]
-  prompts = tmp_path / "in.jsonl"
-  if case == "empty":
-    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n"
-                       + json.dumps({"prompt": ""}) + "\n")
-    args.append(f"--prompts_file={prompts}")
-    fragment = "prompt 1 is empty"
-  elif case == "oversize":
-    args += ["--prompt=" + "x" * 1100]
-    fragment = "exceeds the model's context"
-  elif case == "unknown_model":
-    args = ["--config=configs/decode.py:model=no-such-model", "--prompt=x",
-            f"--output={out}"]
-    fragment = "unknown model 'no-such-model'"
-  elif case == "unknown_key":
-    args += ["--config.max_new_tokenz=3", "--prompt=x"]
-    fragment = "unknown config key"
-  elif case == "bad_jsonl":
-    prompts.write_text('{"prompt": "ok"}\n{not json\n')
-    args.append(f"--prompts_file={prompts}")
-    fragment = ":2: not valid JSON"
-  else:
-    args.append(f"--prompts_file={tmp_path / 'nope.jsonl'}")
-    fragment = "does not exist"
-  proc = run_cli(*args)
-  assert_user_error(proc, fragment)
+  return out
+
+
+def assert_output_preserved(out, tmp_path):
   assert out.read_text() == "previous results\n"
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("case", ["unknown_key", "oversize"])
+def test_bad_input_through_the_script(case, tmp_path):
+  """The script's two error routes: absl/config flag parsing (an unknown
+  key) and `app.run_decode` (an oversize prompt, after the model loaded)."""
+  out = preserved_output(tmp_path)
+  args = ["--config=configs/decode.py:runlocal", f"--output={out}"]
+  if case == "unknown_key":
+    args += ["--config.max_new_tokenz=3", "--prompt=x"]
+    fragment = "unknown config key"
+  else:
+    args += ["--prompt=" + "x" * 1100]
+    fragment = "exceeds the model's context"
+  assert_user_error(run_cli(*args), fragment)
+  assert_output_preserved(out, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["empty", "unknown_model", "bad_jsonl",
+                                  "missing_file"])
+def test_bad_input(case, tmp_path, capsys):
+  out = preserved_output(tmp_path)
+  config, prompts_file = "configs/decode.py:runlocal", None
+  path = tmp_path / "in.jsonl"
+  if case == "empty":
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n"
+                    + json.dumps({"prompt": ""}) + "\n")
+    prompts_file, fragment = str(path), "prompt 1 is empty"
+  elif case == "unknown_model":
+    config = "configs/decode.py:model=no-such-model"
+    fragment = "unknown model 'no-such-model'"
+  elif case == "bad_jsonl":
+    path.write_text('{"prompt": "ok"}\n{not json\n')
+    prompts_file, fragment = str(path), ":2: not valid JSON"
+  else:
+    prompts_file, fragment = str(tmp_path / "nope.jsonl"), "does not exist"
+  status, stderr = run_in_process(config, capsys, prompts_file=prompts_file,
+                                  output=str(out))
+  assert_one_line_error(status, stderr, fragment)
+  assert_output_preserved(out, tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_bad_checkpoint(damage, tmp_path, hf_dir):
+def test_bad_checkpoint(damage, tmp_path, hf_dir, capsys):
   import shutil  # pylint: disable=g-import-not-at-top
   broken = tmp_path / "ckpt"
   shutil.copytree(hf_dir, broken)
@@ -113,9 +157,9 @@ def test_bad_checkpoint(damage, tmp_path, hf_dir):
     data = weights.read_bytes()
     weights.write_bytes(data[:len(data) // 2])
   out = tmp_path / "out.jsonl"
-  proc = run_cli(f"--config=configs/decode.py:model={broken}", "--prompt=x",
-                 f"--output={out}")
-  assert_user_error(proc, "safetensors")
+  status, stderr = run_in_process(f"configs/decode.py:model={broken}", capsys,
+                                  output=str(out))
+  assert_one_line_error(status, stderr, "safetensors")
   assert not out.exists()
 
 
@@ -137,10 +181,10 @@ def test_speculative_decode_reports_tau_speedup_and_agreement(tmp_path):
     ("spec=ngram@max_n=3/chain2", "unknown option 'max_n'"),
     ("nosuchkey=1", "unknown config argument"),
 ])
-def test_speculative_bad_config(arg, fragment):
-  proc = run_cli(f"--config=configs/spec_decode.py:runlocal,{arg}",
-                 "--prompt=x")
-  assert_user_error(proc, fragment)
+def test_speculative_bad_config(arg, fragment, capsys):
+  status, stderr = run_in_process(f"configs/spec_decode.py:runlocal,{arg}",
+                                  capsys)
+  assert_one_line_error(status, stderr, fragment)
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):

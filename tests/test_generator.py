@@ -139,6 +139,17 @@ def test_stream_decoder_never_splits_utf8(tok):
   assert sum(1 for p in pieces if p == "") >= 5  # multi-byte chars waited
 
 
+def test_stream_decoder_skips_special_tokens_like_the_final_text(tok):
+  """A special token that is not a stop id (e.g. <|eos|> when eos_ids is
+  empty) is in the tokens but not in `GenerationResult.text`; the streamed
+  pieces must join to that same text."""
+  ids = tok.encode("ab", add_bos=False) + [257, 258] + tok.encode(
+      "é!", add_bos=False)
+  dec = tok.stream_decoder(skip_special_tokens=True)
+  pieces = [dec.push(i) for i in ids] + [dec.flush()]
+  assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == "abé!"
+
+
 def test_bad_prompts_raise(gen32):
   with pytest.raises(PromptError, match="empty"):
     gen32.generate(["ok", ""])

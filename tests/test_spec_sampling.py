@@ -74,7 +74,7 @@ def spec_generator(drafter: str, tree: str, top_k: int = 0,
                    max_top_k: int = 64, temperature: float = 1.0, **options):
   model = target()
   if drafter == "draft":
-    d = drafters_lib.draft_lm(testing.perturbed(model, 0.3),
+    d = drafters_lib.draft_lm(testing.perturbed(model, 0.03),
                               proposal=options.get("proposal", "topk"))
   else:
     d = drafters_lib.make_drafter(drafter, model, **options)

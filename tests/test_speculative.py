@@ -57,7 +57,7 @@ def make(name: str, model):
   if name == "draft_self":
     return drafters_lib.draft_lm(model)
   if name == "draft_perturbed":
-    return drafters_lib.draft_lm(testing.perturbed(model, 0.2))
+    return drafters_lib.draft_lm(testing.perturbed(model, 0.02))
   raise ValueError(name)
 
 
@@ -120,9 +120,11 @@ def test_greedy_speculative_equals_autoregressive_float64(x64, drafter_name,
   if (drafter_name, tree) == SOLO_CASE:
     for i in range(len(PROMPTS)):          # each row == that prompt alone
       run_case(drafter_name, tree, rows=(i,))
+  mean_acc = np.mean([r.metrics["mean_accepted"] for r in batch])
   if drafter_name != "layerskip" and tree != "chain1":
-    mean_acc = np.mean([r.metrics["mean_accepted"] for r in batch])
-    assert mean_acc >= 2.0, mean_acc       # acceptance, not only bonus tokens
+    assert mean_acc >= 1.0, mean_acc       # acceptance, not only bonus tokens
+  if (drafter_name, tree) == SOLO_CASE:
+    assert mean_acc < 3.0, mean_acc        # and rejections (chain4: <= 4)
 
 
 @pytest.mark.slow

@@ -294,7 +294,7 @@ def _generate(impl, tree=None, max_new=16):
   from seqdec.tokenizer import Tokenizer
   model = with_impl(_model("float64"), impl)
   drafter = (None if tree is None
-             else drafters.draft_lm(testing.perturbed(model, 0.2)))
+             else drafters.draft_lm(testing.perturbed(model, 0.02)))
   gen = Generator(model, Tokenizer.byte_level(), max_new_tokens=max_new,
                   eos_ids=(), drafter=drafter, tree=tree or "chain4")
   return gen.generate_ids(SPEC_PROMPTS)
