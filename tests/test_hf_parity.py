@@ -39,9 +39,11 @@ TOL_F64 = 1e-10  # CONTRIBUTING.md: anything in float64.
 # every mapping feature (GQA, untied/tied heads, head_dim != D/H, llama3 RoPE,
 # q/k/v biases, sliding window).
 FLOAT64_CASES = ("llama_rope_llama3", "llama_head_dim_32", "qwen2_qkv_bias",
-                 "mistral_window_8")
+                 "mistral_window_8", "llama_attn_mlp_bias",
+                 "gemma3_gqa_window")
 ALL_CASES = sorted(hf_fixtures.PARITY_CASES)
-WINDOW_CASES = ("mistral_window_8", "qwen2_sliding_all_layers")
+WINDOW_CASES = ("mistral_window_8", "qwen2_sliding_all_layers",
+                "gemma3_gqa_window", "gemma3_mqa_tied")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -139,6 +141,19 @@ def test_config_mapping(cases, name):
       "qwen2_sliding_all_layers": dict(qkv_bias=True, sliding_window=8),
       "mistral_window_8": dict(sliding_window=8, qkv_bias=False),
       "llama_sharded_3l": dict(num_layers=3),
+      "llama_attn_mlp_bias": dict(qkv_bias=True, o_bias=True, mlp_bias=True),
+      "gemma3_gqa_window": dict(
+          num_kv_heads=2, sliding_window=8, query_pre_attn_scalar=24.0,
+          layer_types=("sliding_attention", "full_attention",
+                       "sliding_attention"),
+          rope_theta=100000.0, rope_local_theta=1000.0,
+          rope_scaling_dict=dict(rope_type="linear", factor=2.0),
+          activation="gelu_tanh", embed_scale=True, norm_offset=1.0,
+          sandwich_norm=True, qk_norm=True, tie_embeddings=False),
+      "gemma3_mqa_tied": dict(num_kv_heads=1, sliding_window=5,
+                              tie_embeddings=True,
+                              layer_types=("sliding_attention",) * 2,
+                              rope_theta=1e6, rope_local_theta=1e4),
   }[name]
   for attr, value in expected.items():
     assert getattr(c, attr) == value, (name, attr)
@@ -151,7 +166,7 @@ def test_window_cases_depend_on_the_window(cases, name):
   Otherwise a window case would test nothing about the window.
   """
   _, ref, model, tokens = cases(name)[:4]
-  assert model.config.sliding_window == 8
+  assert model.config.sliding_window < SEQ
   windowless = model_from_hf_tensors(model.config.replace(sliding_window=None),
                                      model_to_hf_tensors(model))
   logits, _ = windowless(tokens, _positions(0, SEQ),
@@ -169,10 +184,13 @@ def test_float64_logits_match_exactly(cases, name, x64):
   _, _, _, tokens, path, hf_model = cases(name)
   model, _ = load_hf(path, dtype="float64")
   inv = rope_inv_freq(model.config)  # float64, HF's scaling rules
+  inv_local = (rope_inv_freq(model.config, local=True)
+               if model.config.rope_local_theta is not None else None)
   assert model.inv_freq.get_value().dtype == jnp.float64
 
   try:
-    with hf_fixtures.float64_forward(hf_model, inv) as hf64, torch.no_grad():
+    with hf_fixtures.float64_forward(hf_model, inv, inv_local) as hf64, \
+        torch.no_grad():
       ref = hf64(input_ids=torch.from_numpy(tokens.astype(np.int64)),
                  use_cache=False).logits.numpy()
   finally:

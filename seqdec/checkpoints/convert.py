@@ -103,6 +103,14 @@ def _unpack_gate_up(_, w):
   return w[:, 0].T, w[:, 1].T
 
 
+def _pack_gate_up_bias(_, gate, up):
+  return np.stack([gate, up], axis=0)
+
+
+def _unpack_gate_up_bias(_, b):
+  return b[0], b[1]
+
+
 def _hf_shapes(c: TransformerConfig) -> dict[str, tuple[int, ...]]:
   """HF name suffix -> expected shape, for one layer and the top level."""
   d, f, dh = c.hidden_size, c.intermediate_size, c.head_dim
@@ -111,13 +119,28 @@ def _hf_shapes(c: TransformerConfig) -> dict[str, tuple[int, ...]]:
       "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
       "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
       "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-      "self_attn.v_proj.bias": (kv,),
+      "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
+      "self_attn.q_norm.weight": (dh,), "self_attn.k_norm.weight": (dh,),
       "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
-      "mlp.down_proj.weight": (d, f),
+      "mlp.down_proj.weight": (d, f), "mlp.gate_proj.bias": (f,),
+      "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,),
       "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+      "pre_feedforward_layernorm.weight": (d,),
+      "post_feedforward_layernorm.weight": (d,),
       "model.embed_tokens.weight": (c.vocab_size, d),
       "model.norm.weight": (d,), "lm_head.weight": (c.vocab_size, d),
   }
+
+
+# Block norms: seqdec name -> HF name, for pre-norm blocks (Llama) and for
+# sandwich blocks (Gemma 2/3), where HF's `post_attention_layernorm` is the
+# norm on the attention output, not the one before the MLP.
+_BLOCK_NORMS = {"input_norm": "input_layernorm",
+                "post_attn_norm": "post_attention_layernorm"}
+_SANDWICH_NORMS = {"input_norm": "input_layernorm",
+                   "attn_out_norm": "post_attention_layernorm",
+                   "post_attn_norm": "pre_feedforward_layernorm",
+                   "mlp_out_norm": "post_feedforward_layernorm"}
 
 
 def param_specs(c: TransformerConfig):
@@ -138,15 +161,28 @@ def param_specs(c: TransformerConfig):
                                             _unpack_qkv_bias)
     specs[f"layers.{i}.attn.o_proj"] = ([pre + "self_attn.o_proj.weight"],
                                         _t, _t)
+    if c.o_bias:
+      specs[f"layers.{i}.attn.o_bias"] = ([pre + "self_attn.o_proj.bias"],
+                                          _same, _same)
+    if c.qk_norm:
+      for x in "qk":
+        specs[f"layers.{i}.attn.{x}_norm.scale"] = (
+            [pre + f"self_attn.{x}_norm.weight"], _same, _same)
     specs[f"layers.{i}.mlp.gate_up_proj"] = (
         [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"],
         _pack_gate_up, _unpack_gate_up)
     specs[f"layers.{i}.mlp.down_proj"] = ([pre + "mlp.down_proj.weight"],
                                           _t, _t)
-    specs[f"layers.{i}.input_norm.scale"] = (
-        [pre + "input_layernorm.weight"], _same, _same)
-    specs[f"layers.{i}.post_attn_norm.scale"] = (
-        [pre + "post_attention_layernorm.weight"], _same, _same)
+    if c.mlp_bias:
+      specs[f"layers.{i}.mlp.gate_up_bias"] = (
+          [pre + "mlp.gate_proj.bias", pre + "mlp.up_proj.bias"],
+          _pack_gate_up_bias, _unpack_gate_up_bias)
+      specs[f"layers.{i}.mlp.down_bias"] = ([pre + "mlp.down_proj.bias"],
+                                            _same, _same)
+    norms = _SANDWICH_NORMS if c.sandwich_norm else _BLOCK_NORMS
+    for ours, theirs in norms.items():
+      specs[f"layers.{i}.{ours}.scale"] = ([pre + theirs + ".weight"], _same,
+                                           _same)
   return specs
 
 
@@ -204,6 +240,8 @@ def model_from_hf_tensors(config: TransformerConfig,
       arrays.append(array)
     values[path] = jnp.asarray(pack(config, *arrays), dtype=pdt)
   values["inv_freq"] = inv_freq_array(config)
+  if config.rope_local_theta is not None:
+    values["inv_freq_local"] = inv_freq_array(config, local=True)
   flat = []
   for path, var in nnx.to_flat_state(state):
     flat.append((path, var.replace(values[_path_str(path)])))

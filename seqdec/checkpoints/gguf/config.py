@@ -1,4 +1,5 @@
-"""GGUF metadata -> `TransformerConfig` (llama family, RoPE scaling)."""
+"""GGUF metadata -> `TransformerConfig` (llama family with RoPE scaling, and
+Gemma 3)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import numpy as np
 from seqdec.checkpoints.convert import CheckpointError
 from seqdec.checkpoints.gguf.reader import get_field
 from seqdec.checkpoints.gguf.tensors import dequantize
-from seqdec.models.config import TransformerConfig
+from seqdec.models.config import GLOBAL, LOCAL, TransformerConfig
 from seqdec.models.transformer import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+
+# What llama.cpp's Gemma 3 files leave out, filled with Gemma3TextConfig's
+# defaults as transformers' GGUF loader does: every 6th layer global, the
+# local layers' RoPE base, the query scale.
+GEMMA3_DEFAULTS = dict(sliding_window_pattern=6, rope_local_theta=10_000.0,
+                       query_pre_attn_scalar=256.0, sliding_window=4096)
 
 
 def check_architecture(arch: Any) -> None:
@@ -20,7 +27,8 @@ def check_architecture(arch: Any) -> None:
   if arch not in SUPPORTED_ARCHITECTURES:
     raise CheckpointError(
         f"unsupported architecture {arch!r}; seqdec's GGUF loader reads the "
-        f"llama family (general.architecture = 'llama')")
+        f"llama family and Gemma 3 (general.architecture = 'llama' or "
+        f"'gemma3')")
 
 
 def config_from_gguf(reader) -> TransformerConfig:
@@ -56,6 +64,10 @@ def config_from_gguf(reader) -> TransformerConfig:
   """
   arch = get_field(reader, "general.architecture")
   check_architecture(arch)
+  if arch == "gemma3" and (get_field(reader, "gemma3.vision.block_count")
+                           or get_field(reader, "clip.has_vision_encoder")):
+    raise CheckpointError("this Gemma 3 GGUF carries a vision encoder; seqdec "
+                          "loads the text model only")
 
   def get(key, default=None, required=False):
     value = get_field(reader, f"{arch}.{key}", default)
@@ -93,6 +105,9 @@ def config_from_gguf(reader) -> TransformerConfig:
   theta = float(get("rope.freq_base", 10000.0))
   rope_scaling = _rope_scaling(reader, arch, tensors, theta, head_dim)
   qkv_bias = "blk.0.attn_q.bias" in tensors
+  family: dict[str, Any] = dict(architecture="LlamaForCausalLM")
+  if arch == "gemma3":
+    family = gemma3_fields(get, num_layers)
   return TransformerConfig.make(
       vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv,
@@ -101,7 +116,29 @@ def config_from_gguf(reader) -> TransformerConfig:
       rope_theta=theta, rope_scaling=rope_scaling,
       max_position_embeddings=int(get("context_length", 2048)),
       tie_embeddings="output.weight" not in tensors, qkv_bias=qkv_bias,
-      architecture="LlamaForCausalLM")
+      **family)
+
+
+def gemma3_fields(get, num_layers: int) -> dict[str, Any]:
+  """The Gemma 3 fields of the config from `gemma3.*` keys and defaults.
+
+  Read: attention.sliding_window; rope.scaling.* (the global layers', via
+  `_rope_scaling`). Not stored by llama.cpp, so Gemma3TextConfig's defaults
+  (`GEMMA3_DEFAULTS`): the layer pattern (layer i is global iff (i + 1) % 6
+  == 0), the local RoPE base 10,000 and query_pre_attn_scalar 256 (every
+  released Gemma 3 text model uses these).
+  """
+  d = GEMMA3_DEFAULTS
+  every = int(d["sliding_window_pattern"])
+  return dict(
+      sliding_window=int(get("attention.sliding_window",
+                             d["sliding_window"])),
+      layer_types=tuple(GLOBAL if (i + 1) % every == 0 else LOCAL
+                        for i in range(num_layers)),
+      rope_local_theta=d["rope_local_theta"], activation="gelu_tanh",
+      embed_scale=True, norm_offset=1.0, sandwich_norm=True, qk_norm=True,
+      query_pre_attn_scalar=d["query_pre_attn_scalar"],
+      architecture="Gemma3ForCausalLM")
 
 
 def _rope_scaling(reader, arch, tensors, theta, head_dim):

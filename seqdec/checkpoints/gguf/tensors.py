@@ -89,6 +89,13 @@ _GGUF_TO_HF_LAYER = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3 (sandwich norms, QK-norm): llama.cpp's `ffn_norm` is the norm
+# before the MLP, HF's `pre_feedforward_layernorm`.
+_GGUF_TO_HF_LAYER_GEMMA3 = dict(
+    _GGUF_TO_HF_LAYER, ffn_norm="pre_feedforward_layernorm",
+    post_attention_norm="post_attention_layernorm",
+    post_ffw_norm="post_feedforward_layernorm",
+    attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm")
 _GGUF_TO_HF_TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -98,14 +105,16 @@ _GGUF_TO_HF_TOP = {
 _GGUF_NON_PARAMS = ("rope_freqs.weight",)
 
 
-def gguf_name_to_hf(name: str) -> Optional[str]:
-  """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+def gguf_name_to_hf(name: str, sandwich: bool = False) -> Optional[str]:
+  """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'
+  (`sandwich`: Gemma 3's block norms and QK-norms)."""
   if name in _GGUF_TO_HF_TOP:
     return _GGUF_TO_HF_TOP[name]
+  table = _GGUF_TO_HF_LAYER_GEMMA3 if sandwich else _GGUF_TO_HF_LAYER
   parts = name.split(".")
   if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
-      and parts[2] in _GGUF_TO_HF_LAYER and parts[3] in ("weight", "bias")):
-    return f"model.layers.{parts[1]}.{_GGUF_TO_HF_LAYER[parts[2]]}.{parts[3]}"
+      and parts[2] in table and parts[3] in ("weight", "bias")):
+    return f"model.layers.{parts[1]}.{table[parts[2]]}.{parts[3]}"
   return None
 
 
@@ -122,15 +131,20 @@ def hf_tensors_from_gguf(reader,
     name -> float32 array, e.g. 'model.layers.0.self_attn.q_proj.weight' of
     shape `[H*Dh, D]`.
 
+  Gemma 3 (`config.norm_offset` = 1): llama.cpp stores every RMSNorm weight
+  (QK-norms included) as 1 + w; w = stored - 1 in float32, as transformers
+  computes it. Its q/k rows are not permuted (NeoX-style RoPE in llama.cpp).
+
   Raises:
     CheckpointError: unknown tensor names or unsupported tensor types.
   """
   out: dict[str, np.ndarray] = {}
   unknown = []
+  gemma = config.norm_offset != 0
   for t in reader.tensors:
     if t.name in _GGUF_NON_PARAMS:
       continue
-    hf = gguf_name_to_hf(t.name)
+    hf = gguf_name_to_hf(t.name, sandwich=config.sandwich_norm)
     if hf is None:
       unknown.append(t.name)
       continue
@@ -138,7 +152,10 @@ def hf_tensors_from_gguf(reader,
       w = dequantize(t.data, t.tensor_type, t.shape)
     except CheckpointError as e:
       raise CheckpointError(f"tensor {t.name!r}: {e}") from None
-    if ".self_attn.q_proj." in hf:
+    if gemma:
+      if hf.endswith("norm.weight"):
+        w = w - np.float32(config.norm_offset)
+    elif ".self_attn.q_proj." in hf:
       w = unpermute_qk(w, config.num_heads)
     elif ".self_attn.k_proj." in hf:
       w = unpermute_qk(w, config.num_kv_heads)

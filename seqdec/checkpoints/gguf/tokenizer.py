@@ -1,7 +1,9 @@
 """The tokenizer a GGUF describes, rebuilt with `tokenizers` (no transformers).
 
-Only byte-level BPE (`tokenizer.ggml.model` = 'gpt2') is supported; the
-pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre` families.
+Two kinds: byte-level BPE (`tokenizer.ggml.model` = 'gpt2'; the
+pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre` families), and
+Gemma's SentencePiece-style BPE with byte fallback (`tokenizer.ggml.model`
+= 'llama' in a 'gemma3' file).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import (AddedToken, Regex, decoders, models, normalizers,
+                        pre_tokenizers)
 
 from seqdec.checkpoints.convert import CheckpointError
 from seqdec.checkpoints.gguf.reader import get_field
@@ -119,10 +122,14 @@ def tokenizer_from_gguf(reader, *,
   kind = get_field(reader, "tokenizer.ggml.model")
   if kind is None:
     raise CheckpointError("GGUF has no tokenizer (tokenizer.ggml.model)")
+  arch = get_field(reader, "general.architecture")
+  if kind == "llama" and arch in SENTENCEPIECE_BPE_ARCHITECTURES:
+    return gemma_tokenizer_from_gguf(reader)
   if kind != "gpt2":
     raise CheckpointError(
-        f"unsupported GGUF tokenizer model {kind!r}; seqdec builds byte-level "
-        f"BPE ('gpt2') tokenizers")
+        f"unsupported GGUF tokenizer model {kind!r} (architecture {arch!r}); "
+        f"seqdec builds byte-level BPE ('gpt2') tokenizers and Gemma 3's "
+        f"SentencePiece-style one ('llama' in a 'gemma3' file)")
   tokens = get_field(reader, "tokenizer.ggml.tokens")
   merges = get_field(reader, "tokenizer.ggml.merges")
   if not tokens or merges is None:
@@ -180,11 +187,22 @@ def build_byte_level_tokenizer(
     backend.add_special_tokens(control)
   if user:
     backend.add_tokens(user)
-  if backend.get_vocab_size(with_added_tokens=True) > n:
-    # An added token whose text is not in the vocabulary got a new id.
-    raise CheckpointError(
-        f"the GGUF vocabulary has {n} tokens but the rebuilt tokenizer has "
-        f"{backend.get_vocab_size(with_added_tokens=True)}")
+  _check_size(backend, n)
+
+  return _wrap(backend, tokens, special_ids, add_bos, chat_template, pre)
+
+
+# Turn-end markers that stop decoding when the chat template uses them but
+# the file's EOS is another token (ChatML's <|im_end|>, Gemma's
+# <end_of_turn>).
+_TURN_ENDS = ("<|im_end|>", "<end_of_turn>")
+
+
+def _wrap(backend: tokenizers.Tokenizer, tokens: Sequence[str],
+          special_ids: Mapping[str, Optional[int]], add_bos: bool,
+          chat_template: Optional[str], pre: Optional[str]) -> GGUFTokenizer:
+  """The `GGUFTokenizer` around a built backend: BOS, stop ids, pad, unk."""
+  n = len(tokens)
 
   def valid(i):
     return None if i is None or not 0 <= int(i) < n else int(i)
@@ -192,10 +210,11 @@ def build_byte_level_tokenizer(
   bos, eos = valid(special_ids.get("bos")), valid(special_ids.get("eos"))
   stops = [i for i in (eos, valid(special_ids.get("eot")),
                        valid(special_ids.get("eom"))) if i is not None]
-  im_end = backend.token_to_id("<|im_end|>")
-  if (im_end is not None and im_end not in stops and chat_template
-      and "<|im_end|>" in chat_template):
-    stops.append(im_end)
+  for marker in _TURN_ENDS:
+    i = backend.token_to_id(marker)
+    if (i is not None and i not in stops and chat_template
+        and marker in chat_template):
+      stops.append(i)
   return GGUFTokenizer(
       backend, bos_id=bos, eos_ids=stops, add_bos=add_bos,
       chat_template=chat_template or None,
@@ -203,3 +222,110 @@ def build_byte_level_tokenizer(
       eos_token=tokens[eos] if eos is not None else None,
       pad_id=valid(special_ids.get("padding")),
       unk_id=valid(special_ids.get("unknown")), pre_tokenizer_type=pre)
+
+
+def _check_size(backend: tokenizers.Tokenizer, n: int) -> None:
+  if backend.get_vocab_size(with_added_tokens=True) > n:
+    # An added token whose text is not in the vocabulary got a new id.
+    raise CheckpointError(
+        f"the GGUF vocabulary has {n} tokens but the rebuilt tokenizer has "
+        f"{backend.get_vocab_size(with_added_tokens=True)}")
+
+
+# ------------------------------------------------- SentencePiece-style BPE
+
+# Architectures whose 'llama' (SentencePiece) vocabulary is rebuilt as
+# Gemma's BPE with byte fallback.
+SENTENCEPIECE_BPE_ARCHITECTURES = ("gemma3",)
+SPACE = "\u2581"   # SentencePiece's visible space
+
+
+def gemma_tokenizer_from_gguf(reader) -> GGUFTokenizer:
+  """Gemma 3's tokenizer from a GGUF (`tokenizer.ggml.model` = 'llama').
+
+  See `build_sentencepiece_bpe_tokenizer`; BOS is added when
+  `tokenizer.ggml.add_bos_token` says so (true for Gemma: plain prompts
+  start with <bos>).
+  """
+  tokens = get_field(reader, "tokenizer.ggml.tokens")
+  if not tokens:
+    raise CheckpointError("GGUF tokenizer lacks tokenizer.ggml.tokens")
+  types = get_field(reader, "tokenizer.ggml.token_type") or (
+      [TOKEN_NORMAL] * len(tokens))
+  if len(types) != len(tokens):
+    raise CheckpointError(f"{len(types)} token types for {len(tokens)} "
+                          f"tokens")
+  special_ids = {
+      name: get_field(reader, f"tokenizer.ggml.{name}_token_id")
+      for name in ("bos", "eos", "unknown", "padding", "eot", "eom")}
+  return build_sentencepiece_bpe_tokenizer(
+      tokens=tokens, token_types=types, special_ids=special_ids,
+      add_bos=bool(get_field(reader, "tokenizer.ggml.add_bos_token", True)),
+      chat_template=get_field(reader, "tokenizer.chat_template"))
+
+
+def merges_from_vocabulary_order(tokens: Sequence[str]
+                                 ) -> list[tuple[str, str]]:
+  """BPE merges implied by a vocabulary listed in merge order.
+
+  Gemma's GGUF carries no merges and its scores do not follow the merge
+  order; the token order does. Every token t (in vocabulary order) yields
+  the merges (l, r) of its splits t = l + r with both halves in the
+  vocabulary, longer left half first. The rank of a merge is its position
+  in that list: earlier tokens' merges apply first. (transformers' GGUF
+  converter derives the same list.)
+  """
+  index: dict[str, int] = {}
+  for i, t in enumerate(tokens):
+    index.setdefault(t, i)
+  merges = []
+  for t, i in index.items():
+    for cut in range(len(t) - 1, 0, -1):
+      left, right = t[:cut], t[cut:]
+      if left in index and right in index:
+        merges.append((left, right))
+  return merges
+
+
+def build_sentencepiece_bpe_tokenizer(
+    *, tokens: Sequence[str], token_types: Sequence[int],
+    special_ids: Mapping[str, Optional[int]], add_bos: bool,
+    chat_template: Optional[str]) -> GGUFTokenizer:
+  """Gemma's SentencePiece-style BPE with byte fallback, from GGUF values.
+
+  * Spelling: SentencePiece writes a space as U+2581; llama.cpp's Gemma
+    files spell tokens made only of spaces with real spaces, which are
+    respelled with U+2581 so that the text normalised below reaches them.
+  * Normaliser: every " " becomes U+2581 (no prefix space: Gemma adds
+    none); no pre-tokenizer (the whole normalised text is one word).
+  * Model: BPE over the vocabulary (id = index), merges from
+    `merges_from_vocabulary_order`, byte fallback to the `<0xNN>` tokens
+    for characters outside the vocabulary, unknown pieces fused.
+  * Decoder: U+2581 -> " ", byte tokens -> bytes -> UTF-8, fused.
+  * CONTROL tokens (<bos>, <eos>, <start_of_turn>, <unusedN>, ...) are
+    special added tokens (matched whole, dropped by skip_special_tokens);
+    USER_DEFINED ones (newline runs, [multimodal], ...) plain added tokens.
+  """
+  respelled = [SPACE * len(t) if t and set(t) == {" "} else t for t in tokens]
+  vocab: dict[str, int] = {}
+  for i, t in enumerate(respelled):
+    vocab.setdefault(t, i)
+  unk = special_ids.get("unknown")
+  unk_token = respelled[unk] if unk is not None and 0 <= unk < len(
+      tokens) else None
+  backend = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=merges_from_vocabulary_order(respelled),
+      unk_token=unk_token, fuse_unk=True, byte_fallback=True))
+  backend.normalizer = normalizers.Replace(" ", SPACE)
+  backend.decoder = decoders.Sequence([
+      decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+  control = [AddedToken(t, special=True, normalized=False)
+             for t, k in zip(respelled, token_types) if k == TOKEN_CONTROL]
+  user = [AddedToken(t, special=False, normalized=False)
+          for t, k in zip(respelled, token_types) if k == TOKEN_USER_DEFINED]
+  if control:
+    backend.add_special_tokens(control)
+  if user:
+    backend.add_tokens(user)
+  _check_size(backend, len(tokens))
+  return _wrap(backend, respelled, special_ids, add_bos, chat_template, None)
