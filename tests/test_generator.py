@@ -184,6 +184,34 @@ def test_top_k_and_top_p_match_numpy_reference():
     assert set(np.flatnonzero(np.isfinite(topp[r]))) == ref
 
 
+def test_top_p_candidates_equal_the_full_sort():
+  """TopP reading K candidates (falling back to a full sort when a nucleus
+  is larger) keeps bitwise the same tokens as with K = V (always the full
+  sort), on rows whose nucleus fits in K and rows where it does not; and
+  the kept sets equal a float64 numpy reference away from the boundary."""
+  rng = np.random.default_rng(1)
+  v = 300
+  logits = rng.normal(size=(6, v)) * np.array([[4], [0.5], [2], [1], [3],
+                                               [0.2]])
+  logits = jnp.asarray(logits, jnp.float32)
+  for top_p, fits in (([0.9, 0.5, 0.3, 0.95, 0.6, 0.1], False),
+                      ([0.2, 0.01, 0.1, 0.05, 0.3, 0.001], True)):
+    params = sampling.SamplingParams.make(6, temperature=1.0, top_p=top_p)
+    full = np.asarray(jax.jit(sampling.TopP(max_k=v))(logits, params))
+    fast = np.asarray(jax.jit(sampling.TopP(max_k=8))(logits, params))
+    np.testing.assert_array_equal(fast, full)
+    assert (np.isfinite(full).sum(-1).max() < 8) == fits   # both branches
+    x = np.asarray(logits, np.float64)
+    for r, p in enumerate(top_p):
+      order = np.argsort(-x[r])
+      probs = np.exp(x[r] - x[r].max())
+      probs /= probs.sum()
+      before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
+      if np.min(np.abs(before - p)) > 1e-6:     # not at the boundary
+        assert set(np.flatnonzero(np.isfinite(fast[r]))) == set(
+            order[before < p])
+
+
 def test_temperature_sampling_matches_softmax_chi2():
   """20k draws from softmax(logits / T) pass a chi-square test."""
   from scipy import stats  # pylint: disable=g-import-not-at-top

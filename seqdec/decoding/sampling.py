@@ -96,20 +96,56 @@ class TopK(LogitsTransform):
     return jnp.where(keep, logits, -jnp.inf)
 
 
+# Candidates `TopP` reads before falling back to a full sort: a nucleus of
+# up to this many tokens costs one `lax.top_k` (measured on 2 CPU cores,
+# [16, 262144] float32 rows: top_k(1024) 19 ms, a full sort 1.34 s).
+TOP_P_CANDIDATES = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class TopP(LogitsTransform):
   """Nucleus: keeps the smallest set of top tokens whose mass reaches top_p.
 
-  With probabilities sorted descending p_(1) >= p_(2) >= ..., token (i) is kept
-  iff sum_{j<i} p_(j) < top_p (so at least one token is always kept).
+  With probabilities sorted descending p_(1) >= p_(2) >= ... (p_(i) =
+  exp(z_(i) - m) / S, with the max m and the sum S over the unsorted row)
+  and the exclusive prefix mass c_i = sum_{j<i} p_(j), token (i) is kept
+  iff c_i < top_p (at least one token always is).
+
+  c_i is nondecreasing, so when fewer than K = min(max_k, V) of the top K
+  candidates (`lax.top_k`) satisfy it, the nucleus lies inside them and the
+  rest of the row need not be sorted. Otherwise (some row's nucleus is
+  larger than K) the whole batch takes the full sort, whose prefix sums are
+  computed as the first K (the same call on the same values) followed by
+  the tail's, so both branches give bitwise the same kept set.
   """
+  max_k: int = TOP_P_CANDIDATES
 
   def __call__(self, logits, params):
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.sum(mass_before < params.top_p[:, None], axis=-1)
-    thresh = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=1)
+    v = logits.shape[-1]
+    k = min(self.max_k, v)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    total = jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
+    top_p = params.top_p[:, None]
+
+    def mass_before(sorted_desc):       # [B, N] -> exclusive prefix mass
+      probs = jnp.exp(sorted_desc - m) / total
+      head = jnp.cumsum(probs[:, :k], axis=-1)
+      mass = head
+      if sorted_desc.shape[-1] > k:
+        mass = jnp.concatenate(
+            [head, head[:, -1:] + jnp.cumsum(probs[:, k:], axis=-1)], axis=-1)
+      return jnp.concatenate([jnp.zeros_like(mass[:, :1]), mass[:, :-1]],
+                             axis=-1)
+
+    def threshold(sorted_desc):         # [B, N] -> [B, 1] smallest kept value
+      n_keep = jnp.sum(mass_before(sorted_desc) < top_p, axis=-1)
+      return jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=1)
+
+    top = jax.lax.top_k(logits, k)[0]                           # [B, K]
+    inside = jnp.all(jnp.sum(mass_before(top) < top_p, axis=-1) < k)
+    thresh = jax.lax.cond(
+        inside | (k == v), lambda: threshold(top),
+        lambda: threshold(jnp.sort(logits, axis=-1)[:, ::-1]))
     return jnp.where(logits >= thresh, logits, -jnp.inf)
 
 
@@ -185,7 +221,8 @@ def processed_probs(logits: jax.Array, params: SamplingParams,
   top_p < 1), so a row's p is what a sampler built for that row alone
   draws from, whatever the other rows ask for. top_k is capped at
   min(max_top_k, V). The filters run only if some row enables them
-  (`lax.cond`: TopP's full sort costs ~15 ms per 49k-token row on CPU).
+  (`lax.cond`), and TopP sorts a whole row only when a nucleus is larger
+  than its `TOP_P_CANDIDATES` candidates.
   Speculative sampling rules use this as the target.
   """
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
