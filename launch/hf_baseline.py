@@ -29,6 +29,13 @@ class HFSide:
         d, gguf_file=f, dtype=torch.float32)
     self.model.eval()
 
+  def encode(self, prompt) -> list[int]:
+    """Ids of a plain-text prompt (the tokenizer's own special tokens, e.g.
+    Gemma's <bos>) or of a conversation (`encode_chat`)."""
+    if isinstance(prompt, str):
+      return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+    return self.encode_chat(prompt)
+
   def encode_chat(self, messages) -> list[int]:
     ids = self.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True)

@@ -32,7 +32,8 @@ from seqdec.jsonl import iter_jsonl, write_text_atomic
 CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
 PROMPTS_PER_CATEGORY = 8
 _ROLES = ("system", "user", "assistant")
-_PROMPT_KEYS = {"id", "category", "messages"}
+_PROMPT_KEYS = ({"id", "category", "messages"},   # chat models
+                {"id", "category", "text"})       # base models: continuation
 
 
 class PromptSetError(UserError):
@@ -46,21 +47,70 @@ class BenchPrompt:
   Attributes:
     id: "<category>-<n>", unique within the set.
     category: one of `CATEGORIES`.
-    messages: the conversation, `[{"role": ..., "content": ...}, ...]`.
+    messages: the conversation, `[{"role": ..., "content": ...}, ...]`
+      (empty for a text prompt).
+    text: a plain-text prompt for a base model to continue, or None.
   """
   id: str
   category: str
   messages: tuple[dict[str, str], ...]
+  text: Optional[str] = None
 
   def as_messages(self) -> list[dict[str, str]]:
     """A fresh, mutable copy of the conversation."""
     return [dict(m) for m in self.messages]
+
+  def as_input(self) -> str | list[dict[str, str]]:
+    """What `Generator.encode` takes: the text, else the conversation."""
+    return self.text if self.text is not None else self.as_messages()
 
 
 def default_prompts_dir() -> str:
   """`benchmarks/prompts` of the source tree this module belongs to."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(root, "benchmarks", "prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+  """A model the benchmarks know: its GGUF and its prompt set.
+
+  Attributes:
+    name: the `seqdec.load_pretrained` name.
+    find_gguf: the function (in `seqdec.checkpoints.gguf`) that returns its
+      GGUF path.
+    prompts: the prompt-set directory under `benchmarks/` (chat prompts for
+      instruction-tuned models, plain-text continuations for base models).
+    per_category: prompts per category in that set.
+  """
+  name: str
+  find_gguf: str
+  prompts: str
+  per_category: int
+
+
+BENCH_MODELS = {m.name: m for m in (
+    BenchModel("smollm2-135m-instruct", "find_smollm2_gguf", "prompts",
+               PROMPTS_PER_CATEGORY),
+    BenchModel("gemma3-270m", "find_gemma3_gguf", "prompts_base", 4),
+)}
+
+
+def bench_model(name: str) -> tuple[str, str, int]:
+  """`(GGUF path, prompt-set directory, prompts per category)` of a
+  `BENCH_MODELS` name.
+
+  Raises:
+    PromptSetError: an unknown name.
+  """
+  if name not in BENCH_MODELS:
+    raise PromptSetError(f"unknown benchmark model {name!r}; known: "
+                         f"{sorted(BENCH_MODELS)}")
+  from seqdec.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+  m = BENCH_MODELS[name]
+  root = os.path.dirname(default_prompts_dir())
+  return (os.path.abspath(getattr(gguf, m.find_gguf)()),
+          os.path.join(root, m.prompts), m.per_category)
 
 
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
@@ -86,15 +136,17 @@ def load_category(path: str, category: str) -> list[BenchPrompt]:
   """Reads and validates one `<category>.jsonl` file.
 
   Each line is `{"id": "<category>-<n>", "category": ..., "messages": [...]}`
-  with n = 1, 2, ... in file order.
+  (or `"text": "..."` instead of messages, for base models) with n = 1, 2,
+  ... in file order.
 
   Raises:
     PromptSetError: missing file, invalid JSON, wrong keys, ids or messages.
   """
   prompts = []
   for where, rec in iter_jsonl(path, PromptSetError):
-    if not isinstance(rec, dict) or set(rec) != _PROMPT_KEYS:
-      raise PromptSetError(f"{where}: expected keys {sorted(_PROMPT_KEYS)}")
+    if not isinstance(rec, dict) or set(rec) not in _PROMPT_KEYS:
+      raise PromptSetError(f"{where}: expected keys "
+                           f"{' or '.join(str(sorted(k)) for k in _PROMPT_KEYS)}")
     if rec["category"] != category:
       raise PromptSetError(f"{where}: category {rec['category']!r} in the "
                            f"file of {category!r}")
@@ -102,9 +154,15 @@ def load_category(path: str, category: str) -> list[BenchPrompt]:
     if rec["id"] != expected_id:
       raise PromptSetError(f"{where}: id {rec['id']!r}, expected "
                            f"{expected_id!r}")
-    prompts.append(BenchPrompt(
-        id=rec["id"], category=category,
-        messages=_check_messages(rec["messages"], where)))
+    if "text" in rec:
+      if not isinstance(rec["text"], str) or not rec["text"].strip():
+        raise PromptSetError(f"{where}: 'text' must be a non-empty string")
+      prompts.append(BenchPrompt(id=rec["id"], category=category,
+                                 messages=(), text=rec["text"]))
+    else:
+      prompts.append(BenchPrompt(
+          id=rec["id"], category=category,
+          messages=_check_messages(rec["messages"], where)))
   return prompts
 
 
@@ -242,6 +300,16 @@ class Stopwatch:
 
   def __exit__(self, *exc) -> None:
     self.seconds = self._clock() - self._start
+
+
+def define_model_flag():
+  """absl flag `--model`: a `BENCH_MODELS` name (its GGUF and prompt set)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.DEFINE_enum(
+      "model", "smollm2-135m-instruct", sorted(BENCH_MODELS),
+      "Benchmark model (seqdec.bench.BENCH_MODELS): its installed GGUF and "
+      "its prompt set (chat prompts; plain-text continuations for a base "
+      "model).")
 
 
 def define_drafter_flags():

@@ -179,6 +179,35 @@ def test_load_category_rejects(tmp_path, bad):
     bench.load_category(str(path), "qa")
 
 
+def test_text_prompts_for_base_models(tmp_path):
+  path = tmp_path / "qa.jsonl"
+  _write(path, [{"id": "qa-1", "category": "qa", "text": "Once upon"}])
+  [p] = bench.load_category(str(path), "qa")
+  assert p.as_input() == "Once upon" and p.messages == ()
+  for bad in ({"id": "qa-1", "category": "qa", "text": "  "},
+              {**_rec("qa", 1), "text": "both"}):
+    _write(path, [bad])
+    with pytest.raises(bench.PromptSetError):
+      bench.load_category(str(path), "qa")
+
+
+def test_base_prompt_set_and_models():
+  """Every benchmark model's prompt set loads with its expected size; the
+  base set is all text prompts."""
+  for name, m in bench.BENCH_MODELS.items():
+    directory = os.path.join(os.path.dirname(bench.default_prompts_dir()),
+                             m.prompts)
+    prompts = bench.load_prompt_set(directory,
+                                    expected_per_category=m.per_category)
+    assert len(prompts) == 6 * m.per_category, name
+  base = os.path.join(os.path.dirname(bench.default_prompts_dir()),
+                      bench.BENCH_MODELS["gemma3-270m"].prompts)
+  assert all(isinstance(p.as_input(), str)
+             for p in bench.load_prompt_set(base, expected_per_category=4))
+  with pytest.raises(bench.PromptSetError, match="unknown benchmark model"):
+    bench.bench_model("gpt-5")
+
+
 def test_load_prompt_set_checks_counts(tmp_path):
   _write(tmp_path / "qa.jsonl", [_rec("qa", n) for n in (1, 2, 3)])
   assert len(bench.load_prompt_set(str(tmp_path), categories=("qa",),

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end (slow tier: they load real models).
+
+One prompt, a few tokens: the point is that `launch/bench_ar.py` and
+`launch/bench_spec.py` still run against the current API and write their
+records (a refactor broke `bench_ar.py` once without any test noticing).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
+
+
+def run_script(name, *args):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", name), *args], cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.oracle
+def test_bench_ar_runs(tmp_path):
+  out = tmp_path / "ar.json"
+  run_script("bench_ar.py", "--categories=rewrite", "--per_category=1",
+             "--max_new_tokens=4", f"--output={out}")
+  record = json.loads(out.read_text())
+  [row] = record["per_prompt"]
+  assert row["seqdec"]["decode_tps"] > 0 and row["hf"]["decode_tps"] > 0
+
+
+def test_bench_spec_runs_on_gemma(tmp_path):
+  out = tmp_path / "spec.json"
+  run_script("bench_spec.py", "--model=gemma3-270m", "--categories=rewrite",
+             "--per_category=1", "--max_new_tokens=8", "--nophases",
+             "--methods=ar,ngram/chain4", f"--output={out}")
+  record = json.loads(out.read_text())
+  [row] = record["per_prompt"]
+  assert row["ngram/chain4"]["tokens"] == row["ar"]["tokens"]
+  assert record["config"]["model"] == "gemma3-270m"
