@@ -130,11 +130,25 @@ def tokenizer_from_gguf(reader, *,
         f"unsupported GGUF tokenizer model {kind!r} (architecture {arch!r}); "
         f"seqdec builds byte-level BPE ('gpt2') tokenizers and Gemma 3's "
         f"SentencePiece-style one ('llama' in a 'gemma3' file)")
-  tokens = get_field(reader, "tokenizer.ggml.tokens")
+  tokens, types, special_ids = _read_vocab(reader)
   merges = get_field(reader, "tokenizer.ggml.merges")
-  if not tokens or merges is None:
-    raise CheckpointError("GGUF gpt2 tokenizer lacks tokenizer.ggml.tokens or "
-                          "tokenizer.ggml.merges")
+  if merges is None:
+    raise CheckpointError("GGUF gpt2 tokenizer lacks tokenizer.ggml.merges")
+  return build_byte_level_tokenizer(
+      tokens=tokens, merges=merges, token_types=types,
+      pre=get_field(reader, "tokenizer.ggml.pre"), special_ids=special_ids,
+      add_bos=bool(get_field(reader, "tokenizer.ggml.add_bos_token", False)),
+      chat_template=get_field(reader, "tokenizer.chat_template"),
+      transformers_compat=transformers_compat)
+
+
+def _read_vocab(reader):
+  """`(tokens, token types, special ids)` from `tokenizer.ggml.*`; types
+  default to NORMAL; special ids (bos, eos, unknown, padding, eot, eom) are
+  None when absent."""
+  tokens = get_field(reader, "tokenizer.ggml.tokens")
+  if not tokens:
+    raise CheckpointError("GGUF tokenizer lacks tokenizer.ggml.tokens")
   types = get_field(reader, "tokenizer.ggml.token_type") or (
       [TOKEN_NORMAL] * len(tokens))
   if len(types) != len(tokens):
@@ -143,12 +157,23 @@ def tokenizer_from_gguf(reader, *,
   special_ids = {
       name: get_field(reader, f"tokenizer.ggml.{name}_token_id")
       for name in ("bos", "eos", "unknown", "padding", "eot", "eom")}
-  return build_byte_level_tokenizer(
-      tokens=tokens, merges=merges, token_types=types,
-      pre=get_field(reader, "tokenizer.ggml.pre"), special_ids=special_ids,
-      add_bos=bool(get_field(reader, "tokenizer.ggml.add_bos_token", False)),
-      chat_template=get_field(reader, "tokenizer.chat_template"),
-      transformers_compat=transformers_compat)
+  return tokens, types, special_ids
+
+
+def _add_gguf_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str],
+                     token_types: Sequence[int]) -> None:
+  """CONTROL tokens become special added tokens, USER_DEFINED ones plain
+  added tokens (both matched whole; only the first dropped by
+  skip_special_tokens); then the vocabulary size is checked."""
+  control = [AddedToken(t, special=True, normalized=False)
+             for t, k in zip(tokens, token_types) if k == TOKEN_CONTROL]
+  user = [AddedToken(t, special=False, normalized=False)
+          for t, k in zip(tokens, token_types) if k == TOKEN_USER_DEFINED]
+  if control:
+    backend.add_special_tokens(control)
+  if user:
+    backend.add_tokens(user)
+  _check_size(backend, len(tokens))
 
 
 def build_byte_level_tokenizer(
@@ -161,7 +186,6 @@ def build_byte_level_tokenizer(
   See `tokenizer_from_gguf`. `special_ids` has keys bos, eos, unknown,
   padding, eot, eom (values None when absent).
   """
-  n = len(tokens)
   vocab: dict[str, int] = {}
   for i, (tok, kind) in enumerate(zip(tokens, token_types)):
     # Added tokens keep their literal text; a normal token spelled outside
@@ -179,15 +203,7 @@ def build_byte_level_tokenizer(
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
   backend.pre_tokenizer = _pre_tokenizer(pre, transformers_compat)
   backend.decoder = decoders.ByteLevel()
-  control = [AddedToken(t, special=True, normalized=False)
-             for t, k in zip(tokens, token_types) if k == TOKEN_CONTROL]
-  user = [AddedToken(t, special=False, normalized=False)
-          for t, k in zip(tokens, token_types) if k == TOKEN_USER_DEFINED]
-  if control:
-    backend.add_special_tokens(control)
-  if user:
-    backend.add_tokens(user)
-  _check_size(backend, n)
+  _add_gguf_tokens(backend, tokens, token_types)
 
   return _wrap(backend, tokens, special_ids, add_bos, chat_template, pre)
 
@@ -247,17 +263,7 @@ def gemma_tokenizer_from_gguf(reader) -> GGUFTokenizer:
   `tokenizer.ggml.add_bos_token` says so (true for Gemma: plain prompts
   start with <bos>).
   """
-  tokens = get_field(reader, "tokenizer.ggml.tokens")
-  if not tokens:
-    raise CheckpointError("GGUF tokenizer lacks tokenizer.ggml.tokens")
-  types = get_field(reader, "tokenizer.ggml.token_type") or (
-      [TOKEN_NORMAL] * len(tokens))
-  if len(types) != len(tokens):
-    raise CheckpointError(f"{len(types)} token types for {len(tokens)} "
-                          f"tokens")
-  special_ids = {
-      name: get_field(reader, f"tokenizer.ggml.{name}_token_id")
-      for name in ("bos", "eos", "unknown", "padding", "eot", "eom")}
+  tokens, types, special_ids = _read_vocab(reader)
   return build_sentencepiece_bpe_tokenizer(
       tokens=tokens, token_types=types, special_ids=special_ids,
       add_bos=bool(get_field(reader, "tokenizer.ggml.add_bos_token", True)),
@@ -319,13 +325,5 @@ def build_sentencepiece_bpe_tokenizer(
   backend.normalizer = normalizers.Replace(" ", SPACE)
   backend.decoder = decoders.Sequence([
       decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-  control = [AddedToken(t, special=True, normalized=False)
-             for t, k in zip(respelled, token_types) if k == TOKEN_CONTROL]
-  user = [AddedToken(t, special=False, normalized=False)
-          for t, k in zip(respelled, token_types) if k == TOKEN_USER_DEFINED]
-  if control:
-    backend.add_special_tokens(control)
-  if user:
-    backend.add_tokens(user)
-  _check_size(backend, len(tokens))
+  _add_gguf_tokens(backend, respelled, token_types)
   return _wrap(backend, respelled, special_ids, add_bos, chat_template, None)
