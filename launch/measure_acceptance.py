@@ -14,7 +14,9 @@ nodes.
 
 Method
 ------
-* Data: the frozen prompt set (benchmarks/prompts, chat template), the first
+* Data: the frozen prompt set of the model (benchmarks/prompts, chat
+  template; a `seqdec.bench.BENCH_MODELS` base model such as gemma3-270m
+  uses its plain-text set, benchmarks/prompts_base), the first
   --per_category prompts of each category; each is continued by the target
   itself (seqdec's autoregressive `Generator`, --max_new_tokens tokens, no
   stop id, as in bench_spec.py): greedily at --temperature=0, sampled at
@@ -135,39 +137,28 @@ def measure() -> dict:
   """Runs the measurement; returns the acceptance record (also written)."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  import seqdec
   from seqdec.decoding import acceptance_rates
   from seqdec.decoding import rank_statistics
   from seqdec.decoding import sequoia
   from seqdec.decoding import trees
   from seqdec.decoding.loops import bucket
   from seqdec.decoding import spec as spec_lib
-  from seqdec.generator import Generator
   # pylint: enable=g-import-not-at-top
   t_start = time.perf_counter()
   n, k, temp = _MAX_NEW_TOKENS.value, _MAX_RANK.value, _TEMPERATURE.value
-  prompts = bench.load_prompt_set(
-      None, categories=_CATEGORIES.value or bench.CATEGORIES,
+  prompts = bench.model_prompt_set(
+      _MODEL.value, categories=_CATEGORIES.value or bench.CATEGORIES,
       per_category=_PER_CATEGORY.value or None)
-  model, tokenizer = seqdec.load_pretrained(_MODEL.value)
+  log(f"measure_acceptance: {len(prompts)} prompts x {n} positions, "
+      f"{drafter_label()}, T={temp:g}, K={k}")
+  t0 = time.perf_counter()
+  model, _, inputs, results = bench.continuations(
+      _MODEL.value, prompts, n, temp, _SEED.value)
+  continuation_s = time.perf_counter() - t0
   options = (dict(layers=_LAYERS.value) if _DRAFTER.value == "layerskip"
              else dict(draft_layers=_DRAFT_LAYERS.value))
   drafter = spec_lib.build_drafter(spec_lib.SpecConfig(
       drafter=_DRAFTER.value, options=tuple(options.items())), model)
-  gen = Generator(model, tokenizer, max_new_tokens=n, eos_ids=(),
-                  temperature=temp, seed=_SEED.value)
-  inputs = []
-  for p in prompts:
-    if tokenizer.chat_template:
-      ids = gen.encode(p.as_messages())
-    else:  # e.g. the byte-level tokenizer of the tiny test model
-      ids = gen.encode("\n".join(m["content"] for m in p.messages))
-    inputs.append(ids)
-  log(f"measure_acceptance: {len(prompts)} prompts x {n} positions, "
-      f"{drafter_label()}, T={temp:g}, K={k}")
-  t0 = time.perf_counter()
-  results = gen.generate_ids(inputs)
-  continuation_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   per_prompt, by_cat, mismatches = [], {}, 0

@@ -113,6 +113,48 @@ def bench_model(name: str) -> tuple[str, str, int]:
           os.path.join(root, m.prompts), m.per_category)
 
 
+def model_prompt_set(model: str, categories: Sequence[str] = CATEGORIES,
+                     per_category: Optional[int] = None) -> list[BenchPrompt]:
+  """The prompt set a model is measured on: a `BENCH_MODELS` name's own set
+  (plain-text continuations for a base model), else the chat set."""
+  directory, expected = None, PROMPTS_PER_CATEGORY
+  if model in BENCH_MODELS:
+    _, directory, expected = bench_model(model)
+  return load_prompt_set(directory, categories=categories,
+                         per_category=per_category,
+                         expected_per_category=expected)
+
+
+def continuations(model_name: str, prompts: Sequence[BenchPrompt],
+                  max_new_tokens: int, temperature: float = 0.0,
+                  seed: int = 0):
+  """Loads a model and continues each prompt with it (no stop id).
+
+  The data of teacher-forced measurements (`launch/measure_acceptance.py`,
+  `launch/search_layers.py`). Returns `(model, tokenizer, inputs, results)`:
+  the prompt ids of each prompt (its text, else its conversation through the
+  chat template, else the messages joined by newlines for a tokenizer
+  without one) and the `GenerationResult`s (greedy at temperature 0,
+  seeded sampling otherwise).
+  """
+  # pylint: disable=g-import-not-at-top
+  import seqdec
+  from seqdec.generator import Generator
+  # pylint: enable=g-import-not-at-top
+  model, tokenizer = seqdec.load_pretrained(model_name)
+  gen = Generator(model, tokenizer, max_new_tokens=max_new_tokens, eos_ids=(),
+                  temperature=temperature, seed=seed)
+  inputs = []
+  for p in prompts:
+    if p.text is not None:
+      inputs.append(gen.encode(p.text))
+    elif tokenizer.chat_template:
+      inputs.append(gen.encode(p.as_messages()))
+    else:  # e.g. the byte-level tokenizer of the tiny test model
+      inputs.append(gen.encode("\n".join(m["content"] for m in p.messages)))
+  return model, tokenizer, inputs, gen.generate_ids(inputs)
+
+
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
   if not isinstance(messages, list) or not messages:
     raise PromptSetError(f"{where}: 'messages' must be a non-empty list")

@@ -215,19 +215,6 @@ def test_sentencepiece_bpe_equals_transformers_on_a_small_vocabulary():
                      skip_special_tokens=True) == "the"
 
 
-def tiny_gemma3_model(dtype: str):
-  """`tiny_gemma3_config()` weights from `testing.tiny_model` (vocabulary
-  260 for the byte-level tokenizer)."""
-  c = tiny_gemma3_config()
-  return testing.tiny_model(dtype, **{
-      k: getattr(c, k) for k in (
-          "hidden_size", "intermediate_size", "num_layers", "num_heads",
-          "num_kv_heads", "head_dim", "sliding_window", "layer_types",
-          "rope_theta", "rope_local_theta", "activation", "embed_scale",
-          "norm_offset", "sandwich_norm", "qk_norm", "query_pre_attn_scalar",
-          "rms_norm_eps", "architecture")}, tie_embeddings=True)
-
-
 def test_tree_speculation_equals_autoregressive_float64(x64):
   """Greedy speculative decoding with a tree on a tiny Gemma 3 (local
   window 8 on five layers, global on one, two RoPEs, sandwich norms,
@@ -237,7 +224,7 @@ def test_tree_speculation_equals_autoregressive_float64(x64):
   from seqdec.decoding import drafters as drafters_lib  # pylint: disable=g-import-not-at-top
   from seqdec.generator import Generator  # pylint: disable=g-import-not-at-top
   from seqdec.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  model = tiny_gemma3_model("float64")
+  model = testing.tiny_gemma3("float64")
   assert model.config.sliding_window < 24
   tok = Tokenizer.byte_level()
   prompts = [[5, 17, 99, 3, 42, 7, 9, 11, 13], [200, 1, 2]]

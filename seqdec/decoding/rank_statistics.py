@@ -39,32 +39,59 @@ def window_mask(num_tokens: int) -> np.ndarray:
   return m
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("tdef", "ddef", "layers", "shared",
-                                    "num_roots", "max_rank"))
-def _rank_stats(tdef, tparams, ddef, dparams, tokens, first_root, temperature,
-                *, layers, shared, num_roots, max_rank):
+def _roots(first_root: jax.Array, num_roots: int, length: int) -> jax.Array:
+  """`[B, Nr]` root positions first_root + i, clipped to the sequence."""
+  return jnp.clip(first_root[:, None] + jnp.arange(num_roots), 0, length - 1)
+
+
+def _at(hidden: jax.Array, roots: jax.Array) -> jax.Array:
+  """`[B, T, D]` hidden states at `[B, Nr]` positions -> `[B, Nr, D]`."""
+  return jnp.take_along_axis(hidden, roots[..., None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("tdef", "shared", "num_roots"))
+def target_pass(tdef, tparams, tokens, first_root, *, shared, num_roots):
+  """The target's teacher-forced forward: `(cache, logits [B, Nr, V])`.
+
+  The cache (2T slots when a layer-skip drafter will share it, its first T
+  holding the target's K/V of every token) feeds `drafter_top`.
+  """
   target = nnx.merge(tdef, tparams)
   b, t = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  roots = jnp.clip(first_root[:, None] + jnp.arange(num_roots), 0, t - 1)
-
-  def at_roots(hidden):                                  # [B, T, D] -> [B, Nr, D]
-    return jnp.take_along_axis(hidden, roots[..., None], axis=1)
-
   cache = target.init_cache(b, 2 * t if shared else t)
   hidden, cache = target.backbone(tokens, pos, cache)
-  t_logits = target.logits(at_roots(hidden))            # [B, Nr, V]
+  return cache, target.logits(_at(hidden, _roots(first_root, num_roots, t)))
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("tdef", "ddef", "layers", "shared",
+                                    "num_roots", "max_rank"))
+def drafter_top(tdef, tparams, ddef, dparams, tokens, cache, first_root, *,
+                layers, shared, num_roots, max_rank):
+  """`[B, Nr, R]` the drafter's top-R tokens at every root.
+
+  A layer-skip drafter (`shared`) runs `layers` of the target over the
+  tokens against the target's K/V in `cache` (`window_mask`); an
+  independent draft LM (`ddef`, `dparams`) runs causally with its own cache.
+  """
+  b, t = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if shared:
+    model = nnx.merge(tdef, tparams)
     mask = jnp.broadcast_to(jnp.asarray(window_mask(t)), (b, t, 2 * t))
-    d_hidden, _ = target.backbone(tokens, pos, cache, mask, layers=layers)
-    d_logits = target.logits(at_roots(d_hidden))
+    hidden, _ = model.backbone(tokens, pos, cache, mask, layers=layers,
+                               window_positions=pos)
   else:
-    draft = nnx.merge(ddef, dparams)
-    d_cache = draft.init_cache(b, t)
-    d_hidden, _ = draft.backbone(tokens, pos, d_cache, layers=layers)
-    d_logits = draft.logits(at_roots(d_hidden))
-  top = jax.lax.top_k(d_logits, max_rank)[1]             # [B, Nr, R]
+    model = nnx.merge(ddef, dparams)
+    hidden, _ = model.backbone(tokens, pos, model.init_cache(b, t),
+                               layers=layers)
+  logits = model.logits(_at(hidden, _roots(first_root, num_roots, t)))
+  return jax.lax.top_k(logits, max_rank)[1]
+
+
+@jax.jit
+def _scores(t_logits, top, temperature):
   argmax = jnp.argmax(t_logits, -1)                      # [B, Nr]
   hit = (top == argmax[..., None]).astype(jnp.float32)
   probs = jax.nn.softmax(t_logits / jnp.maximum(temperature, 1e-6), -1)
@@ -124,10 +151,13 @@ def rank_statistics(target, drafter, tokens: np.ndarray,
   tdef, tparams = nnx.split(target)
   ddef, dparams = ((None, None) if drafter.shared_cache
                    else (drafter.graphdef, drafter.params))
-  s, argmax = _rank_stats(
-      tdef, tparams, ddef, dparams,
-      np.asarray(tokens, np.int32), np.asarray(first_root, np.int32),
-      np.float32(temperature), layers=drafter.layers,
-      shared=drafter.shared_cache, num_roots=int(num_roots),
-      max_rank=int(max_rank))
+  tokens = np.asarray(tokens, np.int32)
+  first_root = np.asarray(first_root, np.int32)
+  cache, t_logits = target_pass(tdef, tparams, tokens, first_root,
+                                shared=drafter.shared_cache,
+                                num_roots=int(num_roots))
+  top = drafter_top(tdef, tparams, ddef, dparams, tokens, cache, first_root,
+                    layers=drafter.layers, shared=drafter.shared_cache,
+                    num_roots=int(num_roots), max_rank=int(max_rank))
+  s, argmax = _scores(t_logits, top, np.float32(temperature))
   return np.asarray(s), np.asarray(argmax)

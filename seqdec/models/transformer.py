@@ -126,7 +126,9 @@ def causal_mask(batch_size: int, num_tokens: int) -> jax.Array:
 
 def attention_visibility(length: jax.Array, positions: jax.Array,
                          mask: jax.Array, num_slots: int,
-                         sliding_window: Optional[int]) -> jax.Array:
+                         sliding_window: Optional[int],
+                         window_positions: Optional[jax.Array] = None
+                         ) -> jax.Array:
   """Which cache slots each new token sees, `[B, T, S]` bool.
 
   With the scratch window of W = mask.shape[2] slots starting at length[b]:
@@ -136,9 +138,11 @@ def attention_visibility(length: jax.Array, positions: jax.Array,
 
   and, with a sliding window, additionally q_pos - k_pos < sliding_window,
   where k_pos = s for committed slots and the new tokens' `positions` for the
-  last T window entries. Earlier window entries (W > T) are tree nodes of
-  this round at positions >= length[b], which are inside any window wider
-  than W (checked).
+  last T window entries. Earlier window entries (W > T) take their
+  positions from `window_positions` `[B, W - T]` when given (e.g. a
+  teacher-forced pass whose window holds another pass's K/V of the whole
+  sequence); otherwise they are tree nodes of this round at positions
+  >= length[b], inside any window wider than W (checked).
   """
   b, t = positions.shape
   w = mask.shape[2]
@@ -149,13 +153,18 @@ def attention_visibility(length: jax.Array, positions: jax.Array,
   new_vis = jnp.take_along_axis(mask, idx, axis=2) & in_window[:, None, :]
   visible = (rel < 0)[:, None, :] | new_vis
   if sliding_window is not None:
-    if w > t and sliding_window <= w:
+    if w > t and sliding_window <= w and window_positions is None:
       raise ValueError(f"a scratch window of {w} slots needs a sliding window "
                        f"wider than it, got {sliding_window}")
     rel_new = jnp.clip(rel - (w - t), 0, t - 1)
     k_pos = jnp.where(rel < w - t, slot[None, :],
                       jnp.take_along_axis(positions, rel_new, axis=1))
-    k_pos = jnp.where((rel >= 0) & (rel < w - t), length[:, None], k_pos)
+    if window_positions is None:
+      earlier = length[:, None]
+    else:
+      earlier = jnp.take_along_axis(
+          window_positions, jnp.clip(rel, 0, max(w - t - 1, 0)), axis=1)
+    k_pos = jnp.where((rel >= 0) & (rel < w - t), earlier, k_pos)
     visible &= (positions[:, :, None] - k_pos[:, None, :]) < sliding_window
   return visible
 
@@ -578,7 +587,8 @@ class Transformer(nnx.Module):
 
   def backbone(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array] = None,
-               layers: Optional[Sequence[int]] = None):
+               layers: Optional[Sequence[int]] = None,
+               window_positions: Optional[jax.Array] = None):
     """Runs the decoder blocks on new tokens.
 
     Args:
@@ -590,6 +600,9 @@ class Transformer(nnx.Module):
       layers: indices of the blocks to run (a static subset, e.g. for
         layer-skip self-drafting); None runs all. Skipped layers' caches are
         returned untouched.
+      window_positions: `[B, W - T]` int32 positions of the scratch window's
+        earlier entries, for sliding-window layers (`attention_visibility`);
+        None: tree nodes of this round.
 
     Returns:
       `(hidden [B, T, D] before the final norm, cache)`.
@@ -605,7 +618,7 @@ class Transformer(nnx.Module):
       visible = {c.layer_window(i): packed for i in run}
     else:  # one visibility per distinct window (Gemma 3: local and global)
       visible = {w: attention_visibility(cache.length, positions, mask,
-                                         cache.max_len, w)
+                                         cache.max_len, w, window_positions)
                  for w in sorted({c.layer_window(i) for i in run},
                                  key=lambda w: -1 if w is None else w)}
     e = jnp.take(self.embed[...], tokens, axis=0)
