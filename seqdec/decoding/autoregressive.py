@@ -45,6 +45,20 @@ def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
   return logits[:, 0], model.commit(cache, prompt_len)
 
 
+def prefill_features(model, tokens: jax.Array, prompt_len: jax.Array,
+                     capacity: int) -> tuple[jax.Array, jax.Array, Any]:
+  """`prefill` that also returns the prompt's features `[B, P, D]`
+  (`model.features`, the LM head's input), for feature-reading drafters:
+  `(logits [B, V], features, committed cache)`."""
+  b, p = tokens.shape
+  cache = model.init_cache(b, capacity)
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  hidden, cache = model.backbone(tokens, positions, cache)
+  features = model.features(hidden)
+  last = jnp.take_along_axis(features, (prompt_len - 1)[:, None, None], 1)
+  return model.head(last[:, 0]), features, model.commit(cache, prompt_len)
+
+
 def top2_margin(logits: jax.Array) -> jax.Array:
   """`[..., V] -> [...]`: logits[top-1] - logits[top-2], the distance of the
   greedy choice from a tie (float32 token-equality checks skip positions

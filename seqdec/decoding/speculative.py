@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqdec.decoding.autoregressive import prefill, top2_margin
+from seqdec.decoding.autoregressive import prefill, prefill_features
+from seqdec.decoding.autoregressive import top2_margin
 from seqdec.ops import write_rows
 from seqdec.decoding.drafters.base import Drafter, Outcome, Round
 from seqdec.decoding.loops import DecodeShapes, Inputs, LoopMixin
@@ -90,11 +91,13 @@ class Drafted:
 @flax.struct.dataclass
 class Verified:
   """Phase 2's output: the rule's verdict, the target's top-2 margins at
-  the accepted path's nodes `[B, M]`, and the cache holding the tree's K/V
-  in scratch."""
+  the accepted path's nodes `[B, M]`, the cache holding the tree's K/V
+  in scratch, and the target's features at the tree nodes `[B, N, D]` (None
+  unless the drafter `uses_features`)."""
   verdict: Any
   margins: jax.Array
   cache: Any
+  features: Any = None
 
 
 def check_fits(tree: TreeShape, prompt_len: int, max_new: int,
@@ -144,12 +147,17 @@ class SpecLoop(LoopMixin):
   def prefill(self, *, params, inputs: Inputs) -> SpecState:
     """Target prefill, the first token, the drafter's initial state."""
     model = nnx.merge(self.target, params[0])
-    logits, cache = prefill(model, inputs.tokens, inputs.prompt_len,
-                            self.capacity)
+    extra = {}
+    if self.drafter.uses_features:
+      logits, extra["features"], cache = prefill_features(
+          model, inputs.tokens, inputs.prompt_len, self.capacity)
+    else:
+      logits, cache = prefill(model, inputs.tokens, inputs.prompt_len,
+                              self.capacity)
     first, first_logp = self.sampler(logits, step_keys(inputs.keys, 0),
                                      inputs.sparams)
     dstate = self.drafter.init(params[1], inputs.tokens, inputs.prompt_len,
-                               first, self.capacity, cache)
+                               first, self.capacity, cache, **extra)
     b, m, nb = first.shape[0], self.max_depth + 1, self.shapes.new
     live = inputs.max_new > 0
     tokens = jnp.zeros((b, nb + m), jnp.int32).at[:, 0].set(first)
@@ -197,27 +205,38 @@ class SpecLoop(LoopMixin):
     model = nnx.merge(self.target, params[0])
     tree = draft.tree
     positions = draft.cache.length[:, None] + tree.depth
+    with_features = self.drafter.uses_features
+
+    def forward(tokens, pos, cache, mask):
+      """`(logits, features or None, cache)` of the target over tokens."""
+      if not with_features:
+        logits, cache = model(tokens, pos, cache, mask)
+        return logits, None, cache
+      hidden, cache = model.backbone(tokens, pos, cache, mask)
+      features = model.features(hidden)
+      return model.head(features), features, cache
 
     def whole_tree(cache):
-      return model(tree.tokens, positions, cache, tree.mask)
+      return forward(tree.tokens, positions, cache, tree.mask)
 
     def roots_only(cache):
-      logits, cache = model(tree.tokens[:, :1], positions[:, :1], cache,
-                            tree.mask[:, :1, :1])
-      pad = jnp.zeros((logits.shape[0], tree.tokens.shape[1] - 1,
-                       logits.shape[2]), logits.dtype)
-      return jnp.concatenate([logits, pad], axis=1), cache
+      out = forward(tree.tokens[:, :1], positions[:, :1], cache,
+                    tree.mask[:, :1, :1])
+      pad = tree.tokens.shape[1] - 1
+      return tuple(None if x is None else jnp.pad(
+          x, ((0, 0), (0, pad), (0, 0))) for x in out[:2]) + out[2:]
 
     if tree.tokens.shape[1] == 1:
-      logits, cache = roots_only(draft.cache)
+      logits, features, cache = roots_only(draft.cache)
     else:
-      logits, cache = jax.lax.cond(jnp.any(tree.valid[:, 1:]), whole_tree,
-                                   roots_only, draft.cache)
+      logits, features, cache = jax.lax.cond(
+          jnp.any(tree.valid[:, 1:]), whole_tree, roots_only, draft.cache)
     verdict = self.rule(tree, logits, step_keys(inputs.keys, state.step + 1),
                         inputs.sparams, self.max_depth)
     margins = top2_margin(jnp.take_along_axis(
         logits, verdict.path[:, :, None], axis=1))                   # [B, M]
-    return Verified(verdict=verdict, margins=margins, cache=cache)
+    return Verified(verdict=verdict, margins=margins, cache=cache,
+                    features=features)
 
   def finish(self, *, params, state: SpecState, inputs: Inputs,
              draft: Drafted, verdict: Verified) -> SpecState:
@@ -246,7 +265,10 @@ class SpecLoop(LoopMixin):
     num_new = s.num_new + c
     done = s.done | (live & (stop & keep).any(1)) | (num_new >= inputs.max_new)
     cache = model.commit(verdict.cache, c, acc.path)
-    outcome = Outcome(path=acc.path, num_kept=c, tokens=acc.tokens)
+    outcome = Outcome(path=acc.path, num_kept=c, tokens=acc.tokens,
+                      features=None if verdict.features is None else
+                      jnp.take_along_axis(verdict.features,
+                                          acc.path[:, :, None], axis=1))
     dstate = self.drafter.commit(params[1], draft.dstate, self.tree, draft.rnd,
                                  outcome)
     last = jnp.maximum(c - 1, 0)[:, None]

@@ -23,8 +23,10 @@ documents it for the KV cache):
 * Self-drafting (layer skip) and drafters that read the target's features
   use `backbone(tokens, positions, cache, mask, layers)` -> `(hidden
   [B, T, D], cache)`, the blocks of the static subset `layers` only (None:
-  all), and `logits(hidden)`; `hidden` (the LM head's input before the final
-  norm) is the feature a feature-reading drafter consumes.
+  all), and `logits(hidden)` = `head(features(hidden))`: `features` applies
+  the final norm (its output, the LM head's input, is the feature that
+  feature-reading drafters such as EAGLE and Medusa consume) and `head`
+  maps features to logits.
 * `config` has at least `vocab_size` and `max_position_embeddings`.
 """
 
@@ -60,4 +62,10 @@ class Target(Protocol):
     ...
 
   def logits(self, hidden: jax.Array) -> jax.Array:
+    ...
+
+  def features(self, hidden: jax.Array) -> jax.Array:
+    ...
+
+  def head(self, features: jax.Array) -> jax.Array:
     ...

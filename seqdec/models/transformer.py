@@ -636,15 +636,27 @@ class Transformer(nnx.Module):
           kv[i], write_start, visible[c.layer_window(i)])
     return x, KVCache(kv=tuple(kv), length=cache.length)
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    """`[..., D]` pre-norm hidden -> `[..., V]` logits (float32 or wider)."""
-    h = self.final_norm(hidden)
+  def features(self, hidden: jax.Array) -> jax.Array:
+    """`[..., D]` backbone output -> the LM head's input (the final norm):
+    the target feature that feature-reading drafters (EAGLE, Medusa) read."""
+    return self.final_norm(hidden)
+
+  def head(self, features: jax.Array) -> jax.Array:
+    """`[..., D]` features (after the final norm) -> `[..., V]` logits
+    (float32 or wider): logits = features @ W_head (the tied embedding's
+    transpose when `tie_embeddings`)."""
     acc = jnp.promote_types(self.dtype, jnp.float32)
     if self.lm_head is None:
-      return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(self.dtype),
+      return jnp.einsum("...d,vd->...v", features,
+                        self.embed[...].astype(self.dtype),
                         preferred_element_type=acc)
-    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+    return jnp.einsum("...d,dv->...v", features,
+                      self.lm_head[...].astype(self.dtype),
                       preferred_element_type=acc)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[..., D]` pre-norm hidden -> `[..., V]` logits: head(features(h))."""
+    return self.head(self.features(hidden))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array] = None,

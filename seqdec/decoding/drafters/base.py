@@ -16,6 +16,13 @@ loop (donated with the rest of the loop state). Drafters are static
 A drafter may also read and write the *scratch* slots of the target cache
 (slots >= L): the self-speculative drafters attend to the target's committed
 K/V directly and leave nothing to roll back.
+
+Target features. A drafter with `uses_features = True` (EAGLE, Medusa,
+Hydra) reads the target's features f_t = target.features(hidden_t), the LM
+head's input at position t: `init` gets those of the prompt and `commit`
+those of the kept path (`Outcome.features`), both taken from forwards the
+target runs anyway (prefill, verification); nothing is recomputed. For the
+other drafters the loops neither compute nor carry them.
 """
 
 from __future__ import annotations
@@ -66,10 +73,14 @@ class Outcome:
       truncation; 0 for rows that were already done.
     tokens: `[B, M]` emitted tokens (valid up to `num_kept`); the last one is
       the next root.
+    features: `[B, M, D]` the target's features at the path nodes (node
+      path[j] sits at position length + j), or None unless the drafter
+      `uses_features`.
   """
   path: jax.Array
   num_kept: jax.Array
   tokens: jax.Array
+  features: Optional[jax.Array] = None
 
 
 class Drafter:
@@ -80,10 +91,12 @@ class Drafter:
     params: pytree of weights (an empty tuple for weightless drafters).
     vocab_size: the drafter's vocabulary (checked against the target's), or
       None if it proposes only tokens it has seen (n-gram).
+    uses_features: reads the target's features (module docstring).
   """
   name = "drafter"
   params: Any = ()
   vocab_size: int | None = None
+  uses_features: bool = False
 
   def check(self, target_config, shape: TreeShape) -> None:
     """Raises `DrafterError` if this drafter cannot serve the target/tree."""
@@ -95,7 +108,8 @@ class Drafter:
     shape.levels  # raises TreeError unless nodes are numbered level by level
 
   def init(self, params, tokens: jax.Array, prompt_len: jax.Array,
-           first: jax.Array, capacity: int, target_cache: Any) -> Any:
+           first: jax.Array, capacity: int, target_cache: Any,
+           features: Optional[jax.Array] = None) -> Any:
     """State after the prompt.
 
     Args:
@@ -104,6 +118,8 @@ class Drafter:
       first: `[B]` the first generated token (the first root).
       capacity: static, tokens a row may hold in total (prompt + new + tree).
       target_cache: the target cache after prefill (read only here).
+      features: `[B, P, D]` the target's features of the prompt tokens
+        (valid up to prompt_len) if `uses_features`, else None.
     """
     raise NotImplementedError
 
