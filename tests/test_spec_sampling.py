@@ -18,7 +18,7 @@ import pytest
 from seqdec import testing
 from seqdec.decoding import drafters as drafters_lib
 from seqdec.decoding import trees
-from seqdec.decoding.drafters.model import propose_children
+from seqdec.decoding.drafters.grow import propose_children
 from seqdec.decoding.loops import DecodeShapes
 from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.generator import Generator

@@ -541,6 +541,43 @@ class Block(nnx.Module):
     return x + m, kv
 
 
+def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
+               x: jax.Array, positions: jax.Array, cache: KVCache,
+               mask: Optional[jax.Array], layers: Optional[Sequence[int]],
+               inv_freq: jax.Array, inv_freq_local: jax.Array,
+               window_positions: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, KVCache]:
+  """Runs decoder blocks on `[B, T, D]` inputs against a cache (the body of
+  `Transformer.backbone`, shared with drafters that feed their own inputs,
+  e.g. EAGLE's fused feature + embedding).
+
+  `cache.kv[i]` is block i's; `layers` (None: all) selects the blocks run;
+  `mask` and `window_positions` as in `Transformer.backbone`. One visibility
+  is built per distinct sliding window (Gemma 3: local and global).
+  """
+  b, t = positions.shape
+  if mask is None:
+    mask = causal_mask(b, t)
+  c = config
+  run = list(range(len(blocks)) if layers is None else layers)
+  if (c.attention_impl == "pallas" and mask.shape[2] == t
+      and 1 < t <= PALLAS_MAX_TREE):
+    packed = PackedTreeMask(pack_mask(mask))  # windows applied per layer
+    visible = {c.layer_window(i): packed for i in run}
+  else:
+    visible = {w: attention_visibility(cache.length, positions, mask,
+                                       cache.max_len, w, window_positions)
+               for w in sorted({c.layer_window(i) for i in run},
+                               key=lambda w: -1 if w is None else w)}
+  kv = list(cache.kv)
+  write_start = cache.length + (mask.shape[2] - t)
+  for i in run:
+    x, kv[i] = blocks[i](
+        x, positions, inv_freq_local if c.local_rope(i) else inv_freq,
+        kv[i], write_start, visible[c.layer_window(i)])
+  return x, KVCache(kv=tuple(kv), length=cache.length)
+
+
 class Transformer(nnx.Module):
   """Decoder-only causal LM (Llama, Qwen2, Mistral, SmolLM2, Gemma 3).
 
@@ -607,34 +644,20 @@ class Transformer(nnx.Module):
     Returns:
       `(hidden [B, T, D] before the final norm, cache)`.
     """
-    b, t = tokens.shape
-    if mask is None:
-      mask = causal_mask(b, t)
-    c = self.config
-    run = list(range(len(self.layers)) if layers is None else layers)
-    if (c.attention_impl == "pallas" and mask.shape[2] == t
-        and 1 < t <= PALLAS_MAX_TREE):
-      packed = PackedTreeMask(pack_mask(mask))  # windows applied per layer
-      visible = {c.layer_window(i): packed for i in run}
-    else:  # one visibility per distinct window (Gemma 3: local and global)
-      visible = {w: attention_visibility(cache.length, positions, mask,
-                                         cache.max_len, w, window_positions)
-                 for w in sorted({c.layer_window(i) for i in run},
-                                 key=lambda w: -1 if w is None else w)}
-    e = jnp.take(self.embed[...], tokens, axis=0)
-    if c.embed_scale:  # sqrt(D) rounded to the parameter dtype, as HF does
-      e = e * jnp.asarray(math.sqrt(c.hidden_size), e.dtype)
-    x = e.astype(self.dtype)
     inv_freq = self.inv_freq[...]
     inv_freq_local = (inv_freq if self.inv_freq_local is None
                       else self.inv_freq_local[...])
-    kv = list(cache.kv)
-    write_start = cache.length + (mask.shape[2] - t)
-    for i in run:
-      x, kv[i] = self.layers[i](
-          x, positions, inv_freq_local if c.local_rope(i) else inv_freq,
-          kv[i], write_start, visible[c.layer_window(i)])
-    return x, KVCache(kv=tuple(kv), length=cache.length)
+    return run_blocks(self.layers, self.config, self.embed_tokens(tokens),
+                      positions, cache, mask, layers, inv_freq,
+                      inv_freq_local, window_positions)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """`[B, T]` ids -> `[B, T, D]` embeddings (times sqrt(D) with
+    `embed_scale`, rounded to the parameter dtype as HF does)."""
+    e = jnp.take(self.embed[...], tokens, axis=0)
+    if self.config.embed_scale:
+      e = e * jnp.asarray(math.sqrt(self.config.hidden_size), e.dtype)
+    return e.astype(self.dtype)
 
   def features(self, hidden: jax.Array) -> jax.Array:
     """`[..., D]` backbone output -> the LM head's input (the final norm):

@@ -1,26 +1,11 @@
 """Drafters that run a transformer: an independent draft LM, and the target's
 own layers (self-speculative layer skip).
 
-Both expand the tree one level per forward call. Level d's nodes are fed
-together, in a scratch window that already holds levels < d, with the
-ancestor mask, so a tree of depth D costs D drafter calls whatever its width;
-leaves are never fed. The children of a node are its drafter distribution's
-candidates by rank (the child of rank r gets candidate r), drawn by the
-drafter's proposal scheme (`PROPOSALS`):
-
-* 'topk': the r-th most likely token (deterministic; the only scheme for
-  greedy rows, whatever the configured proposal);
-* 'iid': K independent draws from q = softmax(logits / temperature)
-  (duplicates kept), the proposal of speculative sampling (K = 1, a chain)
-  and of SpecInfer-style multi-draft trees;
-* 'wor': K draws without replacement from q by Gumbel-top-K,
-      children = top_K(log q + G),  G_v ~ Gumbel(0, 1) i.i.d.,
-  which draws the first child from q, the second from q renormalised without
-  the first, and so on (Recursive Speculative Decoding's proposal).
-
-The tree records each node's scheme and q, which the lossless sampling rule
-(`verify.py`) matches. Rows at temperature 0 propose top-K with the
-deterministic scheme.
+Both expand the tree one level per forward call
+(`grow.grow_static_tree`): level d's nodes are fed together, in a scratch
+window that already holds levels < d, with the ancestor mask, so a tree of
+depth D costs D drafter calls whatever its width; children are drawn by
+the proposal scheme (`grow.PROPOSALS`: 'topk', 'iid' or 'wor').
 
 Caches:
 
@@ -41,78 +26,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
-                                           Round, static_children)
-from seqdec.decoding import trees as trees_lib
-from seqdec.decoding.trees import Tree
-from seqdec.kernels.tree_mask import ancestor_mask
+from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
+from seqdec.decoding.drafters.grow import (PROPOSALS, grow_static_tree,
+                                           window_mask)
 from seqdec.models.transformer import Transformer
-
-
-def _window_mask(parents: jax.Array, lag: int) -> jax.Array:
-  """Ancestor mask of the tree with a chain of `lag` committed-behind tokens
-  prepended above the root, `[B, lag + N, lag + N]` (each sees its whole
-  path), built on device from parents `[B, N]`:
-
-      mask[:, e, f] = f <= e               f < lag   (the chain behind)
-      mask[:, lag + i, lag + j] = ancestor_mask(parents)[:, i, j]
-      mask[:, e, lag + j] = 0              e < lag
-  """
-  b, n = parents.shape
-  behind = jnp.tril(jnp.ones((lag + n, lag), jnp.bool_))
-  tree = jnp.concatenate([jnp.zeros((b, lag, n), jnp.bool_),
-                          ancestor_mask(parents)], axis=1)
-  return jnp.concatenate([jnp.broadcast_to(behind, (b, lag + n, lag)), tree],
-                         axis=2)
-
-
-PROPOSALS = {"topk": trees_lib.DETERMINISTIC, "iid": trees_lib.IID,
-             "wor": trees_lib.WITHOUT_REPLACEMENT}
-
-
-def propose_children(logits: jax.Array, k: int, proposal: str,
-                     temperature: Optional[jax.Array], key: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """K ranked candidates per node by the proposal scheme (module docstring).
-
-  Args:
-    logits: `[B, w, V]` drafter logits at w nodes of a level.
-    k: static number of candidates (the widest branching of the level).
-    proposal: 'topk', 'iid' or 'wor'.
-    temperature: `[B]` per-row temperature (0: greedy) or None.
-    key: `[B]` typed keys for this level.
-
-  Returns:
-    `(tokens [B, w, k] int32, scheme [B] int32, q [B, w, V] float32)`: the
-    candidates, each row's scheme (deterministic for greedy rows), and q.
-  """
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)
-  b = logits.shape[0]
-  if proposal not in PROPOSALS:
-    raise DrafterError(f"unknown proposal {proposal!r}; known: "
-                       f"{sorted(PROPOSALS)}")
-  if proposal == "topk" or temperature is None:
-    return top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None
-  sampled = temperature > 0
-  t = jnp.where(sampled, temperature, 1.0)[:, None, None]
-  logq = jax.nn.log_softmax(logits / t, axis=-1)                  # [B, w, V]
-
-  def row(key, logq):                                             # [w, V]
-    if proposal == "iid":
-      draws = jax.random.categorical(key, logq, axis=-1,
-                                     shape=(k,) + logq.shape[:-1])
-      return jnp.moveaxis(draws, 0, -1)                           # [w, k]
-    gumbel = jax.random.gumbel(key, logq.shape, logq.dtype)
-    return jax.lax.top_k(logq + gumbel, k)[1]
-  drawn = jax.vmap(row)(key, logq).astype(jnp.int32)
-  tokens = jnp.where(sampled[:, None, None], drawn, top)
-  scheme = jnp.where(sampled, PROPOSALS[proposal], trees_lib.DETERMINISTIC)
-  return tokens, scheme.astype(jnp.int32), jnp.exp(logq)
 
 
 class ModelDrafter(Drafter):
@@ -170,42 +90,29 @@ class ModelDrafter(Drafter):
   def propose(self, params, state, shape, rnd, target_cache, key):
     model = nnx.merge(self.graphdef, params)
     cache = target_cache if self.shared_cache else state
-    b, lag, n = rnd.root.shape[0], self.lag, shape.num_nodes
-    levels = shape.levels
-    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
-    mask = _window_mask(parents, lag)                        # [B, lag+N, lag+N]
-    depth = jnp.asarray(shape.depth, jnp.int32)
+    b, lag = rnd.root.shape[0], self.lag
+    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32),
+                               (b, shape.num_nodes))
+    mask = window_mask(parents, lag)                     # [B, lag+N, lag+N]
     # Window entry e holds ext node e: the lag tokens behind the root, then
     # the tree's nodes; positions L - lag + e (e < lag) and L + depth.
-    ext_pos = jnp.concatenate([jnp.arange(-lag, 0, dtype=jnp.int32), depth])
-    ext_pos = rnd.length[:, None] + ext_pos[None]                    # [B, lag+N]
-    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(rnd.root)
+    ext_pos = jnp.concatenate([jnp.arange(-lag, 0, dtype=jnp.int32),
+                               jnp.asarray(shape.depth, jnp.int32)])
+    ext_pos = rnd.length[:, None] + ext_pos[None]                # [B, lag+N]
     behind = rnd.prev[:, None] if lag else jnp.zeros((b, 0), jnp.int32)
-    k_max = max(shape.ranks) + 1
-    sampling = self.proposal != "topk" and rnd.temperature is not None
-    scheme = jnp.full((b, n), trees_lib.DETERMINISTIC, jnp.int32)
-    q = jnp.zeros((b, n, self.vocab_size), jnp.float32) if sampling else None
-    for d in range(shape.max_depth):
-      lo, hi = levels[d]
+
+    def expand(d, tokens, cache):
+      lo, hi = shape.levels[d]
       e_lo, e_hi = (0, lag + hi) if d == 0 else (lag + lo, lag + hi)
       fed = jnp.concatenate([behind, tokens[:, lo:hi]], 1) if d == 0 else (
           tokens[:, lo:hi])
-      hidden, cache = model.backbone(
-          fed, ext_pos[:, e_lo:e_hi], cache,
-          mask[:, e_lo:e_hi, :e_hi],
-          layers=self.layers)
-      logits = model.logits(hidden[:, -(hi - lo):])               # [B, w, V]
-      level_keys = (jax.vmap(lambda k: jax.random.fold_in(k, d))(key)
-                    if sampling else None)
-      cand, level_scheme, level_q = propose_children(
-          logits, k_max, self.proposal if sampling else "topk",
-          rnd.temperature, level_keys)                             # [B, w, k]
-      c_lo, c_hi, parent_offset, rank = static_children(shape, d)
-      tokens = tokens.at[:, c_lo:c_hi].set(cand[:, parent_offset, rank])
-      scheme = scheme.at[:, lo:hi].set(level_scheme[:, None])
-      if sampling:
-        q = q.at[:, lo:hi].set(level_q)
-    tree = Tree.from_parents(tokens, parents, scheme=scheme, q=q)
+      hidden, cache = model.backbone(fed, ext_pos[:, e_lo:e_hi], cache,
+                                     mask[:, e_lo:e_hi, :e_hi],
+                                     layers=self.layers)
+      return model.logits(hidden[:, -(hi - lo):]), cache
+
+    tree, cache = grow_static_tree(shape, rnd, key, self.proposal,
+                                   self.vocab_size, expand, cache)
     if self.shared_cache:
       return tree, state, cache
     return tree, cache, target_cache

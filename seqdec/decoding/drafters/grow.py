@@ -1,0 +1,141 @@
+"""Growing a static-topology tree level by level, shared by the drafters
+that score candidates with a network (`model.ModelDrafter`, `eagle`).
+
+A drafter supplies `expand(d, tokens, carry) -> (logits [B, w, V], carry)`,
+its distribution at level d's w nodes (it feeds those nodes, whose tokens
+are set, and may carry a cache or per-node state); `grow_static_tree` turns
+the logits into each node's children by rank (the child of rank r gets
+candidate r) under the proposal scheme (`PROPOSALS`):
+
+* 'topk': the r-th most likely token (deterministic; the only scheme for
+  greedy rows, whatever the configured proposal);
+* 'iid': K independent draws from q = softmax(logits / temperature)
+  (duplicates kept), the proposal of speculative sampling (K = 1, a chain)
+  and of SpecInfer-style multi-draft trees;
+* 'wor': K draws without replacement from q by Gumbel-top-K,
+      children = top_K(log q + G),  G_v ~ Gumbel(0, 1) i.i.d.,
+  which draws the first child from q, the second from q renormalised without
+  the first, and so on (Recursive Speculative Decoding's proposal).
+
+The tree records each node's scheme and q, which the lossless sampling rule
+(`verify.py`) matches. Leaves are never fed: a tree of depth D costs D calls
+of `expand` whatever its width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from seqdec.decoding import trees as trees_lib
+from seqdec.decoding.drafters.base import DrafterError, Round, static_children
+from seqdec.decoding.trees import Tree, TreeShape
+from seqdec.kernels.tree_mask import ancestor_mask
+
+
+def window_mask(parents: jax.Array, lag: int) -> jax.Array:
+  """Ancestor mask of the tree with a chain of `lag` committed-behind tokens
+  prepended above the root, `[B, lag + N, lag + N]` (each sees its whole
+  path), built on device from parents `[B, N]`:
+
+      mask[:, e, f] = f <= e               f < lag   (the chain behind)
+      mask[:, lag + i, lag + j] = ancestor_mask(parents)[:, i, j]
+      mask[:, e, lag + j] = 0              e < lag
+  """
+  b, n = parents.shape
+  behind = jnp.tril(jnp.ones((lag + n, lag), jnp.bool_))
+  tree = jnp.concatenate([jnp.zeros((b, lag, n), jnp.bool_),
+                          ancestor_mask(parents)], axis=1)
+  return jnp.concatenate([jnp.broadcast_to(behind, (b, lag + n, lag)), tree],
+                         axis=2)
+
+
+PROPOSALS = {"topk": trees_lib.DETERMINISTIC, "iid": trees_lib.IID,
+             "wor": trees_lib.WITHOUT_REPLACEMENT}
+
+
+def propose_children(logits: jax.Array, k: int, proposal: str,
+                     temperature: Optional[jax.Array], key: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """K ranked candidates per node by the proposal scheme (module docstring).
+
+  Args:
+    logits: `[B, w, V]` drafter logits at w nodes of a level.
+    k: static number of candidates (the widest branching of the level).
+    proposal: 'topk', 'iid' or 'wor'.
+    temperature: `[B]` per-row temperature (0: greedy) or None.
+    key: `[B]` typed keys for this level.
+
+  Returns:
+    `(tokens [B, w, k] int32, scheme [B] int32, q [B, w, V] float32)`: the
+    candidates, each row's scheme (deterministic for greedy rows), and q.
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)
+  b = logits.shape[0]
+  if proposal not in PROPOSALS:
+    raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                       f"{sorted(PROPOSALS)}")
+  if proposal == "topk" or temperature is None:
+    return top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None
+  sampled = temperature > 0
+  t = jnp.where(sampled, temperature, 1.0)[:, None, None]
+  logq = jax.nn.log_softmax(logits / t, axis=-1)                  # [B, w, V]
+
+  def row(key, logq):                                             # [w, V]
+    if proposal == "iid":
+      draws = jax.random.categorical(key, logq, axis=-1,
+                                     shape=(k,) + logq.shape[:-1])
+      return jnp.moveaxis(draws, 0, -1)                           # [w, k]
+    gumbel = jax.random.gumbel(key, logq.shape, logq.dtype)
+    return jax.lax.top_k(logq + gumbel, k)[1]
+  drawn = jax.vmap(row)(key, logq).astype(jnp.int32)
+  tokens = jnp.where(sampled[:, None, None], drawn, top)
+  scheme = jnp.where(sampled, PROPOSALS[proposal], trees_lib.DETERMINISTIC)
+  return tokens, scheme.astype(jnp.int32), jnp.exp(logq)
+
+
+Expand = Callable[[int, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def grow_static_tree(shape: TreeShape, rnd: Round, key: jax.Array,
+                     proposal: str, vocab_size: int, expand: Expand,
+                     carry: Any) -> tuple[Tree, Any]:
+  """The tree of topology `shape` under each row's root (module docstring).
+
+  Args:
+    shape: the static topology (nodes numbered level by level).
+    rnd: the round (root tokens, per-row temperatures).
+    key: `[B]` typed keys of the round (folded with the level).
+    proposal: 'topk', 'iid' or 'wor' (sampling rows only).
+    vocab_size: V of the logits (the width of q).
+    expand: `(d, tokens [B, N], carry) -> (logits [B, w, V], carry)` at
+      level d's nodes (tokens of levels <= d are set).
+    carry: the drafter's state threaded through `expand`.
+
+  Returns:
+    `(tree, carry)`.
+  """
+  b, n = rnd.root.shape[0], shape.num_nodes
+  parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
+  tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(rnd.root)
+  k_max = max(shape.ranks) + 1
+  sampling = proposal != "topk" and rnd.temperature is not None
+  scheme = jnp.full((b, n), trees_lib.DETERMINISTIC, jnp.int32)
+  q = jnp.zeros((b, n, vocab_size), jnp.float32) if sampling else None
+  for d in range(shape.max_depth):
+    lo, hi = shape.levels[d]
+    logits, carry = expand(d, tokens, carry)                    # [B, w, V]
+    level_keys = (jax.vmap(lambda k, d=d: jax.random.fold_in(k, d))(key)
+                  if sampling else None)
+    cand, level_scheme, level_q = propose_children(
+        logits, k_max, proposal if sampling else "topk", rnd.temperature,
+        level_keys)                                             # [B, w, k]
+    c_lo, c_hi, parent_offset, rank = static_children(shape, d)
+    tokens = tokens.at[:, c_lo:c_hi].set(cand[:, parent_offset, rank])
+    scheme = scheme.at[:, lo:hi].set(level_scheme[:, None])
+    if sampling:
+      q = q.at[:, lo:hi].set(level_q)
+  return Tree.from_parents(tokens, parents, scheme=scheme, q=q), carry
