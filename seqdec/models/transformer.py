@@ -228,7 +228,7 @@ def apply_rope(x: jax.Array, positions: jax.Array,
   return (x * cos + rotated * sin).astype(x.dtype)
 
 
-def _param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init) -> nnx.Param:
+def logical_param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init) -> nnx.Param:
   """A parameter with logical axes; zeros when `rngs` is None (to be loaded).
 
   Zeros keep `nnx.eval_shape` of the whole model cheap: tracing 270 random
@@ -253,7 +253,7 @@ class RMSNorm(nnx.Module):
                rngs: Optional[nnx.Rngs], offset: float = 0.0,
                axis_name: str = EMBED):
     self.eps, self.offset = eps, float(offset)
-    self.scale = _param(rngs, (dim,), (axis_name,), param_dtype,
+    self.scale = logical_param(rngs, (dim,), (axis_name,), param_dtype,
                         nnx.initializers.zeros if self.offset
                         else nnx.initializers.ones)
 
@@ -386,13 +386,13 @@ class Attention(nnx.Module):
     self.scale = c.attention_scale
     init = nnx.initializers.normal(0.02)
     shape = (c.num_kv_heads, self.groups + 2, c.head_dim)
-    self.qkv_proj = _param(rngs, (c.hidden_size, *shape),
+    self.qkv_proj = logical_param(rngs, (c.hidden_size, *shape),
                            (EMBED, KV_HEADS, None, HEAD_DIM), pdt, init)
-    self.o_proj = _param(rngs, (c.num_heads * c.head_dim, c.hidden_size),
+    self.o_proj = logical_param(rngs, (c.num_heads * c.head_dim, c.hidden_size),
                          (HEADS, EMBED), pdt, init)
-    self.qkv_bias = (_param(rngs, shape, (KV_HEADS, None, HEAD_DIM), pdt,
+    self.qkv_bias = (logical_param(rngs, shape, (KV_HEADS, None, HEAD_DIM), pdt,
                             nnx.initializers.zeros) if c.qkv_bias else None)
-    self.o_bias = (_param(rngs, (c.hidden_size,), (EMBED,), pdt,
+    self.o_bias = (logical_param(rngs, (c.hidden_size,), (EMBED,), pdt,
                           nnx.initializers.zeros) if c.o_bias else None)
     self.q_norm = (rms_norm(c, rngs, c.head_dim, HEAD_DIM) if c.qk_norm
                    else None)
@@ -485,12 +485,12 @@ class MLP(nnx.Module):
     d, f = config.hidden_size, config.intermediate_size
     init = nnx.initializers.normal(0.02)
     self.activation = config.activation
-    self.gate_up_proj = _param(rngs, (d, 2, f), (EMBED, None, MLP), pdt, init)
-    self.down_proj = _param(rngs, (f, d), (MLP, EMBED), pdt, init)
+    self.gate_up_proj = logical_param(rngs, (d, 2, f), (EMBED, None, MLP), pdt, init)
+    self.down_proj = logical_param(rngs, (f, d), (MLP, EMBED), pdt, init)
     zeros, bias = nnx.initializers.zeros, config.mlp_bias
-    self.gate_up_bias = (_param(rngs, (2, f), (None, MLP), pdt, zeros)
+    self.gate_up_bias = (logical_param(rngs, (2, f), (None, MLP), pdt, zeros)
                          if bias else None)
-    self.down_bias = _param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
+    self.down_bias = logical_param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     acc = jnp.promote_types(self.dtype, jnp.float32)
@@ -597,7 +597,7 @@ class Transformer(nnx.Module):
                rngs: Optional[nnx.Rngs]):
     self.config = config
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
-    self.embed = _param(rngs, (config.vocab_size, config.hidden_size),
+    self.embed = logical_param(rngs, (config.vocab_size, config.hidden_size),
                         (VOCAB, EMBED), pdt, nnx.initializers.normal(0.02))
     self.layers = nnx.List([Block(config, i, rngs=rngs)
                             for i in range(config.num_layers)])
@@ -605,7 +605,7 @@ class Transformer(nnx.Module):
     if config.tie_embeddings:
       self.lm_head = None
     else:
-      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
+      self.lm_head = logical_param(rngs, (config.hidden_size, config.vocab_size),
                             (EMBED, VOCAB), pdt, nnx.initializers.normal(0.02))
     self.inv_freq = nnx.Variable(inv_freq_array(config))
     self.inv_freq_local = (

@@ -1,0 +1,91 @@
+"""Builds a drafter training set: the target's responses and features.
+
+  python launch/make_drafter_data.py --model=smollm2-135m-instruct \\
+      --num_prompts=2400 --out=$HOME/.cache/seqdec/drafter_data/smollm2
+  python launch/make_drafter_data.py --model=tiny --num_prompts=32 \\
+      --max_new_tokens=16 --out=/tmp/tiny_data             # smoke run
+
+Prompts come from `seqdec.data.drafter_prompts` (six task types built from
+the Python standard library's source; never the benchmark prompts), indices
+--first_prompt .. --first_prompt + --num_prompts - 1 of --prompt_seed. The
+target answers each (greedy at --temperature=0), and one teacher-forced
+forward gives its features; both go to tensorstore arrays under --out
+(`seqdec.data.features`), chunk by chunk, so rerunning the same command
+resumes an interrupted build. Prints a JSON summary.
+"""
+
+import json
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from seqdec import cli
+from seqdec.errors import UserError
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
+                             "Target: a registry name, HF dir or .gguf.")
+_OUT = flags.DEFINE_string("out", None, "Dataset directory.")
+_NUM = flags.DEFINE_integer("num_prompts", 2400, "Prompts to answer.")
+_FIRST = flags.DEFINE_integer("first_prompt", 0, "Index of the first prompt.")
+_PROMPT_SEED = flags.DEFINE_integer("prompt_seed", 0, "Prompt builder seed.")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", 256,
+                                   "Prompts are cut to this many tokens.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy responses.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
+_CHUNK = flags.DEFINE_integer("chunk", 16, "Rows generated per batch.")
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def check_flags() -> None:
+  if not _OUT.value:
+    raise UserError("--out is required")
+  for name, flag in (("num_prompts", _NUM), ("max_prompt_tokens", _MAX_PROMPT),
+                     ("max_new_tokens", _MAX_NEW), ("chunk", _CHUNK)):
+    if flag.value < 1:
+      raise UserError(f"--{name} must be >= 1, got {flag.value}")
+  if _FIRST.value < 0 or _TEMPERATURE.value < 0:
+    raise UserError("--first_prompt and --temperature must be >= 0")
+
+
+def run() -> dict:
+  # pylint: disable=g-import-not-at-top
+  import seqdec
+  from seqdec.data import drafter_prompts, features
+  # pylint: enable=g-import-not-at-top
+  t0 = time.perf_counter()
+  model, tokenizer = seqdec.load_pretrained(_MODEL.value)
+  prompts = drafter_prompts.build_prompts(_NUM.value, _PROMPT_SEED.value,
+                                          _FIRST.value)
+  ds = features.build(
+      _OUT.value, model, tokenizer, prompts,
+      meta=dict(model=_MODEL.value, prompt_seed=_PROMPT_SEED.value,
+                first_prompt=_FIRST.value,
+                tasks=[t for t, _ in prompts],
+                command="python launch/make_drafter_data.py "
+                + " ".join(sys.argv[1:])),
+      max_prompt=_MAX_PROMPT.value, max_new=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value, seed=_SEED.value, chunk=_CHUNK.value,
+      log=log)
+  data = ds.read(list(range(ds.rows)))
+  response = int((data["lengths"] - data["prompt_lens"]).sum())
+  seconds = time.perf_counter() - t0
+  return dict(out=ds.path, rows=ds.rows, tokens=int(data["lengths"].sum()),
+              response_tokens=response, seconds=round(seconds, 1),
+              response_tokens_per_s=round(response / seconds, 1))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.run_reporting_user_errors(check_flags)
+  print(json.dumps(cli.run_reporting_user_errors(run), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,234 @@
+"""Self-distillation data for drafters: the target's responses to the
+offline prompts (`drafter_prompts`) and the target's features over them,
+stored once as tensorstore (zarr) arrays and read by index.
+
+Layout of a dataset directory:
+
+    meta.json        target fingerprint and shapes, the recipe (prompt seed
+                     and range, temperature, budgets), `done` chunk count
+    tokens/          zarr int32   [N, S]     prompt + response, right-padded
+    lengths/         zarr int32   [N]        tokens per sequence
+    prompt_lens/     zarr int32   [N]        prompt tokens (the rest: response)
+    features/        zarr bf16    [N, S, D]  target.features(hidden) (the LM
+                                             head's input), position by position
+
+Sequences are written in chunks of `chunk` rows; `meta.json`'s `done` counts
+the finished chunks, so an interrupted build resumes at the next chunk and a
+reader sees only finished rows. Distillation targets are recomputed from the
+features with the target's LM head (`softmax(head(f_t))`), never stored
+(a 49k-token distribution per token would be 98 KB in bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqdec.errors import UserError
+from seqdec.jsonl import write_text_atomic
+
+ARRAYS = ("tokens", "lengths", "prompt_lens", "features")
+
+
+class DataError(UserError):
+  """A missing, corrupt or mismatched drafter dataset."""
+
+
+def fingerprint(model) -> str:
+  """SHA-256 over the model's parameters (names, shapes, dtypes, bytes):
+  tells apart checkpoints that share every shape (SmolLM2 base/Instruct)."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(
+      (jax.tree_util.keystr(p), x) for p, x in
+      jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))):
+    a = np.asarray(leaf)
+    digest.update(f"{path}|{a.shape}|{a.dtype}".encode())
+    digest.update(np.ascontiguousarray(a).tobytes())
+  return digest.hexdigest()
+
+
+def _spec(path: str, dtype: str, shape: Sequence[int],
+          chunks: Sequence[int]) -> dict:
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+          "metadata": {"dtype": dtype, "shape": list(shape),
+                       "chunks": list(chunks)}}
+
+
+_DTYPES = dict(tokens="<i4", lengths="<i4", prompt_lens="<i4",
+               features="bfloat16")
+
+
+@dataclasses.dataclass
+class FeatureDataset:
+  """An open dataset (read side); `rows` counts the finished sequences."""
+  path: str
+  meta: dict
+  arrays: dict
+
+  @property
+  def rows(self) -> int:
+    return min(self.meta["done"] * self.meta["chunk"], self.meta["num_rows"])
+
+  @classmethod
+  def open(cls, path: str, target_fingerprint: Optional[str] = None
+           ) -> "FeatureDataset":
+    """Opens `path`; checks every array and (if given) the target.
+
+    Raises:
+      DataError: a missing or unreadable meta.json or array, or a dataset
+        built from another target.
+    """
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    meta_path = os.path.join(path, "meta.json")
+    try:
+      with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    except FileNotFoundError:
+      raise DataError(f"no drafter dataset at {path!r} (missing meta.json)"
+                      ) from None
+    except (OSError, ValueError) as e:
+      raise DataError(f"corrupt dataset metadata {meta_path!r}: {e}") from None
+    if target_fingerprint and meta.get("target_fingerprint") != (
+        target_fingerprint):
+      raise DataError(f"dataset {path!r} was built from another target "
+                      f"(fingerprint {meta.get('target_fingerprint')!r:.20}"
+                      f"..., this target {target_fingerprint[:16]}...)")
+    arrays = {}
+    for name in ARRAYS:
+      try:
+        arrays[name] = ts.open({"driver": "zarr", "kvstore": {
+            "driver": "file", "path": os.path.join(path, name)}},
+                               open=True).result()
+      except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f"cannot open array {os.path.join(path, name)!r}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return cls(path, meta, arrays)
+
+  def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays at `rows` (int indices < `self.rows`), as numpy.
+
+    Raises:
+      DataError: an index past the finished rows or an unreadable chunk.
+    """
+    rows = np.asarray(rows)
+    if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+      raise DataError(f"rows {rows.min()}..{rows.max()} outside the "
+                      f"{self.rows} finished rows of {self.path!r}")
+    out = {}
+    for name, arr in self.arrays.items():
+      try:
+        x = arr[rows].read().result()
+      except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f"cannot read {os.path.join(self.path, name)!r} rows"
+                        f" {rows.tolist()[:4]}...: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+      out[name] = np.asarray(x)
+    return out
+
+
+def create(path: str, meta: dict, num_rows: int, seq_len: int,
+           hidden: int, chunk: int) -> None:
+  """Creates the empty arrays and meta.json (done = 0)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  shapes = dict(tokens=((num_rows, seq_len), (chunk, seq_len)),
+                lengths=((num_rows,), (chunk,)),
+                prompt_lens=((num_rows,), (chunk,)),
+                features=((num_rows, seq_len, hidden), (1, seq_len, hidden)))
+  for name, (shape, chunks) in shapes.items():
+    ts.open(_spec(os.path.join(path, name), _DTYPES[name], shape, chunks),
+            create=True, delete_existing=True).result()
+  write_meta(path, dict(meta, num_rows=num_rows, seq_len=seq_len,
+                        hidden=hidden, chunk=chunk, done=0))
+
+
+def write_meta(path: str, meta: dict) -> None:
+  write_text_atomic(os.path.join(path, "meta.json"),
+                    json.dumps(meta, indent=1, sort_keys=True))
+
+
+@jax.jit
+def _features(graphdef, state, tokens):
+  model = nnx.merge(graphdef, state)
+  b, t = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  hidden, _ = model.backbone(tokens, pos, model.init_cache(b, t))
+  return model.features(hidden).astype(jnp.bfloat16)
+
+
+def target_features(model, tokens: np.ndarray) -> np.ndarray:
+  """`[B, S]` right-padded ids -> `[B, S, D]` bf16 features (causal, so
+  padding never reaches real positions)."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_features(graphdef, state, jnp.asarray(tokens)))
+
+
+def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
+          *, meta: dict, max_prompt: int, max_new: int, temperature: float,
+          seed: int, chunk: int = 16,
+          log: Callable[[str], None] = lambda _: None) -> FeatureDataset:
+  """Generates responses and features for `prompts` into `path` (resumes a
+  partial build with the same recipe).
+
+  Prompts are rendered with the chat template when the tokenizer has one,
+  cut to their first `max_prompt` tokens; responses are the target's own
+  (greedy at temperature 0, seeded sampling otherwise), at most `max_new`
+  tokens, stopped at the tokenizer's stop ids.
+  """
+  # pylint: disable=g-import-not-at-top
+  from seqdec.generator import Generator
+  # pylint: enable=g-import-not-at-top
+  seq_len = max_prompt + max_new
+  hidden = model.config.hidden_size
+  meta = dict(meta, target_fingerprint=fingerprint(model),
+              max_prompt=max_prompt, max_new=max_new,
+              temperature=temperature, seed=seed)
+  n = len(prompts)
+  existing = None
+  if os.path.exists(os.path.join(path, "meta.json")):
+    existing = FeatureDataset.open(path).meta
+    same = {k: existing.get(k) for k in meta} == meta and (
+        existing["num_rows"] == n)
+    if not same:
+      raise DataError(f"{path!r} holds a dataset with another recipe; "
+                      f"choose a new --out or delete it")
+  if existing is None:
+    create(path, meta, n, seq_len, hidden, chunk)
+  ds = FeatureDataset.open(path)
+  gen = Generator(model, tokenizer, max_new_tokens=max_new,
+                  temperature=temperature, seed=seed, max_batch=chunk)
+  for c in range(ds.meta["done"], -(-n // chunk)):
+    lo, hi = c * chunk, min(n, (c + 1) * chunk)
+    ids = []
+    for _, text in prompts[lo:hi]:
+      msg = [{"role": "user", "content": text}]
+      ids.append((gen.encode(msg) if tokenizer.chat_template
+                  else gen.encode(text))[:max_prompt])
+    results = gen.generate_ids(ids, row_ids=list(range(lo, hi)))
+    tokens = np.zeros((hi - lo, seq_len), np.int32)
+    lengths = np.zeros((hi - lo,), np.int32)
+    for i, (p, r) in enumerate(zip(ids, results)):
+      seq = list(p) + list(r.tokens)
+      tokens[i, :len(seq)] = seq
+      lengths[i] = len(seq)
+    feats = target_features(model, tokens)
+    a = ds.arrays
+    a["tokens"][lo:hi].write(tokens).result()
+    a["lengths"][lo:hi].write(lengths).result()
+    a["prompt_lens"][lo:hi].write(np.array([len(p) for p in ids],
+                                           np.int32)).result()
+    a["features"][lo:hi].write(feats).result()
+    ds.meta["done"] = c + 1
+    write_meta(path, ds.meta)
+    log(f"chunk {c + 1}/{-(-n // chunk)}: rows {lo}..{hi - 1}, "
+        f"{int((lengths - np.array([len(p) for p in ids])).sum())} "
+        f"response tokens")
+  return FeatureDataset.open(path)

@@ -1,0 +1,157 @@
+"""The EAGLE drafter: trees grown by `seqdec.models.eagle.EagleNet` on the
+target's own features.
+
+Per row, with committed target length L (root x_L at position L), the
+network's pair at position t is (e(x_t), f_{t-1}) (`EagleNet`). Its cache
+holds the pairs t = 1 .. d of tokens whose feature before them is the
+*target's*; pairs with predicted features (tree nodes below the root) are
+never committed. Since a round's features arrive only with its verification
+(`Outcome.features`), the next round first feeds the pairs they complete:
+
+    behind   pairs t = d+1 .. L-1 (n_b = L-1-d <= max depth of them), exact
+    root     pair  t = L: (e(x_L), f_{L-1}), exact     -> f^_L, root's q
+    level k  pairs (e(x_v), f^_parent(v)) at L + depth(v) -> f^_v, v's q
+
+in one window over scratch slots: entries 0 .. D-1 the behind pairs (the
+first n_b valid), entry D the root, then the tree's nodes (D = the tree's
+max depth, the most a round can leave behind: c - 1 for c kept tokens).
+After growing the tree the behind pairs and the root pair are committed
+(d <- L), all exact, so nothing is ever rolled back. A tree of depth D costs
+D calls of the one-layer network plus its head.
+
+Histories: the state keeps the target's features f_t and tokens x_t by
+position (`[B, C, D]`, `[B, C]`), written by `init` (prompt) and `commit`
+(kept path), from which each round's behind pairs are gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
+from seqdec.decoding.drafters.grow import (PROPOSALS, grow_static_tree,
+                                           window_mask)
+from seqdec.models.eagle import EagleNet, eagle_config
+from seqdec.models.transformer import commit
+from seqdec.ops import write_rows
+
+
+@flax.struct.dataclass
+class EagleState:
+  """Attributes:
+    cache: the network's `KVCache`; `length` = d, committed pairs.
+    features: `[B, C, D]` the target's f_t at index t (valid below L).
+    tokens: `[B, C]` x_t at index t (valid up to L, the root).
+  """
+  cache: Any
+  features: jax.Array
+  tokens: jax.Array
+
+
+class EagleDrafter(Drafter):
+  """EAGLE-1 drafting (module docstring) for one target.
+
+  Args:
+    net: an `EagleNet` built for this target (`eagle_config`).
+    target: the target `Transformer` (its embedding and LM head are the
+      drafter's, frozen and shared, not copied).
+    name: config name.
+    proposal: children at temperature > 0: 'topk', 'iid' or 'wor'.
+  """
+  uses_features = True
+
+  def __init__(self, net: EagleNet, target, name: str = "eagle",
+               proposal: str = "topk"):
+    if proposal not in PROPOSALS:
+      raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                         f"{sorted(PROPOSALS)}")
+    want = eagle_config(target.config)
+    if net.config != want:
+      diff = sorted(k for k in want.__dataclass_fields__
+                    if getattr(want, k) != getattr(net.config, k))
+      raise DrafterError(f"EAGLE network was built for another target "
+                         f"(config fields differ: {diff})")
+    self.name, self.proposal = name, proposal
+    self.vocab_size = target.config.vocab_size
+    self.net_def, net_params = nnx.split(net)
+    self.target_def, target_params = nnx.split(target)
+    self.params = (net_params, target_params)
+
+  def init(self, params, tokens, prompt_len, first, capacity, target_cache,
+           features=None):
+    if features is None:
+      raise DrafterError("the EAGLE drafter needs the target's features")
+    net = nnx.merge(self.net_def, params[0])
+    target = nnx.merge(self.target_def, params[1])
+    b, p = tokens.shape
+    size = capacity + 1
+    hist_f = jnp.zeros((b, size, features.shape[-1]), features.dtype)
+    hist_f = hist_f.at[:, :p].set(features)
+    hist_t = jnp.zeros((b, size), jnp.int32).at[:, :p].set(tokens)
+    hist_t = write_rows(hist_t, first[:, None], prompt_len)
+    cache = net.init_cache(b, size)
+    if p > 1:   # pairs t = 1 .. P-1: (e(x_t), f_{t-1})
+      pos = jnp.broadcast_to(jnp.arange(1, p, dtype=jnp.int32), (b, p - 1))
+      _, cache = net(target.embed_tokens(tokens[:, 1:]), features[:, :-1],
+                     pos, cache)
+    cache = commit(cache, prompt_len - 1) if p > 1 else cache
+    return EagleState(cache=cache, features=hist_f, tokens=hist_t)
+
+  def propose(self, params, state, shape, rnd, target_cache, key):
+    net = nnx.merge(self.net_def, params[0])
+    target = nnx.merge(self.target_def, params[1])
+    b, n, lag = rnd.root.shape[0], shape.num_nodes, shape.max_depth
+    d = state.cache.length
+    n_behind = jnp.clip(rnd.length - 1 - d, 0, lag)                  # [B]
+    entry = jnp.arange(lag + n, dtype=jnp.int32)
+    valid = (entry[None] >= lag) | (entry[None] < n_behind[:, None])
+    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
+    mask = window_mask(parents, lag) & valid[:, None, :]     # [B, lag+N, ..]
+    # Behind pair e: t = d + 1 + e (clipped for the invalid ones).
+    t_behind = jnp.minimum(d[:, None] + 1 + jnp.arange(lag), rnd.length[:, None])
+    behind_tok = jnp.take_along_axis(state.tokens, t_behind, axis=1)
+    behind_feat = jnp.take_along_axis(
+        state.features, jnp.maximum(t_behind - 1, 0)[..., None], axis=1)
+    root_feat = jnp.take_along_axis(
+        state.features, jnp.maximum(rnd.length - 1, 0)[:, None, None], axis=1)
+    depth = jnp.asarray(shape.depth, jnp.int32)
+    pos = jnp.concatenate([t_behind, rnd.length[:, None] + depth[None]], 1)
+
+    def expand(level, tokens, carry):
+      cache, pred = carry                                   # pred: [B, N, D]
+      lo, hi = shape.levels[level]
+      if level == 0:
+        e_lo, e_hi = 0, lag + hi
+        toks = jnp.concatenate([behind_tok, tokens[:, :hi]], 1)
+        feats = jnp.concatenate([behind_feat, root_feat], 1)
+      else:
+        e_lo, e_hi = lag + lo, lag + hi
+        toks = tokens[:, lo:hi]
+        feats = jnp.take_along_axis(pred, parents[:, lo:hi, None], axis=1)
+      out, cache = net(target.embed_tokens(toks), feats, pos[:, e_lo:e_hi],
+                       cache, mask[:, e_lo:e_hi, :e_hi])
+      out = out[:, -(hi - lo):]                             # the level's f^
+      pred = pred.at[:, lo:hi].set(out.astype(pred.dtype))
+      return target.head(out), (cache, pred)
+
+    pred0 = jnp.zeros((b, n, state.features.shape[-1]), state.features.dtype)
+    tree, (cache, _) = grow_static_tree(shape, rnd, key, self.proposal,
+                                        self.vocab_size, expand,
+                                        (state.cache, pred0))
+    # Commit the exact pairs: the n_b behind ones and the root's.
+    keep = jnp.where(jnp.arange(lag + 1) < n_behind[:, None],
+                     jnp.arange(lag + 1), lag)
+    cache = commit(cache, jnp.where(rnd.live, n_behind + 1, 0), keep)
+    return tree, state.replace(cache=cache), target_cache
+
+  def commit(self, params, state, shape, rnd, outcome: Outcome):
+    """Records the kept path: f at L .. L+c-1, x at L+1 .. L+c (entries
+    past c are overwritten before they are read)."""
+    return state.replace(
+        features=write_rows(state.features, outcome.features, rnd.length),
+        tokens=write_rows(state.tokens, outcome.tokens, rnd.length + 1))

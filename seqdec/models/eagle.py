@@ -1,0 +1,107 @@
+"""EAGLE's feature-level draft network (Li et al., 2024, "EAGLE: Speculative
+Sampling Requires Rethinking Feature Uncertainty").
+
+The drafter is autoregressive over the target's *features* f_t (the LM head's
+input at position t, `Transformer.features`) rather than over tokens. The
+pair at position t fuses the feature before it with the token at t (which
+resolves the feature's sampling uncertainty):
+
+    u_t  = W_fc [e(x_t) ; f_{t-1}] + b_fc          W_fc: [2D, D]
+    h_t  = Block(u_<=t)_t                           one decoder layer, its
+                                                    own KV cache, RoPE at t
+    f^_t = h_t   ~  f_t,   q(x_{t+1}) = softmax(head(f^_t))
+
+with e the target's (frozen) embedding and head the target's (frozen) LM
+head, so the network owns only W_fc, b_fc and the block: ~4.6M parameters
+for SmolLM2-135M (D = 576, F = 1536), ~2 % of the target. When drafting,
+deeper tree levels feed the network's own prediction f^ in place of the
+unknown f (`seqdec.decoding.drafters.eagle`); training regresses f^_t on
+f_t and matches q to the target's distribution (`seqdec.train.eagle`).
+
+The block is a decoder layer of the target's family (same norms, MLP,
+attention shapes; no sliding window), built from `eagle_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqdec.models.config import TransformerConfig, as_dtype
+from seqdec.models.transformer import (EMBED, Block, KVCache, init_cache,
+                                       inv_freq_array, logical_param,
+                                       run_blocks)
+
+
+def eagle_config(target: TransformerConfig) -> TransformerConfig:
+  """The one-block config of an EAGLE drafter for `target`: the target's
+  layer shapes and family, every layer global (no sliding window)."""
+  return target.replace(num_layers=1, layer_types=None, sliding_window=None)
+
+
+class EagleNet(nnx.Module):
+  """The fused-input decoder layer of the module docstring.
+
+  Attributes:
+    config: `eagle_config(target config)`.
+    fc: `[2D, D]` ('embed', 'embed'), rows [embedding ; feature]; fc_bias
+      `[D]`.
+    layers: one `Block` (a list, for `run_blocks`).
+    inv_freq: `[Dh/2]` RoPE frequencies.
+  """
+
+  def __init__(self, config: TransformerConfig, *,
+               rngs: Optional[nnx.Rngs]):
+    if config.num_layers != 1:
+      raise ValueError(f"an EAGLE network has one block, got num_layers="
+                       f"{config.num_layers} (use eagle_config)")
+    self.config = config
+    pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    d = config.hidden_size
+    self.fc = logical_param(rngs, (2 * d, d), (None, EMBED), pdt,
+                     nnx.initializers.normal(0.02))
+    self.fc_bias = logical_param(rngs, (d,), (EMBED,), pdt, nnx.initializers.zeros)
+    self.layers = nnx.List([Block(config, 0, rngs=rngs)])
+    self.inv_freq = nnx.Variable(inv_freq_array(config))
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    return init_cache(self.config, batch_size, max_len)
+
+  def __call__(self, embeds: jax.Array, features: jax.Array,
+               positions: jax.Array, cache: KVCache,
+               mask: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, KVCache]:
+    """Pairs `(e(x_t), f_{t-1})` at `positions` -> predicted features.
+
+    Args:
+      embeds: `[B, T, D]` the target's embeddings of x_t.
+      features: `[B, T, D]` the feature before each (target's or predicted).
+      positions: `[B, T]` int32, t.
+      cache: this network's `KVCache` (new K/V go to scratch, as the
+        target's).
+      mask: as `Transformer.backbone` (None: causal).
+
+    Returns:
+      `(f^ [B, T, D], cache)`.
+    """
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    x = jnp.concatenate([embeds.astype(self.dtype),
+                         features.astype(self.dtype)], axis=-1)
+    u = jnp.einsum("btk,kd->btd", x, self.fc[...].astype(self.dtype),
+                   preferred_element_type=acc).astype(self.dtype)
+    u = u + self.fc_bias[...].astype(self.dtype)
+    inv = self.inv_freq[...]
+    return run_blocks(self.layers, self.config, u, positions, cache, mask,
+                      None, inv, inv)
+
+
+def create(target: TransformerConfig, seed: int = 0) -> EagleNet:
+  """A randomly initialised `EagleNet` for `target` (jitted init)."""
+  config = eagle_config(target)
+  abstract = nnx.eval_shape(lambda: EagleNet(config, rngs=nnx.Rngs(0)))
+  state = jax.jit(lambda: nnx.state(EagleNet(config,
+                                             rngs=nnx.Rngs(seed))))()
+  return nnx.merge(nnx.graphdef(abstract), state)
