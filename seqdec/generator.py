@@ -164,7 +164,12 @@ class Generator:
       draft_model, _ = load_pretrained(spec.option("draft_model"),
                                        dtype=model.config.param_dtype)
     shape = shape or spec_lib.build_tree(spec)
-    built = spec_lib.build_drafter(spec, model, draft_model=draft_model)
+    eagle_net = None
+    if spec.drafter == "eagle":
+      from seqdec.checkpoints import drafters as drafter_ckpt  # pylint: disable=g-import-not-at-top
+      eagle_net = drafter_ckpt.load_for(model, spec.option("checkpoint"))
+    built = spec_lib.build_drafter(spec, model, draft_model=draft_model,
+                                   eagle_net=eagle_net)
     built.check(model.config, shape)
     return spec, built, shape
 

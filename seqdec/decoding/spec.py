@@ -7,7 +7,7 @@ Every way of naming a decoder goes through this module: the
 
     method  :=  "ar"                                  autoregressive
              |  drafter ("@" key "=" value)* "/" tree
-    drafter :=  "ngram" | "layerskip" | "draft"
+    drafter :=  "ngram" | "layerskip" | "draft" | "eagle"
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
@@ -49,6 +49,9 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     "ngram": {"max_ngram": 3, "min_ngram": 1},
     "layerskip": {"layers": ""},
     "draft": {"draft_layers": 0, "draft_model": ""},
+    # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);
+    # "" = the one shipped for this target.
+    "eagle": {"checkpoint": ""},
 }
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
 PROPOSAL_NAMES = ("topk", "iid", "wor")
@@ -72,6 +75,20 @@ def _typed(key: str, value: Any, default: Any) -> Any:
       raise ConfigError(f"option {key!r} expects an int, got {value!r}"
                         ) from None
   return str(value)
+
+
+TREE_PREFIXES = ("chain", "kary", "static", "paths:", "sequoia")
+
+
+def _split_tree(method: str) -> tuple[str, str, str]:
+  """`(drafter part, "/", tree)` split at the first '/' that a tree spec
+  follows, so option values may hold paths (eagle@checkpoint=/a/b/chain4)."""
+  at = 0
+  while (i := method.find("/", at)) >= 0:
+    if method.startswith(TREE_PREFIXES, i + 1):
+      return method[:i], "/", method[i + 1:]
+    at = i + 1
+  return method.partition("/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +170,7 @@ class SpecConfig:
               if k in defaults}
     if method == AR:
       return cls(max_top_k=fields.get("max_top_k", DEFAULT_MAX_TOP_K))
-    head, slash, tree = method.partition("/")
+    head, slash, tree = _split_tree(method)
     if not slash or not tree:
       raise ConfigError(f"bad method {method!r}: expected 'ar' or "
                         f"<drafter>[@key=value...]/<tree>, e.g. ngram/chain4")
@@ -255,7 +272,7 @@ def build_tree(spec: SpecConfig):
   return tree_specs.parse(spec.tree)
 
 
-def build_drafter(spec: SpecConfig, target, draft_model=None):
+def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
   """The spec's drafter for `target`.
 
   Args:
@@ -264,10 +281,19 @@ def build_drafter(spec: SpecConfig, target, draft_model=None):
     draft_model: the loaded draft LM for drafter 'draft' when the spec names
       one by `draft_model=<name or path>` (loading is the caller's: decoding
       does not import checkpoints; `Generator` loads it).
+    eagle_net: the loaded `EagleNet` for drafter 'eagle' (likewise loaded
+      by `Generator` from the `checkpoint` option).
   """
   if not spec.speculative:
     raise ConfigError("an autoregressive spec has no drafter")
   options = spec.drafter_options()
+  if spec.drafter == "eagle":
+    if eagle_net is None:
+      raise ConfigError("drafter 'eagle' needs its trained network: load it "
+                        "(seqdec.checkpoints.drafters.load) and pass "
+                        "eagle_net= (Generator does)")
+    return drafters.make_drafter("eagle", target, eagle_net=eagle_net,
+                                 proposal=spec.proposal)
   name = options.pop("draft_model", "")
   if spec.drafter == "draft":
     if name and draft_model is None:

@@ -28,13 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from seqdec.errors import UserError
 from seqdec.data import stdlib_corpus
 from seqdec.models import rnn
-
-
-class TrainError(UserError):
-  """Bad training configuration or state (reported as one line by the CLI)."""
+from seqdec.train import loop as loop_lib
+from seqdec.train.loop import TrainError, TrainState
 
 
 def model_config(c: ml_collections.ConfigDict) -> rnn.RNNLMConfig:
@@ -120,13 +117,6 @@ def evaluate(graphdef, params, rest, batches: np.ndarray) -> dict[str, float]:
   loss = float(np.mean(losses))
   return {"valid_loss": loss, "valid_ppl": math.exp(loss),
           "valid_bpb": loss / math.log(2)}
-
-
-@dataclasses.dataclass
-class TrainState:
-  step: int
-  params: Any
-  opt_state: Any
 
 
 class Checkpointer:
@@ -227,27 +217,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _loop(config, corpus, graphdef, rest, tx, state, ckpt, progress, log):
   """The resumable step loop: (final state, history, resumed-from step)."""
   t, d = config.train, config.data
-  resumed_from = 0
-  if ckpt is not None and ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    resumed_from = state.step
-  steps = range(state.step, t.steps)
-  if progress is not None:
-    steps = progress(steps, state.step, t.steps)
-  history = []
-  for step in steps:
-    tokens = jnp.asarray(corpus.train_batch(config.seed, step, d.batch_size,
-                                            d.seq_len))
-    params, opt_state, metrics = train_step(graphdef, tx, state.params,
-                                            state.opt_state, rest, tokens)
-    state = TrainState(step + 1, params, opt_state)
-    row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
-    if not math.isfinite(row["loss"]):
-      raise TrainError(f"loss is {row['loss']} at step {step + 1}")
-    history.append(row)
-    last = step + 1 == t.steps
-    if ckpt is not None and ((step + 1) % t.checkpoint_every == 0 or last):
-      ckpt.save(state)
-    if log is not None and ((step + 1) % t.log_every == 0 or last):
-      log(row)
-  return state, history, resumed_from
+
+  def batch(step):
+    return jnp.asarray(corpus.train_batch(config.seed, step, d.batch_size,
+                                          d.seq_len))
+
+  def step_fn(params, opt_state, tokens):
+    return train_step(graphdef, tx, params, opt_state, rest, tokens)
+
+  return loop_lib.run_steps(state, t.steps, batch, step_fn, ckpt,
+                            t.checkpoint_every, t.log_every, progress, log)

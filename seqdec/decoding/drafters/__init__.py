@@ -4,6 +4,7 @@
     make_drafter("layerskip", target, layers="skip:10-20")
     make_drafter("draft", target, draft_model=small_model)
     make_drafter("draft", target, draft_layers=8)   # target truncated to 8
+    make_drafter("eagle", target, eagle_net=net)    # a trained EagleNet
 """
 
 from __future__ import annotations
@@ -12,25 +13,27 @@ from typing import Optional, Union
 
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round)
+from seqdec.decoding.drafters.eagle import EagleDrafter
 from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
                                             draft_lm, layer_skip,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
 
-DRAFTERS = ("ngram", "layerskip", "draft")
+DRAFTERS = ("ngram", "layerskip", "draft", "eagle")
 
 
 def make_drafter(name: str, target, *, max_ngram: int = 3,
                  min_ngram: int = 1, layers: str = "",
                  draft_model=None, draft_layers: int = 0,
-                 proposal: str = "topk") -> Drafter:
+                 eagle_net=None, proposal: str = "topk") -> Drafter:
   """A drafter by name.
 
   Args:
     name: 'ngram' (prompt lookup), 'layerskip' (target with a layer subset,
       `layers` spec, see `parse_layers`), 'draft' (an independent draft LM:
       `draft_model`, or the target truncated to its first `draft_layers`
-      blocks with an own cache).
+      blocks with an own cache), 'eagle' (a trained `EagleNet`,
+      `eagle_net`, on the target's features).
     target: the target `Transformer`.
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
@@ -54,9 +57,15 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
     if draft_model is None:
       draft_model = truncated(target, draft_layers)
     return draft_lm(draft_model, proposal=proposal)
+  if name == "eagle":
+    if eagle_net is None:
+      raise DrafterError("drafter 'eagle' needs a trained network "
+                         "(eagle_net=...)")
+    return EagleDrafter(eagle_net, target, proposal=proposal)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "DrafterError", "ModelDrafter", "NgramDrafter",
+__all__ = ["Drafter", "DrafterError", "EagleDrafter", "ModelDrafter",
+           "NgramDrafter",
            "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",
            "layer_skip", "parse_layers", "truncated"]

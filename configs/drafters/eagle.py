@@ -1,0 +1,57 @@
+"""An EAGLE drafter for a target, trained on the target's cached features.
+
+Launch (build the data first with launch/make_drafter_data.py):
+  python launch/train_drafter.py --config=configs/drafters/eagle.py \\
+      --workdir=$HOME/.cache/seqdec/train/eagle_smollm2
+  python launch/train_drafter.py --config=configs/drafters/eagle.py:runlocal \\
+      --workdir=/tmp/eagle_smoke          # tiny target, builds its own data
+
+Arguments after the colon: `model` (the target: a registry name, HF dir or
+.gguf), `data` (the dataset directory; default
+~/.cache/seqdec/drafter_data/<model>), `runlocal` (the tiny target, a
+dataset of a few prompts built on the fly, a few steps). Rerunning with
+the same --workdir resumes from its latest checkpoint. The trained network
+is exported to <workdir>/drafter (safetensors + drafter.json with the
+target's fingerprint), the path `--config.spec.options.checkpoint` of
+configs/spec_decode.py takes.
+"""
+
+import os
+
+import ml_collections
+
+from seqdec import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, model="smollm2-135m-instruct", data="",
+                               runlocal=False)
+  model = "tiny" if arg.runlocal else arg.model
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model
+  c.runlocal = arg.runlocal
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = arg.data or os.path.join(
+      os.path.expanduser("~"), ".cache", "seqdec", "drafter_data",
+      model.split("-")[0] + ("_runlocal" if arg.runlocal else ""))
+  c.data.batch_size = 4 if arg.runlocal else 8
+  c.data.positions = 16 if arg.runlocal else 128   # trained positions per row
+  c.data.positions_from = "response"               # or 'all'
+  c.data.valid_rows = 4 if arg.runlocal else 64
+  # runlocal builds this many prompts' data (tiny target) when missing.
+  c.data.build_prompts = 24 if arg.runlocal else 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 4 if arg.runlocal else 1500
+  c.train.learning_rate = 3e-3 if arg.runlocal else 1e-3
+  c.train.warmup_steps = 1 if arg.runlocal else 100
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 0.5
+  c.train.w_reg = 1.0             # EAGLE: SmoothL1 on features
+  c.train.w_ce = 0.1              # EAGLE: CE against the target's head
+  c.train.log_every = 1 if arg.runlocal else 25
+  c.train.eval_every = 2 if arg.runlocal else 250
+  c.train.checkpoint_every = 2 if arg.runlocal else 100
+  return c

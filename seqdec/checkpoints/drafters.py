@@ -1,0 +1,182 @@
+"""Trained drafter checkpoints: safetensors weights + drafter.json.
+
+A drafter directory holds
+
+    drafter.safetensors   the network's parameters by flat NNX path
+                          ('layers.0.attn.qkv_proj', ...), stored in
+                          `dtype` (bfloat16 halves a shipped file)
+    drafter.json          kind ('eagle'), the target's fingerprint
+                          (`seqdec.data.features.fingerprint`: a hash of its
+                          weights, since e.g. SmolLM2 base and Instruct share
+                          every shape), hidden size, vocabulary, the network
+                          config, and free-form provenance (command, data)
+
+`load` refuses a file for another target (fingerprint, hidden size or
+vocabulary), a missing or corrupt file, naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqdec.errors import UserError
+from seqdec.jsonl import write_text_atomic
+from seqdec.models import eagle
+
+WEIGHTS, META = "drafter.safetensors", "drafter.json"
+KINDS = ("eagle",)
+
+
+class DrafterCheckpointError(UserError):
+  """A drafter checkpoint is missing, corrupt or for another target."""
+
+
+def _flat(state) -> dict[str, Any]:
+  return {".".join(str(k) for k in path): v.get_value()
+          for path, v in nnx.to_flat_state(state)}
+
+
+def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
+         target_fingerprint: Optional[str] = None, **provenance) -> str:
+  """Writes `net` (a network for `target`) to directory `path`."""
+  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file
+  from seqdec.data.features import fingerprint
+  # pylint: enable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  params = nnx.state(net, nnx.Param)
+  tensors = {k: np.asarray(jnp.asarray(v, dtype).astype(jnp.float32)
+                           if dtype == "bfloat16" else jnp.asarray(v, dtype))
+             for k, v in _flat(params).items()}
+  if dtype == "bfloat16":   # safetensors.numpy has no bf16: store the bits
+    tensors = {k: v.astype(np.float32).view(np.uint32).__rshift__(16)
+               .astype(np.uint16) for k, v in tensors.items()}
+  tmp = os.path.join(path, WEIGHTS + ".tmp")
+  save_file(tensors, tmp)
+  os.replace(tmp, os.path.join(path, WEIGHTS))
+  meta = dict(kind="eagle", dtype=dtype,
+              target_fingerprint=target_fingerprint or fingerprint(target),
+              hidden_size=target.config.hidden_size,
+              vocab_size=target.config.vocab_size,
+              net_config=dataclasses.asdict(net.config),
+              num_params=int(sum(np.size(v) for v in tensors.values())),
+              provenance=provenance)
+  write_text_atomic(os.path.join(path, META),
+                    json.dumps(meta, indent=1, sort_keys=True, default=str))
+  return path
+
+
+def read_meta(path: str) -> dict:
+  meta_path = os.path.join(path, META)
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise DrafterCheckpointError(
+        f"no drafter checkpoint at {path!r} (missing {META})") from None
+  except (OSError, ValueError) as e:
+    raise DrafterCheckpointError(f"corrupt {meta_path!r}: {e}") from None
+  if meta.get("kind") not in KINDS:
+    raise DrafterCheckpointError(f"{meta_path!r}: unknown drafter kind "
+                                 f"{meta.get('kind')!r}; known: {KINDS}")
+  return meta
+
+
+def load(path: str, target, *, check_fingerprint: bool = True
+         ) -> eagle.EagleNet:
+  """The network stored at `path`, for `target` (checked).
+
+  Raises:
+    DrafterCheckpointError: missing/corrupt files, or a checkpoint trained
+      for another target (hidden size, vocabulary or weights fingerprint).
+  """
+  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  from seqdec.data.features import fingerprint
+  # pylint: enable=g-import-not-at-top
+  meta = read_meta(path)
+  c = target.config
+  for key, have in (("hidden_size", c.hidden_size),
+                    ("vocab_size", c.vocab_size)):
+    if meta.get(key) != have:
+      raise DrafterCheckpointError(
+          f"drafter {path!r} was trained for a target with {key}="
+          f"{meta.get(key)}, this target has {have}")
+  if check_fingerprint and meta.get("target_fingerprint") != fingerprint(
+      target):
+    raise DrafterCheckpointError(
+        f"drafter {path!r} was trained for another target (weights "
+        f"fingerprint {str(meta.get('target_fingerprint'))[:16]}... differs "
+        f"from this target's); retrain it for this model")
+  weights = os.path.join(path, WEIGHTS)
+  try:
+    tensors = load_file(weights)
+  except FileNotFoundError:
+    raise DrafterCheckpointError(f"missing {weights!r}") from None
+  except (SafetensorError, OSError, ValueError) as e:
+    raise DrafterCheckpointError(f"corrupt {weights!r}: {e}") from None
+  config = eagle.eagle_config(c).replace(dtype=c.dtype,
+                                         param_dtype=c.param_dtype)
+  abstract = nnx.eval_shape(lambda: eagle.EagleNet(config, rngs=None))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  want = _flat(params)
+  if sorted(want) != sorted(tensors):
+    raise DrafterCheckpointError(
+        f"{weights!r} holds tensors {sorted(set(tensors) ^ set(want))[:4]} "
+        f"that do not match an EAGLE network for this target")
+  flat = []
+  for p, v in nnx.to_flat_state(params):
+    key = ".".join(str(k) for k in p)
+    x = tensors[key]
+    if meta.get("dtype") == "bfloat16":
+      x = (x.astype(np.uint32) << 16).view(np.float32)
+    if x.shape != v.get_value().shape:
+      raise DrafterCheckpointError(f"{weights!r}: {key} has shape {x.shape}, "
+                                   f"expected {v.get_value().shape}")
+    flat.append((p, v.replace(jnp.asarray(x, v.get_value().dtype))))
+  rest = jax.jit(lambda: nnx.split(eagle.EagleNet(config, rngs=None),
+                                   nnx.Param, ...)[2])()
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "shipped")
+
+
+def shipped() -> list[str]:
+  """The drafter directories shipped with seqdec (`SHIPPED_DIR/*`)."""
+  if not os.path.isdir(SHIPPED_DIR):
+    return []
+  return sorted(os.path.join(SHIPPED_DIR, d) for d in os.listdir(SHIPPED_DIR)
+                if os.path.isfile(os.path.join(SHIPPED_DIR, d, META)))
+
+
+def load_for(target, checkpoint: str = "") -> eagle.EagleNet:
+  """`load(checkpoint, target)`, or with checkpoint '' the shipped drafter
+  whose target fingerprint is this target's.
+
+  Raises:
+    DrafterCheckpointError: no shipped drafter for this target (how to train
+      one), or `load`'s errors.
+  """
+  if checkpoint:
+    return load(os.path.expanduser(checkpoint), target)
+  from seqdec.data.features import fingerprint  # pylint: disable=g-import-not-at-top
+  mine = fingerprint(target)
+  for path in shipped():
+    if read_meta(path).get("target_fingerprint") == mine:
+      return load(path, target, check_fingerprint=False)
+  raise DrafterCheckpointError(
+      "no EAGLE drafter is shipped for this target (its weights match none "
+      f"of {[os.path.basename(p) for p in shipped()]}); train one with "
+      "launch/make_drafter_data.py and launch/train_drafter.py, then pass "
+      "eagle@checkpoint=<workdir>/drafter")

@@ -1,0 +1,233 @@
+"""Training an EAGLE drafter on a target's cached features.
+
+Data: a `seqdec.data.features` dataset (the target's responses and its
+features f_t). For a sequence x_0..x_{n-1} with features f_t, the network
+reads the pairs (e(x_t), f_{t-1}), t = 1 .. n-1, causally (`EagleNet`), and
+at each trained position t predicts f^_t. The loss (EAGLE's) is
+
+    L = w_reg * SmoothL1(f^_t - f_t)            mean over the D features
+      + w_ce  * CE(p_t, q_t),   p_t = softmax(head(f_t)),
+                                q_t = softmax(head(f^_t))
+
+averaged over K positions per row drawn (seeded by the step) among the
+trained ones: the response (t >= prompt_len - 1) of each sequence, or every
+position with `train.positions = 'all'`. The head is the target's frozen LM
+head, applied to the cached features for p (distillation targets are never
+stored). Only the network's weights train; the target's embedding and head
+are inputs.
+
+Batches: step s reads rows perm_e[i] for the batch's slots i, where perm_e
+is a permutation of the training rows drawn from (seed, epoch e); a function
+of (seed, s) only, so a resumed run repeats and skips nothing
+(`seqdec.train.loop`). The last `data.valid_rows` finished rows are the
+validation split.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from seqdec.data.features import DataError, FeatureDataset, fingerprint
+from seqdec.models import eagle
+from seqdec.train import loop as loop_lib
+from seqdec.train.lm import Checkpointer, make_optimizer
+from seqdec.train.loop import TrainError, TrainState
+
+
+def smooth_l1(x: jax.Array) -> jax.Array:
+  """Huber with threshold 1: 0.5 x^2 if |x| < 1 else |x| - 0.5."""
+  a = jnp.abs(x)
+  return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+def forward(net, target, tokens: jax.Array, features: jax.Array
+            ) -> jax.Array:
+  """Teacher-forced `[B, S-1, D]` f^_t for t = 1 .. S-1 (module docstring)."""
+  b, s = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(1, s, dtype=jnp.int32), (b, s - 1))
+  pred, _ = net(target.embed_tokens(tokens[:, 1:]), features[:, :-1], pos,
+                net.init_cache(b, s - 1))
+  return pred
+
+
+def loss_fn(net_params, net_def, target_params, target_def, batch,
+            w_reg: float, w_ce: float):
+  """(loss, metrics) of the module docstring at `batch['index']` [B, K]
+  (t - 1 of each sampled position t, with weight `batch['weight']`).
+
+  `net_params` = (trained `nnx.Param` state, the rest: RoPE frequencies)."""
+  net = nnx.merge(net_def, *net_params)
+  target = nnx.merge(target_def, target_params)
+  feats = batch["features"].astype(jnp.float32)
+  pred = forward(net, target, batch["tokens"], feats)           # [B, S-1, D]
+  idx = batch["index"]                                         # [B, K]
+  w = batch["weight"]                                          # [B, K]
+  at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
+  p_hat, f = at(pred).astype(jnp.float32), at(feats[:, 1:])    # [B, K, D]
+  reg = smooth_l1(p_hat - f).mean(-1)
+  logp = jax.nn.log_softmax(target.head(f), -1)
+  logq = jax.nn.log_softmax(target.head(p_hat), -1)
+  ce = -(jnp.exp(logp) * logq).sum(-1)
+  agree = (jnp.argmax(logq, -1) == jnp.argmax(logp, -1)).astype(jnp.float32)
+  denom = jnp.maximum(w.sum(), 1.0)
+  mean = lambda x: (x * w).sum() / denom                       # noqa: E731
+  loss = w_reg * mean(reg) + w_ce * mean(ce)
+  return loss, dict(reg=mean(reg), ce=mean(ce), top1=mean(agree))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
+                   donate_argnums=(5, 6))
+def train_step(net_def, target_def, tx, w_reg, w_ce, params, opt_state,
+               target_params, batch, rest=None):
+  """One AdamW step on the network's `nnx.Param`s (`params`); `rest` (its
+  other variables) and the target's parameters are inputs."""
+  (loss, stats), grads = jax.value_and_grad(
+      lambda p: loss_fn((p, rest), net_def, target_params, target_def, batch,
+                        w_reg, w_ce), has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, dict(stats, loss=loss,
+                                 grad_norm=optax.tree.norm(grads))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def eval_step(net_def, target_def, w_reg, w_ce, params, target_params, batch,
+              rest=None):
+  return loss_fn((params, rest), net_def, target_params, target_def, batch,
+                 w_reg, w_ce)
+
+
+def sample_positions(rng: np.random.Generator, lengths: np.ndarray,
+                     prompt_lens: np.ndarray, seq_len: int, k: int,
+                     response_only: bool) -> tuple[np.ndarray, np.ndarray]:
+  """`(index [B, K], weight [B, K])`: K trained positions t per row as
+  indices t - 1 into f^ (t in [lo, n-1], lo = prompt_len - 1 or 1), drawn
+  without replacement; rows with fewer than K get weight 0 on the rest."""
+  b = len(lengths)
+  index = np.zeros((b, k), np.int32)
+  weight = np.zeros((b, k), np.float32)
+  for i in range(b):
+    lo = max(1, int(prompt_lens[i]) - 1) if response_only else 1
+    hi = min(int(lengths[i]) - 1, seq_len - 1)      # t <= n - 1
+    cand = np.arange(lo, hi + 1)
+    take = rng.permutation(cand)[:k] if len(cand) > k else cand
+    index[i, :len(take)] = take - 1
+    weight[i, :len(take)] = 1.0
+  return index, weight
+
+
+class Batches:
+  """Training and validation batches of a dataset (module docstring)."""
+
+  def __init__(self, ds: FeatureDataset, batch_size: int, positions: int,
+               valid_rows: int, seed: int, response_only: bool):
+    if ds.rows <= valid_rows:
+      raise DataError(f"dataset {ds.path!r} has {ds.rows} finished rows, "
+                      f"need more than data.valid_rows={valid_rows}")
+    self.ds, self.b, self.k, self.seed = ds, batch_size, positions, seed
+    self.response_only = response_only
+    self.train_rows = ds.rows - valid_rows
+    self.valid = np.arange(self.train_rows, ds.rows)
+
+  def rows(self, step: int) -> np.ndarray:
+    """The rows of step `step`: slots step*B .. step*B + B - 1 of the
+    concatenated per-epoch permutations."""
+    n, out = self.train_rows, []
+    for slot in range(step * self.b, (step + 1) * self.b):
+      epoch, i = divmod(slot, n)
+      out.append(np.random.default_rng([self.seed, epoch]).permutation(n)[i])
+    return np.asarray(out)
+
+  def make(self, rows: np.ndarray, key) -> dict[str, np.ndarray]:
+    data = self.ds.read(rows)
+    index, weight = sample_positions(
+        np.random.default_rng(key), data["lengths"], data["prompt_lens"],
+        data["tokens"].shape[1], self.k, self.response_only)
+    return dict(tokens=data["tokens"], features=data["features"],
+                index=index, weight=weight)
+
+  def train(self, step: int) -> dict[str, np.ndarray]:
+    return self.make(self.rows(step), [self.seed, 1, step])
+
+  def validation(self) -> list[dict[str, np.ndarray]]:
+    return [self.make(self.valid[i:i + self.b], [self.seed, 2, i])
+            for i in range(0, len(self.valid), self.b)]
+
+
+def evaluate(net_def, target_def, params, rest, target_params, batches,
+             w_reg, w_ce) -> dict[str, float]:
+  """Position-weighted means of the loss terms over validation batches."""
+  sums, total = {}, 0.0
+  for b in batches:
+    loss, stats = eval_step(net_def, target_def, w_reg, w_ce, params,
+                            target_params, b, rest)
+    w = float(b["weight"].sum())
+    for k, v in dict(stats, loss=loss).items():
+      sums[k] = sums.get(k, 0.0) + float(v) * w
+    total += w
+  return {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
+
+
+def train(config: ml_collections.ConfigDict, target, workdir: str,
+          progress=None, log: Optional[Callable[[dict], None]] = None
+          ) -> dict[str, Any]:
+  """Trains (or resumes) an EAGLE network for `target` per `config`
+  (configs/drafters/eagle.py). Returns history, final validation metrics
+  and the trained `EagleNet`."""
+  t, d = config.train, config.data
+  if t.steps < 1 or d.batch_size < 1 or d.positions < 1:
+    raise TrainError("train.steps, data.batch_size and data.positions must "
+                     "be >= 1")
+  if d.positions_from not in ("response", "all"):
+    raise TrainError(f"data.positions_from must be 'response' or 'all', got "
+                     f"{d.positions_from!r}")
+  ds = FeatureDataset.open(d.path, fingerprint(target))
+  if ds.meta["hidden"] != target.config.hidden_size:
+    raise DataError(f"dataset {d.path!r} has features of width "
+                    f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
+  batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
+                    d.positions_from == "response")
+  net = eagle.create(target.config, config.seed)
+  net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  target_def, target_params = nnx.split(target)
+  tx = make_optimizer(t)
+  state = TrainState(0, params, tx.init(params))
+  ckpt = Checkpointer(workdir) if t.checkpoint_every > 0 else None
+  valid = batches.validation()
+  w_reg, w_ce = float(t.w_reg), float(t.w_ce)
+
+  def step_fn(params, opt_state, batch):
+    return train_step(net_def, target_def, tx, w_reg, w_ce, params,
+                      opt_state, target_params, batch, rest)
+
+  def every(state):
+    if t.eval_every > 0 and state.step % t.eval_every == 0:
+      return evaluate(net_def, target_def, state.params, rest,
+                      target_params, valid, w_reg, w_ce)
+    return None
+
+  try:
+    state, history, resumed_from = loop_lib.run_steps(
+        state, t.steps, batches.train, step_fn, ckpt, t.checkpoint_every,
+        t.log_every, progress, log, every)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  final = evaluate(net_def, target_def, state.params, rest, target_params,
+                   valid, w_reg, w_ce)
+  if log is not None and not (history and history[-1] == {
+      "step": state.step, **final}):
+    log({"step": state.step, **final})
+  return dict(history=history, eval=final, resumed_from=resumed_from,
+              net=nnx.merge(net_def, state.params, rest),
+              train_rows=batches.train_rows, valid_rows=len(batches.valid))

@@ -1,0 +1,172 @@
+"""The EAGLE drafter: trained on a tiny target's own continuations, it is
+lossless through the engine, its loss falls, its checkpoints round-trip and
+bad checkpoints or datasets are refused by name."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seqdec import testing
+from seqdec.checkpoints import drafters as drafter_ckpt
+from seqdec.data import features as feature_data
+from seqdec.decoding import drafters as drafters_lib
+from seqdec.generator import Generator
+from seqdec.models import eagle
+from seqdec.tokenizer import Tokenizer
+from seqdec.train import drafter as trainer
+from seqdec.train.lm import make_optimizer
+
+import ml_collections
+
+STEPS = 150
+
+
+def continuations(model, n=24, prompt=6, new=26, seed=0):
+  """`[n, prompt + new]` random prompts continued greedily by the model."""
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(0, model.config.vocab_size, (n, prompt)).tolist()
+  out = Generator(model, Tokenizer.byte_level(), max_new_tokens=new,
+                  eos_ids=(), max_batch=n).generate_ids(prompts)
+  return np.asarray([p + r.tokens for p, r in zip(prompts, out)], np.int32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """(target f32, net, losses, tokens): an EagleNet trained for STEPS
+  full-batch steps on the tiny target's continuations `tokens` (all
+  positions). It fits them (teacher-forced top-1 ~0.9) but does not
+  generalise to new random prompts of this random target."""
+  target = testing.tiny_model()
+  tokens = continuations(target)
+  feats = feature_data.target_features(target, tokens)
+  n, s = tokens.shape
+  batch = dict(tokens=tokens, features=feats,
+               index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
+                   np.int32),
+               weight=np.ones((n, s - 1), np.float32))
+  net = eagle.create(target.config, seed=0)
+  net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  target_def, target_params = nnx.split(target)
+  tx = make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup_steps=10, steps=STEPS, grad_clip=1.0,
+      weight_decay=0.0)))
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(STEPS):
+    params, opt_state, m = trainer.train_step(
+        net_def, target_def, tx, 1.0, 0.1, params, opt_state, target_params,
+        batch, rest)
+    losses.append((float(m["loss"]), float(m["top1"])))
+  return target, nnx.merge(net_def, params, rest), losses, tokens
+
+
+def test_loss_falls_on_a_fixed_batch(trained):
+  """SmoothL1 + 0.1 CE on one fixed batch: below 60 % of the first step's
+  after STEPS steps, with teacher-forced top-1 agreement above 0.5."""
+  losses = trained[2]
+  print(f"loss {losses[0][0]:.3f} -> {losses[-1][0]:.3f}, top-1 "
+        f"{losses[0][1]:.2f} -> {losses[-1][1]:.2f}")
+  assert losses[-1][0] < 0.6 * losses[0][0]
+  assert losses[-1][1] > 0.5
+
+
+def as_float64(target_f32, net_f32):
+  """The same weights in float64 (tiny_model draws are dtype-independent)."""
+  target = testing.tiny_model("float64")
+  cfg = eagle.eagle_config(target.config)
+  net_def, _ = nnx.split(nnx.eval_shape(lambda: eagle.EagleNet(
+      cfg, rngs=None)))
+  state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
+                       if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                       nnx.state(net_f32))
+  return target, nnx.merge(net_def, state)
+
+
+def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained):
+  """Greedy speculative decoding with the trained EAGLE drafter and a tree
+  equals greedy autoregressive decoding exactly (float64), for a batch of
+  rows of different lengths: prefixes of its training sequences (where it
+  drafts well, so that drafts are both accepted and rejected) and a fresh
+  prompt (where it mostly fails)."""
+  target, net = as_float64(*trained[:2])
+  tokens = trained[3]
+  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
+             tokens[2, :3].tolist(), [5, 17, 99, 3]]
+  tok = Tokenizer.byte_level()
+  ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
+      prompts)
+  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
+                   drafter=drafter, tree="kary2x2x1").generate_ids(prompts)
+  for a, b in zip(ar, spec):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  accepted = [r.metrics["mean_accepted"] for r in spec]
+  print(f"accepted drafts per round {accepted}")
+  assert 0.5 < np.mean(accepted[:3]) < 3.0
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path, trained):
+  """float32 export restores exactly; bf16 within bf16 rounding; another
+  target (fingerprint or shape), a missing or corrupt file are refused
+  naming the path."""
+  target, net = trained[:2]
+  path = drafter_ckpt.save(str(tmp_path / "d"), net, target, dtype="float32")
+  back = drafter_ckpt.load(path, target)
+  for a, b in zip(jax.tree.leaves(nnx.state(net)),
+                  jax.tree.leaves(nnx.state(back))):
+    np.testing.assert_array_equal(a, b)
+  path16 = drafter_ckpt.save(str(tmp_path / "d16"), net, target)
+  for a, b in zip(jax.tree.leaves(nnx.state(net, nnx.Param)),
+                  jax.tree.leaves(nnx.state(drafter_ckpt.load(
+                      path16, target), nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=1e-30)
+  other = testing.tiny_model(seed=1)           # same shapes, other weights
+  with pytest.raises(drafter_ckpt.DrafterCheckpointError,
+                     match="another target"):
+    drafter_ckpt.load(path, other)
+  wide = testing.tiny_model(hidden_size=32, intermediate_size=64)
+  with pytest.raises(drafter_ckpt.DrafterCheckpointError,
+                     match="hidden_size=64"):
+    drafter_ckpt.load(path, wide)
+  with pytest.raises(drafter_ckpt.DrafterCheckpointError,
+                     match="missing drafter.json"):
+    drafter_ckpt.load(str(tmp_path / "nowhere"), target)
+  with open(os.path.join(path, drafter_ckpt.WEIGHTS), "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(drafter_ckpt.DrafterCheckpointError,
+                     match=r"corrupt .*drafter\.safetensors"):
+    drafter_ckpt.load(path, target)
+  with pytest.raises(drafter_ckpt.DrafterCheckpointError,
+                     match="no EAGLE drafter is shipped"):
+    drafter_ckpt.load_for(target, "")
+
+
+def test_bad_datasets_are_refused_by_name(tmp_path, trained):
+  target = trained[0]
+  with pytest.raises(feature_data.DataError, match="missing meta.json"):
+    feature_data.FeatureDataset.open(str(tmp_path / "none"))
+  path = str(tmp_path / "ds")
+  feature_data.create(path, dict(target_fingerprint="abc"), 4, 8,
+                      target.config.hidden_size, 2)
+  with pytest.raises(feature_data.DataError, match="another target"):
+    feature_data.FeatureDataset.open(path, feature_data.fingerprint(target))
+  ds = feature_data.FeatureDataset.open(path)
+  with pytest.raises(feature_data.DataError, match="outside the 0 finished"):
+    ds.read(np.array([0]))
+  meta = json.load(open(os.path.join(path, "meta.json")))
+  feature_data.write_meta(path, dict(meta, done=2))
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(path, "features"))
+  with pytest.raises(feature_data.DataError,
+                     match=r"cannot open array .*features"):
+    feature_data.FeatureDataset.open(path)
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(feature_data.DataError, match="corrupt dataset"):
+    feature_data.FeatureDataset.open(path)
