@@ -82,6 +82,7 @@ def run(config, workdir: str) -> dict:
   export = drafter_ckpt.save(
       os.path.join(workdir, "drafter"), out["net"], target,
       dtype="float32" if config.runlocal else "bfloat16",
+      keep_ids=out["keep_ids"],
       model=config.model, data=config.data.path,
       steps=config.train.steps, train_rows=out["train_rows"],
       valid=out["eval"],

@@ -165,7 +165,7 @@ class Generator:
                                        dtype=model.config.param_dtype)
     shape = shape or spec_lib.build_tree(spec)
     eagle_net = None
-    if spec.drafter == "eagle":
+    if spec.drafter == "eagle":  # (EagleNet, keep_ids)
       from seqdec.checkpoints import drafters as drafter_ckpt  # pylint: disable=g-import-not-at-top
       eagle_net = drafter_ckpt.load_for(model, spec.option("checkpoint"))
     built = spec_lib.build_drafter(spec, model, draft_model=draft_model,

@@ -117,14 +117,17 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, trained):
   naming the path."""
   target, net = trained[:2]
   path = drafter_ckpt.save(str(tmp_path / "d"), net, target, dtype="float32")
-  back = drafter_ckpt.load(path, target)
+  back, ids = drafter_ckpt.load(path, target)
+  assert ids is None
   for a, b in zip(jax.tree.leaves(nnx.state(net)),
                   jax.tree.leaves(nnx.state(back))):
     np.testing.assert_array_equal(a, b)
-  path16 = drafter_ckpt.save(str(tmp_path / "d16"), net, target)
+  path16 = drafter_ckpt.save(str(tmp_path / "d16"), net, target,
+                             keep_ids=np.arange(0, 200, 2))
+  back16, ids = drafter_ckpt.load(path16, target)
+  np.testing.assert_array_equal(ids, np.arange(0, 200, 2))
   for a, b in zip(jax.tree.leaves(nnx.state(net, nnx.Param)),
-                  jax.tree.leaves(nnx.state(drafter_ckpt.load(
-                      path16, target), nnx.Param))):
+                  jax.tree.leaves(nnx.state(back16, nnx.Param))):
     np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=1e-30)
   other = testing.tiny_model(seed=1)           # same shapes, other weights
   with pytest.raises(drafter_ckpt.DrafterCheckpointError,
@@ -170,3 +173,46 @@ def test_bad_datasets_are_refused_by_name(tmp_path, trained):
     f.write("{not json")
   with pytest.raises(feature_data.DataError, match="corrupt dataset"):
     feature_data.FeatureDataset.open(path)
+
+
+class UnrenormalisedTrim(drafters_lib.EagleDrafter):
+  """Negative control: drafts from the trimmed law but reports q without
+  renormalising it over the kept set (scaled by 0.7, the kept mass it
+  would have under the untrimmed softmax if the kept ids held 70 %)."""
+
+  def propose(self, params, state, shape, rnd, target_cache, key):
+    tree, state, cache = super().propose(params, state, shape, rnd,
+                                         target_cache, key)
+    return tree.replace(q=tree.q * 0.7), state, cache
+
+
+@pytest.mark.parametrize("control", [False, pytest.param(
+    True, marks=pytest.mark.slow)])
+def test_trimmed_head_sampling_keeps_the_target_law(trained, control):
+  """T=1, i.i.d. children from the trimmed drafter (every other token id
+  kept): the joint law of the first two tokens over 4096 rows equals the
+  target's (χ²); reporting the un-renormalised q is detected."""
+  from test_spec_sampling import (BATCH, P_MIN, ROWS,  # pylint: disable=g-import-not-at-top
+                                  chi2_pvalue, exact_joint)
+  target, net = trained[:2]
+  prompt = trained[3][0, :6].tolist()     # where the drafter drafts well
+  keep = np.arange(0, target.config.vocab_size, 2)
+  cls = UnrenormalisedTrim if control else drafters_lib.EagleDrafter
+  drafter = cls(net, target, proposal="iid", keep_ids=keep)
+  gen = Generator(target, Tokenizer.byte_level(), max_new_tokens=3,
+                  eos_ids=(), drafter=drafter, tree="kary2x1", rule="sample",
+                  temperature=1.0, max_batch=BATCH)
+  results = gen.generate_ids([prompt] * ROWS, seed=11)
+  pairs = np.array([r.tokens[:2] for r in results])
+  v = target.config.vocab_size
+  counts = np.zeros((v, v))
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(target, prompt, 1.0))
+  accepted = np.mean([r.metrics["mean_accepted"] for r in results])
+  print(f"control={control}: chi2 {stat:.1f} dof {dof} p {pvalue:.3g}, "
+        f"accepted drafts per round {accepted:.2f}")
+  assert accepted > 0.1, "the test must exercise acceptance"
+  if control:
+    assert pvalue < 1e-6
+  else:
+    assert pvalue > P_MIN

@@ -40,6 +40,8 @@ def get_config(arg=None):
   c.data.positions = 16 if arg.runlocal else 128   # trained positions per row
   c.data.positions_from = "response"               # or 'all'
   c.data.valid_rows = 4 if arg.runlocal else 64
+  # Trimmed drafter head: the M most frequent response tokens (0: all V).
+  c.data.vocab_keep = 128 if arg.runlocal else 8192
   # runlocal builds this many prompts' data (tiny target) when missing.
   c.data.build_prompts = 24 if arg.runlocal else 0
 

@@ -4,7 +4,8 @@ A drafter directory holds
 
     drafter.safetensors   the network's parameters by flat NNX path
                           ('layers.0.attn.qkv_proj', ...), stored in
-                          `dtype` (bfloat16 halves a shipped file)
+                          `dtype` (bfloat16 halves a shipped file), and
+                          for a trimmed head 'vocab.keep_ids' (int32 [M])
     drafter.json          kind ('eagle'), the target's fingerprint
                           (`seqdec.data.features.fingerprint`: a hash of its
                           weights, since e.g. SmolLM2 base and Instruct share
@@ -44,9 +45,14 @@ def _flat(state) -> dict[str, Any]:
           for path, v in nnx.to_flat_state(state)}
 
 
+KEEP_IDS = "vocab.keep_ids"
+
+
 def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
-         target_fingerprint: Optional[str] = None, **provenance) -> str:
-  """Writes `net` (a network for `target`) to directory `path`."""
+         keep_ids=None, target_fingerprint: Optional[str] = None,
+         **provenance) -> str:
+  """Writes `net` (a network for `target`; `keep_ids` its trimmed head's
+  vocabulary or None) to directory `path`."""
   # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file
   from seqdec.data.features import fingerprint
@@ -59,6 +65,9 @@ def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
   if dtype == "bfloat16":   # safetensors.numpy has no bf16: store the bits
     tensors = {k: v.astype(np.float32).view(np.uint32).__rshift__(16)
                .astype(np.uint16) for k, v in tensors.items()}
+  num_params = int(sum(np.size(v) for v in tensors.values()))
+  if keep_ids is not None:
+    tensors[KEEP_IDS] = np.asarray(keep_ids, np.int32)
   tmp = os.path.join(path, WEIGHTS + ".tmp")
   save_file(tensors, tmp)
   os.replace(tmp, os.path.join(path, WEIGHTS))
@@ -67,7 +76,8 @@ def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
               hidden_size=target.config.hidden_size,
               vocab_size=target.config.vocab_size,
               net_config=dataclasses.asdict(net.config),
-              num_params=int(sum(np.size(v) for v in tensors.values())),
+              num_params=num_params,
+              vocab_kept=None if keep_ids is None else int(len(keep_ids)),
               provenance=provenance)
   write_text_atomic(os.path.join(path, META),
                     json.dumps(meta, indent=1, sort_keys=True, default=str))
@@ -91,8 +101,8 @@ def read_meta(path: str) -> dict:
 
 
 def load(path: str, target, *, check_fingerprint: bool = True
-         ) -> eagle.EagleNet:
-  """The network stored at `path`, for `target` (checked).
+         ) -> tuple[eagle.EagleNet, Optional[np.ndarray]]:
+  """`(network, keep_ids or None)` stored at `path`, for `target` (checked).
 
   Raises:
     DrafterCheckpointError: missing/corrupt files, or a checkpoint trained
@@ -128,6 +138,7 @@ def load(path: str, target, *, check_fingerprint: bool = True
                                          param_dtype=c.param_dtype)
   abstract = nnx.eval_shape(lambda: eagle.EagleNet(config, rngs=None))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  keep_ids = tensors.pop(KEEP_IDS, None)
   want = _flat(params)
   if sorted(want) != sorted(tensors):
     raise DrafterCheckpointError(
@@ -145,7 +156,7 @@ def load(path: str, target, *, check_fingerprint: bool = True
     flat.append((p, v.replace(jnp.asarray(x, v.get_value().dtype))))
   rest = jax.jit(lambda: nnx.split(eagle.EagleNet(config, rngs=None),
                                    nnx.Param, ...)[2])()
-  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest), keep_ids
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -160,7 +171,8 @@ def shipped() -> list[str]:
                 if os.path.isfile(os.path.join(SHIPPED_DIR, d, META)))
 
 
-def load_for(target, checkpoint: str = "") -> eagle.EagleNet:
+def load_for(target, checkpoint: str = ""
+             ) -> tuple[eagle.EagleNet, Optional[np.ndarray]]:
   """`load(checkpoint, target)`, or with checkpoint '' the shipped drafter
   whose target fingerprint is this target's.
 

@@ -195,7 +195,8 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   existing = None
   if os.path.exists(os.path.join(path, "meta.json")):
     existing = FeatureDataset.open(path).meta
-    same = {k: existing.get(k) for k in meta} == meta and (
+    recipe = {k: v for k, v in meta.items() if k != "command"}
+    same = {k: existing.get(k) for k in recipe} == recipe and (
         existing["num_rows"] == n)
     if not same:
       raise DataError(f"{path!r} holds a dataset with another recipe; "
@@ -203,6 +204,7 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   if existing is None:
     create(path, meta, n, seq_len, hidden, chunk)
   ds = FeatureDataset.open(path)
+  chunk = ds.meta["chunk"]            # a resumed build keeps its chunking
   gen = Generator(model, tokenizer, max_new_tokens=max_new,
                   temperature=temperature, seed=seed, max_batch=chunk)
   for c in range(ds.meta["done"], -(-n // chunk)):

@@ -281,8 +281,8 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
     draft_model: the loaded draft LM for drafter 'draft' when the spec names
       one by `draft_model=<name or path>` (loading is the caller's: decoding
       does not import checkpoints; `Generator` loads it).
-    eagle_net: the loaded `EagleNet` for drafter 'eagle' (likewise loaded
-      by `Generator` from the `checkpoint` option).
+    eagle_net: `(EagleNet, keep_ids or None)` for drafter 'eagle'
+      (likewise loaded by `Generator` from the `checkpoint` option).
   """
   if not spec.speculative:
     raise ConfigError("an autoregressive spec has no drafter")
@@ -292,8 +292,9 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
       raise ConfigError("drafter 'eagle' needs its trained network: load it "
                         "(seqdec.checkpoints.drafters.load) and pass "
                         "eagle_net= (Generator does)")
-    return drafters.make_drafter("eagle", target, eagle_net=eagle_net,
-                                 proposal=spec.proposal)
+    net, keep_ids = eagle_net
+    return drafters.make_drafter("eagle", target, eagle_net=net,
+                                 keep_ids=keep_ids, proposal=spec.proposal)
   name = options.pop("draft_model", "")
   if spec.drafter == "draft":
     if name and draft_model is None:

@@ -26,7 +26,8 @@ documents it for the KV cache):
   all), and `logits(hidden)` = `head(features(hidden))`: `features` applies
   the final norm (its output, the LM head's input, is the feature that
   feature-reading drafters such as EAGLE and Medusa consume) and `head`
-  maps features to logits.
+  maps features to logits (of the vocabulary entries `ids` only, for a
+  trimmed drafter head).
 * `config` has at least `vocab_size` and `max_position_embeddings`.
 """
 
@@ -67,5 +68,6 @@ class Target(Protocol):
   def features(self, hidden: jax.Array) -> jax.Array:
     ...
 
-  def head(self, features: jax.Array) -> jax.Array:
+  def head(self, features: jax.Array,
+           ids: Optional[jax.Array] = None) -> jax.Array:
     ...

@@ -664,17 +664,20 @@ class Transformer(nnx.Module):
     the target feature that feature-reading drafters (EAGLE, Medusa) read."""
     return self.final_norm(hidden)
 
-  def head(self, features: jax.Array) -> jax.Array:
+  def head(self, features: jax.Array,
+           ids: Optional[jax.Array] = None) -> jax.Array:
     """`[..., D]` features (after the final norm) -> `[..., V]` logits
     (float32 or wider): logits = features @ W_head (the tied embedding's
-    transpose when `tie_embeddings`)."""
+    transpose when `tie_embeddings`); with `ids` `[M]`, only those
+    vocabulary entries' logits `[..., M]` (a trimmed drafter head)."""
     acc = jnp.promote_types(self.dtype, jnp.float32)
     if self.lm_head is None:
-      return jnp.einsum("...d,vd->...v", features,
-                        self.embed[...].astype(self.dtype),
+      w = self.embed[...] if ids is None else jnp.take(self.embed[...], ids, 0)
+      return jnp.einsum("...d,vd->...v", features, w.astype(self.dtype),
                         preferred_element_type=acc)
-    return jnp.einsum("...d,dv->...v", features,
-                      self.lm_head[...].astype(self.dtype),
+    w = self.lm_head[...] if ids is None else jnp.take(self.lm_head[...], ids,
+                                                        1)
+    return jnp.einsum("...d,dv->...v", features, w.astype(self.dtype),
                       preferred_element_type=acc)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -10,7 +10,10 @@ at each trained position t predicts f^_t. The loss (EAGLE's) is
                                 q_t = softmax(head(f^_t))
 
 averaged over K positions per row drawn (seeded by the step) among the
-trained ones: the response (t >= prompt_len - 1) of each sequence, or every
+trained ones; with a trimmed head (`data.vocab_keep` = M > 0: the M tokens
+most frequent in the training responses, `top_tokens`) both p and q are over
+the kept ids only, renormalised there, which is the law the trimmed drafter
+drafts from (`drafters.eagle`) and costs M / V of the head: the response (t >= prompt_len - 1) of each sequence, or every
 position with `train.positions = 'all'`. The head is the target's frozen LM
 head, applied to the cached features for p (distillation targets are never
 stored). Only the network's weights train; the target's embedding and head
@@ -61,7 +64,7 @@ def forward(net, target, tokens: jax.Array, features: jax.Array
 
 
 def loss_fn(net_params, net_def, target_params, target_def, batch,
-            w_reg: float, w_ce: float):
+            w_reg: float, w_ce: float, keep_ids=None):
   """(loss, metrics) of the module docstring at `batch['index']` [B, K]
   (t - 1 of each sampled position t, with weight `batch['weight']`).
 
@@ -75,8 +78,8 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
   p_hat, f = at(pred).astype(jnp.float32), at(feats[:, 1:])    # [B, K, D]
   reg = smooth_l1(p_hat - f).mean(-1)
-  logp = jax.nn.log_softmax(target.head(f), -1)
-  logq = jax.nn.log_softmax(target.head(p_hat), -1)
+  logp = jax.nn.log_softmax(target.head(f, keep_ids), -1)
+  logq = jax.nn.log_softmax(target.head(p_hat, keep_ids), -1)
   ce = -(jnp.exp(logp) * logq).sum(-1)
   agree = (jnp.argmax(logq, -1) == jnp.argmax(logp, -1)).astype(jnp.float32)
   denom = jnp.maximum(w.sum(), 1.0)
@@ -88,12 +91,12 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
                    donate_argnums=(5, 6))
 def train_step(net_def, target_def, tx, w_reg, w_ce, params, opt_state,
-               target_params, batch, rest=None):
+               target_params, batch, rest=None, keep_ids=None):
   """One AdamW step on the network's `nnx.Param`s (`params`); `rest` (its
-  other variables) and the target's parameters are inputs."""
+  other variables), the target's parameters and the kept ids are inputs."""
   (loss, stats), grads = jax.value_and_grad(
       lambda p: loss_fn((p, rest), net_def, target_params, target_def, batch,
-                        w_reg, w_ce), has_aux=True)(params)
+                        w_reg, w_ce, keep_ids), has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, dict(stats, loss=loss,
@@ -102,9 +105,9 @@ def train_step(net_def, target_def, tx, w_reg, w_ce, params, opt_state,
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def eval_step(net_def, target_def, w_reg, w_ce, params, target_params, batch,
-              rest=None):
+              rest=None, keep_ids=None):
   return loss_fn((params, rest), net_def, target_params, target_def, batch,
-                 w_reg, w_ce)
+                 w_reg, w_ce, keep_ids)
 
 
 def sample_positions(rng: np.random.Generator, lengths: np.ndarray,
@@ -124,6 +127,18 @@ def sample_positions(rng: np.random.Generator, lengths: np.ndarray,
     index[i, :len(take)] = take - 1
     weight[i, :len(take)] = 1.0
   return index, weight
+
+
+def top_tokens(ds: FeatureDataset, rows: np.ndarray, m: int,
+               vocab_size: int) -> np.ndarray:
+  """The `m` token ids most frequent in the responses of `rows` (ties: the
+  lower id), sorted by id: the trimmed drafter vocabulary."""
+  data = ds.read(rows)
+  counts = np.zeros(vocab_size, np.int64)
+  for toks, n, p in zip(data["tokens"], data["lengths"], data["prompt_lens"]):
+    np.add.at(counts, toks[p:n], 1)
+  order = np.lexsort((np.arange(vocab_size), -counts))
+  return np.sort(order[:m]).astype(np.int32)
 
 
 class Batches:
@@ -165,12 +180,12 @@ class Batches:
 
 
 def evaluate(net_def, target_def, params, rest, target_params, batches,
-             w_reg, w_ce) -> dict[str, float]:
+             w_reg, w_ce, keep_ids=None) -> dict[str, float]:
   """Position-weighted means of the loss terms over validation batches."""
   sums, total = {}, 0.0
   for b in batches:
     loss, stats = eval_step(net_def, target_def, w_reg, w_ce, params,
-                            target_params, b, rest)
+                            target_params, b, rest, keep_ids)
     w = float(b["weight"].sum())
     for k, v in dict(stats, loss=loss).items():
       sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -183,7 +198,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
           ) -> dict[str, Any]:
   """Trains (or resumes) an EAGLE network for `target` per `config`
   (configs/drafters/eagle.py). Returns history, final validation metrics
-  and the trained `EagleNet`."""
+  and the trained `EagleNet` (with its `keep_ids`, or None)."""
   t, d = config.train, config.data
   if t.steps < 1 or d.batch_size < 1 or d.positions < 1:
     raise TrainError("train.steps, data.batch_size and data.positions must "
@@ -200,6 +215,13 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   net = eagle.create(target.config, config.seed)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
+  keep_ids = None
+  if d.vocab_keep:
+    if not 0 < d.vocab_keep <= target.config.vocab_size:
+      raise TrainError(f"data.vocab_keep must be in [0, "
+                       f"{target.config.vocab_size}], got {d.vocab_keep}")
+    keep_ids = jnp.asarray(top_tokens(ds, np.arange(batches.train_rows),
+                                      d.vocab_keep, target.config.vocab_size))
   tx = make_optimizer(t)
   state = TrainState(0, params, tx.init(params))
   ckpt = Checkpointer(workdir) if t.checkpoint_every > 0 else None
@@ -208,12 +230,12 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
 
   def step_fn(params, opt_state, batch):
     return train_step(net_def, target_def, tx, w_reg, w_ce, params,
-                      opt_state, target_params, batch, rest)
+                      opt_state, target_params, batch, rest, keep_ids)
 
   def every(state):
     if t.eval_every > 0 and state.step % t.eval_every == 0:
       return evaluate(net_def, target_def, state.params, rest,
-                      target_params, valid, w_reg, w_ce)
+                      target_params, valid, w_reg, w_ce, keep_ids)
     return None
 
   try:
@@ -224,10 +246,11 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     if ckpt is not None:
       ckpt.close()
   final = evaluate(net_def, target_def, state.params, rest, target_params,
-                   valid, w_reg, w_ce)
+                   valid, w_reg, w_ce, keep_ids)
   if log is not None and not (history and history[-1] == {
       "step": state.step, **final}):
     log({"step": state.step, **final})
   return dict(history=history, eval=final, resumed_from=resumed_from,
               net=nnx.merge(net_def, state.params, rest),
+              keep_ids=None if keep_ids is None else np.asarray(keep_ids),
               train_rows=batches.train_rows, valid_rows=len(batches.valid))

@@ -25,7 +25,8 @@ DRAFTERS = ("ngram", "layerskip", "draft", "eagle")
 def make_drafter(name: str, target, *, max_ngram: int = 3,
                  min_ngram: int = 1, layers: str = "",
                  draft_model=None, draft_layers: int = 0,
-                 eagle_net=None, proposal: str = "topk") -> Drafter:
+                 eagle_net=None, keep_ids=None,
+                 proposal: str = "topk") -> Drafter:
   """A drafter by name.
 
   Args:
@@ -33,7 +34,8 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
       `layers` spec, see `parse_layers`), 'draft' (an independent draft LM:
       `draft_model`, or the target truncated to its first `draft_layers`
       blocks with an own cache), 'eagle' (a trained `EagleNet`,
-      `eagle_net`, on the target's features).
+      `eagle_net`, on the target's features; `keep_ids` its trimmed
+      head's vocabulary or None).
     target: the target `Transformer`.
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
@@ -61,7 +63,8 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
     if eagle_net is None:
       raise DrafterError("drafter 'eagle' needs a trained network "
                          "(eagle_net=...)")
-    return EagleDrafter(eagle_net, target, proposal=proposal)
+    return EagleDrafter(eagle_net, target, proposal=proposal,
+                        keep_ids=keep_ids)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 

@@ -19,6 +19,14 @@ After growing the tree the behind pairs and the root pair are committed
 (d <- L), all exact, so nothing is ever rolled back. A tree of depth D costs
 D calls of the one-layer network plus its head.
 
+Vocabulary trimming (VocabTrim): with `keep_ids` (M token ids, e.g. the M
+most frequent in the training responses) the drafter scores only those,
+head(f^)[keep_ids] (M x D instead of V x D per node), and puts -inf on every
+other token, so its distribution is q = softmax over the kept logits at the
+row's temperature, renormalised over the kept set and zero elsewhere: exactly
+the law its children are drawn from, which is what the lossless rules need.
+Verification is over the full vocabulary.
+
 Histories: the state keeps the target's features f_t and tokens x_t by
 position (`[B, C, D]`, `[B, C]`), written by `init` (prompt) and `commit`
 (kept path), from which each round's behind pairs are gathered.
@@ -31,6 +39,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
@@ -62,11 +71,12 @@ class EagleDrafter(Drafter):
       drafter's, frozen and shared, not copied).
     name: config name.
     proposal: children at temperature > 0: 'topk', 'iid' or 'wor'.
+    keep_ids: `[M]` int token ids the head scores (trimmed), or None (all).
   """
   uses_features = True
 
   def __init__(self, net: EagleNet, target, name: str = "eagle",
-               proposal: str = "topk"):
+               proposal: str = "topk", keep_ids=None):
     if proposal not in PROPOSALS:
       raise DrafterError(f"unknown proposal {proposal!r}; known: "
                          f"{sorted(PROPOSALS)}")
@@ -80,7 +90,26 @@ class EagleDrafter(Drafter):
     self.vocab_size = target.config.vocab_size
     self.net_def, net_params = nnx.split(net)
     self.target_def, target_params = nnx.split(target)
-    self.params = (net_params, target_params)
+    if keep_ids is not None:
+      keep_ids = np.asarray(keep_ids, np.int32)
+      if (keep_ids.ndim != 1 or not len(keep_ids)
+          or keep_ids.min() < 0 or keep_ids.max() >= self.vocab_size
+          or len(np.unique(keep_ids)) != len(keep_ids)):
+        raise DrafterError(f"keep_ids must be distinct token ids in [0, "
+                           f"{self.vocab_size}), got {len(keep_ids)} ids")
+    self.trimmed = keep_ids is not None
+    self.params = (net_params, target_params,
+                   None if keep_ids is None else jnp.asarray(keep_ids))
+
+  def scores(self, target, keep_ids, f_hat: jax.Array) -> jax.Array:
+    """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
+    ids' logits and -inf elsewhere (module docstring)."""
+    if keep_ids is None:
+      return target.head(f_hat)
+    kept = target.head(f_hat, keep_ids)                         # [..., M]
+    full = jnp.full(kept.shape[:-1] + (self.vocab_size,), -jnp.inf,
+                    kept.dtype)
+    return full.at[..., keep_ids].set(kept)
 
   def init(self, params, tokens, prompt_len, first, capacity, target_cache,
            features=None):
@@ -137,7 +166,7 @@ class EagleDrafter(Drafter):
                        cache, mask[:, e_lo:e_hi, :e_hi])
       out = out[:, -(hi - lo):]                             # the level's f^
       pred = pred.at[:, lo:hi].set(out.astype(pred.dtype))
-      return target.head(out), (cache, pred)
+      return self.scores(target, params[2], out), (cache, pred)
 
     pred0 = jnp.zeros((b, n, state.features.shape[-1]), state.features.dtype)
     tree, (cache, _) = grow_static_tree(shape, rnd, key, self.proposal,
