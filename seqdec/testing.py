@@ -45,18 +45,18 @@ def tiny_model(dtype: str = "float32", seed: int = 0, scale: float = 0.3,
 
 
 def tiny_gemma3(dtype: str = "float32", seed: int = 0) -> tr.Transformer:
-  """A tiny Gemma 3 (`tiny_model` weights): six layers, five local with a
-  sliding window of 8 and one global, two RoPE bases, sandwich norms,
-  QK-norm, GeGLU, tied embeddings; vocabulary 260 (byte-level tokenizer)."""
-  c = config_lib.PRESETS["gemma3-270m"]
-  return tiny_model(
-      dtype, seed, hidden_size=32, intermediate_size=64, num_layers=6,
-      num_heads=2, num_kv_heads=1, head_dim=16, sliding_window=8,
-      layer_types=(config_lib.LOCAL,) * 5 + (config_lib.GLOBAL,),
-      tie_embeddings=True, **{k: getattr(c, k) for k in (
-          "rope_theta", "rope_local_theta", "activation", "embed_scale",
-          "norm_offset", "sandwich_norm", "qk_norm", "query_pre_attn_scalar",
-          "rms_norm_eps", "architecture")})
+  """The 'tiny-gemma3' preset (six layers, five local with a sliding
+  window of 8 and one global, two RoPE bases, sandwich norms, QK-norm,
+  GeGLU, tied embeddings; vocabulary 260) with `tiny_model` weights."""
+  c = config_lib.PRESETS["tiny-gemma3"]
+  return tiny_model(dtype, seed, **{
+      k: getattr(c, k) for k in (
+          "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+          "num_heads", "num_kv_heads", "head_dim", "sliding_window",
+          "layer_types", "rope_theta", "rope_local_theta", "activation",
+          "embed_scale", "norm_offset", "sandwich_norm", "qk_norm",
+          "query_pre_attn_scalar", "rms_norm_eps", "architecture",
+          "tie_embeddings", "max_position_embeddings")})
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -8,8 +8,9 @@ Launch (build the data first with launch/make_drafter_data.py):
 
 Arguments after the colon: `model` (the target: a registry name, HF dir or
 .gguf), `data` (the dataset directory; default
-~/.cache/seqdec/drafter_data/<model>), `runlocal` (the tiny target, a
-dataset of a few prompts built on the fly, a few steps). Rerunning with
+~/.cache/seqdec/drafter_data/<model>), `runlocal` (a tiny random target,
+'tiny' or model=tiny-gemma3, a dataset of a few prompts built on the fly, a
+few steps). Rerunning with
 the same --workdir resumes from its latest checkpoint. The trained network
 is exported to <workdir>/drafter (safetensors + drafter.json with the
 target's fingerprint), the path `--config.spec.options.checkpoint` of
@@ -26,7 +27,9 @@ from seqdec import config_utils
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, model="smollm2-135m-instruct", data="",
                                runlocal=False)
-  model = "tiny" if arg.runlocal else arg.model
+  # runlocal: a tiny random target ('tiny', or model=tiny-gemma3).
+  model = (arg.model if arg.model.startswith("tiny") else "tiny"
+           ) if arg.runlocal else arg.model
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model
@@ -35,7 +38,8 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.path = arg.data or os.path.join(
       os.path.expanduser("~"), ".cache", "seqdec", "drafter_data",
-      model.split("-")[0] + ("_runlocal" if arg.runlocal else ""))
+      model.replace("-135m-instruct", "").replace("-270m", "")
+      + ("_runlocal" if arg.runlocal else ""))
   c.data.batch_size = 4 if arg.runlocal else 8
   c.data.positions = 16 if arg.runlocal else 128   # trained positions per row
   c.data.positions_from = "response"               # or 'all'

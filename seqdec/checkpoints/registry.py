@@ -16,9 +16,9 @@ from seqdec.models.transformer import create
 from seqdec.tokenizer import Tokenizer
 
 
-def _tiny(dtype: str = "float32", **_):
-  """A tiny random Llama with the byte-level tokenizer (seeded)."""
-  config = PRESETS["tiny"].replace(dtype=dtype, param_dtype=dtype)
+def _tiny(dtype: str = "float32", preset: str = "tiny", **_):
+  """A tiny random model with the byte-level tokenizer (seeded)."""
+  config = PRESETS[preset].replace(dtype=dtype, param_dtype=dtype)
   return create(config, seed=0), Tokenizer.byte_level()
 
 
@@ -35,13 +35,15 @@ def _gemma3(dtype: str = "float32", **kwargs):
 
 KNOWN_MODELS: dict[str, Callable] = {
     "tiny": _tiny,
+    "tiny-gemma3": lambda dtype="float32", **_: _tiny(dtype, "tiny-gemma3"),
     "smollm2-135m-instruct": _smollm2,
     "gemma3-270m": _gemma3,
 }
 
 
 # The architecture preset behind each name (for `jax.eval_shape` builds).
-MODEL_PRESETS = {"tiny": "tiny", "smollm2-135m-instruct": "smollm2-135m",
+MODEL_PRESETS = {"tiny": "tiny", "tiny-gemma3": "tiny-gemma3",
+                 "smollm2-135m-instruct": "smollm2-135m",
                  "gemma3-270m": "gemma3-270m"}
 
 

@@ -275,3 +275,9 @@ PRESETS: dict[str, TransformerConfig] = {
         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
         sliding_window=4096, architecture="MistralForCausalLM"),
 }
+# A tiny random Gemma 3 (runlocal arms, tests): six layers, five local with a
+# sliding window of 8 and one global, the byte-level vocabulary.
+PRESETS["tiny-gemma3"] = PRESETS["gemma3-270m"].replace(
+    vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=6,
+    num_heads=2, num_kv_heads=1, head_dim=16, sliding_window=8,
+    max_position_embeddings=1024, layer_types=(LOCAL,) * 5 + (GLOBAL,))

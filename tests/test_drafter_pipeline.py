@@ -1,0 +1,132 @@
+"""The drafter training pipeline end to end on tiny targets: the config's
+runlocal arm (data built into tensorstore, a few steps, export), resume
+after an interruption, and the exported drafter decoding losslessly."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import seqdec
+from seqdec.checkpoints import drafters as drafter_ckpt
+from seqdec.data import drafter_prompts, features
+from seqdec.generator import Generator
+from seqdec.train import drafter as trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(arg, tmp_path, **train):
+  spec = importlib.util.spec_from_file_location(
+      "eagle_config", os.path.join(ROOT, "configs", "drafters", "eagle.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.data.path = str(tmp_path / "data")
+  c.train.update(train)
+  return c
+
+
+def build_data(c, target, tok):
+  features.build(c.data.path, target, tok,
+                 drafter_prompts.build_prompts(c.data.build_prompts,
+                                               max_files=40),
+                 meta=dict(model=c.model), max_prompt=48, max_new=16,
+                 temperature=0.0, seed=0, chunk=8)
+
+
+class Interrupt(Exception):
+  pass
+
+
+def stop_after(k):
+  """A `progress` hook that lets k steps run, then interrupts the run."""
+  def progress(steps, start, total):
+    for i, s in enumerate(steps):
+      if i == k:
+        raise Interrupt
+      yield s
+  return progress
+
+
+@pytest.mark.parametrize("model", [
+    "tiny", pytest.param("tiny-gemma3", marks=pytest.mark.slow)])
+def test_runlocal_trains_exports_and_decodes_losslessly(tmp_path, model):
+  """The runlocal arm: its data (responses + features in tensorstore), its
+  steps (checkpointed), the export with a trimmed head; the exported
+  drafter decodes exactly as autoregressive decoding (f32, greedy) on a
+  Llama-family and a Gemma 3 target."""
+  c = config(f"runlocal,model={model}", tmp_path)
+  target, tok = seqdec.load_pretrained(c.model)
+  build_data(c, target, tok)
+  ds = features.FeatureDataset.open(c.data.path, features.fingerprint(target))
+  assert ds.rows == c.data.build_prompts
+  got = ds.read(np.arange(3))
+  want = features.target_features(target, got["tokens"])
+  # Stored in bf16 from batches of 8: one bf16 rounding step (2^-8
+  # relative) apart at most from a recomputation in another batch shape.
+  np.testing.assert_allclose(got["features"].astype(np.float32),
+                             want.astype(np.float32), rtol=2 ** -7, atol=0)
+  out = trainer.train(c, target, str(tmp_path / "work"))
+  assert [r["step"] for r in out["history"] if "loss" in r] == list(
+      range(1, c.train.steps + 1))
+  assert len(out["keep_ids"]) == c.data.vocab_keep
+  path = drafter_ckpt.save(str(tmp_path / "drafter"), out["net"], target,
+                           dtype="float32", keep_ids=out["keep_ids"])
+  prompts = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12]]
+  ar = Generator(target, tok, max_new_tokens=10, eos_ids=()).generate_ids(
+      prompts)
+  spec = Generator(target, tok, f"eagle@checkpoint={path}/kary2x1",
+                   max_new_tokens=10, eos_ids=()).generate_ids(prompts)
+  assert [r.tokens for r in spec] == [r.tokens for r in ar]
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_without_repeating_or_skipping(tmp_path):
+  """Killed after 3 of 6 steps (checkpoint every 1), a rerun resumes at
+  step 3, runs steps 4..6 on the same batches, and ends with the
+  parameters and optimizer state of an uninterrupted run, bit for bit."""
+  c = config("runlocal", tmp_path, steps=6, checkpoint_every=1, eval_every=0)
+  target, tok = seqdec.load_pretrained(c.model)
+  build_data(c, target, tok)
+  whole = trainer.train(c, target, str(tmp_path / "whole"))
+  with pytest.raises(Interrupt):
+    trainer.train(c, target, str(tmp_path / "cut"), progress=stop_after(3))
+  rest = trainer.train(c, target, str(tmp_path / "cut"))
+  assert rest["resumed_from"] == 3
+  assert [r["step"] for r in rest["history"] if "loss" in r] == [4, 5, 6]
+  losses = {r["step"]: r["loss"] for r in whole["history"] if "loss" in r}
+  assert [r["loss"] for r in rest["history"] if "loss" in r] == [
+      losses[4], losses[5], losses[6]]
+  for a, b in zip(jax.tree.leaves(nnx.state(whole["net"])),
+                  jax.tree.leaves(nnx.state(rest["net"]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_batches_are_a_function_of_the_step(tmp_path):
+  """Rows of step s: slots s*B .. s*B+B-1 of per-epoch permutations of the
+  training rows: every row once per epoch, the validation rows never."""
+  class Fake:
+    rows, path = 13, "fake"
+  b = trainer.Batches(Fake(), batch_size=4, positions=8, valid_rows=3,
+                      seed=0, response_only=True)
+  seen = np.concatenate([b.rows(s) for s in range(5)])       # 2 epochs
+  assert sorted(seen[:10]) == list(range(10))
+  assert sorted(seen[10:20]) == list(range(10))
+  np.testing.assert_array_equal(b.rows(3), trainer.Batches(
+      Fake(), 4, 8, 3, 0, True).rows(3))
+  assert list(b.valid) == [10, 11, 12]
+
+
+def test_sampled_positions_stay_in_the_response():
+  rng = np.random.default_rng(0)
+  index, weight = trainer.sample_positions(
+      rng, lengths=np.array([20, 6]), prompt_lens=np.array([12, 5]),
+      seq_len=24, k=8, response_only=True)
+  t = index + 1                                     # positions t
+  assert weight[0].sum() == 8 and len(set(t[0])) == 8   # distinct
+  assert ((t[0] >= 11) & (t[0] <= 19)).all()          # P-1 .. n-1
+  assert weight[1].sum() == 2 and sorted(t[1][:2]) == [4, 5]
