@@ -165,9 +165,10 @@ class Generator:
                                        dtype=model.config.param_dtype)
     shape = shape or spec_lib.build_tree(spec)
     eagle_net = None
-    if spec.drafter == "eagle":  # (EagleNet, keep_ids)
+    if spec.drafter in spec_lib.TRAINED:  # (network, keep_ids)
       from seqdec.checkpoints import drafters as drafter_ckpt  # pylint: disable=g-import-not-at-top
-      eagle_net = drafter_ckpt.load_for(model, spec.option("checkpoint"))
+      eagle_net = drafter_ckpt.load_for(model, spec.option("checkpoint"),
+                                        spec.drafter)
     built = spec_lib.build_drafter(spec, model, draft_model=draft_model,
                                    eagle_net=eagle_net)
     built.check(model.config, shape)

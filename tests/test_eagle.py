@@ -146,7 +146,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, trained):
                      match=r"corrupt .*drafter\.safetensors"):
     drafter_ckpt.load(path, target)
   with pytest.raises(drafter_ckpt.DrafterCheckpointError,
-                     match="no EAGLE drafter is shipped"):
+                     match="no eagle drafter is shipped"):
     drafter_ckpt.load_for(target, "")
 
 

@@ -35,6 +35,11 @@ def get_config(arg=None):
   c.model = model
   c.runlocal = arg.runlocal
 
+  c.drafter = ml_collections.ConfigDict()
+  c.drafter.kind = "eagle"
+  c.drafter.num_heads = 0         # medusa only
+  c.drafter.own_heads = False     # medusa only
+
   c.data = ml_collections.ConfigDict()
   c.data.path = arg.data or os.path.join(
       os.path.expanduser("~"), ".cache", "seqdec", "drafter_data",

@@ -31,9 +31,10 @@ from flax import nnx
 from seqdec.errors import UserError
 from seqdec.jsonl import write_text_atomic
 from seqdec.models import eagle
+from seqdec.models import medusa
 
 WEIGHTS, META = "drafter.safetensors", "drafter.json"
-KINDS = ("eagle",)
+KINDS = ("eagle", "medusa")
 
 
 class DrafterCheckpointError(UserError):
@@ -48,11 +49,11 @@ def _flat(state) -> dict[str, Any]:
 KEEP_IDS = "vocab.keep_ids"
 
 
-def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
+def save(path: str, net, target, *, dtype: str = "bfloat16",
          keep_ids=None, target_fingerprint: Optional[str] = None,
          **provenance) -> str:
-  """Writes `net` (a network for `target`; `keep_ids` its trimmed head's
-  vocabulary or None) to directory `path`."""
+  """Writes `net` (an `EagleNet` or `MedusaHeads` for `target`; `keep_ids`
+  its trimmed head's vocabulary or None) to directory `path`."""
   # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file
   from seqdec.data.features import fingerprint
@@ -71,7 +72,8 @@ def save(path: str, net: eagle.EagleNet, target, *, dtype: str = "bfloat16",
   tmp = os.path.join(path, WEIGHTS + ".tmp")
   save_file(tensors, tmp)
   os.replace(tmp, os.path.join(path, WEIGHTS))
-  meta = dict(kind="eagle", dtype=dtype,
+  kind = "medusa" if isinstance(net, medusa.MedusaHeads) else "eagle"
+  meta = dict(kind=kind, dtype=dtype,
               target_fingerprint=target_fingerprint or fingerprint(target),
               hidden_size=target.config.hidden_size,
               vocab_size=target.config.vocab_size,
@@ -100,9 +102,26 @@ def read_meta(path: str) -> dict:
   return meta
 
 
+def _abstract(meta: dict, target, path: str):
+  """`(config, constructor)` of the stored network, for `target`."""
+  c = target.config
+  if meta["kind"] == "eagle":
+    config = eagle.eagle_config(c).replace(dtype=c.dtype,
+                                           param_dtype=c.param_dtype)
+    return config, lambda: eagle.EagleNet(config, rngs=None)
+  try:
+    config = medusa.MedusaConfig(**dict(meta["net_config"], dtype=c.dtype,
+                                        param_dtype=c.param_dtype))
+  except (TypeError, KeyError) as e:
+    raise DrafterCheckpointError(f"{path!r}: bad Medusa config: {e}"
+                                 ) from None
+  return config, lambda: medusa.MedusaHeads(config, rngs=None)
+
+
 def load(path: str, target, *, check_fingerprint: bool = True
-         ) -> tuple[eagle.EagleNet, Optional[np.ndarray]]:
-  """`(network, keep_ids or None)` stored at `path`, for `target` (checked).
+         ) -> tuple[Any, Optional[np.ndarray]]:
+  """`(network, keep_ids or None)` stored at `path`, for `target` (checked):
+  an `EagleNet` or `MedusaHeads` by the file's kind.
 
   Raises:
     DrafterCheckpointError: missing/corrupt files, or a checkpoint trained
@@ -134,16 +153,15 @@ def load(path: str, target, *, check_fingerprint: bool = True
     raise DrafterCheckpointError(f"missing {weights!r}") from None
   except (SafetensorError, OSError, ValueError) as e:
     raise DrafterCheckpointError(f"corrupt {weights!r}: {e}") from None
-  config = eagle.eagle_config(c).replace(dtype=c.dtype,
-                                         param_dtype=c.param_dtype)
-  abstract = nnx.eval_shape(lambda: eagle.EagleNet(config, rngs=None))
+  _, build = _abstract(meta, target, path)
+  abstract = nnx.eval_shape(build)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   keep_ids = tensors.pop(KEEP_IDS, None)
   want = _flat(params)
   if sorted(want) != sorted(tensors):
     raise DrafterCheckpointError(
         f"{weights!r} holds tensors {sorted(set(tensors) ^ set(want))[:4]} "
-        f"that do not match an EAGLE network for this target")
+        f"that do not match a {meta['kind']} drafter for this target")
   flat = []
   for p, v in nnx.to_flat_state(params):
     key = ".".join(str(k) for k in p)
@@ -154,8 +172,7 @@ def load(path: str, target, *, check_fingerprint: bool = True
       raise DrafterCheckpointError(f"{weights!r}: {key} has shape {x.shape}, "
                                    f"expected {v.get_value().shape}")
     flat.append((p, v.replace(jnp.asarray(x, v.get_value().dtype))))
-  rest = jax.jit(lambda: nnx.split(eagle.EagleNet(config, rngs=None),
-                                   nnx.Param, ...)[2])()
+  rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest), keep_ids
 
 
@@ -171,24 +188,30 @@ def shipped() -> list[str]:
                 if os.path.isfile(os.path.join(SHIPPED_DIR, d, META)))
 
 
-def load_for(target, checkpoint: str = ""
-             ) -> tuple[eagle.EagleNet, Optional[np.ndarray]]:
+def load_for(target, checkpoint: str = "", kind: str = "eagle"
+             ) -> tuple[Any, Optional[np.ndarray]]:
   """`load(checkpoint, target)`, or with checkpoint '' the shipped drafter
-  whose target fingerprint is this target's.
+  of this `kind` whose target fingerprint is this target's.
 
   Raises:
     DrafterCheckpointError: no shipped drafter for this target (how to train
       one), or `load`'s errors.
   """
   if checkpoint:
-    return load(os.path.expanduser(checkpoint), target)
+    net, keep_ids = load(os.path.expanduser(checkpoint), target)
+    got = "medusa" if isinstance(net, medusa.MedusaHeads) else "eagle"
+    if got != kind:
+      raise DrafterCheckpointError(f"{checkpoint!r} holds a {got} drafter, "
+                                   f"not {kind}")
+    return net, keep_ids
   from seqdec.data.features import fingerprint  # pylint: disable=g-import-not-at-top
   mine = fingerprint(target)
   for path in shipped():
-    if read_meta(path).get("target_fingerprint") == mine:
+    meta = read_meta(path)
+    if meta.get("target_fingerprint") == mine and meta["kind"] == kind:
       return load(path, target, check_fingerprint=False)
   raise DrafterCheckpointError(
-      "no EAGLE drafter is shipped for this target (its weights match none "
+      f"no {kind} drafter is shipped for this target (its weights match none "
       f"of {[os.path.basename(p) for p in shipped()]}); train one with "
       "launch/make_drafter_data.py and launch/train_drafter.py, then pass "
-      "eagle@checkpoint=<workdir>/drafter")
+      f"{kind}@checkpoint=<workdir>/drafter")

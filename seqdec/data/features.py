@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -184,6 +185,7 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   tokens, stopped at the tokenizer's stop ids.
   """
   # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.loops import bucket
   from seqdec.generator import Generator
   # pylint: enable=g-import-not-at-top
   seq_len = max_prompt + max_new
@@ -221,7 +223,11 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
       seq = list(p) + list(r.tokens)
       tokens[i, :len(seq)] = seq
       lengths[i] = len(seq)
-    feats = target_features(model, tokens)
+    # Features over the chunk's longest sequence (bucketed), not the whole
+    # seq_len: padding past it would be computed and thrown away.
+    width = min(seq_len, bucket(int(lengths.max())))
+    feats = np.zeros((hi - lo, seq_len, hidden), ml_dtypes.bfloat16)
+    feats[:, :width] = target_features(model, tokens[:, :width])
     a = ds.arrays
     a["tokens"][lo:hi].write(tokens).result()
     a["lengths"][lo:hi].write(lengths).result()

@@ -7,7 +7,7 @@ Every way of naming a decoder goes through this module: the
 
     method  :=  "ar"                                  autoregressive
              |  drafter ("@" key "=" value)* "/" tree
-    drafter :=  "ngram" | "layerskip" | "draft" | "eagle"
+    drafter :=  "ngram" | "layerskip" | "draft" | "eagle" | "medusa"
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
@@ -52,7 +52,9 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);
     # "" = the one shipped for this target.
     "eagle": {"checkpoint": ""},
+    "medusa": {"checkpoint": ""},
 }
+TRAINED = ("eagle", "medusa")     # drafters with a trained network
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
 PROPOSAL_NAMES = ("topk", "iid", "wor")
 DEFAULT_MAX_TOP_K = 64
@@ -281,19 +283,20 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
     draft_model: the loaded draft LM for drafter 'draft' when the spec names
       one by `draft_model=<name or path>` (loading is the caller's: decoding
       does not import checkpoints; `Generator` loads it).
-    eagle_net: `(EagleNet, keep_ids or None)` for drafter 'eagle'
-      (likewise loaded by `Generator` from the `checkpoint` option).
+    eagle_net: `(network, keep_ids or None)` for the trained drafters
+      'eagle' / 'medusa' (likewise loaded by `Generator` from the
+      `checkpoint` option).
   """
   if not spec.speculative:
     raise ConfigError("an autoregressive spec has no drafter")
   options = spec.drafter_options()
-  if spec.drafter == "eagle":
+  if spec.drafter in TRAINED:
     if eagle_net is None:
-      raise ConfigError("drafter 'eagle' needs its trained network: load it "
-                        "(seqdec.checkpoints.drafters.load) and pass "
-                        "eagle_net= (Generator does)")
+      raise ConfigError(f"drafter {spec.drafter!r} needs its trained network:"
+                        f" load it (seqdec.checkpoints.drafters.load) and "
+                        f"pass eagle_net= (Generator does)")
     net, keep_ids = eagle_net
-    return drafters.make_drafter("eagle", target, eagle_net=net,
+    return drafters.make_drafter(spec.drafter, target, eagle_net=net,
                                  keep_ids=keep_ids, proposal=spec.proposal)
   name = options.pop("draft_model", "")
   if spec.drafter == "draft":

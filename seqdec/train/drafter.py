@@ -42,6 +42,7 @@ from flax import nnx
 
 from seqdec.data.features import DataError, FeatureDataset, fingerprint
 from seqdec.models import eagle
+from seqdec.models import medusa
 from seqdec.train import loop as loop_lib
 from seqdec.train.lm import Checkpointer, make_optimizer
 from seqdec.train.loop import TrainError, TrainState
@@ -65,12 +66,61 @@ def forward(net, target, tokens: jax.Array, features: jax.Array
 
 def loss_fn(net_params, net_def, target_params, target_def, batch,
             w_reg: float, w_ce: float, keep_ids=None):
-  """(loss, metrics) of the module docstring at `batch['index']` [B, K]
-  (t - 1 of each sampled position t, with weight `batch['weight']`).
+  """(loss, metrics) of the drafter `net_def` describes (`eagle_loss` or
+  `medusa_loss`) at `batch['index']` [B, K] with weights `batch['weight']`.
 
   `net_params` = (trained `nnx.Param` state, the rest: RoPE frequencies)."""
   net = nnx.merge(net_def, *net_params)
   target = nnx.merge(target_def, target_params)
+  if isinstance(net, medusa.MedusaHeads):
+    return medusa_loss(net, target, batch, w_ce, keep_ids)
+  return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids)
+
+
+def _weighted_mean(w: jax.Array):
+  denom = jnp.maximum(w.sum(), 1.0)
+  return lambda x: (x * w).sum() / denom
+
+
+def _distill(f: jax.Array, f_hat_logits: jax.Array, target, keep_ids):
+  """`(CE(p, q), top-1 agreement)` with p = softmax(head(f)) (over the kept
+  ids when trimmed) and q = softmax(f_hat_logits)."""
+  logp = jax.nn.log_softmax(target.head(f, keep_ids), -1)
+  logq = jax.nn.log_softmax(f_hat_logits, -1)
+  ce = -(jnp.exp(logp) * logq).sum(-1)
+  agree = (jnp.argmax(logq, -1) == jnp.argmax(logp, -1)).astype(jnp.float32)
+  return ce, agree
+
+
+def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
+                decay: float = 0.8):
+  """Medusa's loss at sampled feature positions t (= index + 1):
+
+      L = w_ce * sum_k decay^(k-1) CE(p_{t+k}, q_k(. | f_t)),
+      p_{t+k} = softmax(head(f_{t+k}))    (the target's law of x_{t+k+1})
+
+  each head's term averaged over the positions with t + k < length.
+  Metrics: per-head CE and top-1 agreement (ce1.., top1_1..)."""
+  feats = batch["features"].astype(jnp.float32)
+  t = batch["index"] + 1                                        # [B, P]
+  w = batch["weight"]
+  n = batch["lengths"][:, None]
+  s = feats.shape[1]
+  f_t = jnp.take_along_axis(feats, t[..., None], axis=1)        # [B, P, D]
+  logits = heads.logits(f_t, target, keep_ids)                  # [B, P, K, V]
+  loss, stats = 0.0, {}
+  for k in range(1, heads.config.num_heads + 1):
+    tk = jnp.minimum(t + k, s - 1)
+    f_tk = jnp.take_along_axis(feats, tk[..., None], axis=1)
+    ce, agree = _distill(f_tk, logits[:, :, k - 1], target, keep_ids)
+    mean = _weighted_mean(w * (t + k < n))
+    loss = loss + w_ce * decay ** (k - 1) * mean(ce)
+    stats[f"ce{k}"], stats[f"top1_{k}"] = mean(ce), mean(agree)
+  return loss, dict(stats, top1=stats["top1_1"])
+
+
+def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None):
+  """EAGLE's loss of the module docstring."""
   feats = batch["features"].astype(jnp.float32)
   pred = forward(net, target, batch["tokens"], feats)           # [B, S-1, D]
   idx = batch["index"]                                         # [B, K]
@@ -78,12 +128,8 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
   p_hat, f = at(pred).astype(jnp.float32), at(feats[:, 1:])    # [B, K, D]
   reg = smooth_l1(p_hat - f).mean(-1)
-  logp = jax.nn.log_softmax(target.head(f, keep_ids), -1)
-  logq = jax.nn.log_softmax(target.head(p_hat, keep_ids), -1)
-  ce = -(jnp.exp(logp) * logq).sum(-1)
-  agree = (jnp.argmax(logq, -1) == jnp.argmax(logp, -1)).astype(jnp.float32)
-  denom = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (x * w).sum() / denom                       # noqa: E731
+  ce, agree = _distill(f, target.head(p_hat, keep_ids), target, keep_ids)
+  mean = _weighted_mean(w)
   loss = w_reg * mean(reg) + w_ce * mean(ce)
   return loss, dict(reg=mean(reg), ce=mean(ce), top1=mean(agree))
 
@@ -169,7 +215,7 @@ class Batches:
         np.random.default_rng(key), data["lengths"], data["prompt_lens"],
         data["tokens"].shape[1], self.k, self.response_only)
     return dict(tokens=data["tokens"], features=data["features"],
-                index=index, weight=weight)
+                lengths=data["lengths"], index=index, weight=weight)
 
   def train(self, step: int) -> dict[str, np.ndarray]:
     return self.make(self.rows(step), [self.seed, 1, step])
@@ -193,6 +239,23 @@ def evaluate(net_def, target_def, params, rest, target_params, batches,
   return {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
+KINDS = ("eagle", "medusa")
+
+
+def build_net(config: ml_collections.ConfigDict, target):
+  """A fresh network of `config.drafter.kind` for `target`."""
+  kind = config.drafter.kind
+  if kind == "eagle":
+    return eagle.create(target.config, config.seed)
+  if kind == "medusa":
+    if config.drafter.num_heads < 1:
+      raise TrainError(f"drafter.num_heads must be >= 1, got "
+                       f"{config.drafter.num_heads}")
+    return medusa.create(target, config.drafter.num_heads,
+                         config.drafter.own_heads, config.seed)
+  raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
+
+
 def train(config: ml_collections.ConfigDict, target, workdir: str,
           progress=None, log: Optional[Callable[[dict], None]] = None
           ) -> dict[str, Any]:
@@ -212,7 +275,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
                     f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
   batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
                     d.positions_from == "response")
-  net = eagle.create(target.config, config.seed)
+  net = build_net(config, target)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
   keep_ids = None

@@ -5,6 +5,7 @@
     make_drafter("draft", target, draft_model=small_model)
     make_drafter("draft", target, draft_layers=8)   # target truncated to 8
     make_drafter("eagle", target, eagle_net=net)    # a trained EagleNet
+    make_drafter("medusa", target, eagle_net=heads) # trained MedusaHeads
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Optional, Union
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round)
 from seqdec.decoding.drafters.eagle import EagleDrafter
+from seqdec.decoding.drafters.medusa import MedusaDrafter
 from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
                                             draft_lm, layer_skip,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
 
-DRAFTERS = ("ngram", "layerskip", "draft", "eagle")
+DRAFTERS = ("ngram", "layerskip", "draft", "eagle", "medusa")
 
 
 def make_drafter(name: str, target, *, max_ngram: int = 3,
@@ -35,7 +37,8 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
       `draft_model`, or the target truncated to its first `draft_layers`
       blocks with an own cache), 'eagle' (a trained `EagleNet`,
       `eagle_net`, on the target's features; `keep_ids` its trimmed
-      head's vocabulary or None).
+      head's vocabulary or None), 'medusa' (trained `MedusaHeads` as
+      `eagle_net`, likewise).
     target: the target `Transformer`.
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
@@ -65,10 +68,17 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
                          "(eagle_net=...)")
     return EagleDrafter(eagle_net, target, proposal=proposal,
                         keep_ids=keep_ids)
+  if name == "medusa":
+    if eagle_net is None:
+      raise DrafterError("drafter 'medusa' needs trained heads "
+                         "(eagle_net=...)")
+    return MedusaDrafter(eagle_net, target, proposal=proposal,
+                         keep_ids=keep_ids)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "DrafterError", "EagleDrafter", "ModelDrafter",
+__all__ = ["Drafter", "DrafterError", "EagleDrafter", "MedusaDrafter",
+           "ModelDrafter",
            "NgramDrafter",
            "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",
            "layer_skip", "parse_layers", "truncated"]

@@ -39,11 +39,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
-from seqdec.decoding.drafters.grow import (PROPOSALS, grow_static_tree,
+from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
+                                           grow_static_tree, trimmed_logits,
                                            window_mask)
 from seqdec.models.eagle import EagleNet, eagle_config
 from seqdec.models.transformer import commit
@@ -90,13 +90,7 @@ class EagleDrafter(Drafter):
     self.vocab_size = target.config.vocab_size
     self.net_def, net_params = nnx.split(net)
     self.target_def, target_params = nnx.split(target)
-    if keep_ids is not None:
-      keep_ids = np.asarray(keep_ids, np.int32)
-      if (keep_ids.ndim != 1 or not len(keep_ids)
-          or keep_ids.min() < 0 or keep_ids.max() >= self.vocab_size
-          or len(np.unique(keep_ids)) != len(keep_ids)):
-        raise DrafterError(f"keep_ids must be distinct token ids in [0, "
-                           f"{self.vocab_size}), got {len(keep_ids)} ids")
+    keep_ids = check_keep_ids(keep_ids, self.vocab_size)
     self.trimmed = keep_ids is not None
     self.params = (net_params, target_params,
                    None if keep_ids is None else jnp.asarray(keep_ids))
@@ -104,12 +98,8 @@ class EagleDrafter(Drafter):
   def scores(self, target, keep_ids, f_hat: jax.Array) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
     ids' logits and -inf elsewhere (module docstring)."""
-    if keep_ids is None:
-      return target.head(f_hat)
-    kept = target.head(f_hat, keep_ids)                         # [..., M]
-    full = jnp.full(kept.shape[:-1] + (self.vocab_size,), -jnp.inf,
-                    kept.dtype)
-    return full.at[..., keep_ids].set(kept)
+    return trimmed_logits(target.head(f_hat, keep_ids), keep_ids,
+                          self.vocab_size)
 
   def init(self, params, tokens, prompt_len, first, capacity, target_cache,
            features=None):

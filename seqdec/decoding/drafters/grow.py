@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding.drafters.base import DrafterError, Round, static_children
@@ -98,6 +99,32 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
 
 
 Expand = Callable[[int, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def trimmed_logits(kept: jax.Array, keep_ids: Optional[jax.Array],
+                   vocab_size: int) -> jax.Array:
+  """`[..., M]` logits of the kept ids -> `[..., V]` with -inf elsewhere
+  (identity when `keep_ids` is None), so that softmax at any temperature is
+  the kept-set law renormalised, zero off the set (VocabTrim): exactly the
+  law a trimmed drafter's children are drawn from."""
+  if keep_ids is None:
+    return kept
+  full = jnp.full(kept.shape[:-1] + (vocab_size,), -jnp.inf, kept.dtype)
+  return full.at[..., keep_ids].set(kept)
+
+
+def check_keep_ids(keep_ids, vocab_size: int):
+  """`keep_ids` as int32 numpy (None stays None); DrafterError unless they
+  are distinct ids in [0, V)."""
+  if keep_ids is None:
+    return None
+  keep_ids = np.asarray(keep_ids, np.int32)
+  if (keep_ids.ndim != 1 or not len(keep_ids) or keep_ids.min() < 0
+      or keep_ids.max() >= vocab_size
+      or len(np.unique(keep_ids)) != len(keep_ids)):
+    raise DrafterError(f"keep_ids must be distinct token ids in [0, "
+                       f"{vocab_size}), got {len(keep_ids)} ids")
+  return keep_ids
 
 
 def grow_static_tree(shape: TreeShape, rnd: Round, key: jax.Array,

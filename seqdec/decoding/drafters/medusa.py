@@ -1,0 +1,87 @@
+"""The Medusa drafter: K heads on the root's feature draft depths 1 .. K.
+
+Per row, with committed target length L (root x_L), the target's feature
+f_{L-1} (whose LM head output chose x_L) is the only input: head d+1 gives
+q_{d+1}(x_{L+d+1} | f_{L-1}) (`seqdec.models.medusa`), and every node at
+depth d of the tree takes its children from it by rank, whatever its
+ancestors (Medusa's tree: the Cartesian product of the heads' top
+candidates, pruned to the static topology). One evaluation of the K heads
+per round, no cache; `commit` keeps the feature of the last kept node.
+A trimmed head (`keep_ids`) scores only the kept ids and renormalises over
+them (`grow.trimmed_logits`).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
+from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
+                                           grow_static_tree, trimmed_logits)
+from seqdec.models.medusa import MedusaHeads, medusa_config
+
+
+class MedusaDrafter(Drafter):
+  """Medusa drafting (module docstring).
+
+  Args:
+    heads: `MedusaHeads` built for this target.
+    target: the target `Transformer` (its frozen head, when shared).
+    name, proposal, keep_ids: as `EagleDrafter`.
+  """
+  uses_features = True
+
+  def __init__(self, heads: MedusaHeads, target, name: str = "medusa",
+               proposal: str = "topk", keep_ids=None):
+    if proposal not in PROPOSALS:
+      raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                         f"{sorted(PROPOSALS)}")
+    want = medusa_config(target, heads.config.num_heads,
+                         heads.config.own_heads)
+    if heads.config != want:
+      raise DrafterError(f"Medusa heads were built for another target "
+                         f"({heads.config} vs {want})")
+    self.name, self.proposal = name, proposal
+    self.vocab_size = target.config.vocab_size
+    self.num_heads = heads.config.num_heads
+    self.heads_def, heads_params = nnx.split(heads)
+    self.target_def, target_params = nnx.split(target)
+    keep_ids = check_keep_ids(keep_ids, self.vocab_size)
+    self.params = (heads_params, target_params,
+                   None if keep_ids is None else jnp.asarray(keep_ids))
+
+  def check(self, target_config, shape):
+    super().check(target_config, shape)
+    if shape.max_depth > self.num_heads:
+      raise DrafterError(f"a tree of depth {shape.max_depth} needs at least "
+                         f"{shape.max_depth} Medusa heads; these have "
+                         f"{self.num_heads}")
+
+  def init(self, params, tokens, prompt_len, first, capacity, target_cache,
+           features=None):
+    if features is None:
+      raise DrafterError("the Medusa drafter needs the target's features")
+    return jnp.take_along_axis(features, (prompt_len - 1)[:, None, None],
+                               axis=1)[:, 0]                      # [B, D]
+
+  def propose(self, params, state, shape, rnd, target_cache, key):
+    heads = nnx.merge(self.heads_def, params[0])
+    target = nnx.merge(self.target_def, params[1])
+    keep_ids = params[2]
+    logits = trimmed_logits(heads.logits(state, target, keep_ids), keep_ids,
+                            self.vocab_size)                     # [B, K, V]
+
+    def expand(d, tokens, carry):
+      lo, hi = shape.levels[d]
+      b, v = logits.shape[0], logits.shape[-1]
+      return jnp.broadcast_to(logits[:, d, None], (b, hi - lo, v)), carry
+
+    tree, _ = grow_static_tree(shape, rnd, key, self.proposal,
+                               self.vocab_size, expand, None)
+    return tree, state, target_cache
+
+  def commit(self, params, state, shape, rnd, outcome: Outcome):
+    last = jnp.maximum(outcome.num_kept - 1, 0)[:, None, None]
+    f = jnp.take_along_axis(outcome.features, last, axis=1)[:, 0]
+    return jnp.where((outcome.num_kept > 0)[:, None], f, state)
