@@ -43,7 +43,10 @@ Method
   beside it, and so is the real loop's ms per round (decode seconds / rounds,
   median over all prompts). The split overstates the total: each phase
   program copies the buffers it updates (nothing is donated between them),
-  which the single-program loop does not.
+  which the single-program loop does not. The last column predicts the
+  speedup on an accelerator, where verifying a tree of n <= 64 nodes costs
+  about one decoding step: tau / (1 + draft ms / AR step ms), with tau and
+  the drafter's cost measured here.
 * Agreement: every speculative run's tokens are compared with `ar`'s; a
   difference can only come from float32 near-ties (verification is exact
   argmax), and the first divergent position is reported.
@@ -72,7 +75,8 @@ DEFAULT_METHODS = (
 
 _METHODS = flags.DEFINE_list(
     "methods", list(DEFAULT_METHODS), "ar, hf_pld, or <drafter>[@key=value...]"
-    "/<tree>, drafter in ngram|layerskip|draft, keys of make_drafter.")
+    "/<tree>, drafter in ngram|layerskip|draft|eagle|medusa, keys of "
+    "make_drafter (eagle@checkpoint=<dir>/kary2x2x1).")
 _MODEL = bench.define_model_flag()
 _LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _HF_PLD_TOKENS = flags.DEFINE_integer(
@@ -395,6 +399,16 @@ def main(argv):
   report(rows, methods, config, machine, warm, phases, n, bench)
 
 
+def accelerator_speedup(tau, draft_ms, ar_step_ms):
+  """tau / (1 + draft / AR step): the speedup over autoregressive decoding
+  if a verify of the tree cost one decoding step (an accelerator, where
+  verifying n <= 64 tokens is memory-bound like one token), with the
+  drafter's cost as measured here relative to an AR step."""
+  if tau is None or not ar_step_ms:
+    return None
+  return tau / (1.0 + draft_ms / ar_step_ms)
+
+
 def report(rows, methods, config, machine, warm, phases, n, bench):
   """Summary, tables, JSON record, Markdown and plot from per-prompt rows."""
   greedy = not config.get("temperature")
@@ -419,12 +433,18 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
   stem = os.path.splitext(_OUTPUT.value)[0]
   phase_md = ""
   if phases:
+    for m, v in phases.items():
+      v["predicted_accelerator_speedup"] = accelerator_speedup(
+          summary["overall"][m]["tau"]["median"], v["draft_ms_per_round"],
+          ar_step_ms)
     phase_md = bench.markdown_table(
         ["method", "draft ms/round", "verify ms/round", "finish ms/round",
-         "rounds timed", "real loop ms/round (all prompts)"],
+         "rounds timed", "real loop ms/round (all prompts)",
+         "predicted speedup if verify = 1 step"],
         [[m, f"{v['draft_ms_per_round']:.1f}", f"{v['verify_ms_per_round']:.1f}",
           f"{v['finish_ms_per_round']:.1f}", v["rounds"],
-          f"{summary['overall'][m]['loop_ms_per_round']['median']:.1f}"]
+          f"{summary['overall'][m]['loop_ms_per_round']['median']:.1f}",
+          f"{v['predicted_accelerator_speedup']:.2f}"]
          for m, v in phases.items()])
   text = (f"{kind[0].upper() + kind[1:]}, batch 1, N={n} new tokens, {len(rows)} prompts, "
           f"median [p10-p90] over prompts.\n\n{overall_md}\n\n"

@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 
 from seqdec.data.features import DataError, FeatureDataset, fingerprint
+from seqdec.decoding.loops import bucket
 from seqdec.models import eagle
 from seqdec.models import medusa
 from seqdec.train import loop as loop_lib
@@ -210,11 +211,15 @@ class Batches:
     return np.asarray(out)
 
   def make(self, rows: np.ndarray, key) -> dict[str, np.ndarray]:
+    """The batch of `rows`, cut to its longest sequence (bucketed: a few
+    shapes, each compiled once) so padding is not computed."""
     data = self.ds.read(rows)
+    width = min(data["tokens"].shape[1], bucket(int(data["lengths"].max())))
     index, weight = sample_positions(
         np.random.default_rng(key), data["lengths"], data["prompt_lens"],
-        data["tokens"].shape[1], self.k, self.response_only)
-    return dict(tokens=data["tokens"], features=data["features"],
+        width, self.k, self.response_only)
+    return dict(tokens=data["tokens"][:, :width],
+                features=data["features"][:, :width],
                 lengths=data["lengths"], index=index, weight=weight)
 
   def train(self, step: int) -> dict[str, np.ndarray]:
