@@ -87,12 +87,13 @@ def as_float64(target_f32, net_f32):
   return target, nnx.merge(net_def, state)
 
 
-def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained):
-  """Greedy speculative decoding with the trained EAGLE drafter and a tree
-  equals greedy autoregressive decoding exactly (float64), for a batch of
-  rows of different lengths: prefixes of its training sequences (where it
-  drafts well, so that drafts are both accepted and rejected) and a fresh
-  prompt (where it mostly fails)."""
+@pytest.mark.parametrize("tree", ["kary2x2x1", "dyn8d3k2"])
+def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained, tree):
+  """Greedy speculative decoding with the trained EAGLE drafter and a static
+  or a dynamic (EAGLE-2) tree equals greedy autoregressive decoding exactly
+  (float64), for a batch of rows of different lengths: prefixes of its
+  training sequences (where it drafts well, so that drafts are both
+  accepted and rejected) and a fresh prompt (where it mostly fails)."""
   target, net = as_float64(*trained[:2])
   tokens = trained[3]
   prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
@@ -102,7 +103,7 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained):
       prompts)
   drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
-                   drafter=drafter, tree="kary2x2x1").generate_ids(prompts)
+                   drafter=drafter, tree=tree).generate_ids(prompts)
   for a, b in zip(ar, spec):
     assert a.tokens == b.tokens
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
@@ -186,21 +187,27 @@ class UnrenormalisedTrim(drafters_lib.EagleDrafter):
     return tree.replace(q=tree.q * 0.7), state, cache
 
 
-@pytest.mark.parametrize("control", [False, pytest.param(
-    True, marks=pytest.mark.slow)])
-def test_trimmed_head_sampling_keeps_the_target_law(trained, control):
-  """T=1, i.i.d. children from the trimmed drafter (every other token id
-  kept): the joint law of the first two tokens over 4096 rows equals the
-  target's (χ²); reporting the un-renormalised q is detected."""
+@pytest.mark.parametrize("control,tree,proposal,trim", [
+    (False, "kary2x1", "iid", True),
+    pytest.param(True, "kary2x1", "iid", True, marks=pytest.mark.slow),
+    pytest.param(False, "dyn6d3k2", "topk", False, marks=pytest.mark.slow),
+])
+def test_trimmed_head_sampling_keeps_the_target_law(trained, control, tree,
+                                                    proposal, trim):
+  """T=1: the joint law of the first two tokens over 4096 rows equals the
+  target's (χ²) with i.i.d. children from the trimmed drafter (every other
+  token id kept) and with a dynamic tree (deterministic children, verified
+  by the lossless rule); reporting the trimmed drafter's q without
+  renormalising it is detected."""
   from test_spec_sampling import (BATCH, P_MIN, ROWS,  # pylint: disable=g-import-not-at-top
                                   chi2_pvalue, exact_joint)
   target, net = trained[:2]
   prompt = trained[3][0, :6].tolist()     # where the drafter drafts well
-  keep = np.arange(0, target.config.vocab_size, 2)
+  keep = np.arange(0, target.config.vocab_size, 2) if trim else None
   cls = UnrenormalisedTrim if control else drafters_lib.EagleDrafter
-  drafter = cls(net, target, proposal="iid", keep_ids=keep)
+  drafter = cls(net, target, proposal=proposal, keep_ids=keep)
   gen = Generator(target, Tokenizer.byte_level(), max_new_tokens=3,
-                  eos_ids=(), drafter=drafter, tree="kary2x1", rule="sample",
+                  eos_ids=(), drafter=drafter, tree=tree, rule="sample",
                   temperature=1.0, max_batch=BATCH)
   results = gen.generate_ids([prompt] * ROWS, seed=11)
   pairs = np.array([r.tokens[:2] for r in results])

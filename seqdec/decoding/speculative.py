@@ -156,8 +156,9 @@ class SpecLoop(LoopMixin):
                               self.capacity)
     first, first_logp = self.sampler(logits, step_keys(inputs.keys, 0),
                                      inputs.sparams)
-    dstate = self.drafter.init(params[1], inputs.tokens, inputs.prompt_len,
-                               first, self.capacity, cache, **extra)
+    dstate = self.drafter.init(
+        params[1], inputs.tokens, inputs.prompt_len, first,
+        self.capacity + self.drafter.window_slots(self.tree), cache, **extra)
     b, m, nb = first.shape[0], self.max_depth + 1, self.shapes.new
     live = inputs.max_new > 0
     tokens = jnp.zeros((b, nb + m), jnp.int32).at[:, 0].set(first)

@@ -61,7 +61,17 @@ def _sequoia(arg: str) -> trees.TreeShape:
   return shape
 
 
+def _dynamic(arg: str) -> trees.DynamicTree:
+  """'dyn<N>d<D>k<K>': a `trees.DynamicTree` budget."""
+  m = re.fullmatch(r"(\d+)d(\d+)k(\d+)", arg)
+  if not m:
+    raise TreeError(f"bad dynamic tree spec 'dyn{arg}'; expected "
+                    f"dyn<nodes>d<depth>k<top_k>, e.g. dyn16d4k4")
+  return trees.DynamicTree(*(int(x) for x in m.groups()))
+
+
 _NAMED = {
+    "dyn": _dynamic,
     "chain": lambda arg: trees.chain(int(arg)),
     "kary": lambda arg: trees.kary(tuple(int(x) for x in arg.split("x"))),
     "static": _static,
@@ -88,14 +98,18 @@ def parse(spec: str) -> trees.TreeShape:
           raise
         raise TreeError(f"bad tree spec {spec!r}: {e}") from None
   raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
-                  f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-... or "
-                  f"sequoia<n>[d<depth>]:<acceptance.json>")
+                  f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-..., "
+                  f"sequoia<n>[d<depth>]:<acceptance.json> or "
+                  f"dyn<nodes>d<depth>k<top_k>")
 
 
 def to_spec(shape: trees.TreeShape) -> str:
   """A spec string for a topology: 'chain<g>' for chains, else its rank
   paths ('paths:0-1-0.0'), which `parse` reads back (for display and for a
-  `SpecConfig` holding a tree built in code)."""
+  `SpecConfig` holding a tree built in code); 'dyn<N>d<D>k<K>' for a
+  dynamic tree budget."""
+  if isinstance(shape, trees.DynamicTree):
+    return f"dyn{shape.num_nodes}d{shape.max_depth}k{shape.top_k}"
   if shape.parents == tuple(range(-1, shape.num_nodes - 1)) and not any(
       shape.ranks):
     return f"chain{shape.num_nodes - 1}"

@@ -60,6 +60,40 @@ def depths(parents: Sequence[int]) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class DynamicTree:
+  """A tree budget for trees grown on device each round (EAGLE-2): at most
+  `num_nodes` nodes (root included), depth `max_depth`, each level
+  expanding the `top_k` best nodes by cumulative draft log-probability
+  into `top_k` children each (`drafters.dynamic`). The topology differs per
+  row and round; only these bounds are static (one compiled program).
+  """
+  num_nodes: int
+  max_depth: int
+  top_k: int
+
+  def __post_init__(self):
+    n, d, k = self.num_nodes, self.max_depth, self.top_k
+    if d < 1 or k < 1 or n < 2:
+      raise TreeError(f"a dynamic tree needs num_nodes >= 2, depth >= 1 and "
+                      f"top_k >= 1, got N={n}, D={d}, K={k}")
+    if n - 1 > self.num_candidates:
+      raise TreeError(f"a dynamic tree of depth {d} and top_k {k} grows "
+                      f"{self.num_candidates} candidates, fewer than its "
+                      f"{n - 1} draft nodes")
+
+  @property
+  def num_candidates(self) -> int:
+    """K at depth 1, then K * K per level: the nodes the re-ranking picks
+    the N - 1 best of."""
+    return self.top_k + (self.max_depth - 1) * self.top_k ** 2
+
+  @property
+  def levels(self):
+    raise TreeError("a dynamic tree has no static levels; this drafter "
+                    "grows only static trees")
+
+
+@dataclasses.dataclass(frozen=True)
 class TreeShape:
   """A static tree topology.
 

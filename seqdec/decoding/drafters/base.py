@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from seqdec.errors import UserError
-from seqdec.decoding.trees import Tree, TreeShape
+from seqdec.decoding.trees import DynamicTree, Tree, TreeShape
 
 
 class DrafterError(UserError):
@@ -92,11 +92,13 @@ class Drafter:
     vocab_size: the drafter's vocabulary (checked against the target's), or
       None if it proposes only tokens it has seen (n-gram).
     uses_features: reads the target's features (module docstring).
+    grows_dynamic_trees: accepts a `trees.DynamicTree` budget.
   """
   name = "drafter"
   params: Any = ()
   vocab_size: int | None = None
   uses_features: bool = False
+  grows_dynamic_trees: bool = False
 
   def check(self, target_config, shape: TreeShape) -> None:
     """Raises `DrafterError` if this drafter cannot serve the target/tree."""
@@ -105,7 +107,19 @@ class Drafter:
           f"drafter {self.name!r} has a vocabulary of {self.vocab_size} tokens "
           f"but the target has {target_config.vocab_size}: drafter and target "
           f"must share one tokenizer")
+    if isinstance(shape, DynamicTree):
+      if not self.grows_dynamic_trees:
+        raise DrafterError(f"drafter {self.name!r} grows static trees only; "
+                           f"a dynamic tree budget needs a drafter that "
+                           f"scores its own candidates (eagle)")
+      return
     shape.levels  # raises TreeError unless nodes are numbered level by level
+
+  def window_slots(self, shape) -> int:
+    """Scratch slots this drafter's own cache needs beyond the committed
+    ones in a round (added to `init`'s capacity by the loop); 0 for
+    drafters without a cache or whose window fits the tree's nodes."""
+    return 0
 
   def init(self, params, tokens: jax.Array, prompt_len: jax.Array,
            first: jax.Array, capacity: int, target_cache: Any,

@@ -17,7 +17,9 @@ first n_b valid), entry D the root, then the tree's nodes (D = the tree's
 max depth, the most a round can leave behind: c - 1 for c kept tokens).
 After growing the tree the behind pairs and the root pair are committed
 (d <- L), all exact, so nothing is ever rolled back. A tree of depth D costs
-D calls of the one-layer network plus its head.
+D calls of the one-layer network plus its head. With a `trees.DynamicTree`
+budget the tree is grown EAGLE-2 style instead (`drafters.dynamic`): K
+frontier nodes fed per level, the N - 1 best candidates kept.
 
 Vocabulary trimming (VocabTrim): with `keep_ids` (M token ids, e.g. the M
 most frequent in the training responses) the drafter scores only those,
@@ -42,9 +44,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
+from seqdec.decoding.drafters.dynamic import grow_dynamic_tree
 from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
                                            grow_static_tree, trimmed_logits,
                                            window_mask)
+from seqdec.decoding.trees import DynamicTree
 from seqdec.models.eagle import EagleNet, eagle_config
 from seqdec.models.transformer import commit
 from seqdec.ops import write_rows
@@ -74,6 +78,7 @@ class EagleDrafter(Drafter):
     keep_ids: `[M]` int token ids the head scores (trimmed), or None (all).
   """
   uses_features = True
+  grows_dynamic_trees = True
 
   def __init__(self, net: EagleNet, target, name: str = "eagle",
                proposal: str = "topk", keep_ids=None):
@@ -101,6 +106,13 @@ class EagleDrafter(Drafter):
     return trimmed_logits(target.head(f_hat, keep_ids), keep_ids,
                           self.vocab_size)
 
+  def window_slots(self, shape) -> int:
+    """The round's window: D behind pairs, then the tree's N nodes (static)
+    or the root and K frontier nodes per level 1 .. D-1 (dynamic)."""
+    if isinstance(shape, DynamicTree):
+      return shape.max_depth + 1 + (shape.max_depth - 1) * shape.top_k
+    return shape.max_depth + shape.num_nodes
+
   def init(self, params, tokens, prompt_len, first, capacity, target_cache,
            features=None):
     if features is None:
@@ -124,49 +136,114 @@ class EagleDrafter(Drafter):
   def propose(self, params, state, shape, rnd, target_cache, key):
     net = nnx.merge(self.net_def, params[0])
     target = nnx.merge(self.target_def, params[1])
-    b, n, lag = rnd.root.shape[0], shape.num_nodes, shape.max_depth
+    b, lag = rnd.root.shape[0], shape.max_depth
     d = state.cache.length
     n_behind = jnp.clip(rnd.length - 1 - d, 0, lag)                  # [B]
-    entry = jnp.arange(lag + n, dtype=jnp.int32)
-    valid = (entry[None] >= lag) | (entry[None] < n_behind[:, None])
-    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
-    mask = window_mask(parents, lag) & valid[:, None, :]     # [B, lag+N, ..]
     # Behind pair e: t = d + 1 + e (clipped for the invalid ones).
-    t_behind = jnp.minimum(d[:, None] + 1 + jnp.arange(lag), rnd.length[:, None])
-    behind_tok = jnp.take_along_axis(state.tokens, t_behind, axis=1)
-    behind_feat = jnp.take_along_axis(
-        state.features, jnp.maximum(t_behind - 1, 0)[..., None], axis=1)
-    root_feat = jnp.take_along_axis(
-        state.features, jnp.maximum(rnd.length - 1, 0)[:, None, None], axis=1)
+    t_behind = jnp.minimum(d[:, None] + 1 + jnp.arange(lag),
+                           rnd.length[:, None])
+    first = dict(                         # the behind pairs, then the root
+        tokens=jnp.concatenate([
+            jnp.take_along_axis(state.tokens, t_behind, axis=1),
+            rnd.root[:, None]], 1),
+        features=jnp.concatenate([
+            jnp.take_along_axis(state.features,
+                                jnp.maximum(t_behind - 1, 0)[..., None], 1),
+            jnp.take_along_axis(state.features, jnp.maximum(
+                rnd.length - 1, 0)[:, None, None], 1)], 1),
+        positions=jnp.concatenate([t_behind, rnd.length[:, None]], 1),
+        n_behind=n_behind)
+
+    def feed(tokens, feats, positions, cache, mask):
+      """f^ and drafter logits of new window entries."""
+      out, cache = net(target.embed_tokens(tokens), feats, positions, cache,
+                       mask)
+      return out, self.scores(target, params[2], out), cache
+
+    if isinstance(shape, DynamicTree):
+      tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache)
+    else:
+      tree, cache = self._grow_static(shape, rnd, key, first, feed,
+                                      state.cache)
+    # Commit the exact pairs: the n_b behind ones and the root's.
+    keep = jnp.where(jnp.arange(lag + 1) < n_behind[:, None],
+                     jnp.arange(lag + 1), lag)
+    cache = commit(cache, jnp.where(rnd.live, n_behind + 1, 0), keep)
+    return tree, state.replace(cache=cache), target_cache
+
+  @staticmethod
+  def _first_mask(parents: jax.Array, lag: int, n_behind: jax.Array):
+    """`window_mask` with the invalid behind entries (e >= n_b) hidden."""
+    m = window_mask(parents, lag)
+    entry = jnp.arange(m.shape[-1], dtype=jnp.int32)
+    valid = (entry[None] >= lag) | (entry[None] < n_behind[:, None])
+    return m & valid[:, None, :]
+
+  def _grow_static(self, shape, rnd, key, first, feed, cache):
+    b, n, lag = rnd.root.shape[0], shape.num_nodes, shape.max_depth
+    parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
+    mask = self._first_mask(parents, lag, first["n_behind"])
     depth = jnp.asarray(shape.depth, jnp.int32)
-    pos = jnp.concatenate([t_behind, rnd.length[:, None] + depth[None]], 1)
+    pos = jnp.concatenate([first["positions"][:, :lag],
+                           rnd.length[:, None] + depth[None]], 1)
 
     def expand(level, tokens, carry):
       cache, pred = carry                                   # pred: [B, N, D]
       lo, hi = shape.levels[level]
       if level == 0:
         e_lo, e_hi = 0, lag + hi
-        toks = jnp.concatenate([behind_tok, tokens[:, :hi]], 1)
-        feats = jnp.concatenate([behind_feat, root_feat], 1)
+        toks, feats = first["tokens"], first["features"]
       else:
         e_lo, e_hi = lag + lo, lag + hi
         toks = tokens[:, lo:hi]
         feats = jnp.take_along_axis(pred, parents[:, lo:hi, None], axis=1)
-      out, cache = net(target.embed_tokens(toks), feats, pos[:, e_lo:e_hi],
-                       cache, mask[:, e_lo:e_hi, :e_hi])
-      out = out[:, -(hi - lo):]                             # the level's f^
+      out, logits, cache = feed(toks, feats, pos[:, e_lo:e_hi], cache,
+                                mask[:, e_lo:e_hi, :e_hi])
+      out, logits = out[:, -(hi - lo):], logits[:, -(hi - lo):]
       pred = pred.at[:, lo:hi].set(out.astype(pred.dtype))
-      return self.scores(target, params[2], out), (cache, pred)
+      return logits, (cache, pred)
 
-    pred0 = jnp.zeros((b, n, state.features.shape[-1]), state.features.dtype)
+    pred0 = jnp.zeros((b, n, first["features"].shape[-1]),
+                      first["features"].dtype)
     tree, (cache, _) = grow_static_tree(shape, rnd, key, self.proposal,
                                         self.vocab_size, expand,
-                                        (state.cache, pred0))
-    # Commit the exact pairs: the n_b behind ones and the root's.
-    keep = jnp.where(jnp.arange(lag + 1) < n_behind[:, None],
-                     jnp.arange(lag + 1), lag)
-    cache = commit(cache, jnp.where(rnd.live, n_behind + 1, 0), keep)
-    return tree, state.replace(cache=cache), target_cache
+                                        (cache, pred0))
+    return tree, cache
+
+  def _grow_dynamic(self, shape, rnd, first, feed, cache):
+    """EAGLE-2 (`drafters.dynamic`): window entries are the behind pairs,
+    the root, then K frontier nodes per level 1 .. D-1, with an ancestor
+    relation over them built level by level."""
+    b, lag, k = rnd.root.shape[0], shape.max_depth, shape.top_k
+    width = lag + 1 + (shape.max_depth - 1) * k
+    root_only = jnp.full((b, 1), -1, jnp.int32)
+    first_mask = self._first_mask(root_only, lag, first["n_behind"])
+    anc = jnp.zeros((b, width, width), jnp.bool_)
+    anc = anc.at[:, :lag + 1, :lag + 1].set(first_mask)
+    out, logits, cache = feed(first["tokens"], first["features"],
+                              first["positions"], cache, first_mask)
+    prev_pred = out[:, -1:]                                  # root's f^
+    prev_entry = jnp.full((b, 1), lag, jnp.int32)
+
+    def expand(level, tokens, parent_pos, carry):
+      cache, anc, prev_pred, prev_entry = carry
+      e0 = lag + 1 + (level - 1) * k
+      entries = e0 + jnp.arange(k, dtype=jnp.int32)
+      feats = jnp.take_along_axis(prev_pred, parent_pos[..., None], 1)
+      parent_entry = jnp.take_along_axis(prev_entry, parent_pos, 1)
+      rows = jnp.take_along_axis(anc, parent_entry[..., None], 1)  # [B,K,W]
+      rows = rows | (jnp.arange(width)[None, None] == entries[None, :, None])
+      anc = anc.at[:, e0:e0 + k].set(rows)
+      pos = jnp.broadcast_to(rnd.length[:, None] + level, (b, k))
+      out, logits, cache = feed(tokens, feats, pos, cache,
+                                anc[:, e0:e0 + k, :e0 + k])
+      return logits, (cache, anc, out,
+                      jnp.broadcast_to(entries, (b, k)))
+
+    tree, (cache, *_) = grow_dynamic_tree(
+        shape, rnd.root, logits[:, -1], expand,
+        (cache, anc, prev_pred, prev_entry))
+    return tree, cache
 
   def commit(self, params, state, shape, rnd, outcome: Outcome):
     """Records the kept path: f at L .. L+c-1, x at L+1 .. L+c (entries

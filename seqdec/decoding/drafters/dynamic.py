@@ -1,0 +1,108 @@
+"""Dynamic draft trees grown on device (EAGLE-2, Li et al. 2024), within a
+static budget (`trees.DynamicTree`: N nodes, depth D, top-k K).
+
+Each node v carries its cumulative draft log-probability
+score(v) = sum over its path of log q(x_u | ancestors), a proxy for the
+probability that v is accepted. Per row:
+
+    level 1    the root's K most likely children            (K candidates)
+    level d+1  the K best candidates of level d (the frontier) are fed to
+               the drafter; each proposes its K most likely children
+               (K * K candidates, score = parent's + log q)
+    re-rank    the N - 1 best candidates of all levels by score (ties: the
+               shallower first) become the tree; scores fall along a path,
+               so the set holds every kept node's ancestors
+    renumber   kept nodes in (depth, -score) order, root 0: every parent
+               precedes its children; parents `[B, N]` and the ancestor mask
+               are built on device (`Tree.from_parents`)
+
+Children are the deterministic top-k (the re-ranking would break the laws
+of i.i.d. or without-replacement children), so at temperature > 0 a dynamic
+tree is verified with the lossless rule's deterministic step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from seqdec.decoding import trees as trees_lib
+from seqdec.decoding.trees import DynamicTree, Tree
+
+# expand(d, tokens [B, K], parent_pos [B, K], carry) -> (logits [B, K, V],
+# carry): the drafter's distributions at level d's frontier nodes, whose
+# parents are the previous frontier's nodes parent_pos (level 1: the root).
+ExpandFrontier = Callable[[int, jax.Array, jax.Array, Any],
+                          tuple[jax.Array, Any]]
+
+
+def _lexsort_rows(primary: jax.Array, secondary: jax.Array) -> jax.Array:
+  """Per-row order by `primary` ascending, then `secondary` ascending."""
+  return jax.vmap(lambda p, s: jnp.lexsort((s, p)))(primary, secondary)
+
+
+def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
+                      root_logits: jax.Array, expand: ExpandFrontier,
+                      carry: Any) -> tuple[Tree, Any]:
+  """The module docstring's tree under each row's root.
+
+  Args:
+    budget: N, D, K.
+    root: `[B]` root tokens.
+    root_logits: `[B, V]` the drafter's logits at the root.
+    expand: the drafter's frontier expansion (`ExpandFrontier`).
+    carry: the drafter's state threaded through `expand`.
+
+  Returns:
+    `(tree, carry)`: a valid tree of N nodes and depth <= D per row.
+  """
+  k, depth_max, n = budget.top_k, budget.max_depth, budget.num_nodes
+  b = root.shape[0]
+  logp = jax.nn.log_softmax(root_logits.astype(jnp.float32), -1)
+  score, tok = jax.lax.top_k(logp, k)                              # [B, K]
+  toks, scores = [tok.astype(jnp.int32)], [score]
+  parents = [jnp.full((b, k), -1, jnp.int32)]     # candidate slot, -1: root
+  depths = [jnp.ones((b, k), jnp.int32)]
+  front_slot = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+  front_tok, front_score = tok.astype(jnp.int32), score
+  parent_pos = jnp.zeros((b, k), jnp.int32)
+  base = k
+  for d in range(1, depth_max):
+    logits, carry = expand(d, front_tok, parent_pos, carry)       # [B, K, V]
+    logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    child_lp, child_tok = jax.lax.top_k(logq, k)                  # [B, K, K]
+    cand_score = (front_score[:, :, None] + child_lp).reshape(b, k * k)
+    cand_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
+    cand_parent = jnp.repeat(front_slot, k, axis=1)
+    toks.append(cand_tok)
+    scores.append(cand_score)
+    parents.append(cand_parent)
+    depths.append(jnp.full((b, k * k), d + 1, jnp.int32))
+    front_score, idx = jax.lax.top_k(cand_score, k)
+    front_tok = jnp.take_along_axis(cand_tok, idx, 1)
+    front_slot = base + idx.astype(jnp.int32)
+    parent_pos = (idx // k).astype(jnp.int32)
+    base += k * k
+  tok_all = jnp.concatenate(toks, 1)                               # [B, C]
+  score_all = jnp.concatenate(scores, 1)
+  parent_all = jnp.concatenate(parents, 1)
+  depth_all = jnp.concatenate(depths, 1)
+  # Re-rank: the N - 1 best by score, shallower first on ties.
+  best = _lexsort_rows(-score_all, depth_all)[:, :n - 1]          # [B, N-1]
+  take = lambda x, i: jnp.take_along_axis(x, i, 1)                # noqa: E731
+  # Renumber by (depth, -score): parents before children.
+  order = _lexsort_rows(take(depth_all, best), -take(score_all, best))
+  kept = take(best, order)                                         # slots
+  new_index = jnp.zeros_like(tok_all).at[
+      jnp.arange(b)[:, None], kept].set(jnp.arange(1, n, dtype=jnp.int32))
+  kept_parent = take(parent_all, kept)
+  parent_new = jnp.where(kept_parent < 0, 0,
+                         take(new_index, jnp.maximum(kept_parent, 0)))
+  tokens = jnp.concatenate([root[:, None].astype(jnp.int32),
+                            take(tok_all, kept)], 1)
+  parents_out = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32),
+                                 parent_new.astype(jnp.int32)], 1)
+  return Tree.from_parents(tokens, parents_out,
+                           scheme=trees_lib.DETERMINISTIC), carry
