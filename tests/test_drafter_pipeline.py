@@ -130,3 +130,26 @@ def test_sampled_positions_stay_in_the_response():
   assert weight[0].sum() == 8 and len(set(t[0])) == 8   # distinct
   assert ((t[0] >= 11) & (t[0] <= 19)).all()          # P-1 .. n-1
   assert weight[1].sum() == 2 and sorted(t[1][:2]) == [4, 5]
+
+
+@pytest.mark.parametrize("script,args,fragment", [
+    ("train_drafter.py", ["--config=configs/drafters/eagle.py:model=tiny",
+                          "--config.data.path=/nonexistent/data"],
+     "no drafter dataset at '/nonexistent/data' (missing meta.json)"),
+    ("make_drafter_data.py", ["--model=tiny", "--num_prompts=0"],
+     "--out is required"),
+])
+def test_bad_input_through_the_scripts(tmp_path, script, args, fragment):
+  """A missing dataset or bad flags: one `error:` line naming the problem,
+  exit status 1, nothing written."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if script == "train_drafter.py":
+    args = args + [f"--workdir={tmp_path / 'w'}"]
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script),
+                      *args], capture_output=True, text=True, cwd=ROOT,
+                     timeout=300, check=False)
+  assert r.returncode == 1, r.stderr[-2000:]
+  errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+  assert errors and fragment in errors[-1], r.stderr[-2000:]
+  assert not (tmp_path / "w" / "drafter").exists()
