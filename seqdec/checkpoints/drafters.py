@@ -7,7 +7,7 @@ A drafter directory holds
                           `dtype` (bfloat16 halves a shipped file), and
                           for a trimmed head 'vocab.keep_ids' (int32 [M])
     drafter.json          kind ('eagle'), the target's fingerprint
-                          (`seqdec.data.features.fingerprint`: a hash of its
+                          (`seqdec.checkpoints.fingerprint`: a hash of its
                           weights, since e.g. SmolLM2 base and Instruct share
                           every shape), hidden size, vocabulary, the network
                           config, and free-form provenance (command, data)
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.errors import UserError
 from seqdec.jsonl import write_text_atomic
 from seqdec.models import eagle
@@ -56,7 +57,6 @@ def save(path: str, net, target, *, dtype: str = "bfloat16",
   its trimmed head's vocabulary or None) to directory `path`."""
   # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file
-  from seqdec.data.features import fingerprint
   # pylint: enable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   params = nnx.state(net, nnx.Param)
@@ -130,7 +130,6 @@ def load(path: str, target, *, check_fingerprint: bool = True
   # pylint: disable=g-import-not-at-top
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
-  from seqdec.data.features import fingerprint
   # pylint: enable=g-import-not-at-top
   meta = read_meta(path)
   c = target.config
@@ -204,7 +203,6 @@ def load_for(target, checkpoint: str = "", kind: str = "eagle"
       raise DrafterCheckpointError(f"{checkpoint!r} holds a {got} drafter, "
                                    f"not {kind}")
     return net, keep_ids
-  from seqdec.data.features import fingerprint  # pylint: disable=g-import-not-at-top
   mine = fingerprint(target)
   for path in shipped():
     meta = read_meta(path)

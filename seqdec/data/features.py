@@ -22,7 +22,6 @@ features with the target's LM head (`softmax(head(f_t))`), never stored
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Callable, Optional, Sequence
@@ -33,6 +32,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.errors import UserError
 from seqdec.jsonl import write_text_atomic
 
@@ -41,19 +41,6 @@ ARRAYS = ("tokens", "lengths", "prompt_lens", "features")
 
 class DataError(UserError):
   """A missing, corrupt or mismatched drafter dataset."""
-
-
-def fingerprint(model) -> str:
-  """SHA-256 over the model's parameters (names, shapes, dtypes, bytes):
-  tells apart checkpoints that share every shape (SmolLM2 base/Instruct)."""
-  digest = hashlib.sha256()
-  for path, leaf in sorted(
-      (jax.tree_util.keystr(p), x) for p, x in
-      jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))):
-    a = np.asarray(leaf)
-    digest.update(f"{path}|{a.shape}|{a.dtype}".encode())
-    digest.update(np.ascontiguousarray(a).tobytes())
-  return digest.hexdigest()
 
 
 def _spec(path: str, dtype: str, shape: Sequence[int],

@@ -40,7 +40,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from seqdec.data.features import DataError, FeatureDataset, fingerprint
+from seqdec.checkpoints.fingerprint import fingerprint
+from seqdec.data.features import DataError, FeatureDataset
 from seqdec.decoding.loops import bucket
 from seqdec.models import eagle
 from seqdec.models import medusa
