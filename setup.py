@@ -22,6 +22,9 @@ setup(
     python_requires=">=3.10",
     # configs/ and launch/ are files run by path, not packages.
     packages=find_packages(include=["seqdec", "seqdec.*"]),
+    # Trained drafters shipped for installed models (checkpoints/drafters.py).
+    package_data={"seqdec.checkpoints": ["shipped/*/*.json",
+                                         "shipped/*/*.safetensors"]},
     install_requires=requirements("requirements.txt"),
     extras_require={
         "test": requirements("requirements-dev.txt"),

@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.train.grad_clip = 0.5
   c.train.w_reg = 1.0             # EAGLE: SmoothL1 on features
   c.train.w_ce = 0.1              # EAGLE: CE against the target's head
+  c.train.feature_noise = 0.1     # EAGLE: input features + U(-a, a)
   c.train.log_every = 1 if arg.runlocal else 25
   c.train.eval_every = 2 if arg.runlocal else 250
   c.train.checkpoint_every = 2 if arg.runlocal else 100

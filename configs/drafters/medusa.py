@@ -36,5 +36,6 @@ def get_config(arg=None):
       kind="medusa", num_heads=arg.num_heads, own_heads=arg.own_heads))
   c.train.w_reg = 0.0
   c.train.w_ce = 1.0
+  c.train.feature_noise = 0.0
   c.train.steps = 4 if arg.runlocal else 600
   return c

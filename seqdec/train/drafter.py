@@ -17,7 +17,9 @@ drafts from (`drafters.eagle`) and costs M / V of the head: the response (t >= p
 position with `train.positions = 'all'`. The head is the target's frozen LM
 head, applied to the cached features for p (distillation targets are never
 stored). Only the network's weights train; the target's embedding and head
-are inputs.
+are inputs. As in EAGLE, the input features get uniform noise
+U(-a, a) (`train.feature_noise`; the targets stay clean), which makes the
+drafter robust to the errors of the features it predicts for itself.
 
 Batches: step s reads rows perm_e[i] for the batch's slots i, where perm_e
 is a permutation of the training rows drawn from (seed, epoch e); a function
@@ -124,7 +126,11 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
 def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None):
   """EAGLE's loss of the module docstring."""
   feats = batch["features"].astype(jnp.float32)
-  pred = forward(net, target, batch["tokens"], feats)           # [B, S-1, D]
+  # EAGLE's input noise: the drafter reads f + U(-a, a) (robustness to its
+  # own feature errors when it drafts from predicted features); targets are
+  # the clean features.
+  noisy = feats + batch["noise"] if "noise" in batch else feats
+  pred = forward(net, target, batch["tokens"], noisy)           # [B, S-1, D]
   idx = batch["index"]                                         # [B, K]
   w = batch["weight"]                                          # [B, K]
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
@@ -193,12 +199,14 @@ class Batches:
   """Training and validation batches of a dataset (module docstring)."""
 
   def __init__(self, ds: FeatureDataset, batch_size: int, positions: int,
-               valid_rows: int, seed: int, response_only: bool):
+               valid_rows: int, seed: int, response_only: bool,
+               noise: float = 0.0):
     if ds.rows <= valid_rows:
       raise DataError(f"dataset {ds.path!r} has {ds.rows} finished rows, "
                       f"need more than data.valid_rows={valid_rows}")
     self.ds, self.b, self.k, self.seed = ds, batch_size, positions, seed
     self.response_only = response_only
+    self.noise = noise
     self.train_rows = ds.rows - valid_rows
     self.valid = np.arange(self.train_rows, ds.rows)
 
@@ -211,20 +219,27 @@ class Batches:
       out.append(np.random.default_rng([self.seed, epoch]).permutation(n)[i])
     return np.asarray(out)
 
-  def make(self, rows: np.ndarray, key) -> dict[str, np.ndarray]:
+  def make(self, rows: np.ndarray, key, noise: float = 0.0
+           ) -> dict[str, np.ndarray]:
     """The batch of `rows`, cut to its longest sequence (bucketed: a few
-    shapes, each compiled once) so padding is not computed."""
+    shapes, each compiled once) so padding is not computed; with `noise`
+    > 0, uniform input noise U(-noise, noise) for the features."""
     data = self.ds.read(rows)
     width = min(data["tokens"].shape[1], bucket(int(data["lengths"].max())))
+    rng = np.random.default_rng(key)
     index, weight = sample_positions(
-        np.random.default_rng(key), data["lengths"], data["prompt_lens"],
-        width, self.k, self.response_only)
-    return dict(tokens=data["tokens"][:, :width],
-                features=data["features"][:, :width],
-                lengths=data["lengths"], index=index, weight=weight)
+        rng, data["lengths"], data["prompt_lens"], width, self.k,
+        self.response_only)
+    out = dict(tokens=data["tokens"][:, :width],
+               features=data["features"][:, :width],
+               lengths=data["lengths"], index=index, weight=weight)
+    if noise > 0:
+      out["noise"] = rng.uniform(-noise, noise, out["features"].shape
+                                 ).astype(np.float32)
+    return out
 
   def train(self, step: int) -> dict[str, np.ndarray]:
-    return self.make(self.rows(step), [self.seed, 1, step])
+    return self.make(self.rows(step), [self.seed, 1, step], self.noise)
 
   def validation(self) -> list[dict[str, np.ndarray]]:
     return [self.make(self.valid[i:i + self.b], [self.seed, 2, i])
@@ -280,7 +295,8 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     raise DataError(f"dataset {d.path!r} has features of width "
                     f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
   batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
-                    d.positions_from == "response")
+                    d.positions_from == "response",
+                    float(t.get("feature_noise", 0.0)))
   net = build_net(config, target)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
