@@ -60,6 +60,7 @@ def test_runlocal_trains_exports_and_decodes_losslessly(tmp_path, model):
   drafter decodes exactly as autoregressive decoding (f32, greedy) on a
   Llama-family and a Gemma 3 target."""
   c = config(f"runlocal,model={model}", tmp_path)
+  c.data.build_prompts = 16            # two chunks of one shape
   target, tok = seqdec.load_pretrained(c.model)
   build_data(c, target, tok)
   ds = features.FeatureDataset.open(c.data.path, features.fingerprint(target))

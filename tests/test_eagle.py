@@ -87,7 +87,8 @@ def as_float64(target_f32, net_f32):
   return target, nnx.merge(net_def, state)
 
 
-@pytest.mark.parametrize("tree", ["kary2x2x1", "dyn8d3k2"])
+@pytest.mark.parametrize("tree", [
+    pytest.param("kary2x2x1", marks=pytest.mark.slow), "dyn8d3k2"])
 def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained, tree):
   """Greedy speculative decoding with the trained EAGLE drafter and a static
   or a dynamic (EAGLE-2) tree equals greedy autoregressive decoding exactly
