@@ -224,3 +224,34 @@ def test_trimmed_head_sampling_keeps_the_target_law(trained, control, tree,
     assert pvalue < 1e-6
   else:
     assert pvalue > P_MIN
+
+
+def test_concatenated_datasets_read_as_one(tmp_path):
+  """Two datasets of one target (different sequence lengths) read as one:
+  rows in order, shorter sequences zero-padded; another target refused."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  parts = []
+  for i, (rows, seq) in enumerate([(3, 6), (2, 9)]):
+    path = str(tmp_path / f"p{i}")
+    feature_data.create(path, dict(target_fingerprint="t"), rows, seq, 4,
+                        rows)
+    ds = feature_data.FeatureDataset.open(path)
+    tok = np.arange(rows * seq, dtype=np.int32).reshape(rows, seq) + 100 * i
+    ds.arrays["tokens"][...].write(tok).result()
+    ds.arrays["lengths"][...].write(np.full(rows, seq, np.int32)).result()
+    ds.arrays["prompt_lens"][...].write(np.ones(rows, np.int32)).result()
+    ds.arrays["features"][...].write(np.ones(
+        (rows, seq, 4), ml_dtypes.bfloat16) * (i + 1)).result()
+    feature_data.write_meta(path, dict(ds.meta, done=1))
+    parts.append((path, tok))
+  both = feature_data.ConcatDataset.open(",".join(p for p, _ in parts), "t")
+  assert both.rows == 5 and both.meta["seq_len"] == 9
+  got = both.read(np.array([4, 0, 2]))
+  np.testing.assert_array_equal(got["tokens"][0], parts[1][1][1])
+  np.testing.assert_array_equal(got["tokens"][1, :6], parts[0][1][0])
+  assert (got["tokens"][1, 6:] == 0).all() and got["features"].shape == (
+      3, 9, 4)
+  assert float(got["features"][2, 0, 0]) == 1.0 and float(
+      got["features"][0, 8, 0]) == 2.0
+  with pytest.raises(feature_data.DataError, match="another target"):
+    feature_data.ConcatDataset.open(parts[0][0], "other")

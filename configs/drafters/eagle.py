@@ -7,7 +7,7 @@ Launch (build the data first with launch/make_drafter_data.py):
       --workdir=/tmp/eagle_smoke          # tiny target, builds its own data
 
 Arguments after the colon: `model` (the target: a registry name, HF dir or
-.gguf), `data` (the dataset directory; default
+.gguf), `data` (the dataset directory, or several joined by '+'; default
 ~/.cache/seqdec/drafter_data/<model>), `runlocal` (a tiny random target,
 'tiny' or model=tiny-gemma3, a dataset of a few prompts built on the fly, a
 few steps). Rerunning with
@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.drafter.own_heads = False     # medusa only
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = arg.data or os.path.join(
+  c.data.path = arg.data.replace("+", ",") or os.path.join(
       os.path.expanduser("~"), ".cache", "seqdec", "drafter_data",
       model.replace("-135m-instruct", "").replace("-270m", "")
       + ("_runlocal" if arg.runlocal else ""))

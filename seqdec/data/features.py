@@ -122,6 +122,60 @@ class FeatureDataset:
     return out
 
 
+class ConcatDataset:
+  """Several datasets of one target read as one (rows in order), e.g. a
+  build resumed into a new directory with another chunk size."""
+
+  def __init__(self, parts: Sequence[FeatureDataset]):
+    if not parts:
+      raise DataError("no dataset given")
+    widths = {p.meta["hidden"] for p in parts}
+    if len(widths) > 1 or len({p.meta["target_fingerprint"]
+                               for p in parts}) > 1:
+      raise DataError(f"datasets {[p.path for p in parts]} come from "
+                      f"different targets")
+    self.parts = list(parts)
+    self.path = ",".join(p.path for p in parts)
+    self.meta = dict(parts[0].meta, hidden=widths.pop(),
+                     seq_len=max(p.meta["seq_len"] for p in parts))
+    self.offsets = np.cumsum([0] + [p.rows for p in parts])
+
+  @property
+  def rows(self) -> int:
+    return int(self.offsets[-1])
+
+  @classmethod
+  def open(cls, paths: str, target_fingerprint: Optional[str] = None
+           ) -> "ConcatDataset":
+    """`paths`: comma-separated dataset directories."""
+    return cls([FeatureDataset.open(p.strip(), target_fingerprint)
+                for p in paths.split(",") if p.strip()])
+
+  def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """As `FeatureDataset.read`, padding sequences to the longest seq_len."""
+    rows = np.asarray(rows)
+    if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+      raise DataError(f"rows {rows.min()}..{rows.max()} outside the "
+                      f"{self.rows} finished rows of {self.path!r}")
+    part = np.searchsorted(self.offsets, rows, side="right") - 1
+    out = {}
+    s = self.meta["seq_len"]
+    for i, p in enumerate(self.parts):
+      sel = np.nonzero(part == i)[0]
+      if not len(sel):
+        continue
+      got = p.read(rows[sel] - self.offsets[i])
+      for name, x in got.items():
+        if name not in out:
+          shape = (len(rows),) + ((s,) + x.shape[2:] if x.ndim > 1 else ())
+          out[name] = np.zeros(shape, x.dtype)
+        if x.ndim > 1:
+          out[name][sel, :x.shape[1]] = x
+        else:
+          out[name][sel] = x
+    return out
+
+
 def create(path: str, meta: dict, num_rows: int, seq_len: int,
            hidden: int, chunk: int) -> None:
   """Creates the empty arrays and meta.json (done = 0)."""

@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 from seqdec.checkpoints.fingerprint import fingerprint
-from seqdec.data.features import DataError, FeatureDataset
+from seqdec.data.features import ConcatDataset, DataError, FeatureDataset
 from seqdec.decoding.loops import bucket
 from seqdec.models import eagle
 from seqdec.models import medusa
@@ -290,7 +290,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   if d.positions_from not in ("response", "all"):
     raise TrainError(f"data.positions_from must be 'response' or 'all', got "
                      f"{d.positions_from!r}")
-  ds = FeatureDataset.open(d.path, fingerprint(target))
+  ds = ConcatDataset.open(d.path, fingerprint(target))
   if ds.meta["hidden"] != target.config.hidden_size:
     raise DataError(f"dataset {d.path!r} has features of width "
                     f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
