@@ -1,6 +1,6 @@
-"""Medusa heads: trained on a tiny target's continuations, each head learns
-its offset; the drafter is lossless through the engine (f64); shared and
-own LM heads; checkpoints round-trip by kind."""
+"""Medusa and Hydra heads: trained on a tiny target's continuations, each
+head learns its offset; the drafters are lossless through the engine
+(f64); shared and own LM heads; checkpoints round-trip by kind."""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ from seqdec.data import features as feature_data
 from seqdec.decoding import drafters as drafters_lib
 from seqdec.decoding.drafters.base import DrafterError
 from seqdec.generator import Generator
+from seqdec.models import hydra
 from seqdec.models import medusa
 from seqdec.tokenizer import Tokenizer
 from seqdec.train import drafter as trainer
@@ -25,7 +26,7 @@ from test_eagle import continuations
 STEPS = 150
 
 
-def train_heads(target, tokens, own_heads, steps=STEPS):
+def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
   feats = feature_data.target_features(target, tokens)
   n, s = tokens.shape
   batch = dict(tokens=tokens, features=feats,
@@ -33,7 +34,8 @@ def train_heads(target, tokens, own_heads, steps=STEPS):
                index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
                    np.int32),
                weight=np.ones((n, s - 1), np.float32))
-  heads = medusa.create(target, 3, own_heads)
+  heads = (hydra.create(target, 3) if kind == "hydra"
+           else medusa.create(target, 3, own_heads))
   hdef, params, rest = nnx.split(heads, nnx.Param, ...)
   tdef, tparams = nnx.split(target)
   tx = make_optimizer(ml_collections.ConfigDict(dict(
@@ -48,12 +50,13 @@ def train_heads(target, tokens, own_heads, steps=STEPS):
   return nnx.merge(hdef, params, rest), history
 
 
-@pytest.fixture(scope="module")
-def trained():
+@pytest.fixture(scope="module", params=["medusa", "hydra"])
+def trained(request):
   target = testing.tiny_model()
   tokens = continuations(target)
-  heads, history = train_heads(target, tokens, own_heads=False)
-  return target, heads, history, tokens
+  heads, history = train_heads(target, tokens, own_heads=False,
+                               kind=request.param)
+  return target, heads, history, tokens, request.param
 
 
 def test_heads_learn_their_offsets(trained):
@@ -70,22 +73,24 @@ def test_heads_learn_their_offsets(trained):
   assert last["top1_1"] > max(0.1, 3 * first["top1_1"])
 
 
-def test_medusa_tree_equals_autoregressive_float64(x64, trained):
-  """Greedy speculative decoding with trained Medusa heads (a Cartesian
-  2x2x1 tree) equals autoregressive decoding exactly in float64, rows of
+def test_heads_tree_equals_autoregressive_float64(x64, trained):
+  """Greedy speculative decoding with trained Medusa / Hydra heads (a 2x2x1
+  tree) equals autoregressive decoding exactly in float64, rows of
   different lengths, drafts accepted and rejected; a tree deeper than the
   heads is refused."""
-  target32, heads32, _, tokens = trained
+  target32, heads32, _, tokens, kind = trained
   target = testing.tiny_model("float64")
-  hdef = nnx.graphdef(nnx.eval_shape(lambda: medusa.MedusaHeads(
-      medusa.medusa_config(target, 3), rngs=None)))
+  hdef = nnx.graphdef(nnx.eval_shape(lambda: (
+      hydra.HydraHeads(hydra.hydra_config(target, 3), rngs=None)
+      if kind == "hydra" else medusa.MedusaHeads(
+          medusa.medusa_config(target, 3), rngs=None))))
   heads = nnx.merge(hdef, jax.tree.map(
       lambda x: jnp.asarray(x, jnp.float64), nnx.state(heads32)))
   prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(), [5, 17, 99]]
   tok = Tokenizer.byte_level()
   ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
       prompts)
-  drafter = drafters_lib.make_drafter("medusa", target, eagle_net=heads)
+  drafter = drafters_lib.make_drafter(kind, target, eagle_net=heads)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree="kary2x2x1").generate_ids(prompts)
   for a, b in zip(ar, spec):
@@ -94,16 +99,17 @@ def test_medusa_tree_equals_autoregressive_float64(x64, trained):
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"accepted drafts per round {accepted}")
   assert 0.3 < np.mean(accepted[:2]) < 3.0
-  with pytest.raises(DrafterError, match="needs at least 4 Medusa heads"):
+  with pytest.raises(DrafterError, match=f"needs at least 4 {kind} heads"):
     Generator(target, tok, drafter=drafter, tree="chain4")
 
 
 @pytest.mark.slow
-def test_own_heads_train_and_round_trip(tmp_path, trained):
+def test_own_heads_train_and_round_trip(tmp_path):
   """Medusa's own LM head per head (initialised from the target's) trains
   too, decodes losslessly (f32, greedy) and round-trips through a
   checkpoint of kind 'medusa' that an 'eagle' spec refuses."""
-  target, _, _, tokens = trained
+  target = testing.tiny_model()
+  tokens = continuations(target)
   heads, history = train_heads(target, tokens, own_heads=True, steps=60)
   assert history[-1]["ce1"] < history[0]["ce1"]
   path = drafter_ckpt.save(str(tmp_path / "m"), heads, target,

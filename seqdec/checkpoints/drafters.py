@@ -32,10 +32,11 @@ from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.errors import UserError
 from seqdec.jsonl import write_text_atomic
 from seqdec.models import eagle
+from seqdec.models import hydra
 from seqdec.models import medusa
 
 WEIGHTS, META = "drafter.safetensors", "drafter.json"
-KINDS = ("eagle", "medusa")
+KINDS = ("eagle", "medusa", "hydra")
 
 
 class DrafterCheckpointError(UserError):
@@ -72,7 +73,7 @@ def save(path: str, net, target, *, dtype: str = "bfloat16",
   tmp = os.path.join(path, WEIGHTS + ".tmp")
   save_file(tensors, tmp)
   os.replace(tmp, os.path.join(path, WEIGHTS))
-  kind = "medusa" if isinstance(net, medusa.MedusaHeads) else "eagle"
+  kind = kind_of(net)
   meta = dict(kind=kind, dtype=dtype,
               target_fingerprint=target_fingerprint or fingerprint(target),
               hidden_size=target.config.hidden_size,
@@ -102,6 +103,15 @@ def read_meta(path: str) -> dict:
   return meta
 
 
+def kind_of(net) -> str:
+  """'eagle', 'medusa' or 'hydra' by the network's type."""
+  if isinstance(net, medusa.MedusaHeads):
+    return "medusa"
+  if isinstance(net, hydra.HydraHeads):
+    return "hydra"
+  return "eagle"
+
+
 def _abstract(meta: dict, target, path: str):
   """`(config, constructor)` of the stored network, for `target`."""
   c = target.config
@@ -109,13 +119,16 @@ def _abstract(meta: dict, target, path: str):
     config = eagle.eagle_config(c).replace(dtype=c.dtype,
                                            param_dtype=c.param_dtype)
     return config, lambda: eagle.EagleNet(config, rngs=None)
+  config_cls, module = ((medusa.MedusaConfig, medusa.MedusaHeads)
+                        if meta["kind"] == "medusa"
+                        else (hydra.HydraConfig, hydra.HydraHeads))
   try:
-    config = medusa.MedusaConfig(**dict(meta["net_config"], dtype=c.dtype,
-                                        param_dtype=c.param_dtype))
+    config = config_cls(**dict(meta["net_config"], dtype=c.dtype,
+                               param_dtype=c.param_dtype))
   except (TypeError, KeyError) as e:
-    raise DrafterCheckpointError(f"{path!r}: bad Medusa config: {e}"
+    raise DrafterCheckpointError(f"{path!r}: bad {meta['kind']} config: {e}"
                                  ) from None
-  return config, lambda: medusa.MedusaHeads(config, rngs=None)
+  return config, lambda: module(config, rngs=None)
 
 
 def load(path: str, target, *, check_fingerprint: bool = True
@@ -198,7 +211,7 @@ def load_for(target, checkpoint: str = "", kind: str = "eagle"
   """
   if checkpoint:
     net, keep_ids = load(os.path.expanduser(checkpoint), target)
-    got = "medusa" if isinstance(net, medusa.MedusaHeads) else "eagle"
+    got = kind_of(net)
     if got != kind:
       raise DrafterCheckpointError(f"{checkpoint!r} holds a {got} drafter, "
                                    f"not {kind}")

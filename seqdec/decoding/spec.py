@@ -7,7 +7,7 @@ Every way of naming a decoder goes through this module: the
 
     method  :=  "ar"                                  autoregressive
              |  drafter ("@" key "=" value)* "/" tree
-    drafter :=  "ngram" | "layerskip" | "draft" | "eagle" | "medusa"
+    drafter :=  "ngram" | "layerskip" | "draft" | "eagle" | "medusa" | "hydra"
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
@@ -54,8 +54,9 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     # "" = the one shipped for this target.
     "eagle": {"checkpoint": ""},
     "medusa": {"checkpoint": ""},
+    "hydra": {"checkpoint": ""},
 }
-TRAINED = ("eagle", "medusa")     # drafters with a trained network
+TRAINED = ("eagle", "medusa", "hydra")     # drafters with a trained network
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
 PROPOSAL_NAMES = ("topk", "iid", "wor")
 DEFAULT_MAX_TOP_K = 64

@@ -46,6 +46,7 @@ from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.data.features import ConcatDataset, DataError, FeatureDataset
 from seqdec.decoding.loops import bucket
 from seqdec.models import eagle
+from seqdec.models import hydra
 from seqdec.models import medusa
 from seqdec.train import loop as loop_lib
 from seqdec.train.lm import Checkpointer, make_optimizer
@@ -78,6 +79,9 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   target = nnx.merge(target_def, target_params)
   if isinstance(net, medusa.MedusaHeads):
     return medusa_loss(net, target, batch, w_ce, keep_ids)
+  if isinstance(net, hydra.HydraHeads):
+    return medusa_loss(net, target, batch, w_ce, keep_ids,
+                       sequential=True)
   return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids)
 
 
@@ -97,26 +101,37 @@ def _distill(f: jax.Array, f_hat_logits: jax.Array, target, keep_ids):
 
 
 def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
-                decay: float = 0.8):
+                decay: float = 0.8, sequential: bool = False):
   """Medusa's loss at sampled feature positions t (= index + 1):
 
       L = w_ce * sum_k decay^(k-1) CE(p_{t+k}, q_k(. | f_t)),
       p_{t+k} = softmax(head(f_{t+k}))    (the target's law of x_{t+k+1})
 
-  each head's term averaged over the positions with t + k < length.
-  Metrics: per-head CE and top-1 agreement (ce1.., top1_1..)."""
+  each head's term averaged over the positions with t + k < length. With
+  `sequential` (Hydra), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
+  true tokens (teacher forcing). Metrics: per-head CE and top-1 agreement
+  (ce1.., top1_1..)."""
   feats = batch["features"].astype(jnp.float32)
   t = batch["index"] + 1                                        # [B, P]
   w = batch["weight"]
   n = batch["lengths"][:, None]
   s = feats.shape[1]
   f_t = jnp.take_along_axis(feats, t[..., None], axis=1)        # [B, P, D]
-  logits = heads.logits(f_t, target, keep_ids)                  # [B, P, K, V]
+  if sequential:
+    steps = jnp.minimum(t[..., None] + jnp.arange(
+        1, heads.config.num_heads + 1), s - 1)                  # [B, P, K]
+    emb = target.embed_tokens(jnp.take_along_axis(
+        batch["tokens"], steps.reshape(steps.shape[0], -1), 1))
+    emb = emb.reshape(steps.shape + (-1,))                      # [B,P,K,D]
+  else:
+    logits = heads.logits(f_t, target, keep_ids)                # [B,P,K,V]
   loss, stats = 0.0, {}
   for k in range(1, heads.config.num_heads + 1):
     tk = jnp.minimum(t + k, s - 1)
     f_tk = jnp.take_along_axis(feats, tk[..., None], axis=1)
-    ce, agree = _distill(f_tk, logits[:, :, k - 1], target, keep_ids)
+    logits_k = (target.head(heads.features(k, f_t, emb[:, :, :k]), keep_ids)
+                if sequential else logits[:, :, k - 1])
+    ce, agree = _distill(f_tk, logits_k, target, keep_ids)
     mean = _weighted_mean(w * (t + k < n))
     loss = loss + w_ce * decay ** (k - 1) * mean(ce)
     stats[f"ce{k}"], stats[f"top1_{k}"] = mean(ce), mean(agree)
@@ -260,7 +275,7 @@ def evaluate(net_def, target_def, params, rest, target_params, batches,
   return {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
-KINDS = ("eagle", "medusa")
+KINDS = ("eagle", "medusa", "hydra")
 
 
 def build_net(config: ml_collections.ConfigDict, target):
@@ -274,6 +289,11 @@ def build_net(config: ml_collections.ConfigDict, target):
                        f"{config.drafter.num_heads}")
     return medusa.create(target, config.drafter.num_heads,
                          config.drafter.own_heads, config.seed)
+  if kind == "hydra":
+    if config.drafter.num_heads < 1:
+      raise TrainError(f"drafter.num_heads must be >= 1, got "
+                       f"{config.drafter.num_heads}")
+    return hydra.create(target, config.drafter.num_heads, config.seed)
   raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
 
 

@@ -15,13 +15,14 @@ from typing import Optional, Union
 from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round)
 from seqdec.decoding.drafters.eagle import EagleDrafter
+from seqdec.decoding.drafters.hydra import HydraDrafter
 from seqdec.decoding.drafters.medusa import MedusaDrafter
 from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
                                             draft_lm, layer_skip,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
 
-DRAFTERS = ("ngram", "layerskip", "draft", "eagle", "medusa")
+DRAFTERS = ("ngram", "layerskip", "draft", "eagle", "medusa", "hydra")
 
 
 def make_drafter(name: str, target, *, max_ngram: int = 3,
@@ -38,7 +39,7 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
       blocks with an own cache), 'eagle' (a trained `EagleNet`,
       `eagle_net`, on the target's features; `keep_ids` its trimmed
       head's vocabulary or None), 'medusa' (trained `MedusaHeads` as
-      `eagle_net`, likewise).
+      `eagle_net`, likewise), 'hydra' (trained `HydraHeads`, likewise).
     target: the target `Transformer`.
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
@@ -74,10 +75,17 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
                          "(eagle_net=...)")
     return MedusaDrafter(eagle_net, target, proposal=proposal,
                          keep_ids=keep_ids)
+  if name == "hydra":
+    if eagle_net is None:
+      raise DrafterError("drafter 'hydra' needs trained heads "
+                         "(eagle_net=...)")
+    return HydraDrafter(eagle_net, target, proposal=proposal,
+                        keep_ids=keep_ids)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "DrafterError", "EagleDrafter", "MedusaDrafter",
+__all__ = ["Drafter", "DrafterError", "EagleDrafter", "HydraDrafter",
+           "MedusaDrafter",
            "ModelDrafter",
            "NgramDrafter",
            "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",

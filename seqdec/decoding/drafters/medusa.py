@@ -22,25 +22,25 @@ from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
 from seqdec.models.medusa import MedusaHeads, medusa_config
 
 
-class MedusaDrafter(Drafter):
-  """Medusa drafting (module docstring).
+class HeadsDrafter(Drafter):
+  """Drafters of heads on the root's feature f_{L-1} (Medusa, Hydra): the
+  state is that feature; `commit` keeps the last kept node's.
 
   Args:
-    heads: `MedusaHeads` built for this target.
-    target: the target `Transformer` (its frozen head, when shared).
+    heads: the heads module (config `num_heads` at least; checked against
+      `want`, the config these heads must have for this target).
+    target: the target `Transformer` (its frozen embedding and head).
     name, proposal, keep_ids: as `EagleDrafter`.
   """
   uses_features = True
 
-  def __init__(self, heads: MedusaHeads, target, name: str = "medusa",
-               proposal: str = "topk", keep_ids=None):
+  def __init__(self, heads, target, want, name: str, proposal: str = "topk",
+               keep_ids=None):
     if proposal not in PROPOSALS:
       raise DrafterError(f"unknown proposal {proposal!r}; known: "
                          f"{sorted(PROPOSALS)}")
-    want = medusa_config(target, heads.config.num_heads,
-                         heads.config.own_heads)
     if heads.config != want:
-      raise DrafterError(f"Medusa heads were built for another target "
+      raise DrafterError(f"{name} heads were built for another target "
                          f"({heads.config} vs {want})")
     self.name, self.proposal = name, proposal
     self.vocab_size = target.config.vocab_size
@@ -55,15 +55,31 @@ class MedusaDrafter(Drafter):
     super().check(target_config, shape)
     if shape.max_depth > self.num_heads:
       raise DrafterError(f"a tree of depth {shape.max_depth} needs at least "
-                         f"{shape.max_depth} Medusa heads; these have "
+                         f"{shape.max_depth} {self.name} heads; these have "
                          f"{self.num_heads}")
 
   def init(self, params, tokens, prompt_len, first, capacity, target_cache,
            features=None):
     if features is None:
-      raise DrafterError("the Medusa drafter needs the target's features")
+      raise DrafterError(f"the {self.name} drafter needs the target's "
+                         f"features")
     return jnp.take_along_axis(features, (prompt_len - 1)[:, None, None],
                                axis=1)[:, 0]                      # [B, D]
+
+  def commit(self, params, state, shape, rnd, outcome: Outcome):
+    last = jnp.maximum(outcome.num_kept - 1, 0)[:, None, None]
+    f = jnp.take_along_axis(outcome.features, last, axis=1)[:, 0]
+    return jnp.where((outcome.num_kept > 0)[:, None], f, state)
+
+
+class MedusaDrafter(HeadsDrafter):
+  """Medusa drafting (module docstring)."""
+
+  def __init__(self, heads: MedusaHeads, target, name: str = "medusa",
+               proposal: str = "topk", keep_ids=None):
+    super().__init__(heads, target, medusa_config(
+        target, heads.config.num_heads, heads.config.own_heads), name,
+                     proposal, keep_ids)
 
   def propose(self, params, state, shape, rnd, target_cache, key):
     heads = nnx.merge(self.heads_def, params[0])
@@ -81,7 +97,3 @@ class MedusaDrafter(Drafter):
                                self.vocab_size, expand, None)
     return tree, state, target_cache
 
-  def commit(self, params, state, shape, rnd, outcome: Outcome):
-    last = jnp.maximum(outcome.num_kept - 1, 0)[:, None, None]
-    f = jnp.take_along_axis(outcome.features, last, axis=1)[:, 0]
-    return jnp.where((outcome.num_kept > 0)[:, None], f, state)
