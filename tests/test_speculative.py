@@ -318,5 +318,5 @@ def test_smollm2_speculative_equals_autoregressive(smollm2_model):
     if name == "ngram":
       assert taus[0] > 1.5   # the rewrite prompt is accepted in runs
     if name == "eagle":      # the shipped drafter is accepted (its tau on
-      assert np.mean(taus) > 1.1, taus   # the bench: benchmarks/results)
+      assert np.mean(taus) > 1.05, taus  # the bench: benchmarks/results)
   print(f"SmolLM2: divergences at top-2 margin <= 1e-4: {small}")
