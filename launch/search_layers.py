@@ -1,7 +1,7 @@
 """Searches the layer subset of a layer-skip drafter (greedy, teacher-forced).
 
   python launch/search_layers.py --model=gemma3-270m --per_category=1 \\
-      --output=configs/acceptance/gemma3_layer_search.json
+      --output=benchmarks/results/gemma3_layer_search.json
   python launch/search_layers.py --model=tiny --categories=qa \\
       --per_category=1 --max_new_tokens=8          # smoke run
 

@@ -52,8 +52,8 @@ def stop_after(k):
   return progress
 
 
-@pytest.mark.parametrize("model", [
-    "tiny", pytest.param("tiny-gemma3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "tiny-gemma3"])
 def test_runlocal_trains_exports_and_decodes_losslessly(tmp_path, model):
   """The runlocal arm: its data (responses + features in tensorstore), its
   steps (checkpointed), the export with a trimmed head; the exported

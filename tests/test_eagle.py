@@ -189,7 +189,7 @@ class UnrenormalisedTrim(drafters_lib.EagleDrafter):
 
 
 @pytest.mark.parametrize("control,tree,proposal,trim", [
-    (False, "kary2x1", "iid", True),
+    pytest.param(False, "kary2x1", "iid", True, marks=pytest.mark.slow),
     pytest.param(True, "kary2x1", "iid", True, marks=pytest.mark.slow),
     pytest.param(False, "dyn6d3k2", "topk", False, marks=pytest.mark.slow),
 ])

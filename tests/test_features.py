@@ -58,9 +58,8 @@ class FeatureProbe(Drafter):
     return (self.inner.commit(params, state[0], shape, rnd, outcome), buf)
 
 
-@pytest.mark.parametrize("family", [pytest.param("llama",
-                                                  marks=pytest.mark.slow),
-                                    "gemma3"])
+@pytest.mark.parametrize("family", ["llama", pytest.param(
+    "gemma3", marks=pytest.mark.slow)])
 def test_features_equal_a_full_forward_over_the_committed_text(x64, family):
   """float64: the features handed to `init` (prompt) and `commit` (kept
   paths of a tree with accepted and rejected drafts) equal, at every

@@ -50,7 +50,8 @@ def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
   return nnx.merge(hdef, params, rest), history
 
 
-@pytest.fixture(scope="module", params=["medusa", "hydra"])
+@pytest.fixture(scope="module", params=[
+    "medusa", pytest.param("hydra", marks=pytest.mark.slow)])
 def trained(request):
   target = testing.tiny_model()
   tokens = continuations(target)
