@@ -35,6 +35,18 @@ def continuations(model, n=24, prompt=6, new=26, seed=0):
   return np.asarray([p + r.tokens for p, r in zip(prompts, out)], np.int32)
 
 
+def full_batch(target, tokens):
+  """A training batch of `tokens` [n, s] with the target's features, every
+  position trained (weight 1)."""
+  n, s = tokens.shape
+  return dict(tokens=tokens,
+              features=feature_data.target_features(target, tokens),
+              lengths=np.full((n,), s, np.int32),
+              index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
+                  np.int32),
+              weight=np.ones((n, s - 1), np.float32))
+
+
 @pytest.fixture(scope="module")
 def trained():
   """(target f32, net, losses, tokens): an EagleNet trained for STEPS
@@ -43,12 +55,7 @@ def trained():
   generalise to new random prompts of this random target."""
   target = testing.tiny_model()
   tokens = continuations(target)
-  feats = feature_data.target_features(target, tokens)
-  n, s = tokens.shape
-  batch = dict(tokens=tokens, features=feats,
-               index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
-                   np.int32),
-               weight=np.ones((n, s - 1), np.float32))
+  batch = full_batch(target, tokens)
   net = eagle.create(target.config, seed=0)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)

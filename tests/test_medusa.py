@@ -11,7 +11,6 @@ from flax import nnx
 
 from seqdec import testing
 from seqdec.checkpoints import drafters as drafter_ckpt
-from seqdec.data import features as feature_data
 from seqdec.decoding import drafters as drafters_lib
 from seqdec.decoding.drafters.base import DrafterError
 from seqdec.generator import Generator
@@ -21,19 +20,13 @@ from seqdec.tokenizer import Tokenizer
 from seqdec.train import drafter as trainer
 from seqdec.train.lm import make_optimizer
 
-from test_eagle import continuations
+from test_eagle import continuations, full_batch
 
 STEPS = 150
 
 
 def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
-  feats = feature_data.target_features(target, tokens)
-  n, s = tokens.shape
-  batch = dict(tokens=tokens, features=feats,
-               lengths=np.full((n,), s, np.int32),
-               index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
-                   np.int32),
-               weight=np.ones((n, s - 1), np.float32))
+  batch = full_batch(target, tokens)
   heads = (hydra.create(target, 3) if kind == "hydra"
            else medusa.create(target, 3, own_heads))
   hdef, params, rest = nnx.split(heads, nnx.Param, ...)

@@ -56,7 +56,7 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     "medusa": {"checkpoint": ""},
     "hydra": {"checkpoint": ""},
 }
-TRAINED = ("eagle", "medusa", "hydra")     # drafters with a trained network
+TRAINED = tuple(drafters.TRAINED)     # drafters with a trained network
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
 PROPOSAL_NAMES = ("topk", "iid", "wor")
 DEFAULT_MAX_TOP_K = 64

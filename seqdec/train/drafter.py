@@ -231,8 +231,14 @@ class Batches:
     n, out = self.train_rows, []
     for slot in range(step * self.b, (step + 1) * self.b):
       epoch, i = divmod(slot, n)
-      out.append(np.random.default_rng([self.seed, epoch]).permutation(n)[i])
+      out.append(self._permutation(epoch)[i])
     return np.asarray(out)
+
+  @functools.lru_cache(maxsize=2)
+  def _permutation(self, epoch: int) -> np.ndarray:
+    """The training rows' order in `epoch` (drawn from (seed, epoch))."""
+    return np.random.default_rng([self.seed, epoch]).permutation(
+        self.train_rows)
 
   def make(self, rows: np.ndarray, key, noise: float = 0.0
            ) -> dict[str, np.ndarray]:

@@ -22,7 +22,10 @@ from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
 
-DRAFTERS = ("ngram", "layerskip", "draft", "eagle", "medusa", "hydra")
+# Drafters with a trained network on the target's features, by name.
+TRAINED = {"eagle": EagleDrafter, "medusa": MedusaDrafter,
+           "hydra": HydraDrafter}
+DRAFTERS = ("ngram", "layerskip", "draft") + tuple(TRAINED)
 
 
 def make_drafter(name: str, target, *, max_ngram: int = 3,
@@ -63,24 +66,12 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
     if draft_model is None:
       draft_model = truncated(target, draft_layers)
     return draft_lm(draft_model, proposal=proposal)
-  if name == "eagle":
+  if name in TRAINED:
     if eagle_net is None:
-      raise DrafterError("drafter 'eagle' needs a trained network "
-                         "(eagle_net=...)")
-    return EagleDrafter(eagle_net, target, proposal=proposal,
-                        keep_ids=keep_ids)
-  if name == "medusa":
-    if eagle_net is None:
-      raise DrafterError("drafter 'medusa' needs trained heads "
-                         "(eagle_net=...)")
-    return MedusaDrafter(eagle_net, target, proposal=proposal,
+      raise DrafterError(f"drafter {name!r} needs its trained network "
+                         f"(eagle_net=...)")
+    return TRAINED[name](eagle_net, target, proposal=proposal,
                          keep_ids=keep_ids)
-  if name == "hydra":
-    if eagle_net is None:
-      raise DrafterError("drafter 'hydra' needs trained heads "
-                         "(eagle_net=...)")
-    return HydraDrafter(eagle_net, target, proposal=proposal,
-                        keep_ids=keep_ids)
   raise DrafterError(f"unknown drafter {name!r}; known: {list(DRAFTERS)}")
 
 
