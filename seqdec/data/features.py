@@ -54,6 +54,15 @@ _DTYPES = dict(tokens="<i4", lengths="<i4", prompt_lens="<i4",
                features="bfloat16")
 
 
+def _checked_rows(rows, num_rows: int, path: str) -> np.ndarray:
+  """`rows` as an array; DataError if any is outside the finished rows."""
+  rows = np.asarray(rows)
+  if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+    raise DataError(f"rows {rows.min()}..{rows.max()} outside the "
+                    f"{num_rows} finished rows of {path!r}")
+  return rows
+
+
 @dataclasses.dataclass
 class FeatureDataset:
   """An open dataset (read side); `rows` counts the finished sequences."""
@@ -106,10 +115,7 @@ class FeatureDataset:
     Raises:
       DataError: an index past the finished rows or an unreadable chunk.
     """
-    rows = np.asarray(rows)
-    if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-      raise DataError(f"rows {rows.min()}..{rows.max()} outside the "
-                      f"{self.rows} finished rows of {self.path!r}")
+    rows = _checked_rows(rows, self.rows, self.path)
     out = {}
     for name, arr in self.arrays.items():
       try:
@@ -153,10 +159,7 @@ class ConcatDataset:
 
   def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """As `FeatureDataset.read`, padding sequences to the longest seq_len."""
-    rows = np.asarray(rows)
-    if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-      raise DataError(f"rows {rows.min()}..{rows.max()} outside the "
-                      f"{self.rows} finished rows of {self.path!r}")
+    rows = _checked_rows(rows, self.rows, self.path)
     part = np.searchsorted(self.offsets, rows, side="right") - 1
     out = {}
     s = self.meta["seq_len"]

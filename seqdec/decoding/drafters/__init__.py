@@ -17,7 +17,8 @@ from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
 from seqdec.decoding.drafters.eagle import EagleDrafter
 from seqdec.decoding.drafters.hydra import HydraDrafter
 from seqdec.decoding.drafters.medusa import MedusaDrafter
-from seqdec.decoding.drafters.model import (PROPOSALS, ModelDrafter,
+from seqdec.decoding.drafters.grow import PROPOSALS
+from seqdec.decoding.drafters.model import (ModelDrafter,
                                             draft_lm, layer_skip,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter

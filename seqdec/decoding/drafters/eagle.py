@@ -45,7 +45,7 @@ from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
 from seqdec.decoding.drafters.dynamic import grow_dynamic_tree
-from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
+from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
                                            grow_static_tree, trimmed_logits,
                                            window_mask)
 from seqdec.decoding.trees import DynamicTree
@@ -82,9 +82,7 @@ class EagleDrafter(Drafter):
 
   def __init__(self, net: EagleNet, target, name: str = "eagle",
                proposal: str = "topk", keep_ids=None):
-    if proposal not in PROPOSALS:
-      raise DrafterError(f"unknown proposal {proposal!r}; known: "
-                         f"{sorted(PROPOSALS)}")
+    check_proposal(proposal)
     want = eagle_config(target.config)
     if net.config != want:
       diff = sorted(k for k in want.__dataclass_fields__

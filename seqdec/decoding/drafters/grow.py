@@ -57,6 +57,13 @@ PROPOSALS = {"topk": trees_lib.DETERMINISTIC, "iid": trees_lib.IID,
              "wor": trees_lib.WITHOUT_REPLACEMENT}
 
 
+def check_proposal(proposal: str) -> None:
+  """DrafterError unless `proposal` names a scheme of `PROPOSALS`."""
+  if proposal not in PROPOSALS:
+    raise DrafterError(f"unknown proposal {proposal!r}; known: "
+                       f"{sorted(PROPOSALS)}")
+
+
 def propose_children(logits: jax.Array, k: int, proposal: str,
                      temperature: Optional[jax.Array], key: jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -76,9 +83,7 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)
   b = logits.shape[0]
-  if proposal not in PROPOSALS:
-    raise DrafterError(f"unknown proposal {proposal!r}; known: "
-                       f"{sorted(PROPOSALS)}")
+  check_proposal(proposal)
   if proposal == "topk" or temperature is None:
     return top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None
   sampled = temperature > 0

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
-from seqdec.decoding.drafters.grow import (PROPOSALS, check_keep_ids,
+from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
                                            grow_static_tree, trimmed_logits)
 from seqdec.models.medusa import MedusaHeads, medusa_config
 
@@ -36,9 +36,7 @@ class HeadsDrafter(Drafter):
 
   def __init__(self, heads, target, want, name: str, proposal: str = "topk",
                keep_ids=None):
-    if proposal not in PROPOSALS:
-      raise DrafterError(f"unknown proposal {proposal!r}; known: "
-                         f"{sorted(PROPOSALS)}")
+    check_proposal(proposal)
     if heads.config != want:
       raise DrafterError(f"{name} heads were built for another target "
                          f"({heads.config} vs {want})")

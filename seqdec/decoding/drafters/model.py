@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
-from seqdec.decoding.drafters.grow import (PROPOSALS, grow_static_tree,
+from seqdec.decoding.drafters.grow import (check_proposal, grow_static_tree,
                                            window_mask)
 from seqdec.models.transformer import Transformer
 
@@ -51,9 +51,7 @@ class ModelDrafter(Drafter):
   def __init__(self, model: Transformer, layers: Optional[Sequence[int]] = None,
                shared_cache: bool = False, name: str = "draft",
                proposal: str = "topk"):
-    if proposal not in PROPOSALS:
-      raise DrafterError(f"unknown proposal {proposal!r}; known: "
-                         f"{sorted(PROPOSALS)}")
+    check_proposal(proposal)
     self.proposal = proposal
     self.name = name
     self.config = model.config
