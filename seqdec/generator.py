@@ -217,18 +217,29 @@ class Generator:
     `stream=True` compiles the streaming (host loop) programs instead.
     """
     before = self.programs.compile_seconds
+    for b in batch_sizes:
+      for length in prompt_lengths:
+        loop, inputs = self.program_inputs(
+            b, length, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p)
+        self._compile(loop, inputs, stream)
+    return self.programs.compile_seconds - before
+
+  def program_inputs(self, batch_size: int, prompt_length: int, *,
+                     max_new_tokens: Optional[int] = None, temperature=None,
+                     top_k=None, top_p=None) -> tuple[Any, Inputs]:
+    """`(loop, inputs)` of the shape bucket of `batch_size` prompts of
+    `prompt_length` tokens (placeholder ids) with these sampling values
+    (default: the Generator's): what `warmup` compiles and `seqdec.export`
+    exports."""
     opts = {**self.defaults, **{k: v for k, v in dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p).items() if v is not None}}
-    n = int(opts["max_new_tokens"])
-    for b in batch_sizes:
-      per_row = {k: np.broadcast_to(np.asarray(opts[k]), (b,))
-                 for k in ("temperature", "top_k", "top_p")}
-      for length in prompt_lengths:
-        loop, inputs = self._prepare([[0] * length] * b, np.full((b,), n),
-                                     per_row, seed=0)
-        self._compile(loop, inputs, stream)
-    return self.programs.compile_seconds - before
+    b, n = int(batch_size), int(opts["max_new_tokens"])
+    per_row = {k: np.broadcast_to(np.asarray(opts[k]), (b,))
+               for k in ("temperature", "top_k", "top_p")}
+    return self._prepare([[0] * int(prompt_length)] * b, np.full((b,), n),
+                         per_row, seed=0)
 
   def _prepare(self, prompt_ids, max_new, per_row, seed, row_ids=None):
     """`(loop, inputs)` of one batch: its shape bucket, padded inputs and

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from flax import nnx
 from hypothesis import strategies as st
 
 from seqdec import testing
@@ -224,11 +223,7 @@ def test_tpu_interpret_mode():
 
 def with_impl(model, impl):
   """The same weights with another attention_impl (no second init)."""
-  twin = nnx.merge(*nnx.split(model))
-  twin.config = model.config.replace(attention_impl=impl)
-  for layer in twin.layers:
-    layer.attn.attention_impl = impl
-  return twin
+  return tr.reconfigured(model, attention_impl=impl)
 
 
 @functools.cache

@@ -190,6 +190,28 @@ PHASES = {name: jax.jit(_phase(name), static_argnums=0)
           for name in ("draft", "verify", "finish")}
 
 
+KINDS = ("prefill", "decode", "step", "live")
+
+
+def program(kind: str, loop, params, inputs: Inputs
+            ) -> tuple[Callable[..., Any], dict[str, Any]]:
+  """`(jitted function, keyword arguments)` of program `kind` of `loop`:
+  `fn.lower(loop, **kwargs)` compiles it, `jax.export.export(fn)(loop,
+  **kwargs)` exports it. The state argument of 'decode' / 'step' / 'live'
+  is abstract (`jax.eval_shape` of prefill); params and inputs may be
+  concrete or `jax.ShapeDtypeStruct`s."""
+  if kind == "prefill":
+    return PREFILL, dict(params=params, inputs=inputs)
+  if kind not in KINDS:
+    raise ValueError(f"unknown program {kind!r}; expected one of {KINDS}")
+  state = jax.eval_shape(lambda p, i: loop.prefill(params=p, inputs=i),
+                         params, inputs)
+  if kind == "live":
+    return LIVE, dict(state=state)
+  return ({"decode": DECODE, "step": STEP}[kind],
+          dict(params=params, state=state, inputs=inputs))
+
+
 class Programs:
   """Ahead-of-time compiled programs, one per (kind, loop), with the time
   spent compiling (so that a harness can warm up, then time).
@@ -208,17 +230,8 @@ class Programs:
     key = (kind, loop)
     if key not in self.compiled:
       t0 = time.perf_counter()
-      if kind == "prefill":
-        lowered = PREFILL.lower(loop, params=params, inputs=inputs)
-      else:
-        state = jax.eval_shape(
-            lambda p, i: loop.prefill(params=p, inputs=i), params, inputs)
-        if kind == "live":
-          lowered = LIVE.lower(loop, state=state)
-        else:
-          fn = {"decode": DECODE, "step": STEP}[kind]
-          lowered = fn.lower(loop, params=params, state=state, inputs=inputs)
-      self.compiled[key] = lowered.compile()
+      fn, kwargs = program(kind, loop, params, inputs)
+      self.compiled[key] = fn.lower(loop, **kwargs).compile()
       self.compile_seconds += time.perf_counter() - t0
     return self.compiled[key]
 

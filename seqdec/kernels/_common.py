@@ -46,6 +46,28 @@ def resolve_interpret(interpret: Any) -> Any:
   return interpret
 
 
+def kernel_options(platform: Optional[str]) -> dict[str, Any]:
+  """Keyword arguments of a kernel call built for `platform`.
+
+  None or 'cpu' (the model runs on its default backend): {} -- the kernel
+  picks its body by backend and is interpreted on CPU. 'tpu': the Mosaic
+  body, compiled (interpret=False). 'gpu': the Triton body, compiled, with
+  Triton compiler parameters (4 warps, 2 stages). A named accelerator is
+  what lowering on a host without it (`jax.export`) needs.
+  """
+  if platform in (None, "cpu"):
+    return {}
+  if platform == "tpu":
+    return dict(platform="tpu", interpret=False)
+  if platform == "gpu":
+    from jax.experimental.pallas import triton  # pylint: disable=g-import-not-at-top
+    return dict(platform="gpu", interpret=False,
+                compiler_params=triton.CompilerParams(num_warps=4,
+                                                      num_stages=2))
+  raise ValueError(f"unknown platform {platform!r}; expected None, 'cpu', "
+                   f"'tpu' or 'gpu'")
+
+
 def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 

@@ -79,11 +79,12 @@ import jax
 import jax.numpy as jnp
 
 from seqdec.kernels import _common
+from seqdec.kernels._common import kernel_options
 from seqdec.kernels import _tree_attention_gpu
 from seqdec.kernels import _tree_attention_tpu
 from seqdec.kernels.tree_mask import num_words, tree_mask, unpack_mask
 
-__all__ = ["tree_attention", "tree_attention_from_parents",
+__all__ = ["kernel_options", "tree_attention", "tree_attention_from_parents",
            "tree_attention_reference", "DEFAULT_BLOCKS"]
 
 # (block_kv, block_n) defaults: TPU blocks are multiples of the 8 x 128 vreg

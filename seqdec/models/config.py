@@ -19,6 +19,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # MLP gate activations: SiLU (SwiGLU: Llama) and tanh-approximated GELU
 # (GeGLU: Gemma, HF's "gelu_pytorch_tanh").
 ACTIVATIONS = ("silu", "gelu_tanh")
+# `TransformerConfig.platform`: None is the default backend.
+PLATFORMS = (None, "cpu", "tpu", "gpu")
 # Per-layer attention kinds (HF `layer_types` names).
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
@@ -92,6 +94,12 @@ class TransformerConfig:
       calls use the Pallas tree-attention kernel (`seqdec.kernels`), other
       calls 'auto'. Not a hyper-parameter: every choice computes the same
       function.
+    platform: the platform the programs are built for: None (the default
+      backend: on CPU the Pallas kernels run in interpret mode), 'cpu',
+      'tpu' or 'gpu'. A named accelerator compiles the kernels for it
+      (Mosaic on 'tpu', Triton on 'gpu'), which is what `seqdec.export`
+      needs to lower TPU/GPU programs on a CPU host; it also picks the
+      XLA attention contraction for that platform. Not a hyper-parameter.
   """
 
   vocab_size: int
@@ -122,6 +130,7 @@ class TransformerConfig:
   param_dtype: str = "float32"
   architecture: str = "LlamaForCausalLM"
   attention_impl: str = "auto"
+  platform: Optional[str] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -159,6 +168,9 @@ class TransformerConfig:
       if kind not in ROPE_TYPES:
         raise ValueError(f"unsupported rope scaling type {kind!r}; seqdec "
                          f"implements {ROPE_TYPES}")
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"unknown platform {self.platform!r}; expected one of "
+                       f"{PLATFORMS}")
     as_dtype(self.dtype)
     as_dtype(self.param_dtype)
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seqdec.kernels.tree_attention import tree_attention
+from seqdec.kernels.tree_attention import kernel_options, tree_attention
 from seqdec.kernels.tree_mask import pack_mask
 from seqdec.models.config import TransformerConfig, as_dtype
 from seqdec.ops import write_rows
@@ -298,11 +298,13 @@ FUSED_MAX_QUERIES = 12
 PALLAS_MAX_TREE = 128
 
 
-def resolve_attention_impl(impl: str, num_queries: int = 1) -> str:
+def resolve_attention_impl(impl: str, num_queries: int = 1,
+                           platform: Optional[str] = None) -> str:
   """The XLA contraction: 'auto' (alias 'xla', and 'pallas' outside trees)
-  -> 'fused' on XLA:CPU for small query blocks, else 'dot'."""
+  -> 'fused' on XLA:CPU for small query blocks, else 'dot'. `platform`
+  (None: the default backend) is the one the program is built for."""
   if impl in ("auto", "xla", "pallas"):
-    cpu = jax.default_backend() == "cpu"
+    cpu = (platform or jax.default_backend()) == "cpu"
     return "fused" if cpu and num_queries <= FUSED_MAX_QUERIES else "dot"
   if impl not in ("dot", "fused"):
     raise ValueError(f"unknown attention_impl {impl!r}; expected auto, xla, "
@@ -382,6 +384,7 @@ class Attention(nnx.Module):
     self.groups = c.num_heads // c.num_kv_heads
     resolve_attention_impl(c.attention_impl)  # validates the name
     self.attention_impl = c.attention_impl
+    self.platform = c.platform
     self.sliding_window = c.layer_window(layer)
     self.scale = c.attention_scale
     init = nnx.initializers.normal(0.02)
@@ -436,7 +439,8 @@ class Attention(nnx.Module):
           q.transpose(0, 2, 1, 3), k_cache.astype(q.dtype),
           v_cache.astype(q.dtype), write_start, k.transpose(0, 2, 1, 3),
           v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
-          positions=positions, sliding_window=self.sliding_window)
+          positions=positions, sliding_window=self.sliding_window,
+          **kernel_options(self.platform))
       out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, -1)
       return self._out(out), (k_cache, v_cache)
 
@@ -448,7 +452,8 @@ class Attention(nnx.Module):
     vis = jnp.repeat(visible, g, axis=1)[:, None]            # [B, 1, T*G, S]
     out = grouped_attention(q, k_cache.astype(q.dtype),
                             v_cache.astype(self.dtype), vis, self.scale, acc,
-                            resolve_attention_impl(self.attention_impl, t * g))
+                            resolve_attention_impl(self.attention_impl, t * g,
+                                                   self.platform))
     out = out.astype(self.dtype).reshape(b, nk, t, g, dh)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, nk * g * dh)
     return self._out(out), (k_cache, v_cache)
@@ -705,6 +710,29 @@ class Transformer(nnx.Module):
     if logit_index is not None:
       hidden = jnp.take_along_axis(hidden, logit_index[..., None], axis=1)
     return self.logits(hidden), cache
+
+
+# Config fields that choose how the same function is computed, not what it
+# is: `reconfigured` may change them on a built model.
+EXECUTION_OPTIONS = ("attention_impl", "platform")
+
+
+def reconfigured(model: Transformer, **changes) -> Transformer:
+  """The same weights (shared, not copied) under a config with `changes`
+  to its EXECUTION_OPTIONS: e.g. `attention_impl='pallas'` to verify
+  through the tree kernel, `platform='tpu'` to lower for TPU on a CPU host
+  (`seqdec.export`)."""
+  unknown = sorted(set(changes) - set(EXECUTION_OPTIONS))
+  if unknown:
+    raise ValueError(f"reconfigured changes only {EXECUTION_OPTIONS}, not "
+                     f"{unknown} (they change the parameters)")
+  config = model.config.replace(**changes)   # validates the values
+  twin = nnx.merge(*nnx.split(model))
+  twin.config = config
+  for layer in twin.layers:
+    for name, value in changes.items():
+      setattr(layer.attn, name, value)
+  return twin
 
 
 def create(config: TransformerConfig, seed: int = 0) -> Transformer:
