@@ -1,0 +1,1 @@
+"""Running seqdec on cloud accelerators (Cloud TPU VMs and pod slices)."""
