@@ -96,3 +96,20 @@ def test_a_model_left_on_the_host_backend_is_refused(model, tok):
     export.export_generator(gen, platform="tpu")
   with pytest.raises(ConfigError, match="unknown platform 'npu'"):
     export.for_platform(model, "npu")
+
+
+def test_export_cli_writes_deserializable_programs(tmp_path):
+  import json
+  import subprocess
+  import sys
+  done = subprocess.run(
+      [sys.executable, "launch/export.py",
+       "--config=configs/spec_decode.py:runlocal", "--platform=tpu",
+       f"--out={tmp_path}", "--batch_size=2", "--prompt_length=16"],
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads(done.stdout)
+  assert summary["programs"]["decode"]["custom_calls"] == {
+      export.MOSAIC_CALL: 1}
+  blob = (tmp_path / "decode.bin").read_bytes()
+  assert jax.export.deserialize(blob).platforms == ("tpu",)

@@ -281,6 +281,10 @@ PRESETS: dict[str, TransformerConfig] = {
         activation="gelu_tanh", embed_scale=True, norm_offset=1.0,
         sandwich_norm=True, qk_norm=True, query_pre_attn_scalar=256.0,
         architecture="Gemma3ForCausalLM"),
+    "llama-2-7b": TransformerConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096),
     "mistral-7b": TransformerConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
