@@ -30,6 +30,7 @@ from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs, Programs
 from seqdec.decoding.sampling import SamplingParams, make_sampler
 from seqdec.decoding.spec import SpecConfig
 from seqdec.decoding.speculative import SpecLoop, check_fits
+from seqdec.parallel import sharding
 from seqdec.decoding.trees import TreeShape
 from seqdec.errors import ConfigError, UserError
 from seqdec.tokenizer import Tokenizer
@@ -99,6 +100,10 @@ class Generator:
       custom drafter, with `tree` and `rule`). `drafter_options` may hold
       `draft_model=` a loaded model; a name or path there is loaded with
       `seqdec.load_pretrained`.
+    mesh: None, or a `jax.sharding.Mesh` from
+      `seqdec.parallel.sharding.make_mesh`: data-parallel decoding, weights
+      replicated, each batch's rows (rounded up to a multiple of the `data`
+      axis) split over it; the tokens equal an unsharded run's.
   """
 
   def __init__(self, model, tokenizer: Tokenizer,
@@ -110,7 +115,8 @@ class Generator:
                drafter: Union[None, str, Drafter] = None,
                tree: Optional[str] = None, rule: Optional[str] = None,
                proposal: Optional[str] = None,
-               drafter_options: Optional[dict] = None):
+               drafter_options: Optional[dict] = None,
+               mesh: Optional[Any] = None):
     self.model = model
     self.tokenizer = tokenizer
     self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -121,6 +127,11 @@ class Generator:
     self.spec, self.drafter, self.tree = self._build(
         model, spec, max_top_k, drafter, tree, rule, proposal,
         dict(drafter_options or {}))
+    self.mesh = mesh
+    self._loop_params = (self.params,
+                         self.drafter.params if self.speculative else ())
+    if mesh is not None:   # data parallel: weights on every device
+      self._loop_params = sharding.replicate(self._loop_params, mesh)
     self.programs = Programs()
 
   @staticmethod
@@ -203,8 +214,9 @@ class Generator:
 
   @property
   def loop_params(self):
-    """`(target params, drafter params)`, the loops' `params`."""
-    return (self.params, self.drafter.params if self.speculative else ())
+    """`(target params, drafter params)`, the loops' `params` (replicated
+    over the mesh, if any)."""
+    return self._loop_params
 
   def warmup(self, prompt_lengths: Sequence[int] = (16,),
              batch_sizes: Sequence[int] = (1,),
@@ -248,12 +260,17 @@ class Generator:
     shapes = DecodeShapes.for_batch(len(prompt_ids),
                                     max(len(p) for p in prompt_ids),
                                     int(np.max(max_new)), len(eos))
+    ways = sharding.data_size(self.mesh)
+    if shapes.batch % ways:  # rows split evenly over the data axis
+      shapes = shapes._replace(batch=-(-shapes.batch // ways) * ways)
     sparams = SamplingParams.make(len(prompt_ids), per_row["temperature"],
                                   per_row["top_k"], per_row["top_p"])
     inputs = Inputs.make(shapes, prompt_ids, max_new, eos, sparams, seed,
                          row_ids)
     loop = self.loop(shapes, per_row["temperature"], per_row["top_k"],
                      per_row["top_p"])
+    if self.mesh is not None:
+      inputs = sharding.place_inputs(inputs, self.mesh)
     return loop, inputs
 
   def _compile(self, loop, inputs, streaming: bool) -> None:

@@ -193,19 +193,25 @@ PHASES = {name: jax.jit(_phase(name), static_argnums=0)
 KINDS = ("prefill", "decode", "step", "live")
 
 
-def program(kind: str, loop, params, inputs: Inputs
+def program(kind: str, loop, params, inputs: Inputs,
+            state_shardings: Any = None
             ) -> tuple[Callable[..., Any], dict[str, Any]]:
   """`(jitted function, keyword arguments)` of program `kind` of `loop`:
   `fn.lower(loop, **kwargs)` compiles it, `jax.export.export(fn)(loop,
   **kwargs)` exports it. The state argument of 'decode' / 'step' / 'live'
-  is abstract (`jax.eval_shape` of prefill); params and inputs may be
-  concrete or `jax.ShapeDtypeStruct`s."""
+  is abstract (`jax.eval_shape` of prefill), laid out as
+  `state_shardings` (the compiled prefill's output shardings) when given;
+  params and inputs may be concrete or `jax.ShapeDtypeStruct`s."""
   if kind == "prefill":
     return PREFILL, dict(params=params, inputs=inputs)
   if kind not in KINDS:
     raise ValueError(f"unknown program {kind!r}; expected one of {KINDS}")
   state = jax.eval_shape(lambda p, i: loop.prefill(params=p, inputs=i),
                          params, inputs)
+  if state_shardings is not None:
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        state, state_shardings)
   if kind == "live":
     return LIVE, dict(state=state)
   return ({"decode": DECODE, "step": STEP}[kind],
@@ -229,8 +235,12 @@ class Programs:
   def get(self, kind: str, loop, params, inputs: Inputs):
     key = (kind, loop)
     if key not in self.compiled:
+      # Later programs take the state as prefill lays it out (sharded
+      # over a mesh's data axis, or on the one device).
+      layout = (None if kind == "prefill" else
+                self.get("prefill", loop, params, inputs).output_shardings)
       t0 = time.perf_counter()
-      fn, kwargs = program(kind, loop, params, inputs)
+      fn, kwargs = program(kind, loop, params, inputs, layout)
       self.compiled[key] = fn.lower(loop, **kwargs).compile()
       self.compile_seconds += time.perf_counter() - t0
     return self.compiled[key]
