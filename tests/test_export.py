@@ -36,8 +36,9 @@ def _export(model, tok, platform, spec, **kw):
                                  prompt_length=8, **kw)
 
 
-@pytest.mark.parametrize("platform,call", [("tpu", export.MOSAIC_CALL),
-                                           ("gpu", export.TRITON_CALL)])
+@pytest.mark.parametrize("platform,call", [
+    ("tpu", export.MOSAIC_CALL),
+    pytest.param("gpu", export.TRITON_CALL, marks=pytest.mark.slow)])
 def test_speculative_programs_lower_with_the_platforms_kernel(
     model, tok, platform, call):
   programs = _export(model, tok, platform, "ngram/kary2x1x1")
@@ -51,6 +52,7 @@ def test_speculative_programs_lower_with_the_platforms_kernel(
     assert back.out_avals == exported.out_avals
 
 
+@pytest.mark.slow
 def test_sampled_layer_skip_and_autoregressive_programs_lower_for_tpu(
     model, tok):
   spec = _export(model, tok, "tpu", "layerskip@layers=first:1/kary2x1",
@@ -98,6 +100,7 @@ def test_a_model_left_on_the_host_backend_is_refused(model, tok):
     export.for_platform(model, "npu")
 
 
+@pytest.mark.slow
 def test_export_cli_writes_deserializable_programs(tmp_path):
   import json
   import subprocess

@@ -56,12 +56,12 @@ def _run(*specs):
 
 
 def test_data_parallel_decoding_equals_unsharded():
-  _run("ngram/chain4")
+  _run("ar")
 
 
 @pytest.mark.slow
-def test_data_parallel_decoding_equals_unsharded_ar_and_sampled_layerskip():
-  _run("ar", "layerskip@layers=first:1/kary2x1")
+def test_data_parallel_speculative_decoding_equals_unsharded():
+  _run("ngram/chain4", "layerskip@layers=first:1/kary2x1")
 
 
 def test_mesh_specs():

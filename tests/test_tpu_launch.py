@@ -3,7 +3,6 @@ resume path after a preemption, the job command's shell logic run for real
 against a fake `gcloud`, and clear errors for bad input. No cloud here."""
 
 import os
-import shlex
 import subprocess
 import sys
 import textwrap
@@ -151,6 +150,7 @@ def test_job_command_mirrors_a_gs_workdir(tmp_path, job_exit):
   assert "run 42" in (home / "seqdec-logs" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_errors():
   cmd = [sys.executable, "launch/tpu/tpu.py", "launch", "--name=sd-v5e",
          "--accelerator=v5litepod-8", "--zone=us-west4-a", "--project=p",
