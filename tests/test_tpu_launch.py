@@ -102,6 +102,8 @@ def test_bad_input_gets_a_clear_error():
   assert T.TpuSlice("a", "v4-8", "us-west9-z", "p", allow_any_zone=True)
   with pytest.raises(ConfigError, match="needs --workdir=gs://"):
     T.check_resumable("launch/train.py", ["--workdir=/tmp/x"])
+  with pytest.raises(ConfigError, match="host indices 0..3 of v4-32"):
+    T.run_command(V4, "launch/decode.py", [], "x", workers="4")
   with pytest.raises(ConfigError, match="unknown source"):
     T.Source.parse("svn:foo")
 

@@ -258,6 +258,7 @@ def run_command(tpu: TpuSlice, script: str, args: Sequence[str],
   the log, not to the session, and is killed with its `sleep` (which would
   otherwise hold the ssh session open until it wakes).
   """
+  check_workers(tpu, workers)
   bucket = workdir_of(args)
   local = f"$HOME/{WORK_DIR}/{run_name}"
   quoted = []
@@ -274,14 +275,30 @@ def run_command(tpu: TpuSlice, script: str, args: Sequence[str],
   if not (bucket and bucket.startswith("gs://")):
     command = f"mkdir -p {LOG_DIR}; {job}; exit $rc"
   else:
-    sync_up = f"gcloud storage rsync --recursive {local} {bucket}"
+    sync_up = f"gcloud storage rsync --recursive {local} {shlex.quote(bucket)}"
     command = (
         f"mkdir -p {LOG_DIR} {local}; "
-        f"gcloud storage rsync --recursive {bucket} {local} || true; "
+        f"gcloud storage rsync --recursive {shlex.quote(bucket)} {local} "
+        f"|| true; "
         f"(while sleep {int(sync_every)}; do {sync_up}; done) >>{log} 2>&1 "
         f"& sync=$!; {job}; pkill -P $sync; kill $sync; "
         f"{sync_up} || {{ [ $rc -ne 0 ] || rc=1; }}; exit $rc")
   return ssh_command(tpu, command, worker=workers)
+
+
+def check_workers(tpu: TpuSlice, workers: str) -> list[int]:
+  """The host indices of 'all' or '0,2'; a clear error for anything else."""
+  if workers == "all":
+    return list(range(tpu.hosts))
+  try:
+    hosts = [int(w) for w in workers.split(",")]
+  except ValueError:
+    hosts = [-1]
+  if any(not 0 <= h < tpu.hosts for h in hosts):
+    raise ConfigError(f"workers {workers!r}: expected 'all' or host indices "
+                      f"0..{tpu.hosts - 1} of {tpu.accelerator}, "
+                      f"comma-separated")
+  return hosts
 
 
 def workdir_of(args: Sequence[str]) -> Optional[str]:
@@ -294,8 +311,7 @@ def log_commands(tpu: TpuSlice, run_name: str, local_dir: str,
                  workers: str = "0") -> list[list[str]]:
   """Copies the log of each host that ran the job ('all' or a comma list
   of host indices) to <local_dir>/<run_name>/worker<i>.log."""
-  hosts = (range(tpu.hosts) if workers == "all"
-           else [int(w) for w in workers.split(",")])
+  hosts = check_workers(tpu, workers)
   return [["mkdir", "-p", f"{local_dir}/{run_name}"]] + [
       (["gcloud", "compute", "tpus", "tpu-vm", "scp",
         f"{tpu.name}:{LOG_DIR}/{run_name}.log",
