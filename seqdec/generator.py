@@ -101,9 +101,10 @@ class Generator:
       `draft_model=` a loaded model; a name or path there is loaded with
       `seqdec.load_pretrained`.
     mesh: None, or a `jax.sharding.Mesh` from
-      `seqdec.parallel.sharding.make_mesh`: data-parallel decoding, weights
-      replicated, each batch's rows (rounded up to a multiple of the `data`
-      axis) split over it; the tokens equal an unsharded run's.
+      `seqdec.parallel.sharding.make_mesh`: each batch's rows (rounded up to
+      a multiple of the `data` axis) are split over `data`, parameters by
+      the logical-axis rules over `model` (`sharding_plan` says what stays
+      replicated); the tokens equal an unsharded run's.
   """
 
   def __init__(self, model, tokenizer: Tokenizer,
@@ -130,8 +131,11 @@ class Generator:
     self.mesh = mesh
     self._loop_params = (self.params,
                          self.drafter.params if self.speculative else ())
-    if mesh is not None:   # data parallel: weights on every device
-      self._loop_params = sharding.replicate(self._loop_params, mesh)
+    self.sharding_plan = None
+    if mesh is not None:   # parameters split by the logical-axis rules
+      self.sharding_plan = sharding.plan_params(self._loop_params, mesh)
+      self._loop_params = sharding.place(self._loop_params, mesh,
+                                         self.sharding_plan)
     self.programs = Programs()
 
   @staticmethod

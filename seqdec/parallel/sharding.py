@@ -1,36 +1,53 @@
-"""Device meshes and data-parallel decoding.
+"""Device meshes, logical-axis rules, and sharded decoding.
 
-    mesh = make_mesh("data:8")             # or make_mesh(): every device
+    mesh = make_mesh("data:2,model:4")     # or make_mesh(): every device on data
     gen = seqdec.Generator(model, tok, "ngram/chain4", mesh=mesh)
 
-Data parallelism: the weights are replicated on every device and the rows
-of a batch are split over the mesh's `data` axis; the decoding programs
-are the same jitted programs (`seqdec.decoding.loops`), and XLA's sharding
-propagation partitions them from their inputs' shardings. Every row's
-computation is independent of the others' (per-row acceptance, per-row
-caches, per-row PRNG keys), so the sharded run computes the unsharded
-one's tokens exactly (tests/test_sharding.py, 8 simulated CPU devices).
+Data parallelism: the rows of a batch are split over the mesh's `data`
+axis. Tensor parallelism: every parameter carries logical axis names
+(`seqdec.models.transformer`: vocab, embed, heads, kv_heads, head_dim,
+mlp), and RULES map them to mesh axes (MaxText-style): vocabulary, MLP
+width and attention heads over `model`, the rest replicated. The decoding
+programs are the same jitted programs (`seqdec.decoding.loops`); XLA's
+sharding propagation partitions every intermediate (KV cache, logits,
+drafts) from the parameters' and inputs' shardings. Every row's
+computation is independent of the others' (per-row acceptance, caches and
+PRNG keys), and a sharded contraction is the same sum, so the sharded run
+gives the unsharded one's tokens (tests/test_sharding.py, 8 simulated CPU
+devices, float64 exactly).
+
+A logical axis whose dimension the mesh axis does not divide is
+replicated instead, for every parameter that carries it (`plan_params`
+reports which and why): SmolLM2's 3 kv heads or Gemma-3-270M's one on a
+model axis of 2 or 4 keep attention replicated while the MLP and the
+vocabulary are split. `heads` and `kv_heads` are split together or not at
+all (a query head must live with its kv head).
 
 The mesh's axes are `Auto` (sharding propagation decides the
 intermediates), not jax's `Explicit` default of `jax.make_mesh`, under
 which the per-row gathers of the decode loop need hand-written output
-shardings. A `model` axis (tensor parallelism over heads, MLP width and
-vocabulary, with logical-axis rules) is the sharding issue's next step;
-until then a mesh may only have a `data` axis of size > 1.
+shardings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seqdec.errors import ConfigError
 
-DATA = "data"
-AXES = (DATA, "model")
+DATA, MODEL = "data", "model"
+AXES = (DATA, MODEL)
+# Logical axis -> mesh axis; a logical axis not listed is replicated.
+RULES = (("vocab", MODEL), ("mlp", MODEL), ("heads", MODEL),
+         ("kv_heads", MODEL))
+# Logical axes that are split together or not at all.
+TIED = (("heads", "kv_heads"),)
 
 
 def parse_mesh(spec: Optional[str], num_devices: int) -> dict[str, int]:
@@ -69,9 +86,6 @@ def make_mesh(spec: Optional[str] = None,
   """A mesh with Auto axes over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   axes = parse_mesh(spec, len(devices))
-  if axes.get("model", 1) > 1:
-    raise ConfigError("a 'model' mesh axis (tensor parallelism) is not "
-                      "supported yet; use data parallelism ('data:N')")
   names = tuple(axes)
   return Mesh(np.asarray(devices).reshape([axes[n] for n in names]), names,
               axis_types=(jax.sharding.AxisType.Auto,) * len(names))
@@ -80,6 +94,75 @@ def make_mesh(spec: Optional[str] = None,
 def data_size(mesh: Optional[Mesh]) -> int:
   """Rows are split this many ways (1 without a mesh)."""
   return 1 if mesh is None else int(mesh.shape.get(DATA, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How parameters are laid out on a mesh.
+
+  Attributes:
+    rules: logical axis -> mesh axis, after the divisibility check.
+    replicated: logical axis -> why a ruled axis is replicated instead.
+  """
+  rules: tuple[tuple[str, str], ...]
+  replicated: tuple[tuple[str, str], ...]
+
+  def mesh_spec(self, logical: Sequence[Optional[str]]) -> PartitionSpec:
+    """PartitionSpec of a parameter with these logical axes."""
+    rules = dict(self.rules)
+    return PartitionSpec(*(rules.get(a) if a else None for a in logical))
+
+
+def _logical(var) -> Optional[tuple]:
+  meta = var.get_metadata() if isinstance(var, nnx.Variable) else {}
+  return meta.get("out_sharding")
+
+
+def _variables(tree) -> list[Any]:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def plan_params(tree, mesh, rules: Sequence[tuple[str, str]] = RULES
+                ) -> Plan:
+  """The rules that apply to the parameters of `tree` (nnx States, or
+  pytrees of them) on `mesh` (a Mesh, or {axis: size}): a logical axis is
+  split over its mesh axis only if that axis divides every dimension
+  carrying it (and its TIED partners'); otherwise it is replicated, and
+  `Plan.replicated` says why."""
+  sizes = {name: int(n) for name, n in dict(getattr(mesh, "shape",
+                                                    mesh)).items()}
+  why: dict[str, str] = {}
+  for var in _variables(tree):
+    logical = _logical(var)
+    if not logical:
+      continue
+    for axis, dim in zip(logical, np.shape(var.get_value())):
+      target = dict(rules).get(axis)
+      if target and dim % sizes.get(target, 1) and axis not in why:
+        why[axis] = (f"{axis} dimension {dim} is not a multiple of mesh axis "
+                     f"{target!r} ({sizes[target]})")
+  for group in TIED:
+    failed = [a for a in group if a in why]
+    for a in group:
+      if failed and a not in why:
+        why[a] = f"split together with {failed[0]}, which is replicated"
+  kept = tuple((a, m) for a, m in rules if a not in why and m in sizes)
+  return Plan(rules=kept, replicated=tuple(sorted(why.items())))
+
+
+def place(tree, mesh: Mesh, plan: Optional[Plan] = None):
+  """`tree` on `mesh`: nnx parameters split by `plan` (default
+  `plan_params(tree, mesh)`), every other array replicated."""
+  plan = plan_params(tree, mesh) if plan is None else plan
+
+  def sharding_of(var):
+    logical = _logical(var) or ()
+    return NamedSharding(mesh, plan.mesh_spec(logical) if logical
+                         else PartitionSpec())
+  # One sharding per Variable: a pytree prefix of `tree`.
+  shardings = jax.tree.map(sharding_of, tree,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.device_put(tree, shardings)
 
 
 def replicate(tree, mesh: Mesh):
