@@ -31,6 +31,7 @@ from seqdec.decoding.sampling import SamplingParams, make_sampler
 from seqdec.decoding.spec import SpecConfig
 from seqdec.decoding.speculative import SpecLoop, check_fits
 from seqdec.parallel import sharding
+from seqdec.parallel.distributed import to_host
 from seqdec.decoding.trees import TreeShape
 from seqdec.errors import ConfigError, UserError
 from seqdec.tokenizer import Tokenizer
@@ -392,16 +393,16 @@ class Generator:
       t1, t2 = marks[0], time.perf_counter()
       on_step.flush()
     compile_s = self.programs.compile_seconds - compile_before
-    out_tokens = np.asarray(state.tokens)
-    out_logp = np.asarray(state.logprobs)
-    out_margin = np.asarray(state.margins)
-    num_new = np.asarray(state.num_new)
+    out_tokens = to_host(state.tokens)
+    out_logp = to_host(state.logprobs)
+    out_margin = to_host(state.margins)
+    num_new = to_host(state.num_new)
     prefill_s, decode_s = t1 - t0, t2 - t1
     spec = {}
     if self.speculative:
-      hist = np.asarray(state.accept_hist)
+      hist = to_host(state.accept_hist)
       spec = dict(target_calls=hist.sum(1), accept_hist=hist,
-                  batch_target_calls=int(state.step))
+                  batch_target_calls=int(to_host(state.step)))
     results = []
     for r in range(n):
       toks = out_tokens[r, :num_new[r]].tolist()
@@ -438,10 +439,10 @@ class _Streamer:
     self.stream = stream
 
   def __call__(self, state) -> None:
-    num_new = np.asarray(state.num_new)[:len(self.sent)]
+    num_new = to_host(state.num_new)[:len(self.sent)]
     if (num_new <= self.sent).all():
       return
-    tokens = np.asarray(state.tokens)
+    tokens = to_host(state.tokens)
     for r, (have, sent) in enumerate(zip(num_new, self.sent)):
       for t in tokens[r, sent:have].tolist():
         if self.stopped[r] or t in self.eos:

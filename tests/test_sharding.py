@@ -146,3 +146,8 @@ def test_plans_of_real_shapes(preset, want):
       "model")
   assert "kv_heads dimension" in dict(plan.replicated).get(
       "kv_heads", "kv_heads dimension")
+  layer = abstract.layers[0]
+  assert plan.mesh_spec(layer.mlp.gate_up_proj.get_metadata()[
+      "out_sharding"]) == sharding.PartitionSpec(None, None, "model")
+  assert plan.mesh_spec(abstract.embed.get_metadata()["out_sharding"]) == (
+      sharding.PartitionSpec("model", None))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqdec.decoding.sampling import SamplingParams, row_keys
+from seqdec.parallel.distributed import to_host
 
 
 def bucket(n: int, minimum: int = 16, step: int = 128) -> int:
@@ -291,9 +292,10 @@ class HostLoop:
     if not self.jit:
       return bool(self.loop.live(state))
     if self.programs is not None:
-      return bool(self.programs.get("live", self.loop, params, inputs)(
-          state=state))
-    return bool(LIVE(self.loop, state=state))
+      live = self.programs.get("live", self.loop, params, inputs)(state=state)
+    else:
+      live = LIVE(self.loop, state=state)
+    return bool(to_host(live))
 
   def step(self, *, params, state, inputs: Inputs):
     if not self.phases:

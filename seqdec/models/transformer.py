@@ -49,7 +49,8 @@ from seqdec.models.config import TransformerConfig, as_dtype
 from seqdec.ops import write_rows
 
 # Logical axis names carried by every parameter as sharding metadata.
-EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP = (
+# (MLP_DIM, not MLP: `class MLP` below would rebind the name.)
+EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP_DIM = (
     "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp")
 
 
@@ -490,10 +491,11 @@ class MLP(nnx.Module):
     d, f = config.hidden_size, config.intermediate_size
     init = nnx.initializers.normal(0.02)
     self.activation = config.activation
-    self.gate_up_proj = logical_param(rngs, (d, 2, f), (EMBED, None, MLP), pdt, init)
-    self.down_proj = logical_param(rngs, (f, d), (MLP, EMBED), pdt, init)
+    self.gate_up_proj = logical_param(rngs, (d, 2, f), (EMBED, None, MLP_DIM), pdt,
+                                      init)
+    self.down_proj = logical_param(rngs, (f, d), (MLP_DIM, EMBED), pdt, init)
     zeros, bias = nnx.initializers.zeros, config.mlp_bias
-    self.gate_up_bias = (logical_param(rngs, (2, f), (None, MLP), pdt, zeros)
+    self.gate_up_bias = (logical_param(rngs, (2, f), (None, MLP_DIM), pdt, zeros)
                          if bias else None)
     self.down_bias = logical_param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
 

@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seqdec.errors import ConfigError
+from seqdec.parallel import distributed
 
 DATA, MODEL = "data", "model"
 AXES = (DATA, MODEL)
@@ -155,24 +156,27 @@ def place(tree, mesh: Mesh, plan: Optional[Plan] = None):
   `plan_params(tree, mesh)`), every other array replicated."""
   plan = plan_params(tree, mesh) if plan is None else plan
 
-  def sharding_of(var):
+  def put(var):
+    if not isinstance(var, nnx.Variable):
+      return distributed.global_array(var, NamedSharding(mesh, PartitionSpec()))
     logical = _logical(var) or ()
-    return NamedSharding(mesh, plan.mesh_spec(logical) if logical
-                         else PartitionSpec())
-  # One sharding per Variable: a pytree prefix of `tree`.
-  shardings = jax.tree.map(sharding_of, tree,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return jax.device_put(tree, shardings)
+    target = NamedSharding(mesh, plan.mesh_spec(logical) if logical
+                           else PartitionSpec())
+    return jax.tree.map(lambda x: distributed.global_array(x, target), var)
+  return jax.tree.map(put, tree,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replicate(tree, mesh: Mesh):
   """Every array of `tree` on every device of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  target = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: distributed.global_array(x, target), tree)
 
 
 def shard_rows(tree, mesh: Mesh):
   """Every array of `tree` split on its leading (row) axis over `data`."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(DATA)))
+  target = NamedSharding(mesh, PartitionSpec(DATA))
+  return jax.tree.map(lambda x: distributed.global_array(x, target), tree)
 
 
 def place_inputs(inputs, mesh: Mesh):
