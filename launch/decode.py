@@ -35,6 +35,10 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_enable_x64", True)
   from seqdec import app as seqdec_app  # pylint: disable=g-import-not-at-top
+  from seqdec.parallel import distributed  # pylint: disable=g-import-not-at-top
+  # Several processes (SEQDEC_COORDINATOR, ... or a TPU pod slice) join
+  # before any computation; one process does nothing here.
+  cli.run_reporting_user_errors(distributed.initialize)
   cli.run_reporting_user_errors(lambda: seqdec_app.run_decode(
       _CONFIG.value, prompts=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
       output=_OUTPUT.value))

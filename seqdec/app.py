@@ -9,6 +9,7 @@ a partial output.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from seqdec.checkpoints import load_pretrained
 from seqdec.decoding.spec import SpecConfig
 from seqdec.generator import GenerationResult, Generator, PromptError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
+from seqdec.parallel import distributed, sharding
 
 # Exceptions that are the user's input, reported as one line (anything else
 # is a bug and keeps its traceback).
@@ -81,11 +83,14 @@ def make_generator(config, model, tokenizer, speculative: bool = True
   spec = SpecConfig.from_config(config.spec)
   if not speculative:
     spec = SpecConfig(max_top_k=spec.max_top_k)
+  mesh_spec = config.get("mesh", "")
+  mesh = (sharding.make_mesh(None if mesh_spec == "auto" else mesh_spec)
+          if mesh_spec else None)
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,
                    temperature=config.temperature, top_k=config.top_k,
                    top_p=config.top_p, seed=config.seed,
-                   max_batch=config.max_batch)
+                   max_batch=config.max_batch, mesh=mesh)
 
 
 def describe(results: Sequence[GenerationResult]) -> str:
@@ -111,6 +116,8 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
   """
   if prompts and prompts_file:
     raise errors.UserError("give --prompt or --prompts_file, not both")
+  if not distributed.is_main():   # several processes: process 0 reports
+    out, log, output = io.StringIO(), io.StringIO(), None
   if prompts_file:
     records = read_prompts_file(prompts_file)
   else:

@@ -97,6 +97,9 @@ def decode_config(model: str = "smollm2-135m-instruct",
   c.chat = True                # render prompts with the chat template
   c.system_prompt = ""         # prepended as a system message when chatting
   c.max_batch = 8
+  # Device mesh (seqdec.parallel.sharding): '' one device; 'auto' every
+  # device on the data axis; 'data:2,model:4' (product = device count).
+  c.mesh = ""
   c.stream = True              # stream text when decoding a single prompt
   c.default_prompt = ("Explain in three sentences why the sky is blue, for a "
                       "ten-year-old.")

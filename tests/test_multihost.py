@@ -121,3 +121,23 @@ def test_a_hung_run_ends_within_its_timeout():
     distributed.launch_local([sys.executable, "-c", PEER, "hang", "600"], 2,
                              timeout_s=5)
   assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_decode_cli_on_two_processes_writes_once_and_equals_one_device(
+    tmp_path):
+  """launch/decode.py with --config.mesh over 2 processes x 4 devices:
+  process 0 alone writes --output, and its rows equal a one-device run's."""
+  args = ["launch/decode.py", "--config=configs/spec_decode.py:runlocal",
+          "--prompt=abcabcabc", "--prompt=hello there", "--prompt=xyz"]
+  one = tmp_path / "one.jsonl"
+  done = subprocess.run([sys.executable, *args, f"--output={one}"],
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  many = tmp_path / "many.jsonl"
+  distributed.launch_local(
+      [sys.executable, *args, "--config.mesh=data:2,model:4",
+       f"--output={many}"], 2, timeout_s=900)
+  rows = [[json.loads(ln)["tokens"] for ln in open(p)] for p in (one, many)]
+  assert len(rows[0]) == 3 and rows[0] == rows[1]

@@ -24,7 +24,6 @@ from seqdec.parallel import sharding
 
 SCRIPT = textwrap.dedent("""\
     import json
-    import re
     import sys
     import jax
     from seqdec import Generator, Tokenizer, testing
@@ -52,9 +51,8 @@ SCRIPT = textwrap.dedent("""\
                  replicated=[a for a, _ in gen.sharding_plan.replicated])
       if case.get("hlo"):
         step = gen.programs.get("step", loop, gen.loop_params, inputs)
-        row["all_gathers"] = re.findall(
-            r"= \\w+\\[([\\d,]*)\\][^=]*? all-gather(?:-start)?\\(",
-            step.as_text())
+        row["all_gathers"] = sharding.collectives(step.as_text())[
+            "all-gather"]["shapes"]
       out.append(row)
     print(json.dumps(out))
     """)
@@ -151,3 +149,21 @@ def test_plans_of_real_shapes(preset, want):
       "out_sharding"]) == sharding.PartitionSpec(None, None, "model")
   assert plan.mesh_spec(abstract.embed.get_metadata()["out_sharding"]) == (
       sharding.PartitionSpec("model", None))
+
+
+def test_collectives_are_read_from_hlo_text():
+  """The HLO scan behind the no-full-gather check finds what it must."""
+  hlo = "\n".join([
+      "  %all-gather.3 = f32[260,64]{1,0} all-gather(f32[65,64]{1,0} %p), "
+      "channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}",
+      "  %ags = (s32[4,8]{1,0}, s32[8,8]{1,0}) all-gather-start(%x), "
+      "dimensions={0}",
+      "  %ag.done = s32[8,8]{1,0} all-gather-done(%ags)",
+      "  %all-reduce.1 = f32[2,5]{1,0} all-reduce(%y), to_apply=%add",
+      "  %add.2 = f32[2,5]{1,0} add(%a, %b)"])
+  got = sharding.collectives(hlo)
+  assert got["all-gather"]["count"] == 2
+  assert got["all-gather"]["shapes"] == ["260,64", "4,8", "8,8"]
+  assert got["all-gather"]["bytes"] == 4 * (260 * 64 + 32 + 64)
+  assert got["all-reduce"] == dict(count=1, bytes=40, shapes=["2,5"])
+  assert "260,64" in forbidden_shapes(4, 32)    # the tiny embedding table

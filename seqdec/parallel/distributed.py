@@ -54,7 +54,8 @@ def initialize(coordinator: Optional[str] = None,
   num_processes = num_processes or _int_env(ENV[1])
   process_id = process_id if process_id is not None else _int_env(ENV[2])
   if coordinator is None and num_processes is None:
-    if not os.environ.get("TPU_WORKER_HOSTNAMES"):   # not a TPU pod
+    # A multi-host TPU slice lists its hosts; jax finds the rest itself.
+    if "," not in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
       return False
   elif None in (coordinator, num_processes, process_id):
     raise ConfigError(f"a multi-process run needs all of {', '.join(ENV)} "

@@ -32,6 +32,7 @@ shardings.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -188,3 +189,32 @@ def place_inputs(inputs, mesh: Mesh):
                       f"axis of {ways} devices")
   eos = replicate(inputs.eos_ids, mesh)
   return shard_rows(inputs.replace(eos_ids=None), mesh).replace(eos_ids=eos)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4,
+          "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1,
+          "pred": 1}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
+  """The collectives of a compiled program (`compiled.as_text()`, the
+  optimized HLO): {kind: {count, bytes, shapes}}, shapes as 'd0,d1,...'
+  strings of each result, bytes their total (an async pair is counted
+  once, at its start)."""
+  out = {k: dict(count=0, bytes=0, shapes=[]) for k in COLLECTIVES}
+  pattern = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) +
+                       r")(-start)?\(")
+  for line in hlo_text.splitlines():
+    m = pattern.search(line)
+    if not m:
+      continue
+    results = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+    entry = out[m.group(2)]
+    entry["count"] += 1
+    for dtype, dims in results:
+      entry["shapes"].append(dims)
+      entry["bytes"] += _BYTES.get(dtype, 4) * int(np.prod(
+          [int(d) for d in dims.split(",") if d] or [1]))
+  return out
