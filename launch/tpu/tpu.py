@@ -52,8 +52,8 @@ _SIMULATE = flags.DEFINE_integer(
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 3,
                                      "Preemptions survived (launch).")
 _WORKERS = flags.DEFINE_string(
-    "run_workers", "0", "Hosts that run the job: '0' (seqdec's scripts are "
-    "single-process until sharding lands) or 'all'.")
+    "run_workers", "0", "Hosts that run the job: '0' (the trainers are "
+    "single-process) or 'all' (launch/decode.py with --config.mesh).")
 _RUN_NAME = flags.DEFINE_string("run_name", None,
                                 "Log name (default: the script's).")
 _LOG_DIR = flags.DEFINE_string("logs_to", "tpu-logs", "Local log directory.")

@@ -28,9 +28,10 @@ must outlive the VM (a `gs://` path), which `launch` checks. A job that
 fails while the slice stays ACTIVE is the job's own error: no restart.
 
 Multi-host slices (v4-32: 4 hosts of 4 chips): setup runs on every host.
-seqdec's scripts run as one process until the sharding issue (mesh +
-`jax.distributed`) lands, so by default a job runs on worker 0 only
-(`run_workers='all'` runs it on every host).
+`launch/decode.py` joins the hosts' processes itself
+(`seqdec.parallel.distributed`) and decodes on a `--config.mesh` over all
+chips when run on every host (`run_workers='all'`); the trainers are
+single-process, so by default a job runs on worker 0 only.
 """
 
 from __future__ import annotations
@@ -393,8 +394,8 @@ class Launcher:
     shell: `Shell()` or `DryRun()`.
     max_restarts: preemptions survived before giving up.
     poll_seconds, max_wait_seconds: how the wait for ACTIVE polls.
-    run_workers: '0' (default: seqdec's scripts are single-process until
-      the sharding issue lands) or 'all'.
+    run_workers: '0' (default; the trainers are single-process) or 'all'
+      (launch/decode.py with a mesh over every host's chips).
     log_dir: where collected logs go on this machine.
     keep: leave the slice up when the job ends (default: delete it).
   """
