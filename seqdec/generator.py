@@ -30,10 +30,10 @@ from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs, Programs
 from seqdec.decoding.sampling import SamplingParams, make_sampler
 from seqdec.decoding.spec import SpecConfig
 from seqdec.decoding.speculative import SpecLoop, check_fits
-from seqdec.parallel import sharding
-from seqdec.parallel.distributed import to_host
 from seqdec.decoding.trees import TreeShape
 from seqdec.errors import ConfigError, UserError
+from seqdec.parallel import sharding
+from seqdec.parallel.distributed import to_host
 from seqdec.tokenizer import Tokenizer
 
 Conversation = list  # list[dict(role=..., content=...)]
@@ -219,8 +219,8 @@ class Generator:
 
   @property
   def loop_params(self):
-    """`(target params, drafter params)`, the loops' `params` (replicated
-    over the mesh, if any)."""
+    """`(target params, drafter params)`, the loops' `params` (laid out on
+    the mesh by `sharding_plan`, if there is a mesh)."""
     return self._loop_params
 
   def warmup(self, prompt_lengths: Sequence[int] = (16,),
