@@ -76,16 +76,23 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
                                   for row in rows))
 
 
-def make_generator(config, model, tokenizer, speculative: bool = True
-                   ) -> Generator:
+def config_mesh(config):
+  """The device mesh of a config's `mesh` field: None ('' : one device),
+  every device on `data` ('auto'), or a spec like 'data:2,model:4'."""
+  spec = config.get("mesh", "")
+  return (sharding.make_mesh(None if spec == "auto" else spec)
+          if spec else None)
+
+
+def make_generator(config, model, tokenizer, speculative: bool = True,
+                   mesh=None) -> Generator:
   """The `Generator` a decode config describes: its `config.spec` block
-  (`SpecConfig.from_config`), autoregressive when `speculative` is False."""
+  (`SpecConfig.from_config`), autoregressive when `speculative` is False,
+  on `mesh` (default: the config's)."""
   spec = SpecConfig.from_config(config.spec)
   if not speculative:
     spec = SpecConfig(max_top_k=spec.max_top_k)
-  mesh_spec = config.get("mesh", "")
-  mesh = (sharding.make_mesh(None if mesh_spec == "auto" else mesh_spec)
-          if mesh_spec else None)
+  mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,
                    temperature=config.temperature, top_k=config.top_k,
@@ -128,11 +135,14 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
       raise FileNotFoundError(f"output directory {directory!r} does not exist")
 
   t0 = time.perf_counter()
-  model, tokenizer = load_pretrained(config.model, dtype=config.dtype)
+  mesh = config_mesh(config)
+  model, tokenizer = load_pretrained(
+      config.model, dtype=config.dtype,
+      **({} if mesh is None else dict(mesh=mesh)))
   load_s = time.perf_counter() - t0
   inputs = build_prompts(records, config.chat, config.system_prompt,
                          has_template=bool(tokenizer.chat_template))
-  gen = make_generator(config, model, tokenizer)
+  gen = make_generator(config, model, tokenizer, mesh=mesh)
   # Encode and validate every prompt before decoding any.
   ids = [gen.encode(p) for p in inputs]
   for i, p in enumerate(ids):

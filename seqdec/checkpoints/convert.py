@@ -202,15 +202,23 @@ def _abstract_split(config: TransformerConfig):
 
 
 def model_from_hf_tensors(config: TransformerConfig,
-                          tensors: Mapping[str, np.ndarray]) -> Transformer:
+                          tensors: Mapping[str, np.ndarray],
+                          mesh=None) -> Transformer:
   """Builds a `Transformer` from HF-named tensors, checking names and shapes.
 
   A tied model (`config.tie_embeddings`) may carry an `lm_head.weight` equal to
   the embedding (some exporters save it); it is then ignored. Unknown tensors,
   missing tensors and shape mismatches raise `CheckpointError` naming them.
+  With a `mesh` (`seqdec.parallel.sharding`), each parameter goes from the
+  host straight to its devices, each device receiving only its block under
+  the logical-axis rules; the whole model never sits on one device.
   """
   check_dtypes(config.dtype, config.param_dtype)
   graphdef, state = _abstract_split(config)
+  targets = None
+  if mesh is not None:
+    from seqdec.parallel import sharding  # pylint: disable=g-import-not-at-top
+    targets = sharding.target_shardings(state, mesh)
   specs = param_specs(config)
   used = {n for names, _, _ in specs.values() for n in names}
   unknown = sorted(n for n in tensors if n not in used
@@ -238,13 +246,19 @@ def model_from_hf_tensors(config: TransformerConfig,
                               f"{tuple(array.shape)}, the config implies "
                               f"{want}")
       arrays.append(array)
-    values[path] = jnp.asarray(pack(config, *arrays), dtype=pdt)
+    values[path] = np.asarray(pack(config, *arrays)).astype(pdt)
   values["inv_freq"] = inv_freq_array(config)
   if config.rope_local_theta is not None:
     values["inv_freq_local"] = inv_freq_array(config, local=True)
   flat = []
   for path, var in nnx.to_flat_state(state):
-    flat.append((path, var.replace(values[_path_str(path)])))
+    value = values[_path_str(path)]
+    if targets is None:
+      value = jnp.asarray(value)
+    else:
+      from seqdec.parallel import distributed  # pylint: disable=g-import-not-at-top
+      value = distributed.global_array(np.asarray(value), targets[path])
+    flat.append((path, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

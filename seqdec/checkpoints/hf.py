@@ -495,7 +495,7 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
-            param_dtype: Optional[str] = None
+            param_dtype: Optional[str] = None, mesh=None
             ) -> tuple[Transformer, Optional[Tokenizer]]:
   """Loads an HF checkpoint directory without torch.
 
@@ -505,6 +505,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
     param_dtype: parameter dtype name; None means `dtype`. bfloat16 and
       float16 checkpoints are cast to it. float64 (either dtype) needs
       `jax.config.update("jax_enable_x64", True)` first.
+    mesh: None, or a device mesh: each device receives only its block of
+      each parameter (`seqdec.parallel.sharding` rules).
 
   Returns:
     `(model, tokenizer)`; the tokenizer is None when the directory has no
@@ -535,7 +537,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
 
   tensors = read_hf_tensors(path)
   try:
-    model = model_from_hf_tensors(config, tensors)
+    model = model_from_hf_tensors(config, tensors, mesh)
   except CheckpointError as e:
     weights = (WEIGHTS_FILE if os.path.isfile(os.path.join(path, WEIGHTS_FILE))
                else INDEX_FILE)

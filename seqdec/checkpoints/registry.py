@@ -16,10 +16,14 @@ from seqdec.models.transformer import create
 from seqdec.tokenizer import Tokenizer
 
 
-def _tiny(dtype: str = "float32", preset: str = "tiny", **_):
+def _tiny(dtype: str = "float32", preset: str = "tiny", mesh=None, **_):
   """A tiny random model with the byte-level tokenizer (seeded)."""
   config = PRESETS[preset].replace(dtype=dtype, param_dtype=dtype)
-  return create(config, seed=0), Tokenizer.byte_level()
+  model = create(config, seed=0)
+  if mesh is not None:
+    from seqdec.parallel import sharding  # pylint: disable=g-import-not-at-top
+    model = sharding.place_model(model, mesh)
+  return model, Tokenizer.byte_level()
 
 
 def _smollm2(dtype: str = "float32", **kwargs):
@@ -66,7 +70,8 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", **kwargs):
       `config.json` + safetensors, or a `.gguf` file.
     dtype: compute and parameter dtype ('float32' on CPU). 'float64' needs
       `jax.config.update("jax_enable_x64", True)` first; no loader sets it.
-    **kwargs: passed to the format loader (e.g. `cache_dir` for GGUF).
+    **kwargs: passed to the format loader (e.g. `cache_dir` for GGUF;
+      `mesh`: each device receives only its block of each parameter).
 
   Raises:
     CheckpointError: unknown name, missing path, a bad checkpoint, or an

@@ -92,6 +92,10 @@ def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   """`value` (the same host value in every process, or a fully addressable
   jax.Array) laid out as `sharding`, each device holding only its block.
   Typed PRNG keys travel as their key data."""
+  if isinstance(value, jax.Array) and value.sharding == sharding:
+    return value                      # already laid out (sharded loading)
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return jax.device_put(value, sharding)   # a global array: reshard
   if isinstance(value, jax.Array) and jax.dtypes.issubdtype(
       value.dtype, jax.dtypes.prng_key):
     impl = jax.random.key_impl(value)

@@ -152,6 +152,22 @@ def plan_params(tree, mesh, rules: Sequence[tuple[str, str]] = RULES
   return Plan(rules=kept, replicated=tuple(sorted(why.items())))
 
 
+def target_shardings(state, mesh: Mesh, plan: Optional[Plan] = None
+                     ) -> dict[tuple, NamedSharding]:
+  """{flat path: NamedSharding} of an nnx State (abstract or concrete)
+  under `plan` (default `plan_params(state, mesh)`); what sharded loading
+  places each parameter with."""
+  plan = plan_params(state, mesh) if plan is None else plan
+  return {path: NamedSharding(mesh, plan.mesh_spec(_logical(var) or ()))
+          for path, var in nnx.to_flat_state(state)}
+
+
+def place_model(model, mesh: Mesh, plan: Optional[Plan] = None):
+  """The same model with its parameters laid out on `mesh` (`place`)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, place(state, mesh, plan))
+
+
 def place(tree, mesh: Mesh, plan: Optional[Plan] = None):
   """`tree` on `mesh`: nnx parameters split by `plan` (default
   `plan_params(tree, mesh)`), every other array replicated."""

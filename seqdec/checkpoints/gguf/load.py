@@ -180,7 +180,7 @@ def _add_alias(store: cache.Cache, fast: str, key: str, source: str,
 
 
 def load_gguf(path: str, *, dtype: str = "float32",
-              cache_dir: Optional[str] = None
+              cache_dir: Optional[str] = None, mesh=None
               ) -> tuple[Transformer, GGUFTokenizer]:
   """Loads a llama-family or Gemma 3 GGUF as (model, tokenizer), via a
   float32 cache.
@@ -209,6 +209,8 @@ def load_gguf(path: str, *, dtype: str = "float32",
     dtype: compute and parameter dtype of the returned model; 'float64'
       needs `jax.config.update("jax_enable_x64", True)` first.
     cache_dir: cache root; default `$SEQDEC_CACHE` or `~/.cache/seqdec`.
+    mesh: None, or a device mesh: each device receives only its block of
+      each parameter (`seqdec.parallel.sharding` rules).
 
   Returns:
     `(Transformer, GGUFTokenizer)`.
@@ -258,4 +260,4 @@ def load_gguf(path: str, *, dtype: str = "float32",
       else:
         _add_alias(store, fast, key, path, st)
   config = config.replace(dtype=dtype, param_dtype=dtype)
-  return model_from_hf_tensors(config, tensors), tokenizer
+  return model_from_hf_tensors(config, tensors, mesh), tokenizer
