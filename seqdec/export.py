@@ -90,21 +90,33 @@ def export_generator(generator, *, platform: str = "tpu",
       is a whole run; ('prefill', 'step', 'live') the streaming loop.
 
   Returns:
-    {kind: `jax.export.Exported`}, each lowered for exactly `platform`.
+    {kind: `jax.export.Exported`}, each lowered for exactly `platform`; on
+    a generator with a mesh, for that mesh's devices (`nr_devices`), the
+    arguments laid out as the generator lays them out.
   """
   check_platform(generator, platform)
   loop, inputs = generator.program_inputs(
       batch_size, prompt_length, max_new_tokens=max_new_tokens,
       temperature=temperature)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        generator.loop_params)
-  exported = {}
-  for kind in kinds:
-    fn, kwargs = loops.program(kind, loop, params, abstract)
+  mesh = generator.mesh
+
+  def spec(x):   # on a mesh, the arguments keep their layout
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
+        x.sharding if mesh is not None else None))
+  abstract = jax.tree.map(spec, inputs)
+  params = jax.tree.map(spec, generator.loop_params)
+  exported, state_shardings = {}, None
+  for kind in ("prefill",) + tuple(k for k in kinds if k != "prefill"):
+    fn, kwargs = loops.program(kind, loop, params, abstract, state_shardings)
     exported[kind] = _export_flat(fn, loop, kwargs, platform)
-  return exported
+    if kind == "prefill" and mesh is not None:
+      # Later programs take the state as prefill lays it out.
+      state = jax.eval_shape(lambda p, i: loop.prefill(params=p, inputs=i),
+                             params, abstract)
+      state_shardings = jax.tree.unflatten(
+          jax.tree.structure(state),
+          exported[kind].out_shardings_jax(mesh))
+  return {k: exported[k] for k in kinds}
 
 
 def _export_flat(fn, loop, kwargs: dict[str, Any], platform: str

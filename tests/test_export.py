@@ -116,3 +116,35 @@ def test_export_cli_writes_deserializable_programs(tmp_path):
       export.MOSAIC_CALL: 1}
   blob = (tmp_path / "decode.bin").read_bytes()
   assert jax.export.deserialize(blob).platforms == ("tpu",)
+
+
+MESH_EXPORT = """\
+import jax
+from seqdec import Generator, Tokenizer, export, testing
+from seqdec.parallel import sharding
+gen = Generator(export.for_platform(testing.tiny_model(), "tpu"),
+                Tokenizer.byte_level(), "ngram/chain4", max_new_tokens=16,
+                mesh=sharding.make_mesh("data:4,model:2"))
+programs = export.export_generator(gen, platform="tpu", batch_size=4,
+                                   prompt_length=8)
+back = jax.export.deserialize(programs["decode"].serialize())
+print("RESULT", back.nr_devices, back.platforms,
+      export.custom_calls(back).get(export.MOSAIC_CALL, 0) >= 1,
+      any("model" in str(s) for s in back.in_shardings_jax(gen.mesh)))
+"""
+
+
+@pytest.mark.slow
+def test_programs_export_for_tpu_on_an_8_device_mesh():
+  """On data:4 x model:2 (8 simulated CPU devices), the decode loop exports
+  for TPU over 8 devices, its weights split over `model`."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  done = subprocess.run(
+      [sys.executable, "-c", MESH_EXPORT], capture_output=True, text=True,
+      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                            XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")][-1]
+  assert line == "RESULT 8 ('tpu',) True True", line
