@@ -30,6 +30,7 @@ import jax
 from seqdec.decoding import loops
 from seqdec.errors import ConfigError
 from seqdec.models import transformer as tr
+from seqdec.parallel import sharding
 
 # `jax.export` platform names of the model's `platform` values.
 EXPORT_PLATFORMS = {"tpu": "tpu", "gpu": "cuda", "cpu": "cpu"}
@@ -108,7 +109,8 @@ def export_generator(generator, *, platform: str = "tpu",
   exported, state_shardings = {}, None
   for kind in ("prefill",) + tuple(k for k in kinds if k != "prefill"):
     fn, kwargs = loops.program(kind, loop, params, abstract, state_shardings)
-    exported[kind] = _export_flat(fn, loop, kwargs, platform)
+    with sharding.mesh_context(mesh):   # kernels run per shard
+      exported[kind] = _export_flat(fn, loop, kwargs, platform)
     if kind == "prefill" and mesh is not None:
       # Later programs take the state as prefill lays it out.
       state = jax.eval_shape(lambda p, i: loop.prefill(params=p, inputs=i),

@@ -281,9 +281,11 @@ class Generator:
   def _compile(self, loop, inputs, streaming: bool) -> None:
     """Compiles the programs a run needs: prefill + the fused while_loop,
     or prefill + step + live for the host-driven (streaming) loop."""
-    for kind in ("prefill",) + (("step", "live") if streaming
-                                else ("decode",)):
-      self.programs.get(kind, loop, self.loop_params, inputs)
+    # The mesh as context: kernels run per shard under it (shard_map).
+    with sharding.mesh_context(self.mesh):
+      for kind in ("prefill",) + (("step", "live") if streaming
+                                  else ("decode",)):
+        self.programs.get(kind, loop, self.loop_params, inputs)
 
   def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                stream: Optional[Callable[[int, str], None]] = None,

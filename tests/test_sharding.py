@@ -39,10 +39,13 @@ SCRIPT = textwrap.dedent("""\
       else:
         model = testing.tiny_model(case.get("dtype", "float32"))
         tok = Tokenizer.byte_level()
+      if case.get("pallas"):   # verify through the Pallas tree kernel
+        from seqdec.models import transformer
+        model = transformer.reconfigured(model, attention_impl="pallas")
       kw = dict(max_new_tokens=12, eos_ids=(), seed=3,
                 temperature=case.get("temperature", 0.0))
       key = (case.get("model"), case["spec"], case.get("dtype"),
-             kw["temperature"])
+             kw["temperature"], case.get("pallas"))
       if key not in unsharded:
         unsharded[key] = Generator(model, tok, case["spec"],
                                    **kw).generate(prompts)
@@ -131,6 +134,15 @@ def test_every_mesh_shape_equals_unsharded_float64(spec, temperature):
   for r in rows:
     bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
     assert not bad, (r["mesh"], r["all_gathers"])
+
+
+@pytest.mark.slow
+def test_the_tree_kernel_runs_per_shard():
+  """attention_impl='pallas': the kernel (interpreted on CPU) runs under
+  shard_map on each shard's rows and heads; tokens == one device's."""
+  rows = run_cases(*[dict(mesh=m, spec="ngram/kary2x1x1", pallas=True)
+                     for m in ("data:4,model:2", "data:2,model:4")])
+  assert [r["replicated"] for r in rows] == [[], ["heads", "kv_heads"]]
 
 
 @pytest.mark.slow

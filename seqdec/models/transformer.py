@@ -42,11 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from seqdec.kernels.tree_attention import kernel_options, tree_attention
 from seqdec.kernels.tree_mask import pack_mask
 from seqdec.models.config import TransformerConfig, as_dtype
 from seqdec.ops import write_rows
+from seqdec.parallel.sharding import DATA as DATA_AXIS, kv_head_axis
 
 # Logical axis names carried by every parameter as sharding metadata.
 # (MLP_DIM, not MLP: `class MLP` below would rebind the name.)
@@ -313,6 +315,28 @@ def resolve_attention_impl(impl: str, num_queries: int = 1,
   return impl
 
 
+def _kernel_call(q, k_cache, v_cache, lengths, k_tree, v_tree, words,
+                 positions, *, sliding_window, options):
+  return tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, words,
+                        positions=positions, sliding_window=sliding_window,
+                        **dict(options))
+
+
+def _per_shard(kernel, mesh, kv_axis: Optional[str], args):
+  """The tree-attention kernel under `shard_map` on the context mesh:
+  rows over 'data', heads over `kv_axis` ('model' when the kv heads are
+  split, `seqdec.parallel.sharding.kv_head_axis`; None: every model shard
+  computes all heads, as the replicated attention weights do). Rows and
+  heads are independent in attention, so each shard's result is its block
+  of the unsharded one."""
+  rows = DATA_AXIS if DATA_AXIS in mesh.axis_names else None
+  heads, row = P(rows, kv_axis), P(rows)
+  #        q      k_cache v_cache lengths k_tree v_tree words positions
+  specs = (heads, heads, heads, row, heads, heads, row, row)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=heads,
+                       check_vma=False)(*args)
+
+
 class PackedTreeMask(NamedTuple):
   """The 'pallas' path's stand-in for `visible`: the `[B, T, T]` mask among
   new tokens bit-packed to `[B, T, ceil(T/32)]` uint32 words (committed
@@ -436,12 +460,18 @@ class Attention(nnx.Module):
     k_cache = write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start, 2)
     v_cache = write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start, 2)
     if isinstance(visible, PackedTreeMask):
-      out = tree_attention(
-          q.transpose(0, 2, 1, 3), k_cache.astype(q.dtype),
-          v_cache.astype(q.dtype), write_start, k.transpose(0, 2, 1, 3),
-          v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
-          positions=positions, sliding_window=self.sliding_window,
-          **kernel_options(self.platform))
+      kernel = functools.partial(
+          _kernel_call, sliding_window=self.sliding_window,
+          options=tuple(kernel_options(self.platform).items()))
+      args = (q.transpose(0, 2, 1, 3), k_cache.astype(q.dtype),
+              v_cache.astype(q.dtype), write_start, k.transpose(0, 2, 1, 3),
+              v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
+              positions)
+      mesh = jax.sharding.get_abstract_mesh()
+      if mesh.empty or mesh.size == 1:
+        out = kernel(*args)
+      else:   # a kernel is opaque to the partitioner: run it per shard
+        out = _per_shard(kernel, mesh, kv_head_axis(nk, mesh), args)
       out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, -1)
       return self._out(out), (k_cache, v_cache)
 

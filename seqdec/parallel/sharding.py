@@ -31,6 +31,7 @@ shardings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Optional, Sequence
@@ -91,6 +92,20 @@ def make_mesh(spec: Optional[str] = None,
   names = tuple(axes)
   return Mesh(np.asarray(devices).reshape([axes[n] for n in names]), names,
               axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def kv_head_axis(num_kv_heads: int, mesh) -> Optional[str]:
+  """The mesh axis attention heads are split over on `mesh` (a Mesh or an
+  AbstractMesh): 'model' when it divides the kv heads (the RULES' heads /
+  kv_heads), else None (attention replicated)."""
+  size = dict(mesh.shape).get(MODEL, 1)
+  return MODEL if size > 1 and num_kv_heads % size == 0 else None
+
+
+def mesh_context(mesh: Optional[Mesh]):
+  """`jax.set_mesh(mesh)` (what `jax.sharding.get_abstract_mesh` sees while
+  tracing), or a no-op context without a mesh."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def data_size(mesh: Optional[Mesh]) -> int:
