@@ -22,7 +22,7 @@ from seqdec.errors import ConfigError
 from seqdec.parallel import distributed, sharding
 
 PROMPTS = ["abcabcabc", "hello there", "1 2 3 1 2 3", "xyz", "the cat"]
-SPECS = ("ar", "ngram/chain4")
+SPECS = ("ngram/chain4",)
 
 WORKER = textwrap.dedent("""\
     import json, sys

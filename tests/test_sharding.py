@@ -121,11 +121,11 @@ MESHES = ("data:8,model:1", "data:4,model:2", "data:2,model:4",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec,temperature", [
-    ("ngram/kary2x1x1", 0.0), ("layerskip@layers=first:1/kary2x1", 1.0)])
-def test_every_mesh_shape_equals_unsharded_float64(spec, temperature):
-  rows = run_cases(*[dict(mesh=m, spec=spec, dtype="float64",
-                          temperature=temperature, hlo=True)
+def test_every_mesh_shape_equals_unsharded_float64():
+  """Layer-skip drafts, a k-ary tree, sampled at T=1 (the n-gram drafter
+  and the tree kernel: `test_the_tree_kernel_runs_per_shard`)."""
+  rows = run_cases(*[dict(mesh=m, spec="layerskip@layers=first:1/kary2x1",
+                          dtype="float64", temperature=1.0, hlo=True)
                      for m in MESHES], x64=True)
   # The tiny model's 2 kv heads split over model:2 only; its 260-token
   # vocabulary over model <= 4 only: the rest stays replicated.
@@ -147,12 +147,11 @@ def test_the_tree_kernel_runs_per_shard():
 
 @pytest.mark.slow
 def test_smollm2_on_data2_model4_under_the_margin_rule():
-  """Real weights, float32: AR and n-gram decoding on data:2 x model:4
+  """Real weights, float32: n-gram decoding on data:2 x model:4
   (attention replicated: 3 kv heads) give the one-device tokens wherever
   the one-device margin is not a tie."""
-  rows = run_cases(*[dict(mesh="data:2,model:4", spec=spec,
-                          model="smollm2-135m-instruct", margin_rule=True)
-                     for spec in ("ar", "ngram/chain4")])
+  rows = run_cases(dict(mesh="data:2,model:4", spec="ngram/chain4",
+                       model="smollm2-135m-instruct", margin_rule=True))
   for r in rows:
     assert r["replicated"] == ["heads", "kv_heads"], r
     print(r["spec"], "ties:", r["ties"])
