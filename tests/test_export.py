@@ -64,6 +64,7 @@ def test_sampled_layer_skip_and_autoregressive_programs_lower_for_tpu(
   assert export.MOSAIC_CALL not in export.custom_calls(ar["decode"])
 
 
+@pytest.mark.slow
 def test_cpu_round_trip_runs_the_same_program(model, tok):
   """Exported, serialised and deserialised prefill + decode give the
   jitted loop's tokens on the same inputs (Pallas interpreted on CPU)."""

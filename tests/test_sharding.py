@@ -171,8 +171,9 @@ def test_mesh_specs_and_plans():
 
 @pytest.mark.parametrize("preset,want", [
     ("smollm2-135m", {"heads", "kv_heads"}),    # 3 kv heads on model:4
-    ("gemma3-270m", {"heads", "kv_heads"}),     # 1 kv head
-    ("llama-2-7b", set())])
+    pytest.param("gemma3-270m", {"heads", "kv_heads"},   # 1 kv head
+                 marks=pytest.mark.slow),
+    pytest.param("llama-2-7b", set(), marks=pytest.mark.slow)])
 def test_plans_of_real_shapes(preset, want):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from seqdec.models import config as config_lib  # pylint: disable=g-import-not-at-top

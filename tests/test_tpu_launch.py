@@ -126,7 +126,8 @@ FAKE_JOB = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("job_exit", [0, 3])
+@pytest.mark.parametrize("job_exit", [pytest.param(0, marks=pytest.mark.slow),
+                                      3])
 def test_job_command_mirrors_a_gs_workdir(tmp_path, job_exit):
   """The ssh command's bash, run here: the workdir is restored from the
   bucket, the job sees a local directory, its files reach the bucket, and
