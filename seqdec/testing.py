@@ -156,3 +156,23 @@ def ancestor_mask_oracle(parents) -> np.ndarray:
         out[b, i, j] = True
         j = row[j]
   return out.reshape(arr.shape + (n,))
+
+
+def run_on_devices(script: str, *args: str, devices: int = 8,
+                   x64: bool = False, timeout: float = 900) -> str:
+  """Runs Python `script` (with `args`) in a subprocess on `devices`
+  simulated CPU devices (the count is fixed when jax starts) and returns
+  its last stdout line that starts with 'RESULT ', without the marker.
+  A failed run raises AssertionError with the end of its stderr."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_ENABLE_X64="1" if x64 else "0",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  done = subprocess.run([sys.executable, "-c", script, *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+  assert results, done.stdout[-2000:]
+  return results[-1][len("RESULT "):]

@@ -139,13 +139,5 @@ print("RESULT", back.nr_devices, back.platforms,
 def test_programs_export_for_tpu_on_an_8_device_mesh():
   """On data:4 x model:2 (8 simulated CPU devices), the decode loop exports
   for TPU over 8 devices, its weights split over `model`."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  done = subprocess.run(
-      [sys.executable, "-c", MESH_EXPORT], capture_output=True, text=True,
-      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
-                            XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-  assert done.returncode == 0, done.stderr[-3000:]
-  line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")][-1]
-  assert line == "RESULT 8 ('tpu',) True True", line
+  line = testing.run_on_devices(MESH_EXPORT)
+  assert line == "8 ('tpu',) True True", line

@@ -10,9 +10,6 @@ embedding table or a KV-cache buffer.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -74,18 +71,13 @@ SCRIPT = textwrap.dedent("""\
         row["all_gathers"] = sharding.collectives(step.as_text())[
             "all-gather"]["shapes"]
       out.append(row)
-    print(json.dumps(out))
+    print("RESULT " + json.dumps(out))
     """)
 
 
 def run_cases(*cases, x64=False):
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1" if x64 else "0")
-  done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)],
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  rows = json.loads(done.stdout.strip().splitlines()[-1])
+  rows = json.loads(testing.run_on_devices(SCRIPT, json.dumps(cases),
+                                           x64=x64))
   for row in rows:
     assert row["same"], row
     data = int(row["mesh"].split("data:")[1].split(",")[0])
@@ -244,12 +236,7 @@ def test_sharded_loading_puts_only_each_devices_block(tmp_path):
   config = testing.tiny_model().config
   path = hf_fixtures.write_checkpoint(
       str(tmp_path / "ckpt"), config, hf_fixtures.random_hf_tensors(config))
-  done = subprocess.run(
-      [sys.executable, "-c", LOAD, path], capture_output=True, text=True,
-      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
-                            XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-  assert done.returncode == 0, done.stderr[-3000:]
-  line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")][-1]
-  assert line == ("RESULT True " + str(sharding.PartitionSpec(
+  line = testing.run_on_devices(LOAD, path)
+  assert line == ("True " + str(sharding.PartitionSpec(
       None, None, "model")) + " (64, 2, 32) " + str(sharding.PartitionSpec(
           "model", None)) + " True"), line
