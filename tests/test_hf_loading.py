@@ -78,6 +78,30 @@ def test_round_trip(tmp_path, name, num_shards):
     assert len(read_hf_tensors(path)) == len(tensors)
 
 
+def test_blocks_of_memory_mapped_tensors_equal_slices_of_the_whole(tmp_path):
+  """`Parts.block(index)` (what a sharded load reads per device) equals
+  the whole packed parameter sliced, for every parameter and for blocks
+  that cut through the fused q/k/v and gate/up parts."""
+  from seqdec.checkpoints import convert  # pylint: disable=g-import-not-at-top
+  config = TINY_CONFIGS["qwen2_bias"]
+  path, _ = _write(tmp_path, config)
+  lazy = read_hf_tensors(path)
+  assert all(isinstance(x.base, np.memmap) or isinstance(x, np.memmap)
+             for x in lazy.values())
+  rng = np.random.default_rng(0)
+  for name, (names, pack, _) in convert.param_specs(config).items():
+    parts = pack(config, *[lazy[n] for n in names])
+    whole = parts.block()
+    assert whole.shape == parts.shape, name
+    for _ in range(4):
+      index = []
+      for n in whole.shape:
+        lo = int(rng.integers(0, n))
+        index.append(slice(lo, int(rng.integers(lo, n + 1))))
+      np.testing.assert_array_equal(parts.block(tuple(index)),
+                                    whole[tuple(index)], err_msg=name)
+
+
 def test_round_trip_old_rope_form_gives_same_config(tmp_path):
   config = TINY_CONFIGS["llama_tied_llama3"]
   tensors = hf_fixtures.random_hf_tensors(config)

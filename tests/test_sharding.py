@@ -208,10 +208,23 @@ LOAD = textwrap.dedent("""\
     import jax
     import numpy as np
     from seqdec import Generator, Tokenizer
-    from seqdec.checkpoints import hf
+    from seqdec.checkpoints import convert, hf
     from seqdec.parallel import sharding
     mesh = sharding.make_mesh("data:2,model:4")
+    reads = []                  # (elements read, elements of the parameter)
+    block = convert.Parts.block
+    def spy(parts, index=()):
+      out = block(parts, index)
+      reads.append((out.size, int(np.prod(parts.shape))))
+      return out
+    convert.Parts.block = spy
     sharded, _ = hf.load_hf(sys.argv[1], mesh=mesh)
+    convert.Parts.block = block
+    # Every element is read exactly once (replicas share one read), and the
+    # largest read of the vocabulary-split embedding is a quarter of it.
+    total = sum(x.size for x in jax.tree.leaves(sharded))
+    once = sum(n for n, _ in reads) == total
+    quarter = max(n / size for n, size in reads if size == 260 * 64)
     whole, _ = hf.load_hf(sys.argv[1])
     up = sharded.layers[0].mlp.gate_up_proj.get_value()
     embed = sharded.embed.get_value()
@@ -223,7 +236,8 @@ LOAD = textwrap.dedent("""\
         ["abcabc", "hello"])
     b = Generator(whole, tok, "ngram/chain4", **kw).generate(["abcabc", "hello"])
     print("RESULT", same, str(up.sharding.spec), up.addressable_shards[0].data.shape,
-          str(embed.sharding.spec), [r.tokens for r in a] == [r.tokens for r in b])
+          str(embed.sharding.spec), [r.tokens for r in a] == [r.tokens for r in b],
+          once, quarter)
     """)
 
 
@@ -231,7 +245,9 @@ LOAD = textwrap.dedent("""\
 def test_sharded_loading_puts_only_each_devices_block(tmp_path):
   """An HF checkpoint loaded onto data:2 x model:4: every parameter arrives
   laid out by the rules (each device holds its block: the MLP's 128
-  columns as 4 x 32), values equal a one-device load, decoding equal."""
+  columns as 4 x 32), values equal a one-device load, decoding equal; the
+  memory-mapped file is read block by block, each element once (the
+  embedding in quarters, never whole)."""
   import hf_fixtures  # pylint: disable=g-import-not-at-top
   config = testing.tiny_model().config
   path = hf_fixtures.write_checkpoint(
@@ -239,4 +255,4 @@ def test_sharded_loading_puts_only_each_devices_block(tmp_path):
   line = testing.run_on_devices(LOAD, path)
   assert line == ("True " + str(sharding.PartitionSpec(
       None, None, "model")) + " (64, 2, 32) " + str(sharding.PartitionSpec(
-          "model", None)) + " True"), line
+          "model", None)) + " True True 0.25"), line

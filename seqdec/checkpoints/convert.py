@@ -8,6 +8,7 @@ model from it without a random initialisation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Mapping, Optional
@@ -63,19 +64,73 @@ def check_dtypes(*names: Optional[str]) -> None:
 #   seqdec path -> (HF names, pack(config, *hf_arrays), unpack(config, array)).
 # Packing fuses q/k/v into `qkv_proj [D, K, G+2, Dh]` and gate/up into
 # `gate_up_proj [D, 2, F]`; Linear weights go from HF's [out, in] to [in, out].
+#
+# A pack returns `Parts(views, axis)`: the parameter is the concatenation of
+# `views` along `axis`, where each view is a transpose / axis-splitting
+# reshape / new axis of one HF array -- numpy views, so on memory-mapped
+# tensors (`safetensors_io`) nothing is read until `Parts.block` slices them.
+# That is how a sharded load reads only each device's block.
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """A parameter as `concatenate(views, axis)`, still unread."""
+  views: tuple
+  axis: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    shape = list(self.views[0].shape)
+    shape[self.axis] = sum(v.shape[self.axis] for v in self.views)
+    return tuple(shape)
+
+  def block(self, index: tuple = ()) -> np.ndarray:
+    """`concatenate(views, axis)[index]`, reading only the block's bytes.
+
+    Args:
+      index: a tuple of step-1 slices (what `jax.make_array_from_callback`
+        passes), one per leading axis; () is the whole parameter.
+    """
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    lo, hi, step = index[self.axis].indices(self.shape[self.axis])
+    if step != 1:
+      raise ValueError(f"block index {index} has a step")
+    out, start = [], 0
+    for v in self.views:
+      n = v.shape[self.axis]
+      a, b = max(lo, start), min(hi, start + n)
+      if a < b:
+        idx = list(index)
+        idx[self.axis] = slice(a - start, b - start)
+        out.append(np.asarray(v[tuple(idx)]))
+      start += n
+    if not out:                                    # an empty block
+      idx = list(index)
+      idx[self.axis] = slice(0, 0)
+      return np.asarray(self.views[0][tuple(idx)])
+    return out[0] if len(out) == 1 else np.concatenate(out, self.axis)
+
 
 def _t(_, w):
-  return w.T
+  return Parts((w.T,), 0)
 
 
 def _same(_, w):
+  return Parts((w,), 0)
+
+
+def _untranspose(_, w):
+  return w.T
+
+
+def _unchanged(_, w):
   return w
 
 
 def _pack_qkv(c: TransformerConfig, q, k, v):
   d, nk, g, dh = c.hidden_size, c.num_kv_heads, c.num_groups, c.head_dim
-  return np.concatenate([q.T.reshape(d, nk, g, dh), k.T.reshape(d, nk, 1, dh),
-                         v.T.reshape(d, nk, 1, dh)], axis=2)
+  return Parts((q.T.reshape(d, nk, g, dh), k.T.reshape(d, nk, 1, dh),
+                v.T.reshape(d, nk, 1, dh)), 2)
 
 
 def _unpack_qkv(c: TransformerConfig, w):
@@ -86,8 +141,8 @@ def _unpack_qkv(c: TransformerConfig, w):
 
 def _pack_qkv_bias(c: TransformerConfig, q, k, v):
   nk, g, dh = c.num_kv_heads, c.num_groups, c.head_dim
-  return np.concatenate([q.reshape(nk, g, dh), k.reshape(nk, 1, dh),
-                         v.reshape(nk, 1, dh)], axis=1)
+  return Parts((q.reshape(nk, g, dh), k.reshape(nk, 1, dh),
+                v.reshape(nk, 1, dh)), 1)
 
 
 def _unpack_qkv_bias(c: TransformerConfig, b):
@@ -96,7 +151,7 @@ def _unpack_qkv_bias(c: TransformerConfig, b):
 
 
 def _pack_gate_up(_, gate, up):
-  return np.stack([gate.T, up.T], axis=1)
+  return Parts((gate.T[:, None], up.T[:, None]), 1)
 
 
 def _unpack_gate_up(_, w):
@@ -104,7 +159,7 @@ def _unpack_gate_up(_, w):
 
 
 def _pack_gate_up_bias(_, gate, up):
-  return np.stack([gate, up], axis=0)
+  return Parts((gate[None], up[None]), 0)
 
 
 def _unpack_gate_up_bias(_, b):
@@ -146,11 +201,11 @@ _SANDWICH_NORMS = {"input_norm": "input_layernorm",
 def param_specs(c: TransformerConfig):
   """seqdec path -> (HF names, pack, unpack) for every parameter of `c`."""
   specs = {
-      "embed": (["model.embed_tokens.weight"], _same, _same),
-      "final_norm.scale": (["model.norm.weight"], _same, _same),
+      "embed": (["model.embed_tokens.weight"], _same, _unchanged),
+      "final_norm.scale": (["model.norm.weight"], _same, _unchanged),
   }
   if not c.tie_embeddings:
-    specs["lm_head"] = (["lm_head.weight"], _t, _t)
+    specs["lm_head"] = (["lm_head.weight"], _t, _untranspose)
   for i in range(c.num_layers):
     pre = f"model.layers.{i}."
     attn = [pre + f"self_attn.{x}_proj.weight" for x in "qkv"]
@@ -160,29 +215,29 @@ def param_specs(c: TransformerConfig):
       specs[f"layers.{i}.attn.qkv_bias"] = (bias, _pack_qkv_bias,
                                             _unpack_qkv_bias)
     specs[f"layers.{i}.attn.o_proj"] = ([pre + "self_attn.o_proj.weight"],
-                                        _t, _t)
+                                        _t, _untranspose)
     if c.o_bias:
       specs[f"layers.{i}.attn.o_bias"] = ([pre + "self_attn.o_proj.bias"],
-                                          _same, _same)
+                                          _same, _unchanged)
     if c.qk_norm:
       for x in "qk":
         specs[f"layers.{i}.attn.{x}_norm.scale"] = (
-            [pre + f"self_attn.{x}_norm.weight"], _same, _same)
+            [pre + f"self_attn.{x}_norm.weight"], _same, _unchanged)
     specs[f"layers.{i}.mlp.gate_up_proj"] = (
         [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"],
         _pack_gate_up, _unpack_gate_up)
     specs[f"layers.{i}.mlp.down_proj"] = ([pre + "mlp.down_proj.weight"],
-                                          _t, _t)
+                                          _t, _untranspose)
     if c.mlp_bias:
       specs[f"layers.{i}.mlp.gate_up_bias"] = (
           [pre + "mlp.gate_proj.bias", pre + "mlp.up_proj.bias"],
           _pack_gate_up_bias, _unpack_gate_up_bias)
       specs[f"layers.{i}.mlp.down_bias"] = ([pre + "mlp.down_proj.bias"],
-                                            _same, _same)
+                                            _same, _unchanged)
     norms = _SANDWICH_NORMS if c.sandwich_norm else _BLOCK_NORMS
     for ours, theirs in norms.items():
       specs[f"layers.{i}.{ours}.scale"] = ([pre + theirs + ".weight"], _same,
-                                           _same)
+                                           _unchanged)
   return specs
 
 
@@ -201,6 +256,11 @@ def _abstract_split(config: TransformerConfig):
   return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=None)))
 
 
+def _buffer(x) -> tuple[Parts, np.dtype]:
+  x = np.asarray(x)
+  return Parts((x,), 0), x.dtype
+
+
 def model_from_hf_tensors(config: TransformerConfig,
                           tensors: Mapping[str, np.ndarray],
                           mesh=None) -> Transformer:
@@ -209,9 +269,10 @@ def model_from_hf_tensors(config: TransformerConfig,
   A tied model (`config.tie_embeddings`) may carry an `lm_head.weight` equal to
   the embedding (some exporters save it); it is then ignored. Unknown tensors,
   missing tensors and shape mismatches raise `CheckpointError` naming them.
-  With a `mesh` (`seqdec.parallel.sharding`), each parameter goes from the
-  host straight to its devices, each device receiving only its block under
-  the logical-axis rules; the whole model never sits on one device.
+  With a `mesh` (`seqdec.parallel.sharding`), each device receives only its
+  block of each parameter under the logical-axis rules, and when `tensors`
+  are memory-mapped (`safetensors_io`) only that block is read from disk
+  (`Parts.block`): no process reads or holds a whole sharded tensor.
   """
   check_dtypes(config.dtype, config.param_dtype)
   graphdef, state = _abstract_split(config)
@@ -234,11 +295,11 @@ def model_from_hf_tensors(config: TransformerConfig,
         f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
   want_shapes = _hf_shapes(config)
   pdt = as_dtype(config.param_dtype)
-  values: dict[str, jax.Array] = {}
+  packed: dict[str, Parts] = {}
   for path, (names, pack, _) in specs.items():
     arrays = []
     for name in names:
-      array = np.asarray(tensors[name])
+      array = tensors[name]
       m = _LAYER_RE.match(name)
       want = want_shapes[m.group(1) if m else name]
       if tuple(array.shape) != want:
@@ -246,18 +307,21 @@ def model_from_hf_tensors(config: TransformerConfig,
                               f"{tuple(array.shape)}, the config implies "
                               f"{want}")
       arrays.append(array)
-    values[path] = np.asarray(pack(config, *arrays)).astype(pdt)
-  values["inv_freq"] = inv_freq_array(config)
+    packed[path] = (pack(config, *arrays), pdt)
+  # RoPE frequencies keep their own dtype (float32, float64 for f64 models).
+  packed["inv_freq"] = _buffer(inv_freq_array(config))
   if config.rope_local_theta is not None:
-    values["inv_freq_local"] = inv_freq_array(config, local=True)
+    packed["inv_freq_local"] = _buffer(inv_freq_array(config, local=True))
   flat = []
   for path, var in nnx.to_flat_state(state):
-    value = values[_path_str(path)]
+    parts, dtype = packed[_path_str(path)]
     if targets is None:
-      value = jnp.asarray(value)
+      value = jnp.asarray(parts.block().astype(dtype, copy=False))
     else:
       from seqdec.parallel import distributed  # pylint: disable=g-import-not-at-top
-      value = distributed.global_array(np.asarray(value), targets[path])
+      value = distributed.array_from_blocks(
+          parts.shape, targets[path],
+          lambda index, p=parts, t=dtype: p.block(index).astype(t))
     flat.append((path, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

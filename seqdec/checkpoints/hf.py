@@ -3,8 +3,9 @@
 A checkpoint directory holds `config.json`, the weights as `model.safetensors`
 or as shards listed in `model.safetensors.index.json`, and optionally
 `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`).
-Weights are read with `safetensors.numpy` (bfloat16 arrives as an `ml_dtypes`
-array); torch and transformers are never imported.
+Weights are memory-mapped (`safetensors_io`; bfloat16 arrives as an
+`ml_dtypes` array), so a sharded load reads each device's block and never a
+whole tensor it does not need; torch and transformers are never imported.
 
 Supported architectures: `LlamaForCausalLM` (and SmolLM2, which is one),
 `Qwen2ForCausalLM`, `MistralForCausalLM` and `Gemma3ForCausalLM` (the text
@@ -22,9 +23,8 @@ import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
+from seqdec.checkpoints import safetensors_io
 from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
                                         model_from_hf_tensors)
 from seqdec.models.config import GLOBAL, LOCAL, ROPE_TYPES, TransformerConfig
@@ -411,20 +411,20 @@ def _read_json(path: str) -> Any:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one safetensors file as numpy arrays.
+  """Every tensor of one safetensors file, as lazy read-only views.
 
   Args:
     path: the `.safetensors` file.
 
   Returns:
-    `{name: array}` in the stored dtype (bfloat16 as an `ml_dtypes` array).
+    `{name: array}` in the stored dtype (bfloat16 as an `ml_dtypes` array),
+    memory-mapped (`safetensors_io.open_lazy`): a slice reads only its bytes.
   """
   if not os.path.isfile(path):
     raise CheckpointError(f"weights file {path} does not exist")
   try:
-    return safetensors.numpy.load_file(path)
-  except (safetensors.SafetensorError, OSError, ValueError, TypeError,
-          MemoryError) as e:
+    return safetensors_io.open_lazy(path)
+  except (safetensors_io.SafetensorsError, OSError, MemoryError) as e:
     msg = " ".join(str(e).split())  # keep the message on one line
     raise CheckpointError(
         f"cannot read {path} (truncated or corrupt safetensors file?): "

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -105,6 +105,22 @@ def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   host = np.asarray(value)
   return jax.make_array_from_callback(host.shape, sharding,
                                       lambda index: host[index])
+
+
+def array_from_blocks(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                      block: Callable[[tuple], np.ndarray]) -> jax.Array:
+  """A global array of `shape` laid out as `sharding`, built from
+  `block(index) -> np.ndarray`, called once per distinct block this process's
+  devices hold (replicas share one call): the caller reads only those."""
+  cache: dict = {}
+
+  def cached(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in cache:
+      cache[key] = block(index)
+    return cache[key]
+
+  return jax.make_array_from_callback(tuple(shape), sharding, cached)
 
 
 def _key_data_sharding(sharding, ndim: int):

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import tokenizers
 
-from seqdec.checkpoints import cache
+from seqdec.checkpoints import cache, safetensors_io
 from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
                                         model_from_hf_tensors)
 from seqdec.checkpoints.gguf.config import check_architecture, config_from_gguf
@@ -131,13 +131,11 @@ def _load_entry(entry: cache.Entry):
   Raises:
     cache.BadEntry: the files do not parse or do not match the meta file.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-
   info = entry.info
   if info.get("source_sha256") != entry.key:
     raise cache.BadEntry("the entry belongs to another source file")
   try:
-    tensors = safetensors.numpy.load_file(entry.file(_MODEL_FILE))
+    tensors = safetensors_io.open_lazy(entry.file(_MODEL_FILE))
     if sorted(tensors) != info["tensor_names"]:
       raise cache.BadEntry("tensor names differ from the recorded ones")
     with open(entry.file(_TOKENIZER_FILE), encoding="utf-8") as f:
