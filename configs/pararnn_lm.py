@@ -21,6 +21,9 @@ def get_config(arg=None):
   arg = config_utils.parse_arg(arg, cell="paragru", mode="parallel", runlocal=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Device mesh ('' one device; 'data:2,model:4'; 'auto': every device on
+  # data): rows split over data, each process loading its own rows.
+  c.mesh = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 256          # bytes

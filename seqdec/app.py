@@ -79,9 +79,7 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
 def config_mesh(config):
   """The device mesh of a config's `mesh` field: None ('' : one device),
   every device on `data` ('auto'), or a spec like 'data:2,model:4'."""
-  spec = config.get("mesh", "")
-  return (sharding.make_mesh(None if spec == "auto" else spec)
-          if spec else None)
+  return sharding.mesh_from_spec(config.get("mesh", ""))
 
 
 def make_generator(config, model, tokenizer, speculative: bool = True,

@@ -123,9 +123,9 @@ def test_batches_are_a_function_of_the_step(tmp_path):
 
 
 def test_sampled_positions_stay_in_the_response():
-  rng = np.random.default_rng(0)
+  rngs = [np.random.default_rng([0, i]) for i in range(2)]
   index, weight = trainer.sample_positions(
-      rng, lengths=np.array([20, 6]), prompt_lens=np.array([12, 5]),
+      rngs, lengths=np.array([20, 6]), prompt_lens=np.array([12, 5]),
       seq_len=24, k=8, response_only=True)
   t = index + 1                                     # positions t
   assert weight[0].sum() == 8 and len(set(t[0])) == 8   # distinct

@@ -32,6 +32,9 @@ def get_config(arg=None):
            ) if arg.runlocal else arg.model
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Device mesh ('' one device; 'data:2,model:4'; 'auto': every device on
+  # data): rows split over data, each process loading its own rows.
+  c.mesh = ""
   c.model = model
   c.runlocal = arg.runlocal
 

@@ -109,15 +109,17 @@ class FeatureDataset:
                         f"{str(e).splitlines()[0][:200]}") from None
     return cls(path, meta, arrays)
 
-  def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The arrays at `rows` (int indices < `self.rows`), as numpy.
+  def read(self, rows: np.ndarray, names: Sequence[str] = ARRAYS
+           ) -> dict[str, np.ndarray]:
+    """The arrays `names` at `rows` (int indices < `self.rows`), as numpy.
 
     Raises:
       DataError: an index past the finished rows or an unreadable chunk.
     """
     rows = _checked_rows(rows, self.rows, self.path)
     out = {}
-    for name, arr in self.arrays.items():
+    for name in names:
+      arr = self.arrays[name]
       try:
         x = arr[rows].read().result()
       except Exception as e:  # pylint: disable=broad-except
@@ -157,7 +159,8 @@ class ConcatDataset:
     return cls([FeatureDataset.open(p.strip(), target_fingerprint)
                 for p in paths.split(",") if p.strip()])
 
-  def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+  def read(self, rows: np.ndarray, names: Sequence[str] = ARRAYS
+           ) -> dict[str, np.ndarray]:
     """As `FeatureDataset.read`, padding sequences to the longest seq_len."""
     rows = _checked_rows(rows, self.rows, self.path)
     part = np.searchsorted(self.offsets, rows, side="right") - 1
@@ -167,7 +170,7 @@ class ConcatDataset:
       sel = np.nonzero(part == i)[0]
       if not len(sel):
         continue
-      got = p.read(rows[sel] - self.offsets[i])
+      got = p.read(rows[sel] - self.offsets[i], names)
       for name, x in got.items():
         if name not in out:
           shape = (len(rows),) + ((s,) + x.shape[2:] if x.ndim > 1 else ())

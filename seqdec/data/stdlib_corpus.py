@@ -62,11 +62,12 @@ class Corpus:
     return cls(train=data[:-n_valid], valid=data[-n_valid:])
 
   def train_batch(self, seed: int, step: int, batch: int,
-                  length: int) -> np.ndarray:
-    """int32 [batch, length + 1]: windows of step `step` (inputs + targets)."""
+                  length: int, rows: slice = slice(None)) -> np.ndarray:
+    """int32 [batch, length + 1]: windows of step `step` (inputs + targets);
+    only the `rows` of it (a process's share of a sharded batch)."""
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(self.train) - length - 1, size=batch)
-    return _windows(self.train, starts, length + 1)
+    return _windows(self.train, starts[rows], length + 1)
 
   def valid_batches(self, n_batches: int, batch: int,
                     length: int) -> np.ndarray:

@@ -94,6 +94,14 @@ def make_mesh(spec: Optional[str] = None,
               axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
+def mesh_from_spec(spec: Optional[str]) -> Optional[Mesh]:
+  """A config's `mesh` value as a mesh: '' -> None (one device), 'auto' ->
+  every device on `data`, 'data:2,model:4' -> that mesh."""
+  if not spec:
+    return None
+  return make_mesh(None if spec == "auto" else spec)
+
+
 def kv_head_axis(num_kv_heads: int, mesh) -> Optional[str]:
   """The mesh axis attention heads are split over on `mesh` (a Mesh or an
   AbstractMesh): 'model' when it divides the kv heads (the RULES' heads /
@@ -209,6 +217,38 @@ def shard_rows(tree, mesh: Mesh):
   """Every array of `tree` split on its leading (row) axis over `data`."""
   target = NamedSharding(mesh, PartitionSpec(DATA))
   return jax.tree.map(lambda x: distributed.global_array(x, target), tree)
+
+
+def process_rows(num_rows: int, mesh: Mesh) -> slice:
+  """The rows of a `[num_rows, ...]` batch split over `data` that this
+  process's devices hold: what per-process data loading reads.
+
+  Raises:
+    ConfigError: the data axis does not divide `num_rows`, or this
+      process's rows are not one contiguous range (a mesh whose device
+      order interleaves processes on `data`).
+  """
+  ways = data_size(mesh)
+  if num_rows % ways:
+    raise ConfigError(f"a batch of {num_rows} rows does not split over a "
+                      f"data axis of {ways} devices")
+  held = NamedSharding(mesh, PartitionSpec(DATA)).addressable_devices_indices_map(
+      (num_rows,))
+  ranges = sorted({idx[0].indices(num_rows)[:2] for idx in held.values()})
+  for (_, stop), (start, _) in zip(ranges, ranges[1:]):
+    if stop != start:
+      raise ConfigError(f"this process holds rows {ranges} of the batch: "
+                        f"not one contiguous range (mesh device order)")
+  return slice(ranges[0][0], ranges[-1][1])
+
+
+def rows_from_processes(local, num_rows: int, mesh: Mesh):
+  """Global arrays `[num_rows, ...]` split over `data`, assembled from each
+  process's own rows `local` (a pytree of numpy arrays holding the
+  `process_rows` of the batch); no process reads another's rows."""
+  target = NamedSharding(mesh, PartitionSpec(DATA))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      target, np.asarray(x), (num_rows,) + np.shape(x)[1:]), local)
 
 
 def place_inputs(inputs, mesh: Mesh):

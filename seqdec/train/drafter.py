@@ -22,9 +22,10 @@ U(-a, a) (`train.feature_noise`; the targets stay clean), which makes the
 drafter robust to the errors of the features it predicts for itself.
 
 Batches: step s reads rows perm_e[i] for the batch's slots i, where perm_e
-is a permutation of the training rows drawn from (seed, epoch e); a function
-of (seed, s) only, so a resumed run repeats and skips nothing
-(`seqdec.train.loop`). The last `data.valid_rows` finished rows are the
+is a permutation of the training rows drawn from (seed, epoch e), and slot
+i's positions and noise from (seed, s, i); a function of (seed, s) only, so
+a resumed run repeats and skips nothing, and on a mesh each process reads
+and draws only its own slots (`seqdec.train.loop.Layout`). The last `data.valid_rows` finished rows are the
 validation split.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,12 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids)
 
 
+def loss_dtype(target) -> jnp.dtype:
+  """The losses are computed in float32, or float64 for a float64 target
+  (the features are stored in bfloat16 either way)."""
+  return jnp.promote_types(target.config.dtype, jnp.float32)
+
+
 def _weighted_mean(w: jax.Array):
   denom = jnp.maximum(w.sum(), 1.0)
   return lambda x: (x * w).sum() / denom
@@ -111,7 +118,7 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
   `sequential` (Hydra), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
   true tokens (teacher forcing). Metrics: per-head CE and top-1 agreement
   (ce1.., top1_1..)."""
-  feats = batch["features"].astype(jnp.float32)
+  feats = batch["features"].astype(loss_dtype(target))
   t = batch["index"] + 1                                        # [B, P]
   w = batch["weight"]
   n = batch["lengths"][:, None]
@@ -140,7 +147,7 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
 
 def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None):
   """EAGLE's loss of the module docstring."""
-  feats = batch["features"].astype(jnp.float32)
+  feats = batch["features"].astype(loss_dtype(target))
   # EAGLE's input noise: the drafter reads f + U(-a, a) (robustness to its
   # own feature errors when it drafts from predicted features); targets are
   # the clean features.
@@ -149,7 +156,7 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None):
   idx = batch["index"]                                         # [B, K]
   w = batch["weight"]                                          # [B, K]
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
-  p_hat, f = at(pred).astype(jnp.float32), at(feats[:, 1:])    # [B, K, D]
+  p_hat, f = at(pred).astype(feats.dtype), at(feats[:, 1:])    # [B, K, D]
   reg = smooth_l1(p_hat - f).mean(-1)
   ce, agree = _distill(f, target.head(p_hat, keep_ids), target, keep_ids)
   mean = _weighted_mean(w)
@@ -179,12 +186,14 @@ def eval_step(net_def, target_def, w_reg, w_ce, params, target_params, batch,
                  w_reg, w_ce, keep_ids)
 
 
-def sample_positions(rng: np.random.Generator, lengths: np.ndarray,
-                     prompt_lens: np.ndarray, seq_len: int, k: int,
-                     response_only: bool) -> tuple[np.ndarray, np.ndarray]:
+def sample_positions(rngs: Sequence[np.random.Generator],
+                     lengths: np.ndarray, prompt_lens: np.ndarray,
+                     seq_len: int, k: int, response_only: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """`(index [B, K], weight [B, K])`: K trained positions t per row as
   indices t - 1 into f^ (t in [lo, n-1], lo = prompt_len - 1 or 1), drawn
-  without replacement; rows with fewer than K get weight 0 on the rest."""
+  without replacement with row i's own generator `rngs[i]`; rows with
+  fewer than K get weight 0 on the rest."""
   b = len(lengths)
   index = np.zeros((b, k), np.int32)
   weight = np.zeros((b, k), np.float32)
@@ -192,7 +201,7 @@ def sample_positions(rng: np.random.Generator, lengths: np.ndarray,
     lo = max(1, int(prompt_lens[i]) - 1) if response_only else 1
     hi = min(int(lengths[i]) - 1, seq_len - 1)      # t <= n - 1
     cand = np.arange(lo, hi + 1)
-    take = rng.permutation(cand)[:k] if len(cand) > k else cand
+    take = rngs[i].permutation(cand)[:k] if len(cand) > k else cand
     index[i, :len(take)] = take - 1
     weight[i, :len(take)] = 1.0
   return index, weight
@@ -202,7 +211,7 @@ def top_tokens(ds: FeatureDataset, rows: np.ndarray, m: int,
                vocab_size: int) -> np.ndarray:
   """The `m` token ids most frequent in the responses of `rows` (ties: the
   lower id), sorted by id: the trimmed drafter vocabulary."""
-  data = ds.read(rows)
+  data = ds.read(rows, ("tokens", "lengths", "prompt_lens"))
   counts = np.zeros(vocab_size, np.int64)
   for toks, n, p in zip(data["tokens"], data["lengths"], data["prompt_lens"]):
     np.add.at(counts, toks[p:n], 1)
@@ -240,27 +249,38 @@ class Batches:
     return np.random.default_rng([self.seed, epoch]).permutation(
         self.train_rows)
 
-  def make(self, rows: np.ndarray, key, noise: float = 0.0
-           ) -> dict[str, np.ndarray]:
+  def make(self, rows: np.ndarray, key, noise: float = 0.0,
+           local: slice = slice(None)) -> dict[str, np.ndarray]:
     """The batch of `rows`, cut to its longest sequence (bucketed: a few
     shapes, each compiled once) so padding is not computed; with `noise`
-    > 0, uniform input noise U(-noise, noise) for the features."""
-    data = self.ds.read(rows)
-    width = min(data["tokens"].shape[1], bucket(int(data["lengths"].max())))
-    rng = np.random.default_rng(key)
+    > 0, uniform input noise U(-noise, noise) for the features.
+
+    Only the slots `local` of the batch are read and returned (a process's
+    share of a sharded batch); slot i's positions and noise are drawn from
+    (key, i) alone and the width from every row's length, so the share is
+    exactly those slots of the whole batch."""
+    lengths = self.ds.read(rows, ("lengths",))["lengths"]
+    width = min(self.ds.meta["seq_len"], bucket(int(lengths.max())))
+    slots = np.arange(len(rows))[local]
+    data = self.ds.read(rows[local])
+    rngs = [np.random.default_rng(list(key) + [int(i)]) for i in slots]
     index, weight = sample_positions(
-        rng, data["lengths"], data["prompt_lens"], width, self.k,
+        rngs, data["lengths"], data["prompt_lens"], width, self.k,
         self.response_only)
     out = dict(tokens=data["tokens"][:, :width],
                features=data["features"][:, :width],
                lengths=data["lengths"], index=index, weight=weight)
     if noise > 0:
-      out["noise"] = rng.uniform(-noise, noise, out["features"].shape
-                                 ).astype(np.float32)
+      out["noise"] = np.stack([
+          r.uniform(-noise, noise, out["features"].shape[1:])
+          for r in rngs]).astype(np.float32)
     return out
 
-  def train(self, step: int) -> dict[str, np.ndarray]:
-    return self.make(self.rows(step), [self.seed, 1, step], self.noise)
+  def train(self, step: int, local: slice = slice(None)
+            ) -> dict[str, np.ndarray]:
+    """Step `step`'s batch, or its slots `local`."""
+    return self.make(self.rows(step), [self.seed, 1, step], self.noise,
+                     local)
 
   def validation(self) -> list[dict[str, np.ndarray]]:
     return [self.make(self.valid[i:i + self.b], [self.seed, 2, i])
@@ -323,20 +343,28 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
                     d.positions_from == "response",
                     float(t.get("feature_noise", 0.0)))
+  layout = loop_lib.Layout.from_config(config)
   net = build_net(config, target)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  params, rest = layout.place(params), layout.place(rest)
   target_def, target_params = nnx.split(target)
+  target_params = layout.place(target_params)
   keep_ids = None
   if d.vocab_keep:
     if not 0 < d.vocab_keep <= target.config.vocab_size:
       raise TrainError(f"data.vocab_keep must be in [0, "
                        f"{target.config.vocab_size}], got {d.vocab_keep}")
-    keep_ids = jnp.asarray(top_tokens(ds, np.arange(batches.train_rows),
-                                      d.vocab_keep, target.config.vocab_size))
+    keep_ids = layout.replicate(top_tokens(
+        ds, np.arange(batches.train_rows), d.vocab_keep,
+        target.config.vocab_size))
   tx = make_optimizer(t)
-  state = TrainState(0, params, tx.init(params))
+  state = TrainState(0, params, layout.place(tx.init(params)))
   ckpt = Checkpointer(workdir) if t.checkpoint_every > 0 else None
-  valid = batches.validation()
+  valid = [layout.replicate(b) for b in batches.validation()]
+  local = layout.rows(d.batch_size)
+
+  def batch(step):
+    return layout.batch(batches.train(step, local), d.batch_size)
   w_reg, w_ce = float(t.w_reg), float(t.w_ce)
 
   def step_fn(params, opt_state, batch):
@@ -351,7 +379,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
 
   try:
     state, history, resumed_from = loop_lib.run_steps(
-        state, t.steps, batches.train, step_fn, ckpt, t.checkpoint_every,
+        state, t.steps, batch, step_fn, ckpt, t.checkpoint_every,
         t.log_every, progress, log, every)
   finally:
     if ckpt is not None:

@@ -110,9 +110,10 @@ def eval_step(graphdef, params, rest, tokens):
   return loss_fn(params, graphdef, rest, tokens)
 
 
-def evaluate(graphdef, params, rest, batches: np.ndarray) -> dict[str, float]:
+def evaluate(graphdef, params, rest, batches: np.ndarray,
+             layout: loop_lib.Layout = loop_lib.Layout()) -> dict[str, float]:
   """Mean validation loss over fixed batches; perplexity and bits per byte."""
-  losses = [float(eval_step(graphdef, params, rest, jnp.asarray(b))[0])
+  losses = [float(eval_step(graphdef, params, rest, layout.replicate(b))[0])
             for b in batches]
   loss = float(np.mean(losses))
   return {"valid_loss": loss, "valid_ppl": math.exp(loss),
@@ -151,7 +152,10 @@ class Checkpointer:
 
   def restore(self, like: TrainState) -> TrainState:
     step = self.manager.latest_step()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+    # Restored onto the layout of `like` (a mesh's shardings included),
+    # whatever layout the checkpoint was saved from.
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           self._flat(like))
     try:
       flat = self.manager.restore(step, args=self._ocp.args.StandardRestore(
@@ -195,32 +199,36 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                        config.data.valid_fraction)
   except (ValueError, OSError) as e:
     raise TrainError(f"corpus: {e}") from None
+  layout = loop_lib.Layout.from_config(config)
   graphdef, params, rest = build(cfg, config.seed)
+  params, rest = layout.place(params), layout.place(rest)
   tx = make_optimizer(t)
-  state = TrainState(0, params, tx.init(params))
+  state = TrainState(0, params, layout.place(tx.init(params)))
   ckpt = Checkpointer(workdir) if t.checkpoint_every > 0 else None
   try:
     state, history, resumed_from = _loop(config, corpus, graphdef, rest, tx,
-                                         state, ckpt, progress, log)
+                                         state, ckpt, progress, log, layout)
   finally:
     if ckpt is not None:
       ckpt.close()
   valid = corpus.valid_batches(t.eval_batches, config.data.batch_size,
                                config.data.seq_len)
-  final = evaluate(graphdef, state.params, rest, valid)
+  final = evaluate(graphdef, state.params, rest, valid, layout)
   if log is not None:
     log({"step": state.step, **final})
   return {"history": history, "eval": final, "resumed_from": resumed_from,
           "params": state.params}
 
 
-def _loop(config, corpus, graphdef, rest, tx, state, ckpt, progress, log):
+def _loop(config, corpus, graphdef, rest, tx, state, ckpt, progress, log,
+          layout: loop_lib.Layout):
   """The resumable step loop: (final state, history, resumed-from step)."""
   t, d = config.train, config.data
 
   def batch(step):
-    return jnp.asarray(corpus.train_batch(config.seed, step, d.batch_size,
-                                          d.seq_len))
+    return layout.batch(corpus.train_batch(
+        config.seed, step, d.batch_size, d.seq_len,
+        layout.rows(d.batch_size)), d.batch_size)
 
   def step_fn(params, opt_state, tokens):
     return train_step(graphdef, tx, params, opt_state, rest, tokens)

@@ -4,6 +4,15 @@ A run is a pure function of its config: the batch of step s depends on
 (seed, s) only, so a run restored from the checkpoint at step k and run to
 the end sees exactly the batches steps k .. N-1 of an uninterrupted run
 would, none repeated or skipped.
+
+On a device mesh (config key `mesh`, e.g. 'data:2,model:4'; `Layout`) the
+same steps run data- and tensor-parallel: parameters are laid out by the
+logical-axis rules (`seqdec.parallel.sharding`), every other training
+array is replicated, and the rows of each batch are split over `data`,
+each process loading only its own rows (`Layout.rows` /
+`Layout.batch`). Every row of a batch is a function of (seed, step, its
+slot) alone, so a sharded run sees the unsharded run's batches and its
+steps compute the same sums.
 """
 
 from __future__ import annotations
@@ -12,11 +21,51 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterable, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from seqdec.errors import UserError
+from seqdec.parallel import sharding
 
 
 class TrainError(UserError):
   """Bad training configuration or state (reported as one line by the CLI)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a trainer's arrays live: one device (`mesh` None) or a mesh."""
+  mesh: Optional[jax.sharding.Mesh] = None
+
+  @classmethod
+  def from_config(cls, config) -> "Layout":
+    """From the config's top-level `mesh` key ('' or absent: one device;
+    `sharding.mesh_from_spec`)."""
+    return cls(sharding.mesh_from_spec(config.get("mesh", "")))
+
+  def place(self, tree):
+    """Parameters split by the rules, other arrays replicated."""
+    return tree if self.mesh is None else sharding.place(tree, self.mesh)
+
+  def replicate(self, tree):
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, tree)
+    return sharding.replicate(tree, self.mesh)
+
+  def rows(self, num_rows: int) -> slice:
+    """The rows of a `num_rows` batch this process loads (all of them on
+    one device)."""
+    if self.mesh is None:
+      return slice(0, num_rows)
+    return sharding.process_rows(num_rows, self.mesh)
+
+  def batch(self, local, num_rows: int):
+    """A batch from this process's rows `local` (numpy, `rows(num_rows)`
+    of it): device arrays split over `data`."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, local)
+    return sharding.rows_from_processes(local, num_rows, self.mesh)
 
 
 @dataclasses.dataclass
