@@ -34,18 +34,27 @@ def main(argv):
   if not _WORKDIR.value:
     cli.fail("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  from seqdec.train import lm  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from seqdec.parallel import distributed
+  # Several processes (SEQDEC_* variables or a TPU pod slice) join first;
+  # each loads its own rows (config key `mesh`), process 0 alone writes.
+  cli.run_reporting_user_errors(distributed.initialize)
+  from seqdec.train import lm
+  # pylint: enable=g-import-not-at-top
   os.makedirs(_WORKDIR.value, exist_ok=True)
   metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")
+  main_process = distributed.is_main()
 
   def log(row):
+    if not main_process:
+      return
     line = json.dumps(row)
     print(line, flush=True)
     with open(metrics_path, "a", encoding="utf-8") as f:
       f.write(line + "\n")
 
   def progress(steps, start, total):
-    if not _PROGRESS.value:
+    if not (_PROGRESS.value and main_process):
       return steps
     import tqdm  # pylint: disable=g-import-not-at-top
     return tqdm.tqdm(steps, initial=start, total=total, file=sys.stderr,
@@ -53,8 +62,9 @@ def main(argv):
 
   out = cli.run_reporting_user_errors(lambda: lm.train(
       _CONFIG.value, _WORKDIR.value, progress=progress, log=log))
-  print(json.dumps({"summary": out["eval"], "steps": len(out["history"]),
-                    "resumed_from": out["resumed_from"]}))
+  if main_process:
+    print(json.dumps({"summary": out["eval"], "steps": len(out["history"]),
+                      "resumed_from": out["resumed_from"]}))
 
 
 if __name__ == "__main__":

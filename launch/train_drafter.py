@@ -38,10 +38,12 @@ def run(config, workdir: str) -> dict:
   import seqdec
   from seqdec.checkpoints import drafters as drafter_ckpt
   from seqdec.data import drafter_prompts, features
+  from seqdec.parallel import distributed
   from seqdec.train import drafter as trainer
   # pylint: enable=g-import-not-at-top
+  main_process = distributed.is_main()
   target, tokenizer = seqdec.load_pretrained(config.model)
-  if config.data.build_prompts and not os.path.exists(
+  if config.data.build_prompts and main_process and not os.path.exists(
       os.path.join(config.data.path, "meta.json")):
     features.build(config.data.path, target, tokenizer,
                    drafter_prompts.build_prompts(config.data.build_prompts,
@@ -49,13 +51,14 @@ def run(config, workdir: str) -> dict:
                    meta=dict(model=config.model, runlocal=True),
                    max_prompt=48, max_new=16, temperature=0.0, seed=0,
                    chunk=8)
+  distributed.barrier("drafter data")
   tokens_per_step = config.data.batch_size * config.data.positions
   t_last = [time.perf_counter()]
   bar = None
 
   def progress(steps, start, total):
     nonlocal bar
-    if not _PROGRESS.value:
+    if not (_PROGRESS.value and main_process):
       return steps
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(steps, initial=start, total=total, file=sys.stderr,
@@ -63,6 +66,8 @@ def run(config, workdir: str) -> dict:
     return bar
 
   def log(row):
+    if not main_process:
+      return
     now = time.perf_counter()
     if "loss" in row:
       every = config.train.log_every
@@ -79,8 +84,11 @@ def run(config, workdir: str) -> dict:
   out = trainer.train(config, target, workdir, progress, log)
   if bar is not None:
     bar.close()
+  net = distributed.gathered(out["net"])      # every process takes part
+  if not main_process:
+    return {}
   export = drafter_ckpt.save(
-      os.path.join(workdir, "drafter"), out["net"], target,
+      os.path.join(workdir, "drafter"), net, target,
       dtype="float32" if config.runlocal else "bfloat16",
       keep_ids=out["keep_ids"],
       model=config.model, data=config.data.path,
@@ -100,9 +108,14 @@ def main(argv):
     cli.fail("--workdir is required")
   logging.set_verbosity(logging.WARNING)
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  from seqdec.parallel import distributed  # pylint: disable=g-import-not-at-top
+  # Several processes (SEQDEC_* variables or a TPU pod slice) join first;
+  # each loads its own rows (config key `mesh`), process 0 alone writes.
+  cli.run_reporting_user_errors(distributed.initialize)
   summary = cli.run_reporting_user_errors(
       lambda: run(_CONFIG.value, _WORKDIR.value))
-  print(json.dumps(summary))
+  if summary:
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

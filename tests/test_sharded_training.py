@@ -188,3 +188,29 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(
   merged = {k: dict(losses=first[0][k]["losses"] + got[0][k]["losses"])
             for k in ("lm", "eagle")}
   assert_same_run(merged, want, params, want_params)
+
+
+@pytest.mark.slow
+def test_train_drafter_cli_on_two_processes_exports_once(tmp_path):
+  """launch/train_drafter.py (runlocal) on 2 processes x 4 devices with
+  --config.mesh=data:2,model:4: the data is built once, process 0 alone
+  prints the summary and exports, and the run's validation loss is the
+  one-device run's (float32: the whole-model tolerance 1e-4)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  args = ["launch/train_drafter.py", "--config=configs/drafters/eagle.py:runlocal",
+          f"--config.data.path={tmp_path / 'data'}", "--noprogress"]
+  one = subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'one'}"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert one.returncode == 0, one.stderr[-2000:]
+  outs = distributed.launch_local(
+      [sys.executable, *args, "--config.mesh=data:2,model:4",
+       f"--workdir={tmp_path / 'many'}"], 2, timeout_s=900,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  summaries = [[json.loads(ln) for ln in out.splitlines()
+                if ln.startswith('{"export"')] for out in [one.stdout] + outs]
+  assert [len(s) for s in summaries] == [1, 1, 0]
+  want, got = summaries[0][0], summaries[1][0]
+  assert got["export"] == str(tmp_path / "many" / "drafter")
+  assert os.path.isfile(os.path.join(got["export"], "drafter.safetensors"))
+  np.testing.assert_allclose(got["valid_loss"], want["valid_loss"], rtol=1e-4)

@@ -88,6 +88,22 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def gathered(module):
+  """An nnx module whose arrays are whole numpy values in every process
+  (`to_host`; collective: every process must call it), e.g. to export
+  weights trained on a mesh."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(to_host, state))
+
+
 def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   """`value` (the same host value in every process, or a fully addressable
   jax.Array) laid out as `sharding`, each device holding only its block.
