@@ -74,10 +74,7 @@ def run() -> dict:
               meshes=rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(cli.run_reporting_user_errors(run), indent=1))
+main = cli.json_main(run)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ def tree_family(method):
   """'chain' / 'k-ary' / 'Sequoia' / 'static' / 'paths' of `<drafter>/<tree>`."""
   spec = method.partition("/")[2]
   for prefix, name in (("chain", "chain"), ("kary", "k-ary"),
-                       ("sequoia", "Sequoia"), ("static", "static")):
+                       ("sequoia", "Sequoia"), ("static", "static"),
+                       ("auto", "auto (host-sized)")):
     if spec.startswith(prefix):
       return name
   return "paths"
@@ -399,6 +400,32 @@ def main(argv):
   report(rows, methods, config, machine, warm, phases, n, bench)
 
 
+def _one(x):
+  return "-" if x is None else f"{x:.1f}"
+
+
+def auto_trees(methods, summary):
+  """For each `<drafter>/auto...` method: the tree the hardware-aware
+  optimizer chose on this host, with its predicted and measured tok/s."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding import spec as spec_lib
+  from seqdec.decoding import tree_specs
+  # pylint: enable=g-import-not-at-top
+  out = {}
+  for m in methods:
+    tree = spec_lib._split_tree(m)[2]  # pylint: disable=protected-access
+    if not tree.startswith("auto"):
+      continue
+    choice = tree_specs.auto_choice(tree[len("auto"):])
+    tps = summary["overall"][m]["decode_tps"]
+    out[m] = dict(tree=tree_specs.to_spec(choice.shape), nodes=choice.nodes,
+                  predicted_tau=choice.tau,
+                  predicted_tokens_per_s=(None if choice.cost_ms != choice.cost_ms
+                                          else choice.tokens_per_s),
+                  measured_tokens_per_s=tps and tps["median"])
+  return out
+
+
 def accelerator_speedup(tau, draft_ms, ar_step_ms):
   """tau / (1 + draft / AR step): the speedup over autoregressive decoding
   if a verify of the tree cost one decoding step (an accelerator, where
@@ -446,9 +473,21 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
           f"{summary['overall'][m]['loop_ms_per_round']['median']:.1f}",
           f"{v['predicted_accelerator_speedup']:.2f}"]
          for m, v in phases.items()])
+  auto = auto_trees(methods, summary)
+  record["auto_trees"] = auto
+  bench.write_json(_OUTPUT.value, record)
   text = (f"{kind[0].upper() + kind[1:]}, batch 1, N={n} new tokens, {len(rows)} prompts, "
           f"median [p10-p90] over prompts.\n\n{overall_md}\n\n"
           f"Best lossless seqdec method per category:\n\n{per_cat_md}\n")
+  if auto:
+    text += ("\n`tree=auto` (Sequoia's hardware-aware choice from this host's "
+             "profile):\n\n" + bench.markdown_table(
+                 ["method", "chosen tree", "draft nodes", "predicted tau",
+                  "predicted tok/s", "measured tok/s"],
+                 [[m, a["tree"], a["nodes"], f"{a['predicted_tau']:.2f}",
+                   _one(a["predicted_tokens_per_s"]),
+                   _one(a["measured_tokens_per_s"])]
+                  for m, a in auto.items()]) + "\n")
   if phase_md:
     text += (f"\nPhase split (one prompt per category; AR step "
              f"{ar_step_ms:.1f} ms):\n\n{phase_md}\n")

@@ -15,9 +15,7 @@ shapes, custom calls (the kernels), StableHLO size. Lowering is not
 compiling: the device's compilers run there (`seqdec/export.py`).
 """
 
-import json
 import os
-import sys
 import time
 
 from absl import app
@@ -75,11 +73,7 @@ def run() -> dict:
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(cli.run_reporting_user_errors(run), indent=1))
-  sys.stdout.flush()
+main = cli.json_main(run)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from typing import Any, Iterable, Optional, Sequence
 
 from seqdec import errors
+from seqdec import host_profile
 from seqdec.checkpoints import load_pretrained
 from seqdec.decoding.spec import SpecConfig
 from seqdec.generator import GenerationResult, Generator, PromptError
@@ -134,8 +135,11 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
 
   t0 = time.perf_counter()
   mesh = config_mesh(config)
+  precision = config.get("precision", "f32")
+  if precision == "auto":
+    precision = host_profile.choose_precision(config.model)
   model, tokenizer = load_pretrained(
-      config.model, dtype=config.dtype,
+      config.model, dtype=config.dtype, precision=precision,
       **({} if mesh is None else dict(mesh=mesh)))
   load_s = time.perf_counter() - t0
   inputs = build_prompts(records, config.chat, config.system_prompt,

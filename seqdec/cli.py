@@ -45,3 +45,15 @@ def run_reporting_user_errors(fn: Callable[[], T]) -> T:
     return fn()
   except USER_ERRORS as e:
     fail(str(e))
+
+
+def json_main(run: Callable[[], object]) -> Callable[[list], None]:
+  """An absl `main(argv)` for a script whose work is `run()`: refuses
+  positional arguments, reports user errors as one `error:` line (exit 1)
+  and prints `run()`'s result as indented JSON."""
+  def main(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {argv[1:]}")
+    import json  # pylint: disable=g-import-not-at-top
+    print(json.dumps(run_reporting_user_errors(run), indent=1), flush=True)
+  return main

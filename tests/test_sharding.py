@@ -36,12 +36,23 @@ SCRIPT = textwrap.dedent("""\
       else:
         model = testing.tiny_model(case.get("dtype", "float32"))
         tok = Tokenizer.byte_level()
+      if case.get("net"):      # a trained-drafter kind, random weights
+        import tempfile
+        from seqdec.checkpoints import drafters as drafter_ckpt
+        from seqdec.models import eagle, hydra, medusa
+        net = dict(eagle=lambda: eagle.create(model.config, 0),
+                   medusa=lambda: medusa.create(model, 3, seed=0),
+                   hydra=lambda: hydra.create(model, 3, seed=0))[case["net"]]()
+        ckpt = drafter_ckpt.save(tempfile.mkdtemp(), net, model,
+                                 dtype=case.get("dtype", "float32"))
+        case = dict(case, spec=case["spec"].format(ckpt=ckpt))
       if case.get("pallas"):   # verify through the Pallas tree kernel
         from seqdec.models import transformer
         model = transformer.reconfigured(model, attention_impl="pallas")
       kw = dict(max_new_tokens=12, eos_ids=(), seed=3,
                 temperature=case.get("temperature", 0.0))
-      key = (case.get("model"), case["spec"], case.get("dtype"),
+      key = (case.get("model"), case.get("net") or case["spec"],
+             case.get("dtype"),
              kw["temperature"], case.get("pallas"))
       if key not in unsharded:
         unsharded[key] = Generator(model, tok, case["spec"],
@@ -63,13 +74,22 @@ SCRIPT = textwrap.dedent("""\
         else:
           same = False
       loop, inputs = gen.program_inputs(len(prompts), 16)
+      accepted = sum(r.metrics.get("mean_accepted", 0.0) for r in want) / len(want)
       row = dict(case, same=same, ties=ties, rows=inputs.tokens.shape[0],
+                 accepted=accepted,
                  row_spec=str(inputs.tokens.sharding.spec),
                  replicated=[a for a, _ in gen.sharding_plan.replicated])
       if case.get("hlo"):
-        step = gen.programs.get("step", loop, gen.loop_params, inputs)
+        with sharding.mesh_context(gen.mesh):   # as Generator compiles
+          step = gen.programs.get("step", loop, gen.loop_params, inputs)
         row["all_gathers"] = sharding.collectives(step.as_text())[
             "all-gather"]["shapes"]
+        # Gathers of a whole vocabulary row outside `conditional` branches
+        # (top-k / top-p filters run only when a row enables them).
+        v = str(model.config.vocab_size)
+        row["vocab_gathers"] = [s for s in sharding.collectives(
+            step.as_text(), conditional=False)["all-gather"]["shapes"]
+                                if s.split(",")[-1] == v]
       out.append(row)
     print("RESULT " + json.dumps(out))
     """)
@@ -126,6 +146,73 @@ def test_every_mesh_shape_equals_unsharded_float64():
   for r in rows:
     bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
     assert not bad, (r["mesh"], r["all_gathers"])
+    # Sampling (draft children, the residual draw) never gathers a whole
+    # [rows, V] distribution where the vocabulary is split.
+    assert r["vocab_gathers"] == [], (r["mesh"], r["vocab_gathers"])
+
+
+@pytest.mark.slow
+def test_every_drafter_on_data4_model2_equals_unsharded_float64():
+  """The draft LM, EAGLE (static and dynamic trees), Medusa and Hydra
+  (random weights, saved and loaded as checkpoints), sampled at T=1 in
+  float64 on data:4 x model:2: the one-device tokens, no weight, KV or
+  vocabulary-row gather in the step."""
+  cases = [dict(spec="draft@draft_layers=1/kary2x1"),
+           dict(spec="eagle@checkpoint={ckpt}/kary2x1", net="eagle"),
+           dict(spec="eagle@checkpoint={ckpt}/dyn6d3k2", net="eagle"),
+           dict(spec="medusa@checkpoint={ckpt}/kary2x1x1", net="medusa"),
+           dict(spec="hydra@checkpoint={ckpt}/kary2x1x1", net="hydra")]
+  rows = run_cases(*[dict(c, mesh="data:4,model:2", dtype="float64",
+                          temperature=1.0, hlo=True) for c in cases],
+                   x64=True)
+  for r in rows:
+    print(r["spec"].split("@")[0], r["spec"].split("/")[-1],
+          "accepted drafts per round:", round(r["accepted"], 2))
+    bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
+    assert not bad and r["vocab_gathers"] == [], r
+  # The draft LM (the target's first layer) is accepted often: acceptance
+  # and rejection both run sharded.
+  assert rows[0]["accepted"] > 0.1
+
+
+CHI2 = textwrap.dedent("""\
+    import json, sys
+    import numpy as np
+    from seqdec import Generator, Tokenizer, testing
+    from seqdec.parallel import sharding
+    prompt, rows = json.loads(sys.argv[1])
+    gen = Generator(testing.tiny_model(), Tokenizer.byte_level(),
+                    "layerskip@layers=first:1@proposal=wor/kary3x1",
+                    mesh=sharding.make_mesh("data:4,model:2"),
+                    max_new_tokens=3, eos_ids=(), temperature=1.0,
+                    max_batch=64)
+    out = gen.generate_ids([prompt] * rows, seed=11)
+    print("RESULT " + json.dumps(dict(
+        pairs=[r.tokens[:2] for r in out],
+        accepted=float(np.mean([r.metrics["mean_accepted"] for r in out])))))
+    """)
+
+
+@pytest.mark.slow
+def test_sharded_speculative_sampling_follows_the_autoregressive_law():
+  """χ² of the joint law of the first two tokens, 4096 rows sampled by
+  layer-skip with a without-replacement k-ary tree on data:4 x model:2
+  (the residual draws and Gumbel top-k children split over the
+  vocabulary), against the exact autoregressive law."""
+  from test_spec_sampling import (  # pylint: disable=g-import-not-at-top
+      P_MIN, PROMPT, ROWS, chi2_pvalue, exact_joint)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  got = json.loads(testing.run_on_devices(CHI2, json.dumps([PROMPT, ROWS])))
+  model = testing.tiny_model()
+  v = model.config.vocab_size
+  counts = np.zeros((v, v))
+  pairs = np.asarray(got["pairs"])
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(model, PROMPT, 1.0))
+  print(f"data:4,model:2 chi2 {stat:.1f} dof {dof} p {pvalue:.3g}; "
+        f"accepted drafts per round {got['accepted']:.2f}")
+  assert pvalue > P_MIN, (stat, dof)
+  assert got["accepted"] > 0.3, "the test must exercise acceptance"
 
 
 @pytest.mark.slow
@@ -185,6 +272,35 @@ def test_plans_of_real_shapes(preset, want):
       sharding.PartitionSpec("model", None))
 
 
+TOPK = textwrap.dedent("""\
+    import jax, jax.numpy as jnp, numpy as np
+    from seqdec.parallel import sharding
+    mesh = sharding.make_mesh("data:4,model:2")
+    x = np.round(np.random.default_rng(0).normal(size=(8, 3, 260)), 1)
+    x = jax.device_put(x.astype(np.float32), jax.sharding.NamedSharding(
+        mesh, sharding.PartitionSpec("data", None, "model")))
+    f = jax.jit(lambda x: (sharding.top_k(x, 5), sharding.blocked_cumsum(x)))
+    with sharding.mesh_context(mesh):
+      (vals, idx), c = f(x)
+      hlo = f.lower(x).compile().as_text()
+    want_vals, want_idx = jax.lax.top_k(x, 5)
+    gathers = sharding.collectives(hlo)["all-gather"]["shapes"]
+    print("RESULT", np.array_equal(vals, want_vals),
+          np.array_equal(idx, want_idx),
+          np.allclose(c, jnp.cumsum(x, -1), rtol=1e-5, atol=1e-5),
+          sorted(set(gathers)))
+    """)
+
+
+def test_top_k_and_cumsum_over_a_split_vocabulary():
+  """`sharding.top_k` equals `lax.top_k` (values and indices, with many
+  ties: x rounded to 0.1) and `blocked_cumsum` equals `cumsum`, while
+  only the 2 x 5 candidates per row of a vocabulary split in two are
+  gathered (the rows stay on their data shard)."""
+  line = testing.run_on_devices(TOPK)
+  assert line == "True True True ['2,3,10']", line
+
+
 def test_collectives_are_read_from_hlo_text():
   """The HLO scan behind the no-full-gather check finds what it must."""
   hlo = "\n".join([
@@ -201,6 +317,32 @@ def test_collectives_are_read_from_hlo_text():
   assert got["all-gather"]["bytes"] == 4 * (260 * 64 + 32 + 64)
   assert got["all-reduce"] == dict(count=1, bytes=40, shapes=["2,5"])
   assert "260,64" in forbidden_shapes(4, 32)    # the tiny embedding table
+  # Collectives inside a conditional's branches (and what those call) are
+  # left out with conditional=False; a while body is always counted.
+  program = "\n".join([
+      "%fused (p: f32[2,130]) -> f32[2,260] {",
+      "  %ag.1 = f32[2,260]{1,0} all-gather(%p), dimensions={1}",
+      "}",
+      "%branch_a (p: f32[2,130]) -> f32[2,260] {",
+      "  ROOT %f = f32[2,260]{1,0} fusion(%p), kind=kLoop, calls=%fused",
+      "}",
+      "%branch_b (p: f32[2,130]) -> f32[2,260] {",
+      "  ROOT %c = f32[2,260]{1,0} copy(%p)",
+      "}",
+      "%body (p: f32[2,130]) -> f32[2,130] {",
+      "  %ar = f32[2,130]{1,0} all-reduce(%p), to_apply=%add",
+      "}",
+      "ENTRY %main (p: f32[2,130]) -> f32[2,260] {",
+      "  %w = f32[2,130]{1,0} while(%p), condition=%cond, body=%body",
+      "  %ag.2 = f32[4,4]{1,0} all-gather(%q), dimensions={0}",
+      "  ROOT %r = (f32[2,260]{1,0}) conditional(%i, %w, %w), "
+      "branch_computations={%branch_a, %branch_b}",
+      "}"])
+  every = sharding.collectives(program)
+  run = sharding.collectives(program, conditional=False)
+  assert every["all-gather"]["shapes"] == ["2,260", "4,4"]
+  assert run["all-gather"]["shapes"] == ["4,4"]
+  assert run["all-reduce"]["count"] == every["all-reduce"]["count"] == 1
 
 
 LOAD = textwrap.dedent("""\

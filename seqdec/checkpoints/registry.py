@@ -11,8 +11,8 @@ import os
 from typing import Callable
 
 from seqdec.checkpoints.convert import CheckpointError, check_dtypes
-from seqdec.models.config import PRESETS
-from seqdec.models.transformer import create
+from seqdec.models.config import PRECISIONS, PRESETS
+from seqdec.models.transformer import create, with_precision
 from seqdec.tokenizer import Tokenizer
 
 
@@ -62,7 +62,29 @@ def abstract_model(name: str):
   return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
-def load_pretrained(name_or_path: str, *, dtype: str = "float32", **kwargs):
+def load_pretrained(name_or_path: str, *, dtype: str = "float32",
+                    precision: str = "f32", **kwargs):
+  """`_load` (below) under a precision policy: 'f32', or 'bf16_weights'
+  (float32 compute, `seqdec.models.transformer.with_precision`).
+
+  Raises:
+    CheckpointError: as `_load`; an unknown policy, or a policy other than
+      f32 with a non-float32 dtype.
+  """
+  if precision not in PRECISIONS:
+    raise CheckpointError(f"unknown precision policy {precision!r}; expected "
+                          f"one of {sorted(PRECISIONS)} (or 'auto' in a "
+                          f"decode config)")
+  if precision != "f32" and dtype != "float32":
+    raise CheckpointError(f"precision {precision!r} computes in float32; got "
+                          f"dtype={dtype!r}")
+  model, tokenizer = _load(name_or_path, dtype=dtype, **kwargs)
+  if precision != "f32":
+    model = with_precision(model, precision)
+  return model, tokenizer
+
+
+def _load(name_or_path: str, *, dtype: str = "float32", **kwargs):
   """Loads `(model, tokenizer)`.
 
   Args:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqdec.parallel import sharding
+
 
 @flax.struct.dataclass
 class SamplingParams:
@@ -90,7 +92,7 @@ class TopK(LogitsTransform):
 
   def __call__(self, logits, params):
     k = jnp.clip(params.top_k, 1, self.max_k)
-    top = jax.lax.top_k(logits, self.max_k)[0]                   # [B, max_k]
+    top = sharding.top_k(logits, self.max_k)[0]                  # [B, max_k]
     thresh = jnp.take_along_axis(top, (k - 1)[:, None], axis=1)  # [B, 1]
     keep = (logits >= thresh) | (params.top_k[:, None] <= 0)
     return jnp.where(keep, logits, -jnp.inf)
@@ -141,7 +143,7 @@ class TopP(LogitsTransform):
       n_keep = jnp.sum(mass_before(sorted_desc) < top_p, axis=-1)
       return jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=1)
 
-    top = jax.lax.top_k(logits, k)[0]                           # [B, K]
+    top = sharding.top_k(logits, k)[0]                          # [B, K]
     inside = jnp.all(jnp.sum(mass_before(top) < top_p, axis=-1) < k)
     thresh = jax.lax.cond(
         inside | (k == v), lambda: threshold(top),

@@ -188,6 +188,11 @@ def optimal_tree(probs: Sequence[float], budget: int,
   values = tables.value[depth, 1:n + 2]            # V(m, depth), m = 1..n+1
   best = float(values.max())
   m = int(np.argmax(values >= best - _TIE * best)) + 1
+  return _build(tables, m, depth), float(tables.value[depth, m])
+
+
+def _build(tables: _Tables, m: int, depth: int) -> trees.TreeShape:
+  """The tree of V(m, depth) (root included in m) from the DP's choices."""
   paths: list[tuple[int, ...]] = []
 
   def build(path: tuple[int, ...], size: int, d: int) -> None:
@@ -202,8 +207,82 @@ def optimal_tree(probs: Sequence[float], budget: int,
       k += 1
 
   build((), m, depth)
-  shape = trees.from_paths(paths) if paths else trees.chain(0)
-  return shape, float(tables.value[depth, m])
+  return trees.from_paths(paths) if paths else trees.chain(0)
+
+
+def level_widths(shape: trees.TreeShape) -> list[int]:
+  """Nodes per depth, root (depth 0) first: `[1, w_1, ..., w_D]`."""
+  depth = np.asarray(shape.depth)
+  return [int((depth == d).sum()) for d in range(int(depth.max()) + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """A hardware-aware tree: its shape, tau (eq. (1)), cost of a round
+  (ms) and the predicted tokens per second tau / cost."""
+  shape: trees.TreeShape
+  tau: float
+  cost_ms: float
+
+  @property
+  def tokens_per_s(self) -> float:
+    return 1e3 * self.tau / self.cost_ms
+
+  @property
+  def nodes(self) -> int:
+    """Draft nodes (the root excluded)."""
+    return self.shape.num_nodes - 1
+
+
+def hardware_aware_tree(probs: Sequence[float], round_cost, max_nodes: int,
+                        max_depth: Optional[int] = None) -> Choice:
+  """Sequoia's hardware-aware choice: the tree maximising tokens per second,
+
+      (n*, d*) = argmax_{n <= N, d <= D}  tau(n, d) / cost(T(n, d)),
+
+  where T(n, d) is the tau-optimal tree of at most n draft nodes and depth
+  <= d (`optimal_tree`) and `round_cost(shape)` the ms of one round with it
+  on this host (a verify of its n + 1 tokens plus the drafter's levels,
+  `host_profile`). n = 0 is autoregressive decoding (tau = 1, one plain
+  step): where no tree beats it, none is chosen. All T(n, d) come from one
+  set of DP tables (V(m, d) for every m <= N + 1 and d <= D), so the search
+  costs one `optimal_tree` solve plus N * D reconstructions.
+
+  Args:
+    probs: `[R]` per-rank acceptance rates.
+    round_cost: TreeShape -> ms of a round (a chain(0) shape: a plain step).
+    max_nodes: N, the largest node budget considered.
+    max_depth: D, or None (up to N).
+
+  Returns:
+    the best `Choice` (ties: the smaller tree).
+  """
+  p = check_probs(probs)
+  n = _check_budget(max_nodes)
+  limit = _check_depth(max_depth)
+  depth = n if limit is None else min(limit, n)
+  plain = trees.chain(0)
+  best = Choice(plain, 1.0, float(round_cost(plain)))
+  if n == 0:
+    return best
+  tables = _solve(tuple(float(x) for x in p), n + 1, depth)
+  seen = set()
+  for d in range(1, depth + 1):
+    values = tables.value[d, 1:n + 2]
+    for m in range(2, n + 2):
+      # Only trees that are tau-optimal for their budget: with a larger
+      # budget the DP may return the same tree (kept once).
+      top = float(np.max(values[:m]))
+      mm = int(np.argmax(values[:m] >= top - _TIE * top)) + 1
+      if (mm, d) in seen or mm < 2:
+        continue
+      seen.add((mm, d))
+      shape = _build(tables, mm, d)
+      choice = Choice(shape, float(tables.value[d, mm]),
+                      float(round_cost(shape)))
+      if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
+        best = choice
+  return best
 
 
 def optimal_taus(probs: Sequence[float], max_budget: int,

@@ -12,8 +12,9 @@ Every way of naming a decoder goes through this module: the
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
     tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
-                static6, paths:0-1-0.0, sequoia16:<file>, dyn16d4k4 (a
-                dynamic-tree budget, grown on device: eagle), ...)
+                static6, paths:0-1-0.0, sequoia16:<file>, auto:<file> (sized
+                to this host's measured costs), dyn16d4k4 (a dynamic-tree
+                budget, grown on device: eagle), ...)
 
 e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
 kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`. Values are
@@ -81,7 +82,7 @@ def _typed(key: str, value: Any, default: Any) -> Any:
   return str(value)
 
 
-TREE_PREFIXES = ("chain", "kary", "static", "paths:", "sequoia", "dyn")
+TREE_PREFIXES = tree_specs.PREFIXES
 
 
 def _split_tree(method: str) -> tuple[str, str, str]:

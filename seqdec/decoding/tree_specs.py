@@ -9,6 +9,12 @@
                              the per-rank acceptance rates in that file (path
                              as given or relative to the source tree)
     'sequoia16d4:<file>'     the same with depth <= 4
+    'auto:<file>'            Sequoia's hardware-aware choice: the tree of at
+                             most 64 nodes (depth <= 8) that maximises
+                             tau / (cost of a round) with this host's
+                             measured costs (`host_profile`); possibly no
+                             tree at all ('chain0': plain decoding steps)
+    'auto32d4:<file>'        the same with at most 32 nodes, depth <= 4
 
 This module sits above both `trees` (topologies) and `sequoia` (the dynamic
 program) with `acceptance_rates` (the files), so that neither of them needs
@@ -18,7 +24,9 @@ the other's spec syntax.
 from __future__ import annotations
 
 import re
+import warnings
 
+from seqdec import host_profile
 from seqdec.decoding import acceptance_rates
 from seqdec.decoding import sequoia
 from seqdec.decoding import trees
@@ -61,6 +69,79 @@ def _sequoia(arg: str) -> trees.TreeShape:
   return shape
 
 
+_AUTO = re.compile(r"^(\d*)(?:d(\d+))?:(.+)$", re.DOTALL)
+AUTO_MAX_NODES, AUTO_MAX_DEPTH = 64, 8
+# Without a usable host profile, 'auto' takes this Sequoia tree instead.
+AUTO_FALLBACK_NODES, AUTO_FALLBACK_DEPTH = 8, 4
+
+
+def round_cost(profile: host_profile.HostProfile, drafter: str,
+               policy: str = "f32"):
+  """`shape -> ms` of one round on the profiled host: a verify of the
+  shape's nodes (root included) plus one drafter forward per level that
+  has children, over that level's nodes,
+
+      cost(T) = verify(|T|) + sum_{l < depth(T)} draft(width_l(T)),
+
+  (a chain(0) round is one plain decoding step, verify(1)). A drafter with
+  no model forward (n-gram) has no curve and costs 0 per level.
+
+  Raises:
+    host_profile.ProfileError: a model drafter the profile did not measure.
+  """
+  model_free = drafter.split("@")[0] in ("ngram",)
+  if not model_free and drafter not in profile.draft_ms:
+    raise host_profile.ProfileError(
+        f"the host profile has no drafter curve for {drafter!r} (it has "
+        f"{sorted(profile.draft_ms)}); measure it with launch/profile_host.py "
+        f"--acceptance=<its acceptance file>")
+
+  def cost(shape: trees.TreeShape) -> float:
+    widths = sequoia.level_widths(shape)
+    ms = profile.verify(sum(widths), policy)
+    if not model_free:
+      ms += sum(profile.draft(drafter, w) for w in widths[:-1])
+    return ms
+  return cost
+
+
+def auto_choice(arg: str, profile_path=None) -> sequoia.Choice:
+  """The `Choice` of 'auto<arg>' (module docstring) with its predicted
+  tokens per second; without a usable profile (missing, corrupt, another
+  host's, no drafter curve) a RuntimeWarning and the Sequoia tree of
+  AUTO_FALLBACK_NODES nodes, with cost_ms = nan."""
+  match = _AUTO.match(arg)
+  if not match:
+    raise TreeError(
+        f"bad auto tree spec {'auto' + arg!r}; expected auto:<file.json>, "
+        f"auto<n>:<file.json> or auto<n>d<depth>:<file.json>")
+  n, d, path = match.groups()
+  rates = acceptance_rates.load_acceptance(path)
+  target, drafter = rates.meta.get("target"), rates.meta.get("drafter")
+  if not target or not drafter:
+    raise TreeError(f"acceptance file {path!r} does not name its target and "
+                    f"drafter, which 'auto' needs")
+  profile = host_profile.find(str(target), profile_path)
+  cost = None
+  if profile is not None:
+    try:
+      cost = round_cost(profile, str(drafter))
+    except host_profile.ProfileError as e:
+      warnings.warn(f"seqdec: {e}; falling back to the default tree",
+                    RuntimeWarning, stacklevel=2)
+  if cost is None:
+    shape, tau = sequoia.optimal_tree(rates.probs, AUTO_FALLBACK_NODES,
+                                      AUTO_FALLBACK_DEPTH)
+    return sequoia.Choice(shape, tau, float("nan"))
+  return sequoia.hardware_aware_tree(
+      rates.probs, cost, int(n) if n else AUTO_MAX_NODES,
+      int(d) if d else AUTO_MAX_DEPTH)
+
+
+def _auto(arg: str) -> trees.TreeShape:
+  return auto_choice(arg).shape
+
+
 def _dynamic(arg: str) -> trees.DynamicTree:
   """'dyn<N>d<D>k<K>': a `trees.DynamicTree` budget."""
   m = re.fullmatch(r"(\d+)d(\d+)k(\d+)", arg)
@@ -77,7 +158,10 @@ _NAMED = {
     "static": _static,
     "paths:": _paths,
     "sequoia": _sequoia,
+    "auto": _auto,
 }
+# What a tree spec starts with (`spec._split_tree` finds the tree by them).
+PREFIXES = tuple(_NAMED)
 
 
 def parse(spec: str) -> trees.TreeShape:
@@ -99,7 +183,8 @@ def parse(spec: str) -> trees.TreeShape:
         raise TreeError(f"bad tree spec {spec!r}: {e}") from None
   raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
                   f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-..., "
-                  f"sequoia<n>[d<depth>]:<acceptance.json> or "
+                  f"sequoia<n>[d<depth>]:<acceptance.json>, "
+                  f"auto[<n>[d<depth>]]:<acceptance.json> or "
                   f"dyn<nodes>d<depth>k<top_k>")
 
 

@@ -36,6 +36,7 @@ from seqdec.errors import ConfigError
 from seqdec.decoding import trees
 from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.decoding.trees import Tree
+from seqdec.parallel import sharding
 
 
 @flax.struct.dataclass
@@ -261,7 +262,7 @@ def inverse_cdf(r: jax.Array, u: jax.Array) -> jax.Array:
   there); if rounding puts u sum(r) past the last step, the last token of
   positive mass is taken.
   """
-  c = jnp.cumsum(r)
+  c = sharding.blocked_cumsum(r)         # local to each vocabulary shard
   x = jnp.sum(c <= u * c[-1]).astype(jnp.int32)
   last = (r.shape[0] - 1 - jnp.argmax((r > 0)[::-1])).astype(jnp.int32)
   return jnp.minimum(x, last)

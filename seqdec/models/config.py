@@ -21,6 +21,18 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 # `TransformerConfig.platform`: None is the default backend.
 PLATFORMS = (None, "cpu", "tpu", "gpu")
+
+# Precision policies: the config fields each sets. bf16_weights stores the
+# weight matrices and the embedding in bfloat16 and runs every weight
+# matmul as bf16 x bf16 with float32 accumulation (the activation is
+# rounded to bf16 at the matmul); the residual stream, norms and their
+# scales, RoPE, attention, softmax and logits stay float32
+# (`seqdec.models.transformer.with_precision`).
+PRECISIONS = {
+    "f32": dict(dtype="float32", param_dtype="float32", matmul_dtype=None),
+    "bf16_weights": dict(dtype="float32", param_dtype="bfloat16",
+                         matmul_dtype="bfloat16"),
+}
 # Per-layer attention kinds (HF `layer_types` names).
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
@@ -88,6 +100,9 @@ class TransformerConfig:
     dtype: activation/compute dtype name ('float32' on CPU, 'bfloat16' on
       accelerators; softmax, norms and matmul accumulation stay float32).
     param_dtype: parameter storage dtype name.
+    matmul_dtype: dtype of the weight matmuls' operands (None: `dtype`);
+      'bfloat16' with a float32 `dtype` is the bf16_weights policy
+      (`PRECISIONS`).
     architecture: the source architecture, for the record only.
     attention_impl: 'auto' (by backend; alias 'xla'), 'dot' or 'fused'; see
       `transformer.grouped_attention`; or 'pallas': tree/chain verification
@@ -128,6 +143,7 @@ class TransformerConfig:
   query_pre_attn_scalar: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  matmul_dtype: Optional[str] = None
   architecture: str = "LlamaForCausalLM"
   attention_impl: str = "auto"
   platform: Optional[str] = None
@@ -173,6 +189,8 @@ class TransformerConfig:
                        f"{PLATFORMS}")
     as_dtype(self.dtype)
     as_dtype(self.param_dtype)
+    if self.matmul_dtype is not None:
+      as_dtype(self.matmul_dtype)
 
   @property
   def rope_scaling_dict(self) -> Optional[dict[str, Any]]:

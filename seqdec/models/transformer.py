@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqdec.kernels.tree_attention import kernel_options, tree_attention
 from seqdec.kernels.tree_mask import pack_mask
-from seqdec.models.config import TransformerConfig, as_dtype
+from seqdec.models.config import PRECISIONS, TransformerConfig, as_dtype
 from seqdec.ops import write_rows
 from seqdec.parallel.sharding import DATA as DATA_AXIS, kv_head_axis
 
@@ -276,11 +276,23 @@ def rms_norm(config: TransformerConfig, rngs: Optional[nnx.Rngs],
                  offset=config.norm_offset, axis_name=axis_name)
 
 
-def _dot(x, w, dtype):
-  """x @ w with float32 (or wider) accumulation, cast to the compute dtype."""
+def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
+  """`einsum(spec, x, w)` of a weight matmul: both operands in `mm_dtype`
+  (the config's `matmul_dtype`, default the compute dtype), accumulated in
+  float32 (or wider), the result in the compute `dtype` (`cast`) or left in
+  the accumulation dtype (logits). Under the bf16_weights policy
+  (`config.PRECISIONS`) the activation is rounded to bf16 here and meets
+  the bf16 weight in a bf16 x bf16 -> f32 dot: a bf16 x f32 dot would be
+  promoted to f32 and run no bf16 kernel."""
   acc = jnp.promote_types(dtype, jnp.float32)
-  return jnp.einsum("...i,io->...o", x, w.astype(dtype),
-                    preferred_element_type=acc).astype(dtype)
+  y = jnp.einsum(spec, x.astype(mm_dtype), w.astype(mm_dtype),
+                 preferred_element_type=acc)
+  return y.astype(dtype) if cast else y
+
+
+def _dot(x, w, dtype, mm_dtype=None):
+  """x @ w (`_matmul`)."""
+  return _matmul("...i,io->...o", x, w, dtype, mm_dtype or dtype)
 
 
 # Above this many queries per kv head (T*G), 'auto' uses matmuls on CPU too:
@@ -404,6 +416,7 @@ class Attention(nnx.Module):
                rngs: Optional[nnx.Rngs]):
     c = config
     pdt, self.dtype = as_dtype(c.param_dtype), as_dtype(c.dtype)
+    self.mm_dtype = as_dtype(c.matmul_dtype or c.dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = (
         c.num_heads, c.num_kv_heads, c.head_dim)
     self.groups = c.num_heads // c.num_kv_heads
@@ -448,8 +461,8 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     nk, g, dh = self.num_kv_heads, self.groups, self.head_dim
     acc = jnp.promote_types(self.dtype, jnp.float32)
-    y = jnp.einsum("btd,dkjh->btkjh", x, self.qkv_proj[...].astype(self.dtype),
-                   preferred_element_type=acc).astype(self.dtype)
+    y = _matmul("btd,dkjh->btkjh", x, self.qkv_proj[...], self.dtype,
+                self.mm_dtype)
     if self.qkv_bias is not None:
       y = y + self.qkv_bias[...].astype(self.dtype)
     q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
@@ -491,7 +504,7 @@ class Attention(nnx.Module):
 
   def _out(self, out: jax.Array) -> jax.Array:
     """`[B, T, H*Dh]` -> `[B, T, D]`: o_proj (+ o_bias)."""
-    y = _dot(out, self.o_proj[...], self.dtype)
+    y = _dot(out, self.o_proj[...], self.dtype, self.mm_dtype)
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(self.dtype)
     return y
@@ -518,6 +531,7 @@ class MLP(nnx.Module):
   def __init__(self, config: TransformerConfig, *,
                rngs: Optional[nnx.Rngs]):
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    self.mm_dtype = as_dtype(config.matmul_dtype or config.dtype)
     d, f = config.hidden_size, config.intermediate_size
     init = nnx.initializers.normal(0.02)
     self.activation = config.activation
@@ -530,14 +544,12 @@ class MLP(nnx.Module):
     self.down_bias = logical_param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    acc = jnp.promote_types(self.dtype, jnp.float32)
-    gu = jnp.einsum("btd,djf->btjf", x,
-                    self.gate_up_proj[...].astype(self.dtype),
-                    preferred_element_type=acc).astype(self.dtype)
+    gu = _matmul("btd,djf->btjf", x, self.gate_up_proj[...], self.dtype,
+                 self.mm_dtype)
     if self.gate_up_bias is not None:
       gu = gu + self.gate_up_bias[...].astype(self.dtype)
     h = _ACTIVATIONS[self.activation](gu[:, :, 0]) * gu[:, :, 1]
-    y = _dot(h, self.down_proj[...], self.dtype)
+    y = _dot(h, self.down_proj[...], self.dtype, self.mm_dtype)
     if self.down_bias is not None:
       y = y + self.down_bias[...].astype(self.dtype)
     return y
@@ -634,6 +646,7 @@ class Transformer(nnx.Module):
                rngs: Optional[nnx.Rngs]):
     self.config = config
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    self.mm_dtype = as_dtype(config.matmul_dtype or config.dtype)
     self.embed = logical_param(rngs, (config.vocab_size, config.hidden_size),
                         (VOCAB, EMBED), pdt, nnx.initializers.normal(0.02))
     self.layers = nnx.List([Block(config, i, rngs=rngs)
@@ -707,15 +720,14 @@ class Transformer(nnx.Module):
     (float32 or wider): logits = features @ W_head (the tied embedding's
     transpose when `tie_embeddings`); with `ids` `[M]`, only those
     vocabulary entries' logits `[..., M]` (a trimmed drafter head)."""
-    acc = jnp.promote_types(self.dtype, jnp.float32)
     if self.lm_head is None:
       w = self.embed[...] if ids is None else jnp.take(self.embed[...], ids, 0)
-      return jnp.einsum("...d,vd->...v", features, w.astype(self.dtype),
-                        preferred_element_type=acc)
+      return _matmul("...d,vd->...v", features, w, self.dtype, self.mm_dtype,
+                     cast=False)
     w = self.lm_head[...] if ids is None else jnp.take(self.lm_head[...], ids,
                                                         1)
-    return jnp.einsum("...d,dv->...v", features, w.astype(self.dtype),
-                      preferred_element_type=acc)
+    return _matmul("...d,dv->...v", features, w, self.dtype, self.mm_dtype,
+                   cast=False)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[..., D]` pre-norm hidden -> `[..., V]` logits: head(features(h))."""
@@ -765,6 +777,32 @@ def reconfigured(model: Transformer, **changes) -> Transformer:
     for name, value in changes.items():
       setattr(layer.attn, name, value)
   return twin
+
+
+def with_precision(model: Transformer, policy: str) -> Transformer:
+  """`model` under a precision policy of `config.PRECISIONS` ('f32',
+  'bf16_weights'): the weight matrices and the embedding (every parameter
+  of rank >= 2) cast to the policy's param dtype, norm scales and biases
+  kept float32, and the matmul operand dtype set; the same function
+  otherwise.
+
+  Raises:
+    ValueError: an unknown policy.
+  """
+  if policy not in PRECISIONS:
+    raise ValueError(f"unknown precision policy {policy!r}; expected one of "
+                     f"{sorted(PRECISIONS)}")
+  fields = PRECISIONS[policy]
+  config = model.config.replace(**fields)
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: Transformer(config, rngs=None)))
+  pdt = as_dtype(fields["param_dtype"])
+  state = nnx.state(model)
+
+  def cast(x):
+    keep = x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating)
+    return x if keep else x.astype(pdt)
+  return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
 def create(config: TransformerConfig, seed: int = 0) -> Transformer:

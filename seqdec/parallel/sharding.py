@@ -37,6 +37,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -108,6 +109,85 @@ def kv_head_axis(num_kv_heads: int, mesh) -> Optional[str]:
   kv_heads), else None (attention replicated)."""
   size = dict(mesh.shape).get(MODEL, 1)
   return MODEL if size > 1 and num_kv_heads % size == 0 else None
+
+
+def vocab_blocks(v: int) -> int:
+  """Into how many blocks a vocabulary axis of `v` entries is split on the
+  context mesh (`jax.set_mesh`, `mesh_context`): the size of `model` when
+  it divides v, else 1 (also outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  g = 1 if mesh.empty else int(dict(mesh.shape).get(MODEL, 1))
+  return g if g > 1 and v % g == 0 else 1
+
+
+def blocked_cumsum(x: jax.Array) -> jax.Array:
+  """`cumsum(x)` along the last axis, as `vocab_blocks` blocks: a cumsum
+  within each block plus the exclusive prefix sum of the block totals,
+
+      c[j, i] = sum_{l < i} x[j, l] + sum_{m < j} sum_l x[m, l],
+
+  so a vocabulary split over `model` is summed where it lies (only the g
+  block totals move). Equal to `jnp.cumsum` up to the order of additions
+  (identical on one block)."""
+  g = vocab_blocks(x.shape[-1])
+  if g == 1:
+    return jnp.cumsum(x, axis=-1)
+  blocks = x.reshape(x.shape[:-1] + (g, x.shape[-1] // g))
+  inner = jnp.cumsum(blocks, axis=-1)
+  totals = inner[..., -1]
+  before = jnp.cumsum(totals, axis=-1) - totals
+  return (inner + before[..., None]).reshape(x.shape)
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k(x, k)` over the last (vocabulary) axis, computed where the
+  data lies: XLA's own partitioning of a top-k replicates its whole operand
+  on every device (all rows, the whole vocabulary), hence `shard_map`.
+
+  Inside a mesh context, rows (the leading axis, when `data` divides it)
+  stay on their data shard. When `model` (g > 1 devices) splits the
+  vocabulary (g dividing V, V / g >= k), each device takes the top k of its
+  block of V / g entries, and only those g*k candidates are gathered over
+  `model` and reduced:
+
+      top_k(x) = top_k(concat_j top_k(x[..., j V/g : (j+1) V/g]))
+
+  with block j's indices offset by j V/g. Values and indices equal
+  `lax.top_k`'s (ties go to the lower index in both stages). Outside a
+  mesh, or when k exceeds a block of a split vocabulary, it is
+  `lax.top_k`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return jax.lax.top_k(x, k)
+  sizes = dict(mesh.shape)
+  v = x.shape[-1]
+  g = vocab_blocks(v)
+  if v // g < k:
+    # More candidates than a vocabulary block holds (a tiny vocabulary):
+    # XLA's top-k, which gathers the split vocabulary where it runs.
+    return jax.lax.top_k(x, k)
+  rows = DATA if (x.ndim > 1 and DATA in sizes
+                  and x.shape[0] % int(sizes[DATA]) == 0) else None
+  if g == 1 and rows is None:
+    return jax.lax.top_k(x, k)
+  lead = (rows,) + (None,) * (x.ndim - 2) if x.ndim > 1 else ()
+  width = v // g
+
+  def local(block):                                  # [..., V/g]
+    vals, idx = jax.lax.top_k(block, k)
+    if g == 1:
+      return vals, idx
+    idx = idx + jax.lax.axis_index(MODEL).astype(idx.dtype) * width
+    vals = jax.lax.all_gather(vals, MODEL, axis=block.ndim - 1, tiled=True)
+    idx = jax.lax.all_gather(idx, MODEL, axis=block.ndim - 1, tiled=True)
+    vals, pick = jax.lax.top_k(vals, k)              # over the g*k
+    return vals, jnp.take_along_axis(idx, pick, -1)
+
+  out = PartitionSpec(*lead, None)
+  split = PartitionSpec(*lead, MODEL if g > 1 else None)
+  return jax.shard_map(local, mesh=mesh, in_specs=split,
+                       out_specs=(out, out), check_vma=False)(x)
 
 
 def mesh_context(mesh: Optional[Mesh]):
@@ -269,17 +349,61 @@ _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4,
           "pred": 1}
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
+def _conditional_only(hlo_text: str) -> set[str]:
+  """Names of the computations reached only through a `conditional`'s
+  branches (code that runs only when its branch is taken)."""
+  bodies: dict[str, str] = {}
+  name = None
+  for line in hlo_text.splitlines():
+    m = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    if m and line.rstrip().endswith("{"):
+      name = m.group(1)
+      bodies[name] = ""
+    elif name is not None:
+      bodies[name] += line + "\n"
+  called = re.compile(r"(?:calls|to_apply|body|condition|true_computation|"
+                      r"false_computation)=%([\w.\-]+)")
+  branches = re.compile(r"branch_computations=\{([^}]*)\}")
+
+  def reach(roots, through_branches):
+    seen, todo = set(), list(roots)
+    while todo:
+      c = todo.pop()
+      if c in seen or c not in bodies:
+        continue
+      seen.add(c)
+      text = bodies[c]
+      todo += called.findall(text)
+      for group in branches.findall(text):
+        if through_branches:
+          todo += re.findall(r"%([\w.\-]+)", group)
+    return seen
+
+  entry = [n for n in bodies if re.search(r"^ENTRY %" + re.escape(n) + " ",
+                                          hlo_text, re.M)]
+  always = reach(entry, through_branches=False)
+  return set(bodies) - always
+
+
+def collectives(hlo_text: str, conditional: bool = True
+                ) -> dict[str, dict[str, Any]]:
   """The collectives of a compiled program (`compiled.as_text()`, the
   optimized HLO): {kind: {count, bytes, shapes}}, shapes as 'd0,d1,...'
   strings of each result, bytes their total (an async pair is counted
-  once, at its start)."""
+  once, at its start). `conditional=False` leaves out those inside the
+  branches of a `conditional` (e.g. a top-p filter no row enables), which
+  run only when their branch is taken."""
   out = {k: dict(count=0, bytes=0, shapes=[]) for k in COLLECTIVES}
   pattern = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) +
                        r")(-start)?\(")
+  skip = set() if conditional else _conditional_only(hlo_text)
+  current = None
   for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      current = head.group(1)
     m = pattern.search(line)
-    if not m:
+    if not m or current in skip:
       continue
     results = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
     entry = out[m.group(2)]

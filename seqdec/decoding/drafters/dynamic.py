@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding.trees import DynamicTree, Tree
+from seqdec.parallel import sharding
 
 # expand(d, tokens [B, K], parent_pos [B, K], carry) -> (logits [B, K, V],
 # carry): the drafter's distributions at level d's frontier nodes, whose
@@ -61,7 +62,7 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
   k, depth_max, n = budget.top_k, budget.max_depth, budget.num_nodes
   b = root.shape[0]
   logp = jax.nn.log_softmax(root_logits.astype(jnp.float32), -1)
-  score, tok = jax.lax.top_k(logp, k)                              # [B, K]
+  score, tok = sharding.top_k(logp, k)                             # [B, K]
   toks, scores = [tok.astype(jnp.int32)], [score]
   parents = [jnp.full((b, k), -1, jnp.int32)]     # candidate slot, -1: root
   depths = [jnp.ones((b, k), jnp.int32)]
@@ -72,7 +73,7 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
   for d in range(1, depth_max):
     logits, carry = expand(d, front_tok, parent_pos, carry)       # [B, K, V]
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    child_lp, child_tok = jax.lax.top_k(logq, k)                  # [B, K, K]
+    child_lp, child_tok = sharding.top_k(logq, k)                 # [B, K, K]
     cand_score = (front_score[:, :, None] + child_lp).reshape(b, k * k)
     cand_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
     cand_parent = jnp.repeat(front_slot, k, axis=1)

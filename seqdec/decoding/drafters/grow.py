@@ -34,6 +34,7 @@ from seqdec.decoding import trees as trees_lib
 from seqdec.decoding.drafters.base import DrafterError, Round, static_children
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.kernels.tree_mask import ancestor_mask
+from seqdec.parallel import sharding
 
 
 def window_mask(parents: jax.Array, lag: int) -> jax.Array:
@@ -81,7 +82,7 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
     candidates, each row's scheme (deterministic for greedy rows), and q.
   """
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)
+  top = sharding.top_k(logits, k)[1].astype(jnp.int32)
   b = logits.shape[0]
   check_proposal(proposal)
   if proposal == "topk" or temperature is None:
@@ -90,14 +91,17 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
   t = jnp.where(sampled, temperature, 1.0)[:, None, None]
   logq = jax.nn.log_softmax(logits / t, axis=-1)                  # [B, w, V]
 
-  def row(key, logq):                                             # [w, V]
-    if proposal == "iid":
+  if proposal == "iid":
+    def row(key, logq):                                           # [w, V]
       draws = jax.random.categorical(key, logq, axis=-1,
                                      shape=(k,) + logq.shape[:-1])
       return jnp.moveaxis(draws, 0, -1)                           # [w, k]
-    gumbel = jax.random.gumbel(key, logq.shape, logq.dtype)
-    return jax.lax.top_k(logq + gumbel, k)[1]
-  drawn = jax.vmap(row)(key, logq).astype(jnp.int32)
+    drawn = jax.vmap(row)(key, logq)
+  else:   # Gumbel top-k: k distinct draws, without replacement
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(
+        key, logq.shape[1:], logq.dtype))(key)                    # [B, w, V]
+    drawn = sharding.top_k(logq + gumbel, k)[1]
+  drawn = drawn.astype(jnp.int32)
   tokens = jnp.where(sampled[:, None, None], drawn, top)
   scheme = jnp.where(sampled, PROPOSALS[proposal], trees_lib.DETERMINISTIC)
   return tokens, scheme.astype(jnp.int32), jnp.exp(logq)

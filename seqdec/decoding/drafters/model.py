@@ -146,16 +146,35 @@ def truncated(target: Transformer, num_layers: int) -> Transformer:
   if not 1 <= num_layers <= cfg.num_layers:
     raise DrafterError(f"cannot truncate a {cfg.num_layers}-layer model to "
                        f"{num_layers} layers")
+  return layer_subset(target, range(num_layers))
+
+
+def layer_subset(target: Transformer, layers: Sequence[int]) -> Transformer:
+  """The target with only the blocks `layers` (increasing), + its final
+  norm and head, as an independent model (weights shared, not copied): what
+  a layer-skip draft level computes."""
+  cfg = target.config
+  layers = [int(i) for i in layers]
+  if not layers or sorted(set(layers)) != layers or not (
+      0 <= layers[0] and layers[-1] < cfg.num_layers):
+    raise DrafterError(f"layer subset {layers} is empty, unsorted or outside "
+                       f"0..{cfg.num_layers - 1}")
   graphdef, state = nnx.split(target)
-  small_cfg = cfg.replace(num_layers=num_layers)
+  small_cfg = cfg.replace(
+      num_layers=len(layers),
+      layer_types=None if cfg.layer_types is None else tuple(
+          cfg.layer_types[i] for i in layers))
   abstract = nnx.eval_shape(lambda: Transformer(small_cfg, rngs=None))
   small_def, small_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   small_flat = {}
   for path, _ in nnx.to_flat_state(small_state):
-    small_flat[path] = flat[path]
-  small_state = nnx.from_flat_state(small_flat)
-  return nnx.merge(small_def, small_state)
+    if path[0] == "layers":          # block j of the subset is block layers[j]
+      path_in = (path[0], layers[int(path[1])]) + tuple(path[2:])
+    else:
+      path_in = path
+    small_flat[path] = flat[path_in]
+  return nnx.merge(small_def, nnx.from_flat_state(small_flat))
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:

@@ -1,0 +1,184 @@
+"""Measures what a verify costs on this host: the host profile of a model.
+
+  python launch/profile_host.py                       # SmolLM2, f32, into
+                                                      # ~/.cache/seqdec/host_profiles.json
+  python launch/profile_host.py \\
+      --acceptance=configs/acceptance/smollm2_layerskip-skip4-15_t0.json \\
+      --out=benchmarks/results/host_profiles.json --plot=benchmarks/results/host_profile.png
+  python launch/profile_host.py --model=tiny --sizes=1,4 --cache_lens=16  # smoke
+
+For every precision policy (--policies), cache length S (--cache_lens) and
+tree size T (--sizes), the median ms of the target's forward over T new
+tokens after S committed ones (batch 1, the cache donated as in the
+decoding loop); for the drafter of each --acceptance file (layer skip, a
+truncated draft LM), its forward over T tokens (one tree level) at the
+largest S. Every point follows the quiet-machine protocol of
+`seqdec.host_profile.quiet_median` (rounds until three agree within
+--spread), and nothing is written if a point does not settle. The profile
+is added to --out under this host's key (CPU model and ISA flags, cores,
+jax/jaxlib; `seqdec.host_profile.host_info`); decoding with
+`tree=auto:<acceptance file>` reads it from there
+(`$SEQDEC_HOST_PROFILES`, else ~/.cache/seqdec/host_profiles.json, then
+the repo's benchmarks/results/host_profiles.json). Prints a JSON summary.
+"""
+
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from seqdec import cli
+from seqdec.errors import UserError
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
+                             "Target: a registry name, HF dir or .gguf.")
+_SIZES = flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32", "64",
+                                     "128"], "Tree sizes T (tokens).")
+_DRAFT_SIZES = flags.DEFINE_list("draft_sizes", ["1", "2", "4", "8", "16",
+                                                 "32"],
+                                 "Level widths for the drafter curves.")
+_CACHE = flags.DEFINE_list("cache_lens", ["128", "512"],
+                           "Committed cache lengths S.")
+_POLICIES = flags.DEFINE_list(
+    "policies", ["f32"], "Precision policies to measure (f32, bf16_weights); "
+    "the drafter curves use the first.")
+_ACCEPT = flags.DEFINE_multi_string(
+    "acceptance", [], "Acceptance files whose drafters to measure.")
+_OUT = flags.DEFINE_string("out", None, "Profile file (default: "
+                           "seqdec.host_profile.default_path()).")
+_PLOT = flags.DEFINE_string("plot", "", "Also draw the curves to this PNG.")
+_SPREAD = flags.DEFINE_float("spread", 0.05,
+                             "Largest relative spread of 3 round medians.")
+_PER_ROUND = flags.DEFINE_integer("per_round", 5, "Calls per round.")
+_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 12, "Rounds per point.")
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def ints(name, values):
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise UserError(f"--{name} must be integers, got {values}") from None
+  if not out or min(out) < 1:
+    raise UserError(f"--{name} must be integers >= 1, got {values}")
+  return out
+
+
+def draft_model(target, drafter: str):
+  """The model one level of `drafter` (an acceptance file's name) runs."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.drafters import model as drafter_models
+  # pylint: enable=g-import-not-at-top
+  name, _, arg = drafter.partition("@")
+  if name == "layerskip" and arg:
+    layers = drafter_models.parse_layers(arg.removeprefix("layers="),
+                                         target.config.num_layers)
+    return drafter_models.layer_subset(target, layers)
+  if name == "draft" and arg.startswith("draft_layers="):
+    return drafter_models.truncated(target, int(arg.split("=", 1)[1]))
+  raise UserError(f"cannot profile drafter {drafter!r}: layerskip@<layers> "
+                  f"and draft@draft_layers=<k> are supported")
+
+
+def plot(profile, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for policy, curves in profile.verify_ms.items():
+    for s, c in sorted(curves.items()):
+      xs = sorted(c)
+      ax.plot(xs, [c[x] for x in xs], marker="o",
+              label=f"target {policy}, S={s}")
+  for d, c in profile.draft_ms.items():
+    xs = sorted(c)
+    ax.plot(xs, [c[x] for x in xs], marker="s", linestyle="--",
+            label=f"drafter {d}")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("tokens per forward (tree size T)")
+  ax.set_ylabel("ms per forward (median)")
+  h = profile.host
+  ax.set_title(f"{profile.model} on {h.get('cpu_model')} "
+               f"({h.get('cores')} cores, ISA {','.join(h.get('isa', []))})",
+               fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def run() -> dict:
+  # pylint: disable=g-import-not-at-top
+  import seqdec
+  from seqdec import host_profile
+  from seqdec.decoding import acceptance_rates
+  # pylint: enable=g-import-not-at-top
+  sizes = ints("sizes", _SIZES.value)
+  draft_sizes = ints("draft_sizes", _DRAFT_SIZES.value)
+  cache_lens = ints("cache_lens", _CACHE.value)
+  drafters = []
+  for path in _ACCEPT.value:
+    rates = acceptance_rates.load_acceptance(path)
+    if rates.meta.get("target") not in (None, _MODEL.value):
+      raise UserError(f"{path} was measured on {rates.meta.get('target')!r}, "
+                      f"not --model={_MODEL.value!r}")
+    drafters.append(str(rates.meta["drafter"]))
+  t0 = time.perf_counter()
+  quiet = dict(per_round=_PER_ROUND.value, max_rounds=_MAX_ROUNDS.value,
+               spread=_SPREAD.value)
+  load_before = host_profile._load()  # pylint: disable=protected-access
+  log(f"host {host_profile.host_info()}, load {load_before}")
+  verify, stats = {}, {}
+  for policy in _POLICIES.value:
+    log(f"policy {policy}")
+    model, _ = seqdec.load_pretrained(_MODEL.value, precision=policy)
+    verify[policy], st = host_profile.measure_curves(
+        model, sizes, cache_lens, log=log, **quiet)
+    stats.update({f"{policy}/{k}": v for k, v in st.items()})
+  target, _ = seqdec.load_pretrained(_MODEL.value,
+                                     precision=_POLICIES.value[0])
+  draft = {}
+  for d in dict.fromkeys(drafters):
+    log(f"drafter {d}")
+    curves, st = host_profile.measure_curves(
+        draft_model(target, d), draft_sizes, [max(cache_lens)], log=log,
+        **quiet)
+    draft[d] = curves[max(cache_lens)]
+    stats.update({f"{d}/{k}": v for k, v in st.items()})
+  profile = host_profile.HostProfile(
+      host=host_profile.host_info(), model=_MODEL.value,
+      verify_ms=verify, draft_ms=draft,
+      meta=dict(points=stats, load_before=load_before,
+                load_after=host_profile._load(),  # pylint: disable=protected-access
+                seconds=round(time.perf_counter() - t0, 1),
+                command="python launch/profile_host.py "
+                + " ".join(sys.argv[1:])))
+  out = _OUT.value or host_profile.default_path()
+  host_profile.write_profile(out, profile)
+  if _PLOT.value:
+    plot(profile, _PLOT.value)
+  s = max(cache_lens)
+  first = verify[_POLICIES.value[0]][s][min(sizes)]
+  return dict(out=out, key=profile.key, host=profile.host,
+              verify_ms={p: {str(k): {str(t): round(v, 2)
+                                      for t, v in c.items()}
+                             for k, c in curves.items()}
+                         for p, curves in verify.items()},
+              # Each policy's verify(T) over the first policy's step at T=1.
+              verify_over_step={p: {str(t): round(v / first, 2)
+                                    for t, v in curves[s].items()}
+                                for p, curves in verify.items()},
+              draft_ms={d: {str(t): round(v, 2) for t, v in c.items()}
+                        for d, c in draft.items()},
+              seconds=profile.meta["seconds"])
+
+
+main = cli.json_main(run)
+
+
+if __name__ == "__main__":
+  app.run(main)
