@@ -97,6 +97,9 @@ _TEMPERATURE = flags.DEFINE_float(
     "rule unless a method names another (@rule=typical_lossy), and HF "
     "samples too (do_sample=True).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (T > 0).")
+_PRECISION = flags.DEFINE_string(
+    "precision", "f32", "The target's precision policy (f32, bf16_weights; "
+    "seqdec.models.config.PRECISIONS), for every method of the run.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Rebuild the summary, tables and plot from the "
     "per-prompt rows already in --output (e.g. an interrupted run), running "
@@ -336,7 +339,8 @@ def main(argv):
                 hf_pld_tokens=_HF_PLD_TOKENS.value, per_category=per_category,
                 prompts=[p.id for p in prompts], batch_size=1,
                 num_threads_torch=_NUM_THREADS.value,
-                temperature=_TEMPERATURE.value, seed=_SEED.value)
+                temperature=_TEMPERATURE.value, seed=_SEED.value,
+                precision=_PRECISION.value)
   if _REPORT_ONLY.value:
     with open(_OUTPUT.value, encoding="utf-8") as f:
       old = json.load(f)
@@ -357,7 +361,8 @@ def main(argv):
   machine = bench.machine_info()
   log(f"bench_spec: {len(prompts)} prompts x {len(methods)} methods, N={n}")
 
-  model, tokenizer = seqdec.load_pretrained(gguf_path)
+  model, tokenizer = seqdec.load_pretrained(gguf_path,
+                                            precision=_PRECISION.value)
   gens = build_generators(methods, model, tokenizer, n)
   hf = None
   if HF_PLD in methods:

@@ -32,6 +32,7 @@ from seqdec.decoding.spec import SpecConfig
 from seqdec.decoding.speculative import SpecLoop, check_fits
 from seqdec.decoding.trees import TreeShape
 from seqdec.errors import ConfigError, UserError
+from seqdec.models.config import precision_of
 from seqdec.parallel import sharding
 from seqdec.parallel.distributed import to_host
 from seqdec.tokenizer import Tokenizer
@@ -165,7 +166,7 @@ class Generator:
     elif isinstance(drafter, Drafter):
       # A custom drafter object: the spec holds tree, rule and caps.
       spec = SpecConfig(max_top_k=max_top_k, **fields)
-      shape = shape or spec_lib.build_tree(spec)
+      shape = shape or spec_lib.build_tree(spec, precision_of(model.config))
       drafter.check(model.config, shape)
       return spec, drafter, shape
     else:
@@ -179,7 +180,7 @@ class Generator:
         and spec.option("draft_model")):
       draft_model, _ = load_pretrained(spec.option("draft_model"),
                                        dtype=model.config.param_dtype)
-    shape = shape or spec_lib.build_tree(spec)
+    shape = shape or spec_lib.build_tree(spec, precision_of(model.config))
     eagle_net = None
     if spec.drafter in spec_lib.TRAINED:  # (network, keep_ids)
       from seqdec.checkpoints import drafters as drafter_ckpt  # pylint: disable=g-import-not-at-top

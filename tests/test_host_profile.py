@@ -145,6 +145,11 @@ def test_auto_tree_decodes_like_autoregressive(x64, tmp_path, monkeypatch):
   cost = tree_specs.round_cost(fake_profile(), "layerskip@first:1")
   assert choice == sequoia.hardware_aware_tree(PROBS, cost, 16, 4)
   assert choice.nodes > 0
+  # Another policy's prices: the profile has none, so the default tree.
+  with pytest.warns(RuntimeWarning, match="no curve for precision"):
+    fallback = tree_specs.parse(f"auto16d4:{accept}", "bf16_weights")
+  assert fallback == sequoia.optimal_tree(
+      PROBS, tree_specs.AUTO_FALLBACK_NODES, tree_specs.AUTO_FALLBACK_DEPTH)[0]
   model, tok = testing.tiny_model("float64"), Tokenizer.byte_level()
   prompts = ["abcabcabc", "hello there"]
   ar = Generator(model, tok, max_new_tokens=10, eos_ids=()).generate(prompts)

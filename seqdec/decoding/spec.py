@@ -272,9 +272,10 @@ def resolve_rule(rule: str, temperature: Any) -> str:
 # -- the builder ---------------------------------------------------------------
 
 
-def build_tree(spec: SpecConfig):
-  """The spec's `TreeShape` (a `TreeError` for a bad tree spec)."""
-  return tree_specs.parse(spec.tree)
+def build_tree(spec: SpecConfig, policy: str = "f32"):
+  """The spec's `TreeShape` (a `TreeError` for a bad tree spec); `policy`,
+  the target's precision policy, prices an 'auto' tree."""
+  return tree_specs.parse(spec.tree, policy)
 
 
 def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):

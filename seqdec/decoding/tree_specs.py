@@ -105,11 +105,13 @@ def round_cost(profile: host_profile.HostProfile, drafter: str,
   return cost
 
 
-def auto_choice(arg: str, profile_path=None) -> sequoia.Choice:
+def auto_choice(arg: str, profile_path=None, policy: str = "f32"
+                ) -> sequoia.Choice:
   """The `Choice` of 'auto<arg>' (module docstring) with its predicted
-  tokens per second; without a usable profile (missing, corrupt, another
-  host's, no drafter curve) a RuntimeWarning and the Sequoia tree of
-  AUTO_FALLBACK_NODES nodes, with cost_ms = nan."""
+  tokens per second, the verifies priced under the target's precision
+  `policy`; without a usable profile (missing, corrupt, another host's, no
+  curve for the drafter or the policy) a RuntimeWarning and the Sequoia
+  tree of AUTO_FALLBACK_NODES nodes, with cost_ms = nan."""
   match = _AUTO.match(arg)
   if not match:
     raise TreeError(
@@ -125,7 +127,11 @@ def auto_choice(arg: str, profile_path=None) -> sequoia.Choice:
   cost = None
   if profile is not None:
     try:
-      cost = round_cost(profile, str(drafter))
+      if policy not in profile.verify_ms:
+        raise host_profile.ProfileError(
+            f"the host profile has no curve for precision {policy!r} (it "
+            f"has {profile.policies()})")
+      cost = round_cost(profile, str(drafter), policy)
     except host_profile.ProfileError as e:
       warnings.warn(f"seqdec: {e}; falling back to the default tree",
                     RuntimeWarning, stacklevel=2)
@@ -136,10 +142,6 @@ def auto_choice(arg: str, profile_path=None) -> sequoia.Choice:
   return sequoia.hardware_aware_tree(
       rates.probs, cost, int(n) if n else AUTO_MAX_NODES,
       int(d) if d else AUTO_MAX_DEPTH)
-
-
-def _auto(arg: str) -> trees.TreeShape:
-  return auto_choice(arg).shape
 
 
 def _dynamic(arg: str) -> trees.DynamicTree:
@@ -158,14 +160,15 @@ _NAMED = {
     "static": _static,
     "paths:": _paths,
     "sequoia": _sequoia,
-    "auto": _auto,
+    "auto": lambda arg: auto_choice(arg).shape,   # `parse` passes the policy
 }
 # What a tree spec starts with (`spec._split_tree` finds the tree by them).
 PREFIXES = tuple(_NAMED)
 
 
-def parse(spec: str) -> trees.TreeShape:
-  """A tree shape from a config string (the forms of the module docstring).
+def parse(spec: str, policy: str = "f32") -> trees.TreeShape:
+  """A tree shape from a config string (the forms of the module docstring);
+  `policy`: the target's precision policy, which prices an 'auto' tree.
 
   Raises:
     TreeError: an unknown or malformed spec; a bad acceptance file's
@@ -175,6 +178,8 @@ def parse(spec: str) -> trees.TreeShape:
     raise TreeError(f"tree spec must be a string, got {spec!r}")
   for name, build in _NAMED.items():
     if spec.startswith(name) and spec[len(name):]:
+      if name == "auto":
+        build = lambda arg: auto_choice(arg, policy=policy).shape  # noqa: E731
       try:
         return build(spec[len(name):])
       except ValueError as e:

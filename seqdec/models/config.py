@@ -44,6 +44,15 @@ _DTYPES = {
 }
 
 
+def precision_of(config) -> str:
+  """The `PRECISIONS` policy a config follows ('f32' for any other mix,
+  e.g. float64 or bfloat16 compute)."""
+  for name, fields in PRECISIONS.items():
+    if all(getattr(config, k) == v for k, v in fields.items()):
+      return name
+  return "f32"
+
+
 def as_dtype(name_or_dtype: Any) -> jnp.dtype:
   """Returns a numpy dtype from a name such as 'float32' or a dtype object."""
   if isinstance(name_or_dtype, str):

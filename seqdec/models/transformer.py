@@ -285,8 +285,14 @@ def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
   the bf16 weight in a bf16 x bf16 -> f32 dot: a bf16 x f32 dot would be
   promoted to f32 and run no bf16 kernel."""
   acc = jnp.promote_types(dtype, jnp.float32)
-  y = jnp.einsum(spec, x.astype(mm_dtype), w.astype(mm_dtype),
-                 preferred_element_type=acc)
+  x = x.astype(mm_dtype)
+  rows = x.size // x.shape[-1]
+  pad = rows == 1 and jnp.dtype(mm_dtype) == jnp.bfloat16
+  if pad:   # one row: see BF16_MIN_ROWS
+    x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+  y = jnp.einsum(spec, x, w.astype(mm_dtype), preferred_element_type=acc)
+  if pad:
+    y = y[:1]
   return y.astype(dtype) if cast else y
 
 
