@@ -181,6 +181,10 @@ class Generator:
       draft_model, _ = load_pretrained(spec.option("draft_model"),
                                        dtype=model.config.param_dtype)
     shape = shape or spec_lib.build_tree(spec, precision_of(model.config))
+    if isinstance(shape, TreeShape) and shape.num_nodes == 1:
+      # No draft node (e.g. 'auto' found that no tree pays on this host):
+      # plain autoregressive decoding, without a drafter's per-round work.
+      return spec, None, None
     eagle_net = None
     if spec.drafter in spec_lib.TRAINED:  # (network, keep_ids)
       from seqdec.checkpoints import drafters as drafter_ckpt  # pylint: disable=g-import-not-at-top

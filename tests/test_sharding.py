@@ -157,19 +157,23 @@ def test_every_drafter_on_data4_model2_equals_unsharded_float64():
   (random weights, saved and loaded as checkpoints), sampled at T=1 in
   float64 on data:4 x model:2: the one-device tokens, no weight, KV or
   vocabulary-row gather in the step."""
-  cases = [dict(spec="draft@draft_layers=1/kary2x1"),
+  # The compiled step is read for the two ways children are chosen (the
+  # static-tree grower, shared by the draft LM, EAGLE, Medusa and Hydra,
+  # and EAGLE-2's dynamic tree), not recompiled for every drafter.
+  cases = [dict(spec="draft@draft_layers=1/kary2x1", hlo=True),
            dict(spec="eagle@checkpoint={ckpt}/kary2x1", net="eagle"),
-           dict(spec="eagle@checkpoint={ckpt}/dyn6d3k2", net="eagle"),
+           dict(spec="eagle@checkpoint={ckpt}/dyn6d3k2", net="eagle",
+                hlo=True),
            dict(spec="medusa@checkpoint={ckpt}/kary2x1x1", net="medusa"),
            dict(spec="hydra@checkpoint={ckpt}/kary2x1x1", net="hydra")]
   rows = run_cases(*[dict(c, mesh="data:4,model:2", dtype="float64",
-                          temperature=1.0, hlo=True) for c in cases],
-                   x64=True)
+                          temperature=1.0) for c in cases], x64=True)
   for r in rows:
     print(r["spec"].split("@")[0], r["spec"].split("/")[-1],
           "accepted drafts per round:", round(r["accepted"], 2))
-    bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
-    assert not bad and r["vocab_gathers"] == [], r
+    if r.get("hlo"):
+      bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
+      assert not bad and r["vocab_gathers"] == [], r
   # The draft LM (the target's first layer) is accepted often: acceptance
   # and rejection both run sharded.
   assert rows[0]["accepted"] > 0.1
@@ -226,11 +230,12 @@ def test_the_tree_kernel_runs_per_shard():
 
 @pytest.mark.slow
 def test_smollm2_on_data2_model4_under_the_margin_rule():
-  """Real weights, float32: n-gram decoding on data:2 x model:4
-  (attention replicated: 3 kv heads) give the one-device tokens wherever
-  the one-device margin is not a tie."""
-  rows = run_cases(dict(mesh="data:2,model:4", spec="ngram/chain4",
-                       model="smollm2-135m-instruct", margin_rule=True))
+  """Real weights, float32: autoregressive and n-gram decoding on data:2 x
+  model:4 (attention replicated: 3 kv heads) give the one-device tokens
+  wherever the one-device margin is not a tie."""
+  rows = run_cases(*[dict(mesh="data:2,model:4", spec=spec,
+                         model="smollm2-135m-instruct", margin_rule=True)
+                    for spec in ("ar", "ngram/chain4")])
   for r in rows:
     assert r["replicated"] == ["heads", "kv_heads"], r
     print(r["spec"], "ties:", r["ties"])
