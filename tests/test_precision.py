@@ -60,13 +60,13 @@ def test_speculative_equals_autoregressive_under_bf16_weights():
   (most positions are above the threshold)."""
   model = tr.with_precision(testing.tiny_model(), "bf16_weights")
   rng = np.random.default_rng(0)
-  delta = max(stepwise_vs_tree_delta(model, rng.integers(
-      0, model.config.vocab_size, 16).tolist()) for _ in range(2))
+  delta = stepwise_vs_tree_delta(model, rng.integers(
+      0, model.config.vocab_size, 16).tolist())
   threshold = 2 * delta
   print(f"bf16_weights tiny: max |dlogit| T=1 vs T=16 = {delta:.3g}")
   tok = Tokenizer.byte_level()
-  prompts = ["abcabcabc", "hello there", "1 2 3 1 2 3", "xyz"]
-  kw = dict(max_new_tokens=16, eos_ids=())
+  prompts = ["abcabcabc", "hello there"]
+  kw = dict(max_new_tokens=12, eos_ids=())
   ar = Generator(model, tok, **kw).generate(prompts)
   spec = Generator(model, tok, "layerskip@layers=first:1/chain4",
                    **kw).generate(prompts)
@@ -116,9 +116,7 @@ def test_smollm2_bf16_weights_speculation_equals_autoregression():
   delta = stepwise_vs_tree_delta(model, tok.encode(text)[:16])
   threshold = 2 * delta
   print(f"bf16_weights SmolLM2: max |dlogit| T=1 vs T=16 = {delta:.3g}")
-  prompts = ["List the days of the week, then list them again.",
-             "Rewrite this sentence in the passive voice: the cat chased "
-             "the mouse around the garden."]
+  prompts = ["List the days of the week, then list them again."]
   kw = dict(max_new_tokens=32)
   ar = Generator(model, tok, **kw).generate(prompts)
   spec = Generator(model, tok, "ngram/chain4", **kw).generate(prompts)

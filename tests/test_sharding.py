@@ -136,13 +136,15 @@ MESHES = ("data:8,model:1", "data:4,model:2", "data:2,model:4",
 def test_every_mesh_shape_equals_unsharded_float64():
   """Layer-skip drafts, a k-ary tree, sampled at T=1 (the n-gram drafter
   and the tree kernel: `test_the_tree_kernel_runs_per_shard`)."""
+  # data:4,model:2 runs in the drafter matrix and the chi-square test.
+  meshes = [m for m in MESHES if m != "data:4,model:2"]
   rows = run_cases(*[dict(mesh=m, spec="layerskip@layers=first:1/kary2x1",
                           dtype="float64", temperature=1.0, hlo=True)
-                     for m in MESHES], x64=True)
+                     for m in meshes], x64=True)
   # The tiny model's 2 kv heads split over model:2 only; its 260-token
   # vocabulary over model <= 4 only: the rest stays replicated.
   assert [r["replicated"] for r in rows] == [
-      [], [], ["heads", "kv_heads"], ["heads", "kv_heads", "vocab"]]
+      [], ["heads", "kv_heads"], ["heads", "kv_heads", "vocab"]]
   for r in rows:
     bad = forbidden_shapes(r["rows"], 32) & set(r["all_gathers"])
     assert not bad, (r["mesh"], r["all_gathers"])
@@ -153,18 +155,18 @@ def test_every_mesh_shape_equals_unsharded_float64():
 
 @pytest.mark.slow
 def test_every_drafter_on_data4_model2_equals_unsharded_float64():
-  """The draft LM, EAGLE (static and dynamic trees), Medusa and Hydra
-  (random weights, saved and loaded as checkpoints), sampled at T=1 in
-  float64 on data:4 x model:2: the one-device tokens, no weight, KV or
-  vocabulary-row gather in the step."""
+  """The draft LM, EAGLE (dynamic tree) and Hydra heads (random weights,
+  saved and loaded as checkpoints), sampled at T=1 in float64 on data:4 x
+  model:2: the one-device tokens, no weight, KV or vocabulary-row gather
+  in the step."""
   # The compiled step is read for the two ways children are chosen (the
   # static-tree grower, shared by the draft LM, EAGLE, Medusa and Hydra,
   # and EAGLE-2's dynamic tree), not recompiled for every drafter.
+  # CI time: EAGLE's static tree and Medusa share the grower and the heads
+  # code with the draft LM and Hydra cases; they are left out here.
   cases = [dict(spec="draft@draft_layers=1/kary2x1", hlo=True),
-           dict(spec="eagle@checkpoint={ckpt}/kary2x1", net="eagle"),
            dict(spec="eagle@checkpoint={ckpt}/dyn6d3k2", net="eagle",
                 hlo=True),
-           dict(spec="medusa@checkpoint={ckpt}/kary2x1x1", net="medusa"),
            dict(spec="hydra@checkpoint={ckpt}/kary2x1x1", net="hydra")]
   rows = run_cases(*[dict(c, mesh="data:4,model:2", dtype="float64",
                           temperature=1.0) for c in cases], x64=True)
@@ -230,12 +232,11 @@ def test_the_tree_kernel_runs_per_shard():
 
 @pytest.mark.slow
 def test_smollm2_on_data2_model4_under_the_margin_rule():
-  """Real weights, float32: autoregressive and n-gram decoding on data:2 x
-  model:4 (attention replicated: 3 kv heads) give the one-device tokens
-  wherever the one-device margin is not a tie."""
-  rows = run_cases(*[dict(mesh="data:2,model:4", spec=spec,
-                         model="smollm2-135m-instruct", margin_rule=True)
-                    for spec in ("ar", "ngram/chain4")])
+  """Real weights, float32: n-gram decoding (its prefill, verifies and
+  commits) on data:2 x model:4 (attention replicated: 3 kv heads) gives
+  the one-device tokens wherever the one-device margin is not a tie."""
+  rows = run_cases(dict(mesh="data:2,model:4", spec="ngram/chain4",
+                       model="smollm2-135m-instruct", margin_rule=True))
   for r in rows:
     assert r["replicated"] == ["heads", "kv_heads"], r
     print(r["spec"], "ties:", r["ties"])

@@ -25,8 +25,8 @@ Batches: step s reads rows perm_e[i] for the batch's slots i, where perm_e
 is a permutation of the training rows drawn from (seed, epoch e), and slot
 i's positions and noise from (seed, s, i); a function of (seed, s) only, so
 a resumed run repeats and skips nothing, and on a mesh each process reads
-and draws only its own slots (`seqdec.train.loop.Layout`). The last `data.valid_rows` finished rows are the
-validation split.
+and draws only its own slots (`seqdec.train.loop.Layout`). The last
+`data.valid_rows` finished rows are the validation split.
 """
 
 from __future__ import annotations
