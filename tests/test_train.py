@@ -80,6 +80,7 @@ def test_config_locks_and_is_strict():
     lm.model_config(tiny_config(cell="lstm").model)
 
 
+@pytest.mark.slow          # CI time
 def test_cli_runlocal_smoke_and_resume(tmp_path):
   work = str(tmp_path / "run")
   proc = run_cli("--config=configs/pararnn_lm.py:runlocal", f"--workdir={work}",
