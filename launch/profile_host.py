@@ -130,7 +130,7 @@ def run() -> dict:
   t0 = time.perf_counter()
   quiet = dict(per_round=_PER_ROUND.value, max_rounds=_MAX_ROUNDS.value,
                spread=_SPREAD.value)
-  load_before = host_profile._load()  # pylint: disable=protected-access
+  load_before = host_profile.load_average()
   log(f"host {host_profile.host_info()}, load {load_before}")
   verify, stats = {}, {}
   for policy in _POLICIES.value:
@@ -153,7 +153,7 @@ def run() -> dict:
       host=host_profile.host_info(), model=_MODEL.value,
       verify_ms=verify, draft_ms=draft,
       meta=dict(points=stats, load_before=load_before,
-                load_after=host_profile._load(),  # pylint: disable=protected-access
+                load_after=host_profile.load_average(),
                 seconds=round(time.perf_counter() - t0, 1),
                 command="python launch/profile_host.py "
                 + " ".join(sys.argv[1:])))

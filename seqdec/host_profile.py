@@ -315,14 +315,14 @@ def quiet_median(call: Callable[[], Any], *, per_round: int = 5,
       rel = (max(last) - min(last)) / mid
       if rel <= spread:
         return mid, dict(rounds=len(medians), spread=round(rel, 4),
-                         load=_load())
+                         load=load_average())
   raise ProfileError(
       f"timings did not settle within {spread:.0%} over {max_rounds} rounds "
       f"(round medians {[round(m, 2) for m in medians]} ms, load "
-      f"{_load()}): is the machine busy? Not writing a profile")
+      f"{load_average()}): is the machine busy? Not writing a profile")
 
 
-def _load() -> Optional[list[float]]:
+def load_average() -> Optional[list[float]]:
   try:
     return [round(x, 2) for x in os.getloadavg()]
   except OSError:
