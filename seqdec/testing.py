@@ -159,10 +159,14 @@ def ancestor_mask_oracle(parents) -> np.ndarray:
 
 
 def run_on_devices(script: str, *args: str, devices: int = 8,
-                   x64: bool = False, timeout: float = 900) -> str:
+                   x64: bool = False, optimize: bool = True,
+                   timeout: float = 900) -> str:
   """Runs Python `script` (with `args`) in a subprocess on `devices`
   simulated CPU devices (the count is fixed when jax starts) and returns
   its last stdout line that starts with 'RESULT ', without the marker.
+  `optimize=False` compiles with XLA's backend optimisations off
+  (JAX_DISABLE_MOST_OPTIMIZATIONS: SPMD partitioning still runs, so the
+  collectives are the same), for tiny models whose cost is compiling.
   A failed run raises AssertionError with the end of its stderr."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -170,6 +174,8 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              JAX_ENABLE_X64="1" if x64 else "0",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if not optimize:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   done = subprocess.run([sys.executable, "-c", script, *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -102,7 +102,7 @@ def train(tmp_path, name, data, mesh, steps, processes=1,
                          workdir=str(workdir), processes=processes,
                          kinds=list(kinds)))
   if processes == 1:
-    rows = [testing.run_on_devices(TRAIN, args, x64=True)]
+    rows = [testing.run_on_devices(TRAIN, args, x64=True, optimize=False)]
   else:
     outs = distributed.launch_local([sys.executable, "-c", TRAIN, args],
                                     processes, timeout_s=900)

@@ -280,9 +280,9 @@ def test_bad_input_gets_clear_errors(tok):
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_smollm2_speculative_equals_autoregressive(smollm2_model):
-  """SmolLM2 in float32: every drafter's output (the shipped EAGLE drafter
-  with a static and a dynamic tree included) equals greedy autoregressive
-  decoding up to the first position whose AR top-1/top-2 margin is <= 1e-4
+  """SmolLM2 in float32: n-gram, layer-skip and the shipped EAGLE drafter
+  (dynamic tree) give greedy autoregressive decoding's output up to the
+  first position whose AR top-1/top-2 margin is <= 1e-4
   (such positions are counted and reported, never asserted on)."""
   model, tok = smollm2_model    # conftest: loaded once per session
   from seqdec import config_utils  # pylint: disable=g-import-not-at-top
@@ -295,11 +295,14 @@ def test_smollm2_speculative_equals_autoregressive(smollm2_model):
                                         "yard."}]]
   ar = Generator(model, tok, max_new_tokens=32, eos_ids=())
   ref = ar.generate(convs)
+  # One case per kind of drafting on real weights: model-free (n-gram), the
+  # target's own layers (layer-skip; the draft LM shares its code), and the
+  # shipped EAGLE drafter (seqdec/checkpoints/shipped) with a dynamic tree.
+  # Every drafter x tree pair runs on the tiny model in float64, exactly
+  # (CI time: each SmolLM2 case compiles its own programs, ~40 s).
   cases = [("ngram", {}, "chain4"), ("layerskip", {"layers": "skip:8-23"},
                                      "kary2x2"),
-           ("draft", {"draft_layers": 10}, "static6"),
-           # the shipped EAGLE drafter (seqdec/checkpoints/shipped)
-           ("eagle", {}, "kary2x2x1"), ("eagle", {}, "dyn16d4k4")]
+           ("eagle", {}, "dyn16d4k4")]
   small = 0
   for name, opts, tree in cases:
     gen = Generator(model, tok, max_new_tokens=32, eos_ids=(), drafter=name,
