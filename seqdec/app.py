@@ -14,14 +14,17 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 from seqdec import errors
 from seqdec import host_profile
 from seqdec.checkpoints import load_pretrained
+from seqdec.decoding import spec as spec_lib
 from seqdec.decoding.spec import SpecConfig
 from seqdec.generator import GenerationResult, Generator, PromptError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
+from seqdec.models.config import precision_of
 from seqdec.parallel import distributed, sharding
 
 # Exceptions that are the user's input, reported as one line (anything else
@@ -83,14 +86,36 @@ def config_mesh(config):
   return sharding.mesh_from_spec(config.get("mesh", ""))
 
 
+def auto_gate(model_name: str, spec: SpecConfig, policy: str) -> float:
+  """`gate=auto`: the break-even of the spec's tree on this host,
+  verify(N) / verify(1) - 1 from the host profile under the target's
+  precision `policy` (`HostProfile.break_even`); 0 (never gate) with a
+  warning when the host has no usable profile."""
+  profile = host_profile.find(model_name)
+  if profile is None:
+    return 0.0
+  if policy not in profile.verify_ms:
+    warnings.warn(f"seqdec: the host profile has no curve for precision "
+                  f"{policy!r}; gate=auto speculates every round",
+                  RuntimeWarning, stacklevel=2)
+    return 0.0
+  return profile.break_even(spec_lib.build_tree(spec, policy).num_nodes,
+                            policy)
+
+
 def make_generator(config, model, tokenizer, speculative: bool = True,
                    mesh=None) -> Generator:
   """The `Generator` a decode config describes: its `config.spec` block
   (`SpecConfig.from_config`), autoregressive when `speculative` is False,
   on `mesh` (default: the config's)."""
-  spec = SpecConfig.from_config(config.spec)
+  block = dict(config.spec)
+  auto = str(block.get("gate", "0")).strip() == "auto"
+  spec = SpecConfig.from_config(dict(block, gate=0.0) if auto else block)
   if not speculative:
     spec = SpecConfig(max_top_k=spec.max_top_k)
+  elif auto:
+    spec = spec.replace(gate=auto_gate(config.model, spec,
+                                       precision_of(model.config)))
   mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,

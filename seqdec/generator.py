@@ -97,8 +97,8 @@ class Generator:
     max_batch: prompts beyond this are decoded in several batches.
     max_top_k: static cap on per-row top_k, shared by the sampler and the
       speculative acceptance rule (a method string's `@max_top_k=` wins).
-    drafter, tree, rule, proposal, drafter_options: the `SpecConfig` fields
-      as keywords (instead of `spec`), or `drafter=` a `Drafter` object (a
+    drafter, tree, rule, proposal, gate, drafter_options: the `SpecConfig`
+      fields as keywords (instead of `spec`), or `drafter=` a `Drafter` object (a
       custom drafter, with `tree` and `rule`). `drafter_options` may hold
       `draft_model=` a loaded model; a name or path there is loaded with
       `seqdec.load_pretrained`.
@@ -118,6 +118,7 @@ class Generator:
                drafter: Union[None, str, Drafter] = None,
                tree: Optional[str] = None, rule: Optional[str] = None,
                proposal: Optional[str] = None,
+               gate: Optional[float] = None,
                drafter_options: Optional[dict] = None,
                mesh: Optional[Any] = None):
     self.model = model
@@ -128,7 +129,7 @@ class Generator:
     self.max_batch = max_batch
     self.graphdef, self.params = nnx.split(model)
     self.spec, self.drafter, self.tree = self._build(
-        model, spec, max_top_k, drafter, tree, rule, proposal,
+        model, spec, max_top_k, drafter, tree, rule, proposal, gate,
         dict(drafter_options or {}))
     self.mesh = mesh
     self._loop_params = (self.params,
@@ -141,7 +142,8 @@ class Generator:
     self.programs = Programs()
 
   @staticmethod
-  def _build(model, spec, max_top_k, drafter, tree, rule, proposal, options):
+  def _build(model, spec, max_top_k, drafter, tree, rule, proposal, gate,
+             options):
     """`(SpecConfig, Drafter | None, TreeShape | None)` from the arguments."""
     for key in ("proposal", "rule"):  # SpecConfig fields, not drafter options
       if key in options:
@@ -153,8 +155,8 @@ class Generator:
     shape = None
     if isinstance(tree, TreeShape):   # a topology object, not a spec string
       shape, tree = tree, tree_specs.to_spec(tree)
-    fields = {k: v for k, v in dict(tree=tree, rule=rule,
-                                    proposal=proposal).items()
+    fields = {k: v for k, v in dict(tree=tree, rule=rule, proposal=proposal,
+                                    gate=gate).items()
               if v is not None}
     draft_model = None
     if spec is not None:
@@ -220,7 +222,7 @@ class Generator:
     return SpecLoop(target=self.graphdef, drafter=self.drafter,
                     tree=self.tree,
                     rule=spec_lib.build_rule(self.spec, temperature),
-                    sampler=sampler, shapes=shapes)
+                    sampler=sampler, shapes=shapes, gate=self.spec.gate)
 
   @property
   def loop_params(self):
@@ -409,6 +411,7 @@ class Generator:
     if self.speculative:
       hist = to_host(state.accept_hist)
       spec = dict(target_calls=hist.sum(1), accept_hist=hist,
+                  drafted=to_host(state.drafted),
                   batch_target_calls=int(to_host(state.step)))
     results = []
     for r in range(n):
@@ -473,7 +476,8 @@ def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:
   tau: tokens per target call, counting the prefill's first token as one
   call (so autoregressive decoding has tau = 1). accept_rate_by_depth[d-1]:
   among rounds that reached depth d - 1, the fraction that accepted a draft
-  at depth d.
+  at depth d. drafted_rounds: the row's rounds that verified a draft (the
+  rest verified the root alone: no proposal, or gated off).
   """
   calls = int(spec["target_calls"][row])
   hist = spec["accept_hist"][row]
@@ -485,4 +489,5 @@ def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:
               mean_accepted=float((hist * np.arange(len(hist))).sum()
                                   / max(hist.sum(), 1)),
               accept_rate_by_depth=by_depth,
+              drafted_rounds=int(spec["drafted"][row]),
               batch_target_calls=spec["batch_target_calls"] + 1)

@@ -132,6 +132,17 @@ class HostProfile:
         curves, key=lambda c: (abs(c - cache_len), c))
     return _interp(curves[s], tokens)
 
+  def break_even(self, tokens: float, policy: str = "f32") -> float:
+    """Expected accepted drafts at which verifying `tokens` tree tokens (the
+    root included) pays: a round emits 1 + E tokens for verify(tokens) ms,
+    a decoding step 1 token for verify(1) ms, so speculating wins iff
+
+        E > verify(tokens) / verify(1) - 1
+
+    (the draft is already paid when the gate decides: `SpecLoop.gate`)."""
+    return max(self.verify(tokens, policy) / self.verify(1, policy) - 1.0,
+               0.0)
+
   def draft(self, drafter: str, width: float) -> float:
     """ms of one drafter level of `width` tokens (0 for a drafter with no
     model forward, e.g. n-gram, when its curve is absent)."""

@@ -161,6 +161,27 @@ def test_auto_tree_decodes_like_autoregressive(x64, tmp_path, monkeypatch):
   assert [r.tokens for r in spec] == [r.tokens for r in ar]
 
 
+def test_auto_gate_is_the_hosts_break_even(tmp_path, monkeypatch):
+  """`gate=auto` in a decode config: verify(N) / verify(1) - 1 of the
+  spec's tree from this host's profile (N = 5 for chain4); with no usable
+  profile a warning and no gate."""
+  from seqdec import app  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.spec import SpecConfig  # pylint: disable=g-import-not-at-top
+  prof = fake_profile()
+  assert prof.break_even(5) == pytest.approx(prof.verify(5) / prof.verify(1)
+                                             - 1)
+  path = str(tmp_path / "profiles.json")
+  host_profile.write_profile(path, prof)
+  monkeypatch.setenv(host_profile.ENV_PATH, path)
+  spec = SpecConfig.parse("ngram/chain4")
+  assert app.auto_gate("tiny", spec, "f32") == pytest.approx(
+      prof.break_even(5))
+  with pytest.warns(RuntimeWarning, match="no curve for precision"):
+    assert app.auto_gate("tiny", spec, "bf16_weights") == 0.0
+  with pytest.warns(RuntimeWarning, match="no host profile"):
+    assert app.auto_gate("other-model", spec, "f32") == 0.0
+
+
 def test_quiet_median_refuses_a_noisy_machine():
   ticks = iter(np.cumsum(np.random.default_rng(0).uniform(
       0.001, 0.004, 10_000)))

@@ -24,6 +24,7 @@ SPEC_CONFIG = os.path.join(ROOT, "configs", "spec_decode.py")
     "ar", "ngram/chain4", "ngram@min_ngram=2/chain4",
     "layerskip@layers=skip:4-15@proposal=wor/kary2x1",
     "draft@draft_layers=10@rule=typical_lossy/static6",
+    "eagle@gate=1.25/dyn16d4k4",
     "layerskip@layers=first:1/sequoia16:configs/acceptance/"
     "smollm2_layerskip-skip4-15_t0.json",
 ])
@@ -54,6 +55,9 @@ def test_parse_types_options_and_applies_defaults():
     ("layerskip@rule=best/chain2", "unknown acceptance rule 'best'"),
     ("ngram", "expected 'ar' or"),
     ("ngram@max_ngram/chain2", "expected @key=value"),
+    ("ngram@gate=often/chain2", "gate expects a number"),
+    ("ngram@gate=-1/chain2", "gate must be a finite number >= 0"),
+    ("ngram@gate=auto/chain2", "gate expects a number"),
 ])
 def test_bad_methods_are_config_errors(method, fragment):
   with pytest.raises(ConfigError, match=fragment):
@@ -72,6 +76,8 @@ def test_config_file_block_is_the_parsed_spec():
       "layerskip@layers=skip:4-15@proposal=wor/chain3")
   with pytest.raises(ConfigError, match="unknown spec keys"):
     SpecConfig.from_config({**config.spec.to_dict(), "tree_size": 3})
+  config.spec.gate = "0.5"               # a string there: 'auto' fits too
+  assert SpecConfig.from_config(config.spec).gate == 0.5
 
 
 def test_resolve_rule_is_per_batch():

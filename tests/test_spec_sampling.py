@@ -71,7 +71,8 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray,
 
 
 def spec_generator(drafter: str, tree: str, top_k: int = 0,
-                   max_top_k: int = 64, temperature: float = 1.0, **options):
+                   max_top_k: int = 64, temperature: float = 1.0,
+                   gate: float = 0.0, **options):
   model = target()
   if drafter == "draft":
     d = drafters_lib.draft_lm(testing.perturbed(model, 0.03),
@@ -81,7 +82,7 @@ def spec_generator(drafter: str, tree: str, top_k: int = 0,
   return Generator(model, Tokenizer.byte_level(), max_new_tokens=3,
                    eos_ids=(), drafter=d, tree=tree, rule="sample",
                    temperature=temperature, top_k=top_k, max_top_k=max_top_k,
-                   max_batch=BATCH)
+                   max_batch=BATCH, gate=gate)
 
 
 def gen_shapes():
@@ -104,6 +105,10 @@ def gen_shapes():
     pytest.param("draft", "static6", dict(proposal="topk"),
                  marks=pytest.mark.slow),
     pytest.param("ngram", "chain2", {}, marks=pytest.mark.slow),
+    # Speculate only when it pays: the gate (a function of the drafter's
+    # own draws) sends about a third of the rounds to a root-only verify.
+    pytest.param("draft", "kary2x2", dict(proposal="wor", gate=0.6),
+                 marks=pytest.mark.slow),
 ])
 def test_first_tokens_match_autoregressive_law(drafter, tree, options):
   """Joint law of (x1, x2) over ROWS independent rows vs the exact one.
@@ -139,21 +144,33 @@ def test_first_tokens_match_autoregressive_law(drafter, tree, options):
     assert loop.rule.max_top_k == options["max_top_k"]
   if drafter != "ngram":
     assert accepted > 0.3, "the test must exercise acceptance"
+  if options.get("gate"):    # both kinds of rounds ran
+    drafted = sum(r.metrics["drafted_rounds"] for r in results)
+    rounds = sum(r.metrics["target_calls"] - 1 for r in results)
+    assert 0.1 < drafted / rounds < 0.9, (drafted, rounds)
 
 
 def test_proposals_record_scheme_and_q():
   """Sampled rows get the configured scheme and a normalised q; greedy rows
-  top-k with the deterministic scheme; without-replacement children differ."""
+  top-k with the deterministic scheme; without-replacement children differ;
+  every child's log q is its row law's."""
   logits = jax.random.normal(jax.random.key(0), (3, 2, 50)) * 2
   keys = jax.random.split(jax.random.key(1), 3)
   temperature = jnp.array([1.0, 0.0, 0.7])
   top = np.asarray(jax.lax.top_k(logits, 4)[1])
   for proposal, scheme in [("iid", trees.IID),
                            ("wor", trees.WITHOUT_REPLACEMENT)]:
-    tokens, schemes, q = propose_children(logits, 4, proposal, temperature,
-                                          keys)
+    tokens, schemes, q, logq = propose_children(logits, 4, proposal,
+                                                temperature, keys)
     np.testing.assert_array_equal(
         np.asarray(schemes), [scheme, trees.DETERMINISTIC, scheme])
+    # Each child's log-probability under its row's law (T = 1 if greedy).
+    law = jax.nn.log_softmax(
+        logits / jnp.where(temperature > 0, temperature, 1.0)[:, None, None])
+    np.testing.assert_allclose(
+        np.asarray(logq),
+        np.take_along_axis(np.asarray(law), np.asarray(tokens), -1),
+        rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(tokens[1]), top[1])
     np.testing.assert_allclose(np.asarray(q.sum(-1)), 1.0, rtol=1e-5)
     np.testing.assert_allclose(

@@ -137,6 +137,40 @@ def test_greedy_speculative_matrix_float64(x64, drafter_name, tree):
     run_case(drafter_name, tree, rows=(i,))
 
 
+def test_gate_switches_inside_a_run_and_keeps_greedy_output(x64):
+  """Speculate only when it pays (`SpecLoop.gate`): rounds whose drafts the
+  drafter expects to accept fewer than `gate` of verify the root alone.
+  The draft LM proposes every round, so a round without a draft is a gated
+  one: the gate switches inside each row's run (some rounds drafted, some
+  not; gate 0.8 lies inside the rounds' expected accepted drafts on these
+  prompts) and the output equals autoregressive decoding exactly
+  (float64)."""
+  drafter_name, tree, gate = "draft_perturbed", "kary2x2", 0.8
+  model = target(TARGET_OF[drafter_name], "float64")
+  gen = Generator(model, Tokenizer.byte_level(), max_new_tokens=MAX_NEW,
+                  eos_ids=(), drafter=make(drafter_name, model), tree=tree,
+                  gate=gate)
+  assert gen.spec.gate == gate and gen.loop(gen_shapes()).gate == gate
+  out = gen.generate_ids(PROMPTS)
+  ref_tokens, ref_logp = reference(TARGET_OF[drafter_name], "float64",
+                                   (MAX_NEW,) * 3)
+  for r, want, logp in zip(out, ref_tokens, ref_logp):
+    assert r.tokens == want
+    np.testing.assert_allclose(r.logprobs, logp, atol=1e-10)
+  drafted = [r.metrics["drafted_rounds"] for r in out]
+  calls = [r.metrics["target_calls"] - 1 for r in out]   # rounds
+  print(drafter_name, tree, "gate", gate, "drafted rounds", drafted, "of",
+        calls)
+  assert all(0 < d < c for d, c in zip(drafted, calls)), (drafted, calls)
+  assert np.mean([r.metrics["mean_accepted"] for r in out]) > 0.3
+
+
+def gen_shapes():
+  from seqdec.decoding.loops import DecodeShapes  # pylint: disable=g-import-not-at-top
+  return DecodeShapes.for_batch(len(PROMPTS), max(map(len, PROMPTS)),
+                                MAX_NEW, 1)
+
+
 def test_rows_accept_different_lengths_and_stop_inside_a_path(x64):
   """EOS and max_new_tokens landing inside an accepted path; per-row budgets.
 

@@ -117,3 +117,25 @@ def test_positions_are_length_plus_depth():
   t = trees.kary((2, 1))
   pos = trees.positions(jnp.array([5, 9]), jnp.asarray(t.depth)[None])
   np.testing.assert_array_equal(pos, [[5, 6, 6, 7, 7], [9, 10, 10, 11, 11]])
+
+
+def test_expected_accepted_and_the_gate():
+  """E = sum over valid draft nodes of exp(path log q) (each valid node 1
+  without path_logq); `gated` keeps only the root of rows below the gate."""
+  # Row 0: root -> a (q .5) -> b (q .5), root -> c (q .25): E = .5+.25+.25.
+  # Row 1: the same with c invalid: E = .75.
+  parents = jnp.array([[-1, 0, 1, 0], [-1, 0, 1, 0]], jnp.int32)
+  logq = jnp.log(jnp.array([[1.0, 0.5, 0.25, 0.25]] * 2))
+  valid = jnp.array([[True, True, True, True], [True, True, True, False]])
+  tree = trees.Tree.from_parents(jnp.zeros((2, 4), jnp.int32), parents,
+                                 valid=valid, path_logq=logq)
+  np.testing.assert_allclose(np.asarray(tree.expected_accepted()),
+                             [1.0, 0.75], rtol=1e-6)
+  gated, speculate = jax.jit(lambda t: t.gated(0.9))(tree)
+  assert np.asarray(speculate).tolist() == [True, False]
+  np.testing.assert_array_equal(np.asarray(gated.valid),
+                                [[1, 1, 1, 1], [1, 0, 0, 0]])
+  counted = trees.Tree.from_parents(jnp.zeros((2, 4), jnp.int32), parents,
+                                    valid=valid)
+  np.testing.assert_array_equal(np.asarray(counted.expected_accepted()),
+                                [3, 2])

@@ -11,13 +11,19 @@ Every way of naming a decoder goes through this module: the
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
+             |  "gate"       a number g >= 0: a row whose drafts the drafter
+                             expects to accept fewer than g of
+                             (`Tree.expected_accepted`) verifies its root
+                             alone that round (0: never; the app resolves
+                             'auto' to the host's break-even)
     tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
                 static6, paths:0-1-0.0, sequoia16:<file>, auto:<file> (sized
                 to this host's measured costs), dyn16d4k4 (a dynamic-tree
                 budget, grown on device: eagle), ...)
 
 e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
-kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`. Values are
+kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`,
+`eagle@gate=1.2/dyn16d4k4`. Values are
 typed by the option's default (int options parse as int), and an unknown
 drafter, key or value is a `ConfigError` naming what is known.
 
@@ -82,6 +88,19 @@ def _typed(key: str, value: Any, default: Any) -> Any:
   return str(value)
 
 
+def _gate(value: Any) -> float:
+  """A gate threshold as a float >= 0 (ConfigError otherwise)."""
+  try:
+    gate = float(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"gate expects a number >= 0 (expected accepted drafts"
+                      f" below which a round verifies its root alone), got "
+                      f"{value!r}") from None
+  if not gate >= 0 or gate == float("inf"):
+    raise ConfigError(f"gate must be a finite number >= 0, got {value!r}")
+  return gate
+
+
 TREE_PREFIXES = tree_specs.PREFIXES
 
 
@@ -109,6 +128,9 @@ class SpecConfig:
     proposal: how model drafters draw children at temperature > 0.
     max_top_k: static cap on per-row top_k, shared by the sampler and the
       acceptance rule.
+    gate: speculate only when it pays: a row whose expected accepted drafts
+      (`Tree.expected_accepted`, by the drafter's own confidence) are below
+      `gate` verifies its root alone that round; 0 never gates.
   """
   drafter: Optional[str] = None
   options: tuple[tuple[str, Any], ...] = ()
@@ -116,6 +138,7 @@ class SpecConfig:
   rule: str = "auto"
   proposal: str = "topk"
   max_top_k: int = DEFAULT_MAX_TOP_K
+  gate: float = 0.0
 
   def __post_init__(self):
     if self.drafter is not None and self.drafter not in DRAFTER_OPTIONS:
@@ -132,6 +155,7 @@ class SpecConfig:
                         f"proposal={self.proposal!r} needs a model drafter")
     if self.max_top_k < 1:
       raise ConfigError(f"max_top_k must be >= 1, got {self.max_top_k}")
+    object.__setattr__(self, "gate", _gate(self.gate))
     known = DRAFTER_OPTIONS.get(self.drafter, {})
     typed = {}
     for key, value in dict(self.options).items():
@@ -171,8 +195,8 @@ class SpecConfig:
       raise ConfigError(f"a decoder method must be a non-empty string, got "
                         f"{method!r}")
     method = method.strip()
-    fields = {k: defaults.pop(k) for k in ("rule", "proposal", "max_top_k")
-              if k in defaults}
+    fields = {k: defaults.pop(k) for k in ("rule", "proposal", "max_top_k",
+                                           "gate") if k in defaults}
     if method == AR:
       return cls(max_top_k=fields.get("max_top_k", DEFAULT_MAX_TOP_K))
     head, slash, tree = _split_tree(method)
@@ -197,6 +221,8 @@ class SpecConfig:
         fields[key] = value
       elif key == "max_top_k":
         fields[key] = _typed(key, value, 0)
+      elif key == "gate":
+        fields[key] = value
       else:
         options[key] = value
     return cls(drafter=drafter, options=tuple(options.items()), tree=tree,
@@ -212,6 +238,8 @@ class SpecConfig:
       items.append(f"@proposal={self.proposal}")
     if self.rule != "auto":
       items.append(f"@rule={self.rule}")
+    if self.gate:
+      items.append(f"@gate={self.gate:g}")
     return f"{self.drafter}{''.join(items)}/{self.tree}"
 
   # -- the config file's nested block ----------------------------------------
@@ -221,7 +249,8 @@ class SpecConfig:
     """From a `config.spec` block (`to_config`'s layout); unknown keys are a
     `ConfigError`."""
     block = dict(block)
-    known = {"drafter", "tree", "rule", "proposal", "max_top_k", "options"}
+    known = {"drafter", "tree", "rule", "proposal", "max_top_k", "options",
+             "gate"}
     unknown = set(block) - known
     if unknown:
       raise ConfigError(f"unknown spec keys {sorted(unknown)}; known: "
@@ -237,19 +266,21 @@ class SpecConfig:
     return cls(drafter=drafter, options=tuple(options.items()),
                tree=block.get("tree", "chain4"), rule=block.get("rule", "auto"),
                proposal=block.get("proposal", "topk"),
-               max_top_k=int(block.get("max_top_k", DEFAULT_MAX_TOP_K)))
+               max_top_k=int(block.get("max_top_k", DEFAULT_MAX_TOP_K)),
+               gate=block.get("gate", 0.0))
 
   def to_config(self) -> dict[str, Any]:
     """A plain dict for `config.spec`: every drafter's options appear (with
     this drafter's values), so `--config.spec.options.<key>=...` overrides
-    type-check against the config file."""
+    type-check against the config file. `gate` is a string there, so that
+    `--config.spec.gate=auto` (the app's host break-even) can be set."""
     options = {k: v for opts in DRAFTER_OPTIONS.values()
                for k, v in opts.items()}
     if self.drafter is not None:
       options.update(self.drafter_options())
     return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
                 proposal=self.proposal, max_top_k=self.max_top_k,
-                options=options)
+                gate=f"{self.gate:g}", options=options)
 
 
 def resolve_rule(rule: str, temperature: Any) -> str:

@@ -64,6 +64,8 @@ class SpecState:
     draft: the drafter's state.
     accept_hist: `[B, M]` rounds in which the row was live, by number of
       accepted drafts D (0 .. M-1); its row sums are the rows' target calls.
+    drafted: `[B]` rounds in which the row was live and had a draft node to
+      verify (not an n-gram miss, not gated off: `SpecLoop.gate`).
   """
   step: jax.Array
   root: jax.Array
@@ -76,6 +78,7 @@ class SpecState:
   cache: Any
   draft: Any
   accept_hist: jax.Array
+  drafted: jax.Array
 
 
 @flax.struct.dataclass
@@ -127,6 +130,12 @@ class SpecLoop(LoopMixin):
     rule: the acceptance rule (`verify.make_rule`).
     sampler: the sampler of the first token (from the prefill logits).
     shapes: the shape bucket.
+    gate: speculate only when it pays: a row whose drafts the drafter expects
+      to accept fewer than `gate` of (`Tree.gated`) verifies its root alone
+      that round, and when no row speculates the verify is one decoding step
+      (`verify`); 0 never gates. A threshold of verify(N) / verify(1) - 1
+      is the break-even of an N-node tree
+      (`host_profile.HostProfile.break_even`).
   """
   target: Any
   drafter: Drafter
@@ -134,6 +143,7 @@ class SpecLoop(LoopMixin):
   rule: Any
   sampler: Sampler
   shapes: DecodeShapes
+  gate: float = 0.0
 
   @property
   def capacity(self) -> int:
@@ -174,7 +184,8 @@ class SpecLoop(LoopMixin):
                      logprobs=logprobs, margins=margins, num_new=num_new,
                      done=done,
                      cache=cache, draft=dstate,
-                     accept_hist=jnp.zeros((b, m), jnp.int32))
+                     accept_hist=jnp.zeros((b, m), jnp.int32),
+                     drafted=jnp.zeros((b,), jnp.int32))
 
   def draft(self, *, params, state: SpecState, inputs: Inputs) -> Drafted:
     """Phase 1: the drafter proposes a tree under each row's root.
@@ -192,6 +203,8 @@ class SpecLoop(LoopMixin):
     tree, dstate, cache = self.drafter.propose(
         params[1], state.draft, self.tree, rnd, state.cache,
         step_keys(inputs.keys, state.step + 1))
+    if self.gate > 0:
+      tree, _ = tree.gated(self.gate)
     return Drafted(tree=tree, rnd=rnd, dstate=dstate, cache=cache)
 
   def verify(self, *, params, state: SpecState, inputs: Inputs,
@@ -281,10 +294,12 @@ class SpecLoop(LoopMixin):
                      s.prev)
     hist = s.accept_hist + (live[:, None]
                             & (j[None] == acc.num_accepted[:, None]))
+    drafted = s.drafted + (live & jnp.any(draft.tree.valid[:, 1:], axis=1))
     return s.replace(step=s.step + 1, root=root, prev=prev, tokens=tokens,
                      logprobs=logprobs, margins=margins, num_new=num_new,
                      done=done,
-                     cache=cache, draft=dstate, accept_hist=hist)
+                     cache=cache, draft=dstate, accept_hist=hist,
+                     drafted=drafted)
 
   def step(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
     """One round: `finish(verify(draft(state)))`."""

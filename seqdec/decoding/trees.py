@@ -251,6 +251,11 @@ class Tree:
       (`DETERMINISTIC`, `IID` or `WITHOUT_REPLACEMENT`).
     q: `[B, N, V]` float32 draft distribution each node's children were drawn
       from, or None when every scheme is deterministic.
+    path_logq: `[B, N]` float32 the drafter's log-probability of each node's
+      path below the root, sum over the path's nodes u of log q(x_u |
+      ancestors) (root 0; EAGLE-2's node score, the drafter's confidence that
+      the node is accepted), or None when the drafter has no distribution
+      (n-gram lookup: every valid node counts as certain).
   """
   tokens: jax.Array
   parents: jax.Array
@@ -259,12 +264,14 @@ class Tree:
   mask: jax.Array
   scheme: jax.Array
   q: Optional[jax.Array] = None
+  path_logq: Optional[jax.Array] = None
 
   @classmethod
   def from_parents(cls, tokens: jax.Array, parents: jax.Array,
                    valid: Optional[jax.Array] = None,
                    scheme=DETERMINISTIC,
-                   q: Optional[jax.Array] = None) -> "Tree":
+                   q: Optional[jax.Array] = None,
+                   path_logq: Optional[jax.Array] = None) -> "Tree":
     """A tree of any topology, derived on device (jit-friendly).
 
         mask  = ancestor_mask(parents)          (`seqdec.kernels.tree_mask`)
@@ -280,6 +287,7 @@ class Tree:
         node (default `DETERMINISTIC`), or per node `[N]` (the same in every
         row) or `[B, N]`.
       q: `[B, N, V]` draft distributions, or None.
+      path_logq: `[B, N]` path log-probabilities (class docstring), or None.
     """
     b, n = tokens.shape
     if np.ndim(scheme) and np.shape(scheme) not in ((n,), (b, n)):
@@ -293,7 +301,35 @@ class Tree:
                mask=mask,
                scheme=jnp.broadcast_to(jnp.asarray(scheme, jnp.int32),
                                        (b, n)),
-               q=q)
+               q=q, path_logq=path_logq)
+
+  def expected_accepted(self) -> jax.Array:
+    """`[B]` drafts a round is expected to accept, by the drafter's own
+    confidence (EAGLE-2: the path probability tracks the acceptance rate).
+
+    The accepted nodes form one path below the root, so their number is the
+    sum over nodes of "v is accepted"; taking the drafter's path probability
+    as that event's probability,
+
+        E[b] = sum_{i >= 1, valid[b, i]} exp(path_logq[b, i])
+
+    (each valid node counts 1 when `path_logq` is None).
+    """
+    draft = self.valid.at[:, 0].set(False)
+    if self.path_logq is None:
+      return jnp.sum(draft, axis=1, dtype=jnp.float32)
+    return jnp.sum(jnp.where(draft, jnp.exp(self.path_logq), 0.0), axis=1)
+
+  def gated(self, min_expected: float) -> tuple["Tree", jax.Array]:
+    """`(tree, speculate [B] bool)`: rows whose `expected_accepted()` is
+    below `min_expected` keep only their root valid, so the round verifies
+    the root alone (an autoregressive step; when no row speculates the
+    verify runs at T = 1). Only the proposal changes, and as a function of
+    the drafter's draws alone, so every acceptance rule stays lossless:
+    a row with no valid child emits the target's own token."""
+    speculate = self.expected_accepted() >= min_expected
+    keep = speculate[:, None] | (jnp.arange(self.valid.shape[1]) == 0)[None]
+    return self.replace(valid=self.valid & keep), speculate
 
   @classmethod
   def from_shape(cls, shape: "TreeShape", tokens: jax.Array,

@@ -105,5 +105,7 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
                             take(tok_all, kept)], 1)
   parents_out = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32),
                                  parent_new.astype(jnp.int32)], 1)
-  return Tree.from_parents(tokens, parents_out,
-                           scheme=trees_lib.DETERMINISTIC), carry
+  path_logq = jnp.concatenate([jnp.zeros((b, 1), jnp.float32),
+                               take(score_all, kept)], 1)
+  return Tree.from_parents(tokens, parents_out, scheme=trees_lib.DETERMINISTIC,
+                           path_logq=path_logq), carry

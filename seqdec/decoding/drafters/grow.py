@@ -78,15 +78,22 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
     key: `[B]` typed keys for this level.
 
   Returns:
-    `(tokens [B, w, k] int32, scheme [B] int32, q [B, w, V] float32)`: the
-    candidates, each row's scheme (deterministic for greedy rows), and q.
+    `(tokens [B, w, k] int32, scheme [B] int32, q [B, w, V] float32,
+    logq [B, w, k] float32)`: the candidates, each row's scheme
+    (deterministic for greedy rows), q (None when every row is
+    deterministic), and each candidate's log-probability under the row's
+    law (softmax(logits / T), T = 1 for greedy rows): the drafter's
+    confidence (`Tree.path_logq`).
   """
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  top = sharding.top_k(logits, k)[1].astype(jnp.int32)
+  top_logit, top = sharding.top_k(logits, k)
+  top = top.astype(jnp.int32)
   b = logits.shape[0]
   check_proposal(proposal)
   if proposal == "topk" or temperature is None:
-    return top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None
+    top_logq = top_logit - jax.nn.logsumexp(logits, -1, keepdims=True)
+    return (top, jnp.full((b,), trees_lib.DETERMINISTIC, jnp.int32), None,
+            top_logq)
   sampled = temperature > 0
   t = jnp.where(sampled, temperature, 1.0)[:, None, None]
   logq = jax.nn.log_softmax(logits / t, axis=-1)                  # [B, w, V]
@@ -104,7 +111,8 @@ def propose_children(logits: jax.Array, k: int, proposal: str,
   drawn = drawn.astype(jnp.int32)
   tokens = jnp.where(sampled[:, None, None], drawn, top)
   scheme = jnp.where(sampled, PROPOSALS[proposal], trees_lib.DETERMINISTIC)
-  return tokens, scheme.astype(jnp.int32), jnp.exp(logq)
+  return (tokens, scheme.astype(jnp.int32), jnp.exp(logq),
+          jnp.take_along_axis(logq, tokens, axis=-1))
 
 
 Expand = Callable[[int, jax.Array, Any], tuple[jax.Array, Any]]
@@ -161,17 +169,22 @@ def grow_static_tree(shape: TreeShape, rnd: Round, key: jax.Array,
   sampling = proposal != "topk" and rnd.temperature is not None
   scheme = jnp.full((b, n), trees_lib.DETERMINISTIC, jnp.int32)
   q = jnp.zeros((b, n, vocab_size), jnp.float32) if sampling else None
+  path_logq = jnp.zeros((b, n), jnp.float32)
   for d in range(shape.max_depth):
     lo, hi = shape.levels[d]
     logits, carry = expand(d, tokens, carry)                    # [B, w, V]
     level_keys = (jax.vmap(lambda k, d=d: jax.random.fold_in(k, d))(key)
                   if sampling else None)
-    cand, level_scheme, level_q = propose_children(
+    cand, level_scheme, level_q, cand_logq = propose_children(
         logits, k_max, proposal if sampling else "topk", rnd.temperature,
         level_keys)                                             # [B, w, k]
     c_lo, c_hi, parent_offset, rank = static_children(shape, d)
     tokens = tokens.at[:, c_lo:c_hi].set(cand[:, parent_offset, rank])
+    path_logq = path_logq.at[:, c_lo:c_hi].set(
+        path_logq[:, lo + parent_offset]
+        + cand_logq[:, parent_offset, rank].astype(jnp.float32))
     scheme = scheme.at[:, lo:hi].set(level_scheme[:, None])
     if sampling:
       q = q.at[:, lo:hi].set(level_q)
-  return Tree.from_parents(tokens, parents, scheme=scheme, q=q), carry
+  return Tree.from_parents(tokens, parents, scheme=scheme, q=q,
+                           path_logq=path_logq), carry
