@@ -38,9 +38,11 @@ TOL_F64 = 1e-10  # CONTRIBUTING.md: anything in float64.
 # The float64 check costs a second set of compilations; these cases cover
 # every mapping feature (GQA, untied/tied heads, head_dim != D/H, llama3 RoPE,
 # q/k/v biases, sliding window).
-FLOAT64_CASES = ("llama_rope_llama3", "llama_head_dim_32", "qwen2_qkv_bias",
-                 "mistral_window_8", "llama_attn_mlp_bias",
-                 "gemma3_gqa_window")
+# CI time: two in the default tier, the rest slow.
+FLOAT64_CASES = ("llama_rope_llama3", "gemma3_gqa_window") + tuple(
+    pytest.param(n, marks=pytest.mark.slow) for n in (
+        "llama_head_dim_32", "qwen2_qkv_bias", "mistral_window_8",
+        "llama_attn_mlp_bias"))
 ALL_CASES = sorted(hf_fixtures.PARITY_CASES)
 WINDOW_CASES = ("mistral_window_8", "qwen2_sliding_all_layers",
                 "gemma3_gqa_window", "gemma3_mqa_tied")
@@ -110,10 +112,15 @@ def test_full_sequence_matches_hf(cases, name):
   assert _report(name, "full", ref, np.asarray(logits)) <= TOL
 
 
-# CI time: Gemma's windowed chunked case in the slow tier (its full-sequence
-# case and the other windowed chunked cases stay in the default tier).
-CHUNKED_CASES = [pytest.param(n, marks=pytest.mark.slow)
-                 if n == "gemma3_gqa_window" else n for n in ALL_CASES]
+# CI time: the default tier prefills then extends the cases that stand for
+# the transformer's cache-contract variants run only in the slow tier
+# (tests/TIERS.md: untied, MHA, q/k/v bias, llama3 RoPE) and Gemma's tied MQA
+# with its local/global layers; every case runs in the slow tier, and every
+# case's full-sequence parity in the default one.
+DEFAULT_CHUNKED = ("llama_gqa_untied", "llama_tied_mha", "qwen2_qkv_bias",
+                   "llama_rope_llama3", "gemma3_mqa_tied")
+CHUNKED_CASES = [n if n in DEFAULT_CHUNKED else
+                 pytest.param(n, marks=pytest.mark.slow) for n in ALL_CASES]
 
 
 @pytest.mark.parametrize("name", CHUNKED_CASES)

@@ -270,7 +270,8 @@ def gemma_target():
   return testing.tiny_gemma3()
 
 
-@pytest.mark.parametrize("kind", ["layerskip", "draft", "layerskip-gemma"])
+@pytest.mark.parametrize("kind", ["layerskip", "draft", pytest.param(
+    "layerskip-gemma", marks=pytest.mark.slow)])
 def test_rank_statistics_match_the_drafters(target, gemma_target, kind):
   """Teacher-forced top-K == the drafter's own proposal at every root (a
   tiny Gemma 3: sliding window 8 < the 21+ context, so the teacher-forced

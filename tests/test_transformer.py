@@ -152,7 +152,8 @@ def test_tree_mask_equals_each_root_to_node_path(window):
     assert err <= F32_MODEL_TOL, (node, err)
 
 
-@pytest.mark.parametrize("window", [None, 12])
+@pytest.mark.parametrize("window", [None, pytest.param(
+    12, marks=pytest.mark.slow)])
 def test_tree_level_by_level_in_a_scratch_window_equals_one_call(window):
   """Tree drafting feeds one level per call over a growing scratch window."""
   model = make_model(sliding_window=window)
