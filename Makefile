@@ -52,15 +52,16 @@ PYTEST_XDIST := -n $(PYTEST_WORKERS)
 
 # Default tier: <= 5 min on 2 cores (CONTRIBUTING.md); prints its 15 slowest
 # tests.
-# The default tier compiles hundreds of tiny programs whose run time is
-# negligible: XLA's backend optimisations (LLVM) are switched off for it, which
-# roughly halves its compile time; the slow tier, the demo and the benchmarks
-# compile with full optimisation (CONTRIBUTING.md, "Test tiers").
+# Both tiers compile hundreds of tiny programs whose run time is negligible:
+# XLA's backend optimisations (LLVM) are switched off, which roughly halves
+# their compile time; tests marked `realmodel` (tests/conftest.py), the demo
+# and the benchmarks compile with full optimisation (CONTRIBUTING.md,
+# "Optimisation level").
 test: $(VENV)/.stamp-test
 	JAX_DISABLE_MOST_OPTIMIZATIONS=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -m "slow" $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
+	JAX_DISABLE_MOST_OPTIMIZATIONS=1 $(PY) -m pytest -q -m "slow" $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-all: test test-slow
 

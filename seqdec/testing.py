@@ -166,7 +166,8 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   its last stdout line that starts with 'RESULT ', without the marker.
   `optimize=False` compiles with XLA's backend optimisations off
   (JAX_DISABLE_MOST_OPTIMIZATIONS: SPMD partitioning still runs, so the
-  collectives are the same), for tiny models whose cost is compiling.
+  collectives are the same), for tiny models whose cost is compiling;
+  `optimize=True` with them on, whatever the caller's environment.
   A failed run raises AssertionError with the end of its stderr."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -174,8 +175,7 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              JAX_ENABLE_X64="1" if x64 else "0",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  if not optimize:
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimize else "1"
   done = subprocess.run([sys.executable, "-c", script, *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -77,6 +77,27 @@ def _atomic_cache_put():
 _atomic_cache_put()
 
 
+OPTIMIZE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+@pytest.fixture(autouse=True)
+def _optimisation_level(request, monkeypatch):
+  """Both tiers run with XLA's backend optimisations off (the Makefile sets
+  JAX_DISABLE_MOST_OPTIMIZATIONS=1: tiny models, compile-bound); a
+  `realmodel` test, whose cost is running a real model, compiles with full
+  optimisation, as users run it, and so do the subprocesses it starts."""
+  if request.node.get_closest_marker("realmodel") is None:
+    yield
+    return
+  before = jax.config.jax_disable_most_optimizations
+  jax.config.update("jax_disable_most_optimizations", False)
+  monkeypatch.setenv(OPTIMIZE_ENV, "0")
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture
 def x64():
   """Runs a test with 64-bit JAX types enabled."""

@@ -29,8 +29,16 @@ def test_committed_without_outputs(path):
           f"{path.name} cell {i} has outputs: clear them before committing")
 
 
+# Notebooks that decode SmolLM2 (`realmodel`: compiled with full
+# optimisation, tests/conftest.py); the others run tiny models.
+REAL_MODEL_NOTEBOOKS = ("quickstart", "sharded_decoding")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.realmodel)
+    if p.stem in REAL_MODEL_NOTEBOOKS else p for p in NOTEBOOKS],
+                         ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path):
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   nb = nbformat.read(path, as_version=4)

@@ -234,6 +234,7 @@ def test_the_tree_kernel_runs_per_shard():
 
 
 @pytest.mark.slow
+@pytest.mark.realmodel
 def test_smollm2_on_data2_model4_under_the_margin_rule():
   """Real weights, float32: n-gram decoding (its prefill, verifies and
   commits) on data:2 x model:4 (attention replicated: 3 kv heads) gives
