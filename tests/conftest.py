@@ -89,7 +89,7 @@ def _optimisation_level(request, monkeypatch):
   if request.node.get_closest_marker("realmodel") is None:
     yield
     return
-  before = jax.config.jax_disable_most_optimizations
+  before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
   monkeypatch.setenv(OPTIMIZE_ENV, "0")
   try:
