@@ -89,6 +89,27 @@ def gen_shapes():
   return DecodeShapes.for_batch(BATCH, len(PROMPT), 3, 1)
 
 
+def first_two_tokens_chi2(results, options):
+  """`(stat, p-value, dof, p-value by rank)` of the rows' first two tokens
+  against the exact joint law at the options' temperature and top-k."""
+  pairs = np.array([r.tokens[:2] for r in results])
+  v = target().config.vocab_size
+  counts = np.zeros((v, v))
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  joint = exact_joint(target(), PROMPT, options.get("temperature", 1.0),
+                      options.get("top_k", 0), options.get("max_top_k", 64))
+  stat, pvalue, dof = chi2_pvalue(counts, joint)
+  # The same law coarsened to the rank of x2 under p(. | x1), in blocks of
+  # 16: a few full cells see a shift between ranks (e.g. a target cut at
+  # the wrong top-k) that the joint's pooled sparse cells can hide.
+  rank = np.argsort(np.argsort(-joint, axis=1, kind="stable"), axis=1)
+  blocks = rank // 16
+  by_rank = np.bincount(blocks.ravel(), counts.ravel())
+  _, p_rank, _ = chi2_pvalue(by_rank, np.bincount(blocks.ravel(),
+                                                  joint.ravel()))
+  return stat, pvalue, dof, p_rank
+
+
 @pytest.mark.parametrize("drafter,tree,options", [
     # top_k = 100 above the rule's old fixed cap of 64 (issue 13): the rule
     # must take the sampler's max_top_k, or x2 follows a top-64 law. At
@@ -105,9 +126,11 @@ def gen_shapes():
     pytest.param("draft", "static6", dict(proposal="topk"),
                  marks=pytest.mark.slow),
     pytest.param("ngram", "chain2", {}, marks=pytest.mark.slow),
-    # Speculate only when it pays: the gate (a function of the drafter's
-    # own draws) sends about a third of the rounds to a root-only verify.
-    pytest.param("draft", "kary2x2", dict(proposal="wor", gate=0.6),
+    # Speculate only when it pays: top-k children at T = 1 (a tree fixed by
+    # the prefix); the gate sends about 60% of the rounds to a root-only
+    # verify (`test_gating_on_drawn_children_biases_the_law` is its
+    # negative control).
+    pytest.param("draft", "kary2x2", dict(proposal="topk", gate=0.75),
                  marks=pytest.mark.slow),
 ])
 def test_first_tokens_match_autoregressive_law(drafter, tree, options):
@@ -118,21 +141,7 @@ def test_first_tokens_match_autoregressive_law(drafter, tree, options):
   """
   gen = spec_generator(drafter, tree, **options)
   results = gen.generate_ids([PROMPT] * ROWS, seed=11)
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = target().config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  joint = exact_joint(target(), PROMPT, options.get("temperature", 1.0),
-                      options.get("top_k", 0), options.get("max_top_k", 64))
-  stat, pvalue, dof = chi2_pvalue(counts, joint)
-  # The same law coarsened to the rank of x2 under p(. | x1), in blocks of
-  # 16: a few full cells see a shift between ranks (e.g. a target cut at
-  # the wrong top-k) that the joint's pooled sparse cells can hide.
-  rank = np.argsort(np.argsort(-joint, axis=1, kind="stable"), axis=1)
-  blocks = rank // 16
-  by_rank = np.bincount(blocks.ravel(), counts.ravel())
-  _, p_rank, _ = chi2_pvalue(by_rank, np.bincount(blocks.ravel(),
-                                                  joint.ravel()))
+  stat, pvalue, dof, p_rank = first_two_tokens_chi2(results, options)
   accepted = np.mean([r.metrics["mean_accepted"] for r in results])
   print(f"{drafter}/{tree} {options}: chi2 {stat:.1f} dof {dof} "
         f"p {pvalue:.3g} (by rank of x2: p {p_rank:.3g}); accepted drafts "
@@ -148,6 +157,29 @@ def test_first_tokens_match_autoregressive_law(drafter, tree, options):
     drafted = sum(r.metrics["drafted_rounds"] for r in results)
     rounds = sum(r.metrics["target_calls"] - 1 for r in results)
     assert 0.1 < drafted / rounds < 0.9, (drafted, rounds)
+
+
+@pytest.mark.slow
+def test_gating_on_drawn_children_biases_the_law(monkeypatch):
+  """Negative control of `Tree.gated`: a gate that also reads drawn
+  (without-replacement) children keeps the rounds whose draws the drafter
+  likes best, which selects draws and biases x2 far past the χ² bound;
+  the real gate leaves such rows speculating."""
+  def gated_on_draws(tree, min_expected):
+    speculate = tree.expected_accepted() >= min_expected
+    keep = speculate[:, None] | (jnp.arange(tree.valid.shape[1]) == 0)[None]
+    return tree.replace(valid=tree.valid & keep), speculate
+  monkeypatch.setattr(trees.Tree, "gated", gated_on_draws)
+  options = dict(proposal="wor", gate=0.6)
+  results = spec_generator("draft", "kary2x2", **options).generate_ids(
+      [PROMPT] * ROWS, seed=11)
+  drafted = sum(r.metrics["drafted_rounds"] for r in results)
+  rounds = sum(r.metrics["target_calls"] - 1 for r in results)
+  stat, pvalue, dof, _ = first_two_tokens_chi2(results, options)
+  print(f"gated on draws: chi2 {stat:.1f} dof {dof} p {pvalue:.3g}; "
+        f"drafted {drafted} of {rounds} rounds")
+  assert 0.1 < drafted / rounds < 0.9
+  assert pvalue < P_MIN, (stat, dof, pvalue)
 
 
 def test_proposals_record_scheme_and_q():

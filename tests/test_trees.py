@@ -121,7 +121,8 @@ def test_positions_are_length_plus_depth():
 
 def test_expected_accepted_and_the_gate():
   """E = sum over valid draft nodes of exp(path log q) (each valid node 1
-  without path_logq); `gated` keeps only the root of rows below the gate."""
+  without path_logq); `gated` keeps only the root of rows below the gate
+  whose children were all chosen deterministically."""
   # Row 0: root -> a (q .5) -> b (q .5), root -> c (q .25): E = .5+.25+.25.
   # Row 1: the same with c invalid: E = .75.
   parents = jnp.array([[-1, 0, 1, 0], [-1, 0, 1, 0]], jnp.int32)
@@ -135,6 +136,12 @@ def test_expected_accepted_and_the_gate():
   assert np.asarray(speculate).tolist() == [True, False]
   np.testing.assert_array_equal(np.asarray(gated.valid),
                                 [[1, 1, 1, 1], [1, 0, 0, 0]])
+  # Drawn children (row 1's root: i.i.d.) are never gated: the decision
+  # would read the draws.
+  drawn = tree.replace(scheme=tree.scheme.at[1, 0].set(trees.IID))
+  gated, speculate = drawn.gated(0.9)
+  assert np.asarray(speculate).tolist() == [True, True]
+  np.testing.assert_array_equal(np.asarray(gated.valid), np.asarray(valid))
   counted = trees.Tree.from_parents(jnp.zeros((2, 4), jnp.int32), parents,
                                     valid=valid)
   np.testing.assert_array_equal(np.asarray(counted.expected_accepted()),

@@ -130,7 +130,8 @@ class SpecConfig:
       acceptance rule.
     gate: speculate only when it pays: a row whose expected accepted drafts
       (`Tree.expected_accepted`, by the drafter's own confidence) are below
-      `gate` verifies its root alone that round; 0 never gates.
+      `gate` verifies its root alone that round (rows whose children are
+      drawn at random are never gated: `Tree.gated`); 0 never gates.
   """
   drafter: Optional[str] = None
   options: tuple[tuple[str, Any], ...] = ()

@@ -131,7 +131,8 @@ class SpecLoop(LoopMixin):
     sampler: the sampler of the first token (from the prefill logits).
     shapes: the shape bucket.
     gate: speculate only when it pays: a row whose drafts the drafter expects
-      to accept fewer than `gate` of (`Tree.gated`) verifies its root alone
+      to accept fewer than `gate` of (`Tree.gated`: rows with deterministic
+      children only, which keeps every rule lossless) verifies its root alone
       that round, and when no row speculates the verify is one decoding step
       (`verify`); 0 never gates. A threshold of verify(N) / verify(1) - 1
       is the break-even of an N-node tree

@@ -324,10 +324,20 @@ class Tree:
     """`(tree, speculate [B] bool)`: rows whose `expected_accepted()` is
     below `min_expected` keep only their root valid, so the round verifies
     the root alone (an autoregressive step; when no row speculates the
-    verify runs at T = 1). Only the proposal changes, and as a function of
-    the drafter's draws alone, so every acceptance rule stays lossless:
-    a row with no valid child emits the target's own token."""
-    speculate = self.expected_accepted() >= min_expected
+    verify runs at T = 1); a row with no valid child emits the target's own
+    token, under every rule.
+
+    Only rows whose children are all chosen deterministically are gated
+    (greedy rows, top-k proposals at any temperature, n-gram lookup): their
+    tree, and so the decision, is a function of the committed prefix, and
+    the rule's output law given any fixed tree is the target's. A row with
+    drawn children (i.i.d. or without replacement) always speculates:
+    its output has the target's law only averaged over the draws, and a
+    decision that reads the drawn tokens (their confidence) would select
+    draws and bias it (`tests/test_spec_sampling.py` shows the bias).
+    """
+    drawn = jnp.any(self.valid & (self.scheme != DETERMINISTIC), axis=1)
+    speculate = drawn | (self.expected_accepted() >= min_expected)
     keep = speculate[:, None] | (jnp.arange(self.valid.shape[1]) == 0)[None]
     return self.replace(valid=self.valid & keep), speculate
 
