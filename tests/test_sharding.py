@@ -28,11 +28,14 @@ SCRIPT = textwrap.dedent("""\
     assert jax.device_count() == 8
     cases = json.loads(sys.argv[1])
     prompts = ["abcabcabc", "hello there", "1 2 3 1 2 3", "xyz", "the cat"]
-    out, unsharded = [], {}
+    out, unsharded, loaded = [], {}, {}
     for case in cases:
+      method = case["spec"]    # before a checkpoint path is filled in
       if case.get("model"):
         import seqdec
-        model, tok = seqdec.load_pretrained(case["model"])
+        if case["model"] not in loaded:
+          loaded[case["model"]] = seqdec.load_pretrained(case["model"])
+        model, tok = loaded[case["model"]]
       else:
         model = testing.tiny_model(case.get("dtype", "float32"))
         tok = Tokenizer.byte_level()
@@ -51,8 +54,7 @@ SCRIPT = textwrap.dedent("""\
         model = transformer.reconfigured(model, attention_impl="pallas")
       kw = dict(max_new_tokens=12, eos_ids=(), seed=3,
                 temperature=case.get("temperature", 0.0))
-      key = (case.get("model"), case.get("net") or case["spec"],
-             case.get("dtype"),
+      key = (case.get("model"), method, case.get("dtype"),
              kw["temperature"], case.get("pallas"))
       if key not in unsharded:
         unsharded[key] = Generator(model, tok, case["spec"],
@@ -157,18 +159,19 @@ def test_every_mesh_shape_equals_unsharded_float64():
 
 @pytest.mark.slow
 def test_every_drafter_on_data4_model2_equals_unsharded_float64():
-  """The draft LM, EAGLE (dynamic tree) and Hydra heads (random weights,
-  saved and loaded as checkpoints), sampled at T=1 in float64 on data:4 x
-  model:2: the one-device tokens, no weight, KV or vocabulary-row gather
-  in the step."""
+  """Every drafter with a network: the draft LM, EAGLE (static and dynamic
+  tree), Medusa and Hydra heads (random weights, saved and loaded as
+  checkpoints), sampled at T=1 in float64 on data:4 x model:2: the
+  one-device tokens, no weight, KV or vocabulary-row gather in the step
+  (layer-skip and n-gram: the every-mesh and tree-kernel tests)."""
   # The compiled step is read for the two ways children are chosen (the
   # static-tree grower, shared by the draft LM, EAGLE, Medusa and Hydra,
   # and EAGLE-2's dynamic tree), not recompiled for every drafter.
-  # CI time: EAGLE's static tree and Medusa share the grower and the heads
-  # code with the draft LM and Hydra cases; they are left out here.
   cases = [dict(spec="draft@draft_layers=1/kary2x1", hlo=True),
            dict(spec="eagle@checkpoint={ckpt}/dyn6d3k2", net="eagle",
                 hlo=True),
+           dict(spec="eagle@checkpoint={ckpt}/kary2x1", net="eagle"),
+           dict(spec="medusa@checkpoint={ckpt}/kary2x1x1", net="medusa"),
            dict(spec="hydra@checkpoint={ckpt}/kary2x1x1", net="hydra")]
   rows = run_cases(*[dict(c, mesh="data:4,model:2", dtype="float64",
                           temperature=1.0) for c in cases], x64=True)
@@ -236,11 +239,13 @@ def test_the_tree_kernel_runs_per_shard():
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_smollm2_on_data2_model4_under_the_margin_rule():
-  """Real weights, float32: n-gram decoding (its prefill, verifies and
-  commits) on data:2 x model:4 (attention replicated: 3 kv heads) gives
-  the one-device tokens wherever the one-device margin is not a tie."""
-  rows = run_cases(dict(mesh="data:2,model:4", spec="ngram/chain4",
-                       model="smollm2-135m-instruct", margin_rule=True))
+  """Real weights, float32: autoregressive and n-gram decoding (prefill,
+  steps, verifies and commits) on data:2 x model:4 (attention replicated:
+  3 kv heads) give the one-device tokens wherever the one-device margin is
+  not a tie."""
+  rows = run_cases(*[dict(mesh="data:2,model:4", spec=spec,
+                          model="smollm2-135m-instruct", margin_rule=True)
+                     for spec in ("ar", "ngram/chain4")])
   for r in rows:
     assert r["replicated"] == ["heads", "kv_heads"], r
     print(r["spec"], "ties:", r["ties"])
