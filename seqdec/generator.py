@@ -98,10 +98,10 @@ class Generator:
     max_top_k: static cap on per-row top_k, shared by the sampler and the
       speculative acceptance rule (a method string's `@max_top_k=` wins).
     drafter, tree, rule, proposal, gate, drafter_options: the `SpecConfig`
-      fields as keywords (instead of `spec`), or `drafter=` a `Drafter` object (a
-      custom drafter, with `tree` and `rule`). `drafter_options` may hold
-      `draft_model=` a loaded model; a name or path there is loaded with
-      `seqdec.load_pretrained`.
+      fields as keywords (instead of `spec`), or `drafter=` a `Drafter`
+      object (a custom drafter, with `tree` and `rule`). `drafter_options`
+      may hold `draft_model=` a loaded model; a name or path there is loaded
+      with `seqdec.load_pretrained`.
     mesh: None, or a `jax.sharding.Mesh` from
       `seqdec.parallel.sharding.make_mesh`: each batch's rows (rounded up to
       a multiple of the `data` axis) are split over `data`, parameters by

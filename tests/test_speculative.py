@@ -23,6 +23,7 @@ from seqdec.decoding import tree_specs
 from seqdec.decoding import trees as trees_lib
 from seqdec.decoding import verify as verify_lib
 from seqdec.decoding.drafters import ngram as ngram_lib
+from seqdec.decoding.loops import DecodeShapes
 from seqdec.errors import ConfigError
 from seqdec.generator import Generator
 from seqdec.models import transformer as tr
@@ -165,7 +166,6 @@ def test_gate_switches_inside_a_run_and_keeps_greedy_output(x64):
 
 
 def gen_shapes():
-  from seqdec.decoding.loops import DecodeShapes  # pylint: disable=g-import-not-at-top
   return DecodeShapes.for_batch(len(PROMPTS), max(map(len, PROMPTS)),
                                 MAX_NEW, 1)
 
