@@ -34,6 +34,14 @@ def test_method_strings_round_trip(method):
   assert str(spec) == method
 
 
+def test_a_gate_of_any_precision_round_trips():
+  """The host's break-even (`gate=auto`) has many digits: the method string
+  and the config block keep them all."""
+  spec = SpecConfig.parse("ngram/chain4").replace(gate=1.3812345678)
+  assert SpecConfig.parse(str(spec)) == spec
+  assert SpecConfig.from_config(spec.to_config()) == spec
+
+
 def test_parse_types_options_and_applies_defaults():
   spec = SpecConfig.parse("ngram@max_ngram=4/chain2")
   assert spec.option("max_ngram") == 4 and spec.option("min_ngram") == 1

@@ -96,7 +96,7 @@ def _gate(value: Any) -> float:
     raise ConfigError(f"gate expects a number >= 0 (expected accepted drafts"
                       f" below which a round verifies its root alone), got "
                       f"{value!r}") from None
-  if not gate >= 0 or gate == float("inf"):
+  if not 0 <= gate < float("inf"):   # NaN fails too
     raise ConfigError(f"gate must be a finite number >= 0, got {value!r}")
   return gate
 
@@ -240,7 +240,7 @@ class SpecConfig:
     if self.rule != "auto":
       items.append(f"@rule={self.rule}")
     if self.gate:
-      items.append(f"@gate={self.gate:g}")
+      items.append(f"@gate={self.gate!r}")
     return f"{self.drafter}{''.join(items)}/{self.tree}"
 
   # -- the config file's nested block ----------------------------------------
@@ -281,7 +281,7 @@ class SpecConfig:
       options.update(self.drafter_options())
     return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
                 proposal=self.proposal, max_top_k=self.max_top_k,
-                gate=f"{self.gate:g}", options=options)
+                gate=repr(self.gate), options=options)
 
 
 def resolve_rule(rule: str, temperature: Any) -> str:
