@@ -29,7 +29,7 @@ from seqdec.decoding.drafters import Drafter
 from seqdec.decoding.loops import DecodeShapes, HostLoop, Inputs, Programs
 from seqdec.decoding.sampling import SamplingParams, make_sampler
 from seqdec.decoding.spec import SpecConfig
-from seqdec.decoding.speculative import SpecLoop, check_fits
+from seqdec.decoding.speculative import SpecLoop, check_fits, check_window
 from seqdec.decoding.trees import TreeShape
 from seqdec.errors import ConfigError, UserError
 from seqdec.models.config import precision_of
@@ -170,6 +170,7 @@ class Generator:
       spec = SpecConfig(max_top_k=max_top_k, **fields)
       shape = shape or spec_lib.build_tree(spec, precision_of(model.config))
       drafter.check(model.config, shape)
+      check_window(model, shape)
       return spec, drafter, shape
     else:
       if not isinstance(options.get("draft_model", ""), str):
@@ -195,6 +196,7 @@ class Generator:
     built = spec_lib.build_drafter(spec, model, draft_model=draft_model,
                                    eagle_net=eagle_net)
     built.check(model.config, shape)
+    check_window(model, shape)
     return spec, built, shape
 
   @property

@@ -59,6 +59,46 @@ def tiny_gemma3(dtype: str = "float32", seed: int = 0) -> tr.Transformer:
           "tie_embeddings", "max_position_embeddings")})
 
 
+def tiny_hybrid(preset: str = "tiny-hybrid", dtype: str = "float32",
+                seed: int = 0, scale: float = 0.3, **overrides):
+  """A `seqdec.models.hybrid` preset ('tiny-mamba2', 'tiny-hybrid') with
+  weights that make every part matter: matrices ~ N(0, scale^2), the conv
+  ~ N(0, 0.5^2), norm scales ~ N(1, 1), biases ~ N(0, 0.1^2), D ~ N(1,
+  0.5^2), A = -exp(A_log) in [-4, -0.5] and dt in [0.05, 0.5] (decays of
+  0.14 .. 0.98 per token: the state forgets within a few tokens, and
+  remembers)."""
+  from seqdec.models import hybrid  # pylint: disable=g-import-not-at-top
+  cfg = hybrid.PRESETS[preset].replace(dtype=dtype, param_dtype=dtype,
+                                       **overrides)
+  abstract = nnx.eval_shape(lambda: hybrid.HybridLM(cfg, rngs=None))
+  graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
+  rest = jax.jit(lambda: nnx.split(hybrid.HybridLM(cfg, rngs=None),
+                                   nnx.Param, ...)[2])()
+  rng = np.random.default_rng([seed, 2])
+
+  def draw(path, x):
+    name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+    shape = x.shape
+    if name == "A_log":
+      z = np.log(rng.uniform(0.5, 4.0, shape))
+    elif name == "dt_bias":
+      dt = rng.uniform(0.05, 0.5, shape)
+      z = dt + np.log(-np.expm1(-dt))       # softplus^-1
+    elif name == "D":
+      z = 1.0 + 0.5 * rng.standard_normal(shape)
+    elif name == "conv_w":
+      z = 0.5 * rng.standard_normal(shape)
+    elif "bias" in name or name == "conv_b":
+      z = 0.1 * rng.standard_normal(shape)
+    elif x.ndim > 1:
+      z = scale * rng.standard_normal(shape)
+    else:
+      z = 1.0 + rng.standard_normal(shape)
+    return jnp.asarray(z, x.dtype)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, params),
+                   rest)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(graphdef, state, tokens, positions, cache, mask, logit_index):
   return nnx.merge(graphdef, state)(tokens, positions, cache, mask,

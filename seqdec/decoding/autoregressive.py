@@ -21,6 +21,7 @@ from flax import nnx
 
 from seqdec.decoding.loops import DecodeShapes, Inputs, LoopMixin
 from seqdec.decoding.sampling import Sampler, step_keys
+from seqdec.models.protocol import run_prompt
 
 
 def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
@@ -35,14 +36,14 @@ def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
 
   Returns:
     `(logits [B, V] at each row's last prompt token, committed cache)`.
-    Padding tokens are written to scratch slots and never committed.
+    Padding tokens are written to scratch slots and never committed; a
+    recurrent target is fed in chunks (`protocol.run_prompt`).
   """
-  b, p = tokens.shape
-  cache = model.init_cache(b, capacity)
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  logits, cache = model(tokens, positions, cache,
-                        logit_index=(prompt_len - 1)[:, None])
-  return logits[:, 0], model.commit(cache, prompt_len)
+  hidden, cache = run_prompt(model, tokens,
+                             model.init_cache(tokens.shape[0], capacity),
+                             prompt_len)
+  last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], 1)
+  return model.logits(last[:, 0]), cache
 
 
 def prefill_features(model, tokens: jax.Array, prompt_len: jax.Array,
@@ -50,13 +51,12 @@ def prefill_features(model, tokens: jax.Array, prompt_len: jax.Array,
   """`prefill` that also returns the prompt's features `[B, P, D]`
   (`model.features`, the LM head's input), for feature-reading drafters:
   `(logits [B, V], features, committed cache)`."""
-  b, p = tokens.shape
-  cache = model.init_cache(b, capacity)
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  hidden, cache = model.backbone(tokens, positions, cache)
+  hidden, cache = run_prompt(model, tokens,
+                             model.init_cache(tokens.shape[0], capacity),
+                             prompt_len)
   features = model.features(hidden)
   last = jnp.take_along_axis(features, (prompt_len - 1)[:, None, None], 1)
-  return model.head(last[:, 0]), features, model.commit(cache, prompt_len)
+  return model.head(last[:, 0]), features, cache
 
 
 def top2_margin(logits: jax.Array) -> jax.Array:

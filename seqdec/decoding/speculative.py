@@ -119,6 +119,19 @@ def check_fits(tree: TreeShape, prompt_len: int, max_new: int,
         f"lower max_new_tokens or use a shallower tree")
 
 
+def check_window(model, shape: TreeShape) -> None:
+  """Raises `TreeError` if the target cannot hold a tree of `shape`'s nodes
+  in one scratch window (a recurrent target's state buffer,
+  `protocol.Target.check_window`)."""
+  check = getattr(model, "check_window", None)
+  if check is None:
+    return
+  try:
+    check(shape.num_nodes)
+  except ValueError as e:
+    raise TreeError(str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SpecLoop(LoopMixin):
   """Speculative decoding (`loops.Decoder` protocol).

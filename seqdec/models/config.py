@@ -112,6 +112,8 @@ class TransformerConfig:
     matmul_dtype: dtype of the weight matmuls' operands (None: `dtype`);
       'bfloat16' with a float32 `dtype` is the bf16_weights policy
       (`PRECISIONS`).
+    partial_rotary_factor: RoPE rotates the first
+      `rotary_dim` = int(Dh * factor) entries of each head (Bamba: 0.5).
     architecture: the source architecture, for the record only.
     attention_impl: 'auto' (by backend; alias 'xla'), 'dot' or 'fused'; see
       `transformer.grouped_attention`; or 'pallas': tree/chain verification
@@ -153,6 +155,7 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   matmul_dtype: Optional[str] = None
+  partial_rotary_factor: float = 1.0
   architecture: str = "LlamaForCausalLM"
   attention_impl: str = "auto"
   platform: Optional[str] = None
@@ -167,8 +170,10 @@ class TransformerConfig:
       raise ValueError(
           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
           f"({self.num_kv_heads})")
-    if self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"RoPE needs an even rotary dim in (0, head_dim]; got "
+                       f"head_dim {self.head_dim} x partial_rotary_factor "
+                       f"{self.partial_rotary_factor}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(f"sliding_window must be positive, got "
                        f"{self.sliding_window}")
@@ -200,6 +205,11 @@ class TransformerConfig:
     as_dtype(self.param_dtype)
     if self.matmul_dtype is not None:
       as_dtype(self.matmul_dtype)
+
+  @property
+  def rotary_dim(self) -> int:
+    """Entries of each head that RoPE rotates (HF: int(Dh * factor))."""
+    return int(self.head_dim * self.partial_rotary_factor)
 
   @property
   def rope_scaling_dict(self) -> Optional[dict[str, Any]]:

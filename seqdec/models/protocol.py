@@ -29,6 +29,10 @@ documents it for the KV cache):
   maps features to logits (of the vocabulary entries `ids` only, for a
   trimmed drafter head).
 * `config` has at least `vocab_size` and `max_position_embeddings`.
+* Optional: `max_call_tokens`, the most new tokens a call may feed and
+  still commit (a recurrent target's scratch; `run_prompt` chunks prompts
+  to it), and `check_window(n)`, which raises ValueError when a scratch
+  window of n tokens does not fit.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 
 @runtime_checkable
@@ -71,3 +76,45 @@ class Target(Protocol):
   def head(self, features: jax.Array,
            ids: Optional[jax.Array] = None) -> jax.Array:
     ...
+
+
+def run_prompt(model: Target, tokens: jax.Array, cache: Any,
+               n_commit: jax.Array,
+               layers: Optional[Sequence[int]] = None
+               ) -> tuple[jax.Array, Any]:
+  """Feeds right-padded prompts `[B, P]` from position 0 and commits the
+  first `n_commit[b]` tokens of each row: `(hidden [B, P, D], cache)`.
+
+  A target whose calls may commit at most `model.max_call_tokens` tokens (a
+  recurrent state keeps only that many tokens' inputs in scratch,
+  `seqdec.models.hybrid`) is fed in chunks of that size, each committed
+  before the next (chunked prefill: `lax.scan` over the full chunks, one
+  call for the remainder). Other targets take one call.
+  """
+  b, p = tokens.shape
+  step = getattr(model, "max_call_tokens", None)
+
+  def call(cache, toks, start):
+    t = toks.shape[1]
+    pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache = model.backbone(toks, pos, cache, layers=layers)
+    return hidden, model.commit(cache, jnp.clip(n_commit - start, 0, t))
+
+  if step is None or p <= step:
+    return call(cache, tokens, jnp.int32(0))
+  n_full, rest = divmod(p, step)
+  chunks = jnp.moveaxis(tokens[:, :n_full * step].reshape(b, n_full, step),
+                        1, 0)
+  starts = jnp.arange(n_full, dtype=jnp.int32) * step
+
+  def body(cache, xs):
+    hidden, cache = call(cache, *xs)
+    return cache, hidden
+
+  cache, hidden = jax.lax.scan(body, cache, (chunks, starts))
+  hidden = jnp.moveaxis(hidden, 0, 1).reshape(b, n_full * step, -1)
+  if rest:
+    last, cache = call(cache, tokens[:, n_full * step:],
+                       jnp.int32(n_full * step))
+    hidden = jnp.concatenate([hidden, last], axis=1)
+  return hidden, cache

@@ -86,7 +86,8 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int,
 
 
 def commit(cache: KVCache, n_keep: jax.Array,
-           keep_index: Optional[jax.Array] = None) -> KVCache:
+           keep_index: Optional[jax.Array] = None,
+           layers: Optional[Sequence[int]] = None) -> KVCache:
   """Commits kept new tokens: compacts their K/V and advances `length`.
 
   After a forward over T new tokens (K/V in scratch slots `length .. length+T-1`),
@@ -103,6 +104,8 @@ def commit(cache: KVCache, n_keep: jax.Array,
     n_keep: `[B]` int32, how many new tokens each row keeps (0 .. T).
     keep_index: `[B, T]` int32 or None. None keeps a prefix (0, 1, ...), which
       needs no data movement: the autoregressive and prefill case.
+    layers: the entries of `cache.kv` that are `(k, v)` pairs (None: all);
+      the others (a hybrid model's recurrent states) pass through.
 
   Returns:
     The committed cache.
@@ -117,7 +120,9 @@ def commit(cache: KVCache, n_keep: jax.Array,
     return write_rows(buf, jnp.take_along_axis(buf, src, axis=2),
                       cache.length, axis=2)
 
-  kv = tuple((move(k), move(v)) for k, v in cache.kv)
+  moved = set(range(len(cache.kv)) if layers is None else layers)
+  kv = tuple((move(e[0]), move(e[1])) if i in moved else e
+             for i, e in enumerate(cache.kv))
   return KVCache(kv=kv, length=cache.length + n_keep)
 
 
@@ -184,7 +189,7 @@ def rope_inv_freq(config: TransformerConfig, local: bool = False
     interpolated with s = (L0/wavelen - low) / (high - low):
     (1 - s) * inv/factor + s * inv, where L0 = original_max_position_embeddings.
   """
-  dh = config.head_dim
+  dh = config.rotary_dim
   theta = config.rope_local_theta if local else config.rope_theta
   inv = 1.0 / (theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
   rope = None if local else config.rope_scaling_dict
@@ -218,11 +223,18 @@ def apply_rope(x: jax.Array, positions: jax.Array,
                inv_freq: jax.Array) -> jax.Array:
   """Rotates split halves: x' = x * cos(p w) + rotate_half(x) * sin(p w).
 
+  With R = 2 len(inv_freq) < Dh (partial rotary, Bamba), only the first R
+  entries of each head rotate and the rest pass through.
+
   Args:
     x: `[B, T, N, Dh]`.
     positions: `[B, T]` int.
-    inv_freq: `[Dh/2]` float32 (float64 for float64 models).
+    inv_freq: `[R/2]` float32 (float64 for float64 models), R <= Dh.
   """
+  rot = 2 * inv_freq.shape[-1]
+  if rot < x.shape[-1]:
+    return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq),
+                            x[..., rot:]], axis=-1)
   angle = positions.astype(inv_freq.dtype)[..., None] * inv_freq   # [B,T,Dh/2]
   angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,Dh]
   cos, sin = jnp.cos(angle), jnp.sin(angle)

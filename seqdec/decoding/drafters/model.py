@@ -32,6 +32,7 @@ from flax import nnx
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
 from seqdec.decoding.drafters.grow import (check_proposal, grow_static_tree,
                                            window_mask)
+from seqdec.models.protocol import run_prompt
 from seqdec.models.transformer import Transformer
 
 
@@ -79,11 +80,9 @@ class ModelDrafter(Drafter):
     if self.shared_cache:
       return ()
     model = nnx.merge(self.graphdef, params)
-    b, p = tokens.shape
-    cache = model.init_cache(b, capacity + self.lag)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    _, cache = model.backbone(tokens, positions, cache, layers=self.layers)
-    return model.commit(cache, prompt_len - self.lag)
+    cache = model.init_cache(tokens.shape[0], capacity + self.lag)
+    return run_prompt(model, tokens, cache, prompt_len - self.lag,
+                      layers=self.layers)[1]
 
   def propose(self, params, state, shape, rnd, target_cache, key):
     model = nnx.merge(self.graphdef, params)
