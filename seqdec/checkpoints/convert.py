@@ -20,6 +20,7 @@ from flax import nnx
 
 from seqdec.errors import UserError
 from seqdec.models.config import TransformerConfig, as_dtype
+from seqdec.models.hybrid import HybridConfig, HybridLM
 from seqdec.models.transformer import Transformer, inv_freq_array
 
 
@@ -261,10 +262,151 @@ def _buffer(x) -> tuple[Parts, np.dtype]:
   return Parts((x,), 0), x.dtype
 
 
-def model_from_hf_tensors(config: TransformerConfig,
-                          tensors: Mapping[str, np.ndarray],
-                          mesh=None) -> Transformer:
-  """Builds a `Transformer` from HF-named tensors, checking names and shapes.
+def _conv_pack(_, w):
+  """HF conv1d.weight `[C, 1, K]` -> `conv_w [K, C]`."""
+  return Parts((w[:, 0, :].T,), 0)
+
+
+def _conv_unpack(_, w):
+  return w.T[:, None, :]
+
+
+# A Mamba-2 mixer's tensors: seqdec name -> (HF name, pack, unpack).
+_MIXER = {"in_proj": ("in_proj.weight", _t, _untranspose),
+          "in_bias": ("in_proj.bias", _same, _unchanged),
+          "conv_w": ("conv1d.weight", _conv_pack, _conv_unpack),
+          "conv_b": ("conv1d.bias", _same, _unchanged),
+          "dt_bias": ("dt_bias", _same, _unchanged),
+          "A_log": ("A_log", _same, _unchanged),
+          "D": ("D", _same, _unchanged),
+          "norm": ("norm.weight", _same, _unchanged),
+          "out_proj": ("out_proj.weight", _t, _untranspose),
+          "out_bias": ("out_proj.bias", _same, _unchanged)}
+
+
+def hybrid_param_specs(c: HybridConfig):
+  """`(specs, shapes)` of a Mamba-2 / hybrid model: seqdec path -> (HF
+  names, pack, unpack), and HF name -> expected shape. Names follow
+  `Mamba2ForCausalLM` (prefix 'backbone.', no MLP) or `BambaForCausalLM`
+  (prefix 'model.', a SwiGLU MLP after every mixer)."""
+  bamba = c.architecture == "BambaForCausalLM"
+  top = "model." if bamba else "backbone."
+  d, conv, h = c.hidden_size, c.conv_dim, c.num_ssm_heads
+  proj = c.d_inner + conv + h
+  a = c.attention_config
+  attn_shapes = _hf_shapes(a)
+  mixer_shapes = {"in_proj.weight": (proj, d), "in_proj.bias": (proj,),
+                  "conv1d.weight": (conv, 1, c.conv_kernel),
+                  "conv1d.bias": (conv,), "dt_bias": (h,), "A_log": (h,),
+                  "D": (h,), "norm.weight": (c.d_inner,),
+                  "out_proj.weight": (d, c.d_inner), "out_proj.bias": (d,)}
+  specs, shapes = {}, {}
+
+  def add(path, names, pack, unpack, want):
+    specs[path] = (names, pack, unpack)
+    shapes.update(zip(names, want))
+
+  embed = top + ("embed_tokens.weight" if bamba else "embeddings.weight")
+  add("embed", [embed], _same, _unchanged, [(c.vocab_size, d)])
+  add("final_norm.scale", [top + ("final_layernorm.weight" if bamba
+                                  else "norm_f.weight")],
+      _same, _unchanged, [(d,)])
+  if not c.tie_embeddings:
+    add("lm_head", ["lm_head.weight"], _t, _untranspose, [(c.vocab_size, d)])
+  for i, kind in enumerate(c.layer_types):
+    pre, ours = f"{top}layers.{i}.", f"layers.{i}."
+    add(ours + "input_norm.scale",
+        [pre + ("input_layernorm.weight" if bamba else "norm.weight")],
+        _same, _unchanged, [(d,)])
+    if kind == "mamba2":
+      mixer = pre + ("mamba." if bamba else "mixer.")
+      for name, (hf, pack, unpack) in _MIXER.items():
+        if ((name in ("in_bias", "out_bias") and not c.use_bias)
+            or (name == "conv_b" and not c.use_conv_bias)):
+          continue
+        add(ours + "mixer." + name, [mixer + hf], pack, unpack,
+            [mixer_shapes[hf]])
+    else:
+      qkv = [f"self_attn.{x}_proj.weight" for x in "qkv"]
+      add(ours + "attn.qkv_proj", [pre + n for n in qkv], _pack_qkv,
+          _unpack_qkv, [attn_shapes[n] for n in qkv])
+      add(ours + "attn.o_proj", [pre + "self_attn.o_proj.weight"], _t,
+          _untranspose, [attn_shapes["self_attn.o_proj.weight"]])
+      if c.attention_bias:
+        qkv_b = [f"self_attn.{x}_proj.bias" for x in "qkv"]
+        add(ours + "attn.qkv_bias", [pre + n for n in qkv_b],
+            _pack_qkv_bias, _unpack_qkv_bias,
+            [attn_shapes[n] for n in qkv_b])
+        add(ours + "attn.o_bias", [pre + "self_attn.o_proj.bias"], _same,
+            _unchanged, [(d,)])
+    if c.intermediate_size:
+      ff = pre + "feed_forward."
+      gu = [ff + "gate_proj.weight", ff + "up_proj.weight"]
+      add(ours + "post_norm.scale", [pre + "pre_ff_layernorm.weight"], _same,
+          _unchanged, [(d,)])
+      add(ours + "mlp.gate_up_proj", gu, _pack_gate_up, _unpack_gate_up,
+          [attn_shapes["mlp.gate_proj.weight"]] * 2)
+      add(ours + "mlp.down_proj", [ff + "down_proj.weight"], _t,
+          _untranspose, [attn_shapes["mlp.down_proj.weight"]])
+  return specs, shapes
+
+
+_HYBRID_LAYER_RE = re.compile(
+    r"^(?:model|backbone)\.layers\.(\d+)\.(mamba|mixer|self_attn)\.")
+
+
+def check_layer_pattern(config: HybridConfig,
+                        tensors: Mapping[str, np.ndarray]) -> None:
+  """CheckpointError if a layer's tensors are of another mixer kind than
+  the config's `layer_types` says (e.g. attention weights where the config
+  has a Mamba-2 layer)."""
+  found: dict[int, set] = {}
+  for name in tensors:
+    m = _HYBRID_LAYER_RE.match(name)
+    if m:
+      kind = "attention" if m.group(2) == "self_attn" else "mamba2"
+      found.setdefault(int(m.group(1)), set()).add(kind)
+  for i, kinds in sorted(found.items()):
+    want = (config.layer_types[i] if i < config.num_layers else None)
+    if kinds != {want}:
+      raise CheckpointError(
+          f"layer {i} holds {' and '.join(sorted(kinds))} weights but the "
+          f"config's layer pattern says "
+          f"{want or f'there are {config.num_layers} layers'} "
+          f"(layer_types {list(config.layer_types)})")
+
+
+def _pack_config(config) -> TransformerConfig:
+  """The `TransformerConfig` the pack/unpack functions read."""
+  return (config.attention_config if isinstance(config, HybridConfig)
+          else config)
+
+
+def _layout(config):
+  """`(graphdef, abstract state, specs, shape_of(HF name), buffers)` of a
+  config: the Llama-family `Transformer` or a `HybridLM`."""
+  if isinstance(config, HybridConfig):
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: HybridLM(config, rngs=None)))
+    specs, shapes = hybrid_param_specs(config)
+    buffers = {"inv_freq": inv_freq_array(config.attention_config)}
+    return graphdef, state, specs, shapes.__getitem__, buffers
+  graphdef, state = _abstract_split(config)
+  suffix_shapes = _hf_shapes(config)
+
+  def shape_of(name):
+    m = _LAYER_RE.match(name)
+    return suffix_shapes[m.group(1) if m else name]
+  buffers = {"inv_freq": inv_freq_array(config)}
+  if config.rope_local_theta is not None:
+    buffers["inv_freq_local"] = inv_freq_array(config, local=True)
+  return graphdef, state, param_specs(config), shape_of, buffers
+
+
+def model_from_hf_tensors(config, tensors: Mapping[str, np.ndarray],
+                          mesh=None):
+  """Builds a `Transformer` (or, for a `HybridConfig`, a `HybridLM`) from
+  HF-named tensors, checking names and shapes.
 
   A tied model (`config.tie_embeddings`) may carry an `lm_head.weight` equal to
   the embedding (some exporters save it); it is then ignored. Unknown tensors,
@@ -275,12 +417,13 @@ def model_from_hf_tensors(config: TransformerConfig,
   (`Parts.block`): no process reads or holds a whole sharded tensor.
   """
   check_dtypes(config.dtype, config.param_dtype)
-  graphdef, state = _abstract_split(config)
+  graphdef, state, specs, shape_of, buffers = _layout(config)
   targets = None
   if mesh is not None:
     from seqdec.parallel import sharding  # pylint: disable=g-import-not-at-top
     targets = sharding.target_shardings(state, mesh)
-  specs = param_specs(config)
+  if isinstance(config, HybridConfig):
+    check_layer_pattern(config, tensors)
   used = {n for names, _, _ in specs.values() for n in names}
   unknown = sorted(n for n in tensors if n not in used
                    and not _IGNORED.match(n)
@@ -293,25 +436,21 @@ def model_from_hf_tensors(config: TransformerConfig,
   if missing:
     raise CheckpointError(
         f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
-  want_shapes = _hf_shapes(config)
   pdt = as_dtype(config.param_dtype)
   packed: dict[str, Parts] = {}
   for path, (names, pack, _) in specs.items():
     arrays = []
     for name in names:
       array = tensors[name]
-      m = _LAYER_RE.match(name)
-      want = want_shapes[m.group(1) if m else name]
+      want = shape_of(name)
       if tuple(array.shape) != want:
         raise CheckpointError(f"tensor {name!r} has shape "
                               f"{tuple(array.shape)}, the config implies "
                               f"{want}")
       arrays.append(array)
-    packed[path] = (pack(config, *arrays), pdt)
+    packed[path] = (pack(_pack_config(config), *arrays), pdt)
   # RoPE frequencies keep their own dtype (float32, float64 for f64 models).
-  packed["inv_freq"] = _buffer(inv_freq_array(config))
-  if config.rope_local_theta is not None:
-    packed["inv_freq_local"] = _buffer(inv_freq_array(config, local=True))
+  packed.update({k: _buffer(v) for k, v in buffers.items()})
   flat = []
   for path, var in nnx.to_flat_state(state):
     parts, dtype = packed[_path_str(path)]
@@ -326,14 +465,15 @@ def model_from_hf_tensors(config: TransformerConfig,
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def model_to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
-  """The inverse mapping (used to write safetensors caches and in tests)."""
+def model_to_hf_tensors(model) -> dict[str, np.ndarray]:
+  """The inverse mapping (used to write safetensors caches and in tests),
+  for a `Transformer` or a `HybridLM`."""
   state = nnx.state(model, nnx.Param)
   by_path = {_path_str(p): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(state)}
   out = {}
-  for path, (names, _, unpack) in param_specs(model.config).items():
-    parts = unpack(model.config, by_path[path])
+  for path, (names, _, unpack) in _layout(model.config)[2].items():
+    parts = unpack(_pack_config(model.config), by_path[path])
     if len(names) == 1:
       parts = (parts,)
     for name, part in zip(names, parts):

@@ -9,7 +9,9 @@ whole tensor it does not need; torch and transformers are never imported.
 
 Supported architectures: `LlamaForCausalLM` (and SmolLM2, which is one),
 `Qwen2ForCausalLM`, `MistralForCausalLM` and `Gemma3ForCausalLM` (the text
-model, `model_type="gemma3_text"`). `config_from_hf` understands
+model, `model_type="gemma3_text"`) as `Transformer`s; `Mamba2ForCausalLM`
+and `BambaForCausalLM` (Mamba-2 / attention hybrid) as
+`seqdec.models.hybrid.HybridLM`s. `config_from_hf` understands
 both the transformers 4.x form of RoPE settings (`rope_theta` +
 `rope_scaling`) and the transformers 5.x form (`rope_parameters`). Everything
 the model cannot represent exactly raises `CheckpointError` instead of being
@@ -28,6 +30,7 @@ from seqdec.checkpoints import safetensors_io
 from seqdec.checkpoints.convert import (CheckpointError, check_dtypes,
                                         model_from_hf_tensors)
 from seqdec.models.config import GLOBAL, LOCAL, ROPE_TYPES, TransformerConfig
+from seqdec.models.hybrid import HybridConfig
 from seqdec.models.transformer import Transformer
 from seqdec.tokenizer import Tokenizer, TokenizerError
 
@@ -47,7 +50,24 @@ _ARCHITECTURES = {
         rms_norm_eps=1e-6, max_position_embeddings=4096 * 32)),
     "Gemma3ForCausalLM": ("gemma3_text", dict(
         rms_norm_eps=1e-6, max_position_embeddings=131072)),
+    # Recurrent and hybrid LMs (`seqdec.models.hybrid`); defaults are the
+    # HF config classes'.
+    "Mamba2ForCausalLM": ("mamba2", dict(
+        num_heads=128, head_dim=64, state_size=128, n_groups=8,
+        conv_kernel=4, expand=2, chunk_size=256, layer_norm_epsilon=1e-5,
+        use_bias=False, use_conv_bias=True, tie_word_embeddings=False,
+        time_step_limit=(0.0, float("inf")))),
+    "BambaForCausalLM": ("bamba", dict(
+        mamba_n_heads=128, mamba_d_head="auto", mamba_n_groups=1,
+        mamba_d_state=256, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=262144, attention_bias=False, mlp_bias=False,
+        time_step_limit=(0.0, float("inf")))),
 }
+HYBRID_ARCHITECTURES = ("Mamba2ForCausalLM", "BambaForCausalLM")
+# A recurrent LM has no position limit of its own.
+_UNBOUNDED_CONTEXT = 1 << 20
 # Gemma3TextConfig's class defaults.
 _GEMMA3_DEFAULTS = dict(head_dim=256, query_pre_attn_scalar=256,
                         sliding_window=4096, sliding_window_pattern=6,
@@ -340,6 +360,8 @@ def _config_from_hf(cfg: Mapping[str, Any], dtype: str,
   """`config_from_hf` without the error wrapping."""
   arch = _architecture(cfg)
   defaults = _ARCHITECTURES[arch][1]
+  if arch in HYBRID_ARCHITECTURES:
+    return _hybrid_config(cfg, arch, defaults, dtype, param_dtype)
   gemma = arch == "Gemma3ForCausalLM"
 
   act = cfg.get("hidden_activation" if gemma else "hidden_act")
@@ -398,6 +420,82 @@ def _config_from_hf(cfg: Mapping[str, Any], dtype: str,
       dtype=dtype,
       param_dtype=param_dtype or dtype,
       architecture=arch)
+
+
+def _hf_float(x: Any) -> float:
+  """A float from config.json, where transformers 5 writes non-finite
+  values as {"__float__": "Infinity"}."""
+  if isinstance(x, Mapping) and "__float__" in x:
+    return float(x["__float__"])
+  return float(x)
+
+
+def _hybrid_config(cfg: Mapping[str, Any], arch: str,
+                   defaults: Mapping[str, Any], dtype: str,
+                   param_dtype: Optional[str]) -> HybridConfig:
+  """A `Mamba2ForCausalLM` or `BambaForCausalLM` config.json -> a
+  `HybridConfig` (Bamba: attention at `attn_layer_indices`, partial RoPE
+  from `rope_parameters`, a SwiGLU MLP after every mixer)."""
+  def get(key):
+    value = cfg.get(key)
+    return defaults[key] if value is None else value
+
+  act = cfg.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"activation {act!r} is not supported in a Mamba-2 "
+                          f"mixer (seqdec implements 'silu')")
+  hidden = int(_require(cfg, "hidden_size"))
+  num_layers = int(_require(cfg, "num_hidden_layers"))
+  common = dict(vocab_size=int(_require(cfg, "vocab_size")),
+                hidden_size=hidden, num_layers=num_layers,
+                time_step_limit=tuple(_hf_float(x)
+                                      for x in get("time_step_limit")),
+                tie_embeddings=bool(get("tie_word_embeddings")),
+                dtype=dtype, param_dtype=param_dtype or dtype,
+                architecture=arch)
+  if arch == "Mamba2ForCausalLM":
+    eps = float(get("layer_norm_epsilon"))
+    return HybridConfig(
+        layer_types=("mamba2",) * num_layers,
+        state_size=int(get("state_size")), num_ssm_heads=int(get("num_heads")),
+        ssm_head_dim=int(get("head_dim")), n_groups=int(get("n_groups")),
+        conv_kernel=int(get("conv_kernel")), expand=int(get("expand")),
+        chunk_size=int(get("chunk_size")), use_bias=bool(get("use_bias")),
+        use_conv_bias=bool(get("use_conv_bias")), ssm_norm_eps=eps,
+        rms_norm_eps=eps, max_position_embeddings=_UNBOUNDED_CONTEXT,
+        **common)
+  heads = int(_require(cfg, "num_attention_heads"))
+  kv_heads = cfg.get("num_key_value_heads") or heads
+  attn = set(cfg.get("attn_layer_indices") or ())
+  if not attn <= set(range(num_layers)):
+    raise CheckpointError(f"attn_layer_indices {sorted(attn)} outside "
+                          f"0..{num_layers - 1}")
+  expand, ssm_heads = int(get("mamba_expand")), int(get("mamba_n_heads"))
+  d_head = get("mamba_d_head")
+  d_head = expand * hidden // ssm_heads if d_head == "auto" else int(d_head)
+  rope = cfg.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise CheckpointError(f"Bamba rope type {rope.get('rope_type')!r} is not "
+                          f"supported (seqdec implements 'default')")
+  eps = float(get("rms_norm_eps"))
+  return HybridConfig(
+      layer_types=tuple("attention" if i in attn else "mamba2"
+                        for i in range(num_layers)),
+      state_size=int(get("mamba_d_state")), num_ssm_heads=ssm_heads,
+      ssm_head_dim=d_head, n_groups=int(get("mamba_n_groups")),
+      conv_kernel=int(get("mamba_d_conv")), expand=expand,
+      chunk_size=int(get("mamba_chunk_size")),
+      use_bias=bool(get("mamba_proj_bias")),
+      use_conv_bias=bool(get("mamba_conv_bias")), ssm_norm_eps=eps,
+      rms_norm_eps=eps, intermediate_size=int(_require(cfg,
+                                                       "intermediate_size")),
+      num_heads=heads, num_kv_heads=int(kv_heads),
+      head_dim=int(cfg.get("head_dim") or hidden // heads),
+      rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+      partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.5)),
+      attention_bias=bool(get("attention_bias")),
+      mlp_bias=bool(get("mlp_bias")),
+      max_position_embeddings=int(get("max_position_embeddings")), **common)
 
 
 def _read_json(path: str) -> Any:
