@@ -289,3 +289,44 @@ def conv_state_after(raw: jax.Array, conv_state: jax.Array,
   ext = jnp.concatenate([conv_state, raw.astype(conv_state.dtype)], axis=1)
   idx = n_keep[:, None] + jnp.arange(km1)[None]                # [b,K-1]
   return jnp.take_along_axis(ext, idx[..., None], axis=1)
+
+
+def ssd_tree_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array,
+                    C: jax.Array, h0: jax.Array, parents: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The naive tree pass that STree improves on: every node's state.
+
+      h_i = exp(dt_i A) h_{parent(i)} + dt_i x_i B_i^T,   h_{parent(root)} = h0
+      y_i = h_i C_i
+
+  Nodes are numbered so that parents precede children; the loop runs over
+  the N nodes in order. Memory: N states of H P N entries per row (what
+  `ssd_masked` never materialises); it is the test oracle of the masked
+  pass and the bench's baseline.
+
+  Args:
+    x: `[B, N, H, P]`; dt: `[B, N, H]`; A: `[H]`; B, C: `[B, N, G, N_s]`;
+    h0: `[B, H, P, N_s]`; parents: `[B, N]` int (-1 for the root).
+
+  Returns:
+    `(y [B, N, H, P], states [B, N, H, P, N_s])`.
+  """
+  n = x.shape[1]
+  acc = _acc(x.dtype)
+  states = jnp.zeros(x.shape + (B.shape[-1],), acc)
+
+  def body(i, carry):
+    states, ys = carry
+    par = parents[:, i]
+    prev = jnp.where((par >= 0)[:, None, None, None],
+                     jnp.take_along_axis(
+                         states, jnp.maximum(par, 0)[:, None, None, None,
+                                                     None], 1)[:, 0],
+                     h0.astype(acc))
+    y, h = ssd_step(prev, x[:, i].astype(acc), dt[:, i].astype(acc),
+                    A.astype(acc), B[:, i].astype(acc), C[:, i].astype(acc))
+    return states.at[:, i].set(h), ys.at[:, i].set(y)
+
+  states, ys = jax.lax.fori_loop(0, n, body,
+                                 (states, jnp.zeros(x.shape, acc)))
+  return ys, states

@@ -1,0 +1,397 @@
+"""Mamba-2 and hybrid (Mamba-2 + attention) targets (issue 17).
+
+Oracles: SSD's sequential recurrence (`lax.scan` of the step) for the
+chunked, masked and replay forms; the naive every-node-state tree pass for
+the masked (STree) pass; each tree node's root path run as a plain
+sequence for the model's tree pass; HF transformers' `Mamba2ForCausalLM`
+and `BambaForCausalLM` for the loaders; greedy autoregressive decoding for
+speculative decoding. Exactness in float64 (1e-10), float32 to the policy
+(CONTRIBUTING.md: 1e-5 simple modules, 1e-4 whole models).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seqdec import testing
+from seqdec.decoding import drafters as drafters_lib
+from seqdec.errors import TreeError
+from seqdec.generator import Generator
+from seqdec.kernels.tree_mask import ancestor_mask
+from seqdec.models import hybrid, ssd
+from seqdec.models.protocol import run_prompt
+from seqdec.tokenizer import Tokenizer
+
+F64 = 1e-10
+# The pure SSD functions, jitted (eager dispatch costs seconds per test).
+SEQUENTIAL = jax.jit(ssd.ssd_sequential)
+CHUNKED = jax.jit(ssd.ssd_chunked, static_argnames=("chunk", "impl"))
+MASKED = jax.jit(ssd.ssd_masked)
+REPLAY = jax.jit(ssd.ssd_replay)
+TREE_STATES = jax.jit(ssd.ssd_tree_states)
+CONV_TREE = jax.jit(ssd.conv_tree)
+CONV = jax.jit(ssd.conv_causal)
+
+
+def random_parents(rng, n: int) -> np.ndarray:
+  """Parents of an n-node tree numbered level by level (root -1)."""
+  parents = [-1]
+  for i in range(1, n):
+    parents.append(int(rng.integers(0, i)))
+  # Renumber by depth so that every level is contiguous (as trees are).
+  depth = [0] * n
+  for i in range(1, n):
+    depth[i] = depth[parents[i]] + 1
+  order = sorted(range(n), key=lambda i: (depth[i], i))
+  new = {old: k for k, old in enumerate(order)}
+  return np.array([-1 if parents[o] < 0 else new[parents[o]] for o in order])
+
+
+def path_of(parents: np.ndarray, i: int) -> list[int]:
+  out = [i]
+  while parents[out[-1]] >= 0:
+    out.append(int(parents[out[-1]]))
+  return out[::-1]
+
+
+def ssd_inputs(rng, b=2, t=13, h=4, p=3, g=2, n=5):
+  """Random SSD inputs with decays between ~0.05 and ~1."""
+  f = lambda *s: jnp.asarray(rng.standard_normal(s))
+  dt = jnp.asarray(rng.uniform(0.05, 0.8, (b, t, h)))
+  A = -jnp.asarray(rng.uniform(0.5, 4.0, (h,)))
+  return f(b, t, h, p), dt, A, f(b, t, g, n), f(b, t, g, n), f(b, h, p, n)
+
+
+# --- the SSD forms ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [
+    4, pytest.param(1, marks=pytest.mark.slow),
+    pytest.param(13, marks=pytest.mark.slow)])
+def test_chunked_and_masked_forms_equal_the_recurrence(x64, chunk):
+  x, dt, A, B, C, h0 = ssd_inputs(np.random.default_rng(0))
+  y_ref, h_ref = SEQUENTIAL(x, dt, A, B, C, h0)
+  y, h = CHUNKED(x, dt, A, B, C, h0, chunk=chunk, impl="sequential")
+  np.testing.assert_allclose(y, y_ref, atol=F64)
+  np.testing.assert_allclose(h, h_ref, atol=F64)
+  t = x.shape[1]
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (2, t, t))
+  np.testing.assert_allclose(MASKED(x, dt, A, B, C, h0, causal),
+                             y_ref, atol=F64)
+  # Replay of a prefix of n tokens: the state after n sequential steps.
+  n_keep = jnp.array([5, 13])
+  h_n = REPLAY(x, dt, A, B, h0, n_keep)
+  for r, n in enumerate([5, 13]):
+    _, h_seq = SEQUENTIAL(x[r:r + 1, :n], dt[r:r + 1, :n], A,
+                                  B[r:r + 1, :n], C[r:r + 1, :n], h0[r:r + 1])
+    np.testing.assert_allclose(h_n[r], h_seq[0], atol=F64)
+
+
+@pytest.mark.slow
+def test_chunked_scan_back_ends_agree(x64):
+  x, dt, A, B, C, h0 = ssd_inputs(np.random.default_rng(1), t=40)
+  y_ref, h_ref = SEQUENTIAL(x, dt, A, B, C, h0)
+  for impl in ("associative", "chunked", "auto"):
+    y, h = CHUNKED(x, dt, A, B, C, h0, chunk=4, impl=impl)
+    np.testing.assert_allclose(y, y_ref, atol=F64)
+    np.testing.assert_allclose(h, h_ref, atol=F64)
+
+
+def test_masked_tree_pass_equals_every_node_state(x64):
+  """STree's pass from the root state = the naive pass that stores every
+  node's state, and each node = its root path run sequentially; the
+  replayed state of a path = that path's sequential state."""
+  rng = np.random.default_rng(2)
+  x, dt, A, B, C, h0 = ssd_inputs(rng, b=2, t=11)
+  parents = np.stack([random_parents(rng, 11) for _ in range(2)])
+  mask = ancestor_mask(jnp.asarray(parents))
+  y = MASKED(x, dt, A, B, C, h0, mask)
+  y_naive, states = TREE_STATES(x, dt, A, B, C, h0,
+                                        jnp.asarray(parents))
+  np.testing.assert_allclose(y, y_naive, atol=F64)
+  for r in range(2):
+    for i in (4, 10):
+      path = path_of(parents[r], i)
+      sl = lambda a: a[r:r + 1, path]
+      y_seq, h_seq = SEQUENTIAL(sl(x), sl(dt), A, sl(B), sl(C),
+                                        h0[r:r + 1])
+      np.testing.assert_allclose(y[r, i], y_seq[0, -1], atol=F64)
+      np.testing.assert_allclose(states[r, i], h_seq[0], atol=F64)
+      idx = jnp.asarray(path + [0] * (11 - len(path)))[None]
+      take = lambda a: jnp.take_along_axis(
+          a[r:r + 1], idx.reshape((1, -1) + (1,) * (a.ndim - 2)), axis=1)
+      h_rep = REPLAY(take(x), take(dt), A, take(B), h0[r:r + 1],
+                             jnp.array([len(path)]))
+      np.testing.assert_allclose(h_rep[0], h_seq[0], atol=F64)
+
+
+def test_conv_follows_each_root_path(x64):
+  rng = np.random.default_rng(3)
+  k, c, n = 4, 6, 9
+  raw = jnp.asarray(rng.standard_normal((1, n, c)))
+  state = jnp.asarray(rng.standard_normal((1, k - 1, c)))
+  w, bias = jnp.asarray(rng.standard_normal((k, c))), jnp.ones((c,))
+  parents = random_parents(rng, n)
+  out = CONV_TREE(raw, state, w, bias,
+                      ancestor_mask(jnp.asarray(parents)[None]))
+  for i in range(n):
+    path = path_of(parents, i)
+    seq = CONV(raw[:, path], state, w, bias)
+    np.testing.assert_allclose(out[0, i], seq[0, -1], atol=F64)
+    after = ssd.conv_state_after(raw[:, path], state,
+                                 jnp.array([len(path)]))
+    ext = np.concatenate([state[0], raw[0, path]])
+    np.testing.assert_allclose(after[0], ext[-(k - 1):], atol=F64)
+
+
+# --- the models ---------------------------------------------------------------
+
+
+@functools.cache
+def model(preset: str, dtype: str):
+  return testing.tiny_hybrid(preset, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, positions, cache, mask):
+  return nnx.merge(graphdef, state)(tokens, positions, cache, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _commit(graphdef, state, cache, n_keep, keep_index):
+  return nnx.merge(graphdef, state).commit(cache, n_keep, keep_index)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt(graphdef, state, tokens, cache, n_commit):
+  return run_prompt(nnx.merge(graphdef, state), tokens, cache, n_commit)
+
+
+class Jitted:
+  """The model's protocol methods, jitted over `nnx.split` state."""
+
+  def __init__(self, m):
+    self.m = m
+    self.split = nnx.split(m)
+
+  def __call__(self, tokens, positions, cache, mask=None):
+    return _forward(*self.split, jnp.asarray(tokens), jnp.asarray(positions),
+                    cache, mask)
+
+  def commit(self, cache, n_keep, keep_index=None):
+    return _commit(*self.split, cache, jnp.asarray(n_keep, jnp.int32),
+                   keep_index)
+
+  def prompt(self, tokens, n_commit, capacity=128):
+    tokens = jnp.asarray(tokens)
+    return _prompt(*self.split, tokens,
+                   self.m.init_cache(tokens.shape[0], capacity),
+                   jnp.asarray(n_commit, jnp.int32))
+
+  def full(self, tokens, pad_to: int = 0):
+    """Logits `[B, T, V]` of one uncached forward over `tokens` `[B, T]`
+    (right-padded to `pad_to` tokens, which causality makes harmless: one
+    compiled shape for many lengths)."""
+    tokens = np.asarray(tokens)
+    b, t = tokens.shape
+    tokens = np.pad(tokens, ((0, 0), (0, max(pad_to - t, 0))))
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return self(tokens, pos, self.m.init_cache(*tokens.shape))[0][:, :t]
+
+
+def seq(rng, *shape):
+  return rng.integers(1, 250, shape)
+
+
+@pytest.mark.parametrize("preset", [
+    "tiny-hybrid", pytest.param("tiny-mamba2", marks=pytest.mark.slow)])
+def test_chunked_prefill_then_steps_equal_one_pass(x64, preset):
+  """Ragged rows (40 and 13 tokens, prompts longer than the 32-slot
+  scratch: two prefill chunks), then 6 single-token steps, equal one
+  uncached pass over each whole row."""
+  m = Jitted(model(preset, "float64"))
+  rng = np.random.default_rng(4)
+  toks = seq(rng, 2, 46)
+  lens = np.array([40, 13])
+  hidden, cache = m.prompt(toks[:, :48] if toks.shape[1] >= 48
+                           else np.pad(toks, ((0, 0), (0, 2)))[:, :48], lens)
+  ref = [m.full(toks[r:r + 1, :lens[r] + 6], 46)[0] for r in range(2)]
+  got = m.m.logits(hidden)
+  for r in range(2):
+    np.testing.assert_allclose(got[r, lens[r] - 1], ref[r][lens[r] - 1],
+                               atol=F64)
+  for s in range(6):
+    pos = jnp.asarray(lens + s)[:, None]
+    tok = jnp.asarray(toks[np.arange(2), lens + s])[:, None]
+    logits, cache = m(tok, pos, cache)
+    cache = m.commit(cache, [1, 1])
+    for r in range(2):
+      np.testing.assert_allclose(logits[r, 0], ref[r][lens[r] + s], atol=F64)
+
+
+def test_tree_pass_and_commit_follow_root_paths(x64):
+  """The model's forward over a token tree (ancestor mask, positions at
+  depth) gives each node the logits of its root path run as a sequence,
+  level-by-level windowed calls give the same, and committing a path
+  leaves the cache of that sequence."""
+  m = Jitted(model("tiny-hybrid", "float64"))
+  rng = np.random.default_rng(5)
+  n, prefix = 10, seq(rng, 2, 7)
+  _, cache = m.prompt(np.pad(prefix, ((0, 0), (0, 9))), [7, 5])
+  lens = np.array([7, 5])
+  parents = np.stack([random_parents(rng, n) for _ in range(2)])
+  depth = np.zeros_like(parents)
+  for r in range(2):
+    for i in range(1, n):
+      depth[r, i] = depth[r, parents[r, i]] + 1
+  tokens = seq(rng, 2, n)
+  mask = ancestor_mask(jnp.asarray(parents))
+  logits, tree_cache = m(tokens, lens[:, None] + depth, cache, mask)
+  for r in range(2):
+    for i in range(n):
+      path = path_of(parents[r], i)
+      ref = m.full(np.concatenate([prefix[r, :lens[r]],
+                                   tokens[r, path]])[None], 24)[0, -1]
+      np.testing.assert_allclose(logits[r, i], ref, atol=F64)
+  # Level by level through a scratch window (layer-skip drafting's calls).
+  levels = [(lo, hi) for lo, hi in zip(
+      [0] + [int(np.searchsorted(depth[0], d)) for d in range(1, 10)],
+      [int(np.searchsorted(depth[0], d)) for d in range(1, 11)]) if lo < hi]
+  if (depth[0] != depth[1]).any():      # same level sizes for the batch
+    parents[1], depth[1] = parents[0], depth[0]
+    mask = ancestor_mask(jnp.asarray(parents))
+    logits, tree_cache = m(tokens, lens[:, None] + depth, cache, mask)
+  c, parts = cache, []
+  for lo, hi in levels:
+    out, c = m(tokens[:, lo:hi], lens[:, None] + depth[:, lo:hi], c,
+               mask[:, lo:hi, :hi])
+    parts.append(out)
+  np.testing.assert_allclose(jnp.concatenate(parts, 1), logits, atol=F64)
+  # Commit the path to node n-1 (row 0) and to node 3 (row 1).
+  paths = [path_of(parents[0], n - 1), path_of(parents[1], 3)]
+  keep = np.zeros((2, n), np.int32)
+  for r, p in enumerate(paths):
+    keep[r, :len(p)] = p
+  cache2 = m.commit(tree_cache, [len(p) for p in paths], jnp.asarray(keep))
+  nxt = seq(rng, 2, 1)
+  new_len = lens + np.array([len(p) for p in paths])
+  out, _ = m(nxt, new_len[:, None], cache2)
+  for r, p in enumerate(paths):
+    ref = m.full(np.concatenate([prefix[r, :lens[r]], tokens[r, p],
+                                 nxt[r]])[None], 24)[0, -1]
+    np.testing.assert_allclose(out[r, 0], ref, atol=F64)
+
+
+def test_float32_parallel_equals_step_within_policy():
+  """float32: the mixer (a simple module) within 1e-5, the whole model
+  within 1e-4, parallel (chunked) vs step by step."""
+  m = model("tiny-hybrid", "float32")
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 20, 32)), jnp.float32)
+  mixer = m.layers[0].mixer
+  y_par, _ = jax.jit(lambda x: mixer(x, mixer.init_state(2)))(x)
+
+  @jax.jit
+  def steps(x):
+    def body(state, xt):
+      y, state = mixer(xt[:, None], state)
+      return mixer.commit(state, jnp.ones((2,), jnp.int32)), y[:, 0]
+    return jax.lax.scan(body, mixer.init_state(2), jnp.moveaxis(x, 1, 0))[1]
+  np.testing.assert_allclose(y_par, jnp.moveaxis(steps(x), 0, 1), atol=1e-5)
+  jm = Jitted(m)
+  toks = seq(rng, 2, 20)
+  full = jm.full(toks)
+  cache = m.init_cache(2, 32)
+  for i in range(20):
+    out, cache = jm(toks[:, i:i + 1], np.full((2, 1), i), cache)
+    cache = jm.commit(cache, [1, 1])
+    np.testing.assert_allclose(out[:, 0], full[:, i], atol=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+def test_a_tree_wider_than_the_state_buffer_is_refused():
+  m = model("tiny-mamba2", "float32")
+  with pytest.raises(TreeError, match="state buffer of 32 slots"):
+    Generator(m, Tokenizer.byte_level(), max_new_tokens=4,
+              drafter=drafters_lib.make_drafter("ngram", m),
+              tree="kary6x6")
+  with pytest.raises(ValueError, match="scratch_slots"):
+    x = jnp.zeros((1, 40, 32))
+    m.layers[0].mixer(x, m.layers[0].mixer.init_state(1),
+                      jnp.ones((1, 40, 40), bool))
+
+
+def test_committing_a_call_longer_than_the_scratch_is_loud():
+  """A 40-token call (> 32 scratch slots) has exact outputs but cannot be
+  committed: the state turns NaN instead of silently wrong."""
+  m = Jitted(model("tiny-mamba2", "float32"))
+  toks = seq(np.random.default_rng(7), 1, 40)
+  _, cache = m(toks, np.arange(40)[None], m.m.init_cache(1, 64))
+  cache = m.commit(cache, [40])
+  assert np.isnan(np.asarray(cache.layers[0].ssm)).all()
+
+
+# --- speculative decoding ------------------------------------------------------
+
+PROMPTS = [[1, 2, 3, 4, 0, 1, 2], [7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 100, 30],
+           [33, 34, 200, 1]]
+MAX_NEW = 20
+
+
+def make_drafter(name: str, m):
+  if name == "ngram":
+    return drafters_lib.make_drafter("ngram", m)
+  if name == "layerskip":
+    return drafters_lib.make_drafter("layerskip", m, layers="first:1")
+  if name == "draft_self":
+    return drafters_lib.draft_lm(m)
+  if name == "draft_perturbed":
+    return drafters_lib.draft_lm(testing.perturbed(m, 0.05))
+  raise ValueError(name)
+
+
+@functools.cache
+def reference(preset: str):
+  m = model(preset, "float64")
+  out = Generator(m, Tokenizer.byte_level(), max_new_tokens=MAX_NEW,
+                  eos_ids=()).generate_ids(PROMPTS)
+  return [r.tokens for r in out], [r.logprobs for r in out]
+
+
+def spec_case(preset: str, drafter: str, tree: str, rows=(0, 1, 2)):
+  m = model(preset, "float64")
+  gen = Generator(m, Tokenizer.byte_level(), max_new_tokens=MAX_NEW,
+                  eos_ids=(), drafter=make_drafter(drafter, m), tree=tree)
+  out = gen.generate_ids([PROMPTS[i] for i in rows])
+  ref_tokens, ref_logp = reference(preset)
+  for r, i in zip(out, rows):
+    assert r.tokens == ref_tokens[i], (preset, drafter, tree, i)
+    np.testing.assert_allclose(r.logprobs, ref_logp[i], atol=F64)
+  return out
+
+
+def test_greedy_speculative_equals_autoregressive_on_a_hybrid(x64):
+  """One case in the default tier: a perturbed draft LM (accepts and
+  rejects) over a k-ary tree on the hybrid target, ragged batch of 3."""
+  out = spec_case("tiny-hybrid", "draft_perturbed", "kary2x2")
+  acc = np.mean([r.metrics["mean_accepted"] for r in out])
+  assert 0.3 < acc < 2.0, acc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", ["chain4", "kary2x2", "static6"])
+@pytest.mark.parametrize("drafter", ["ngram", "layerskip", "draft_self",
+                                     "draft_perturbed"])
+@pytest.mark.parametrize("preset", ["tiny-mamba2", "tiny-hybrid"])
+def test_greedy_speculative_matrix(x64, preset, drafter, tree):
+  out = spec_case(preset, drafter, tree)
+  if drafter == "draft_self":
+    assert all(r.metrics["mean_accepted"] > 1.0 for r in out)
+  for i in range(len(PROMPTS)):
+    spec_case(preset, drafter, tree, rows=(i,))
