@@ -23,7 +23,8 @@ setup(
     # configs/ and launch/ are files run by path, not packages.
     packages=find_packages(include=["seqdec", "seqdec.*"]),
     # Trained drafters shipped for installed models (checkpoints/drafters.py).
-    package_data={"seqdec.checkpoints": ["shipped/*/*.json",
+    package_data={"seqdec.parallel": ["scan_table.json"],
+                  "seqdec.checkpoints": ["shipped/*/*.json",
                                          "shipped/*/*.safetensors"]},
     install_requires=requirements("requirements.txt"),
     extras_require={

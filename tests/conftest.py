@@ -99,6 +99,26 @@ def _optimisation_level(request, monkeypatch):
 
 
 @pytest.fixture
+def no_compile_cache():
+  """The persistent compilation cache off for one test. jaxlib 0.10.2 has
+  crashed (SIGSEGV) in the cache on some programs: two ci-like runs in
+  test_tree_attention's Pallas speculative test, in the cache write
+  (`put_executable_and_time`) of its interpreted-Pallas program, and the
+  hybrid speculative matrix (test_hybrid.py) in the cache read
+  (`get_executable_and_time`) after 20 cases in one process; both pass
+  alone. jax decides once per process whether the
+  cache is used (`compilation_cache.is_cache_used` memoizes), so the flag alone
+  does nothing in a worker that has compiled before: `reset_cache` makes jax
+  decide again, with the cache off here and back on afterwards."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture
 def x64():
   """Runs a test with 64-bit JAX types enabled."""
   jax.config.update("jax_enable_x64", True)

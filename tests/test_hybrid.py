@@ -364,11 +364,19 @@ def reference(preset: str):
   return [r.tokens for r in out], [r.logprobs for r in out]
 
 
-def spec_case(preset: str, drafter: str, tree: str, rows=(0, 1, 2)):
+@functools.cache
+def spec_generator(preset: str, drafter: str, tree: str) -> Generator:
   m = model(preset, "float64")
-  gen = Generator(m, Tokenizer.byte_level(), max_new_tokens=MAX_NEW,
-                  eos_ids=(), drafter=make_drafter(drafter, m), tree=tree)
-  out = gen.generate_ids([PROMPTS[i] for i in rows])
+  return Generator(m, Tokenizer.byte_level(), max_new_tokens=MAX_NEW,
+                   eos_ids=(), drafter=make_drafter(drafter, m), tree=tree)
+
+
+def spec_case(preset: str, drafter: str, tree: str, rows=(0, 1, 2)):
+  """Greedy speculative output of PROMPTS[rows] == autoregressive. The
+  persistent compilation cache is off for these programs (the
+  `no_compile_cache` fixture: jaxlib crashed reading one back)."""
+  out = spec_generator(preset, drafter, tree).generate_ids(
+      [PROMPTS[i] for i in rows])
   ref_tokens, ref_logp = reference(preset)
   for r, i in zip(out, rows):
     assert r.tokens == ref_tokens[i], (preset, drafter, tree, i)
@@ -376,7 +384,8 @@ def spec_case(preset: str, drafter: str, tree: str, rows=(0, 1, 2)):
   return out
 
 
-def test_greedy_speculative_equals_autoregressive_on_a_hybrid(x64):
+def test_greedy_speculative_equals_autoregressive_on_a_hybrid(
+    x64, no_compile_cache):
   """One case in the default tier: a perturbed draft LM (accepts and
   rejects) over a k-ary tree on the hybrid target, ragged batch of 3."""
   out = spec_case("tiny-hybrid", "draft_perturbed", "kary2x2")
@@ -389,9 +398,38 @@ def test_greedy_speculative_equals_autoregressive_on_a_hybrid(x64):
 @pytest.mark.parametrize("drafter", ["ngram", "layerskip", "draft_self",
                                      "draft_perturbed"])
 @pytest.mark.parametrize("preset", ["tiny-mamba2", "tiny-hybrid"])
-def test_greedy_speculative_matrix(x64, preset, drafter, tree):
+def test_greedy_speculative_matrix(x64, no_compile_cache, preset, drafter,
+                                   tree):
   out = spec_case(preset, drafter, tree)
   if drafter == "draft_self":
     assert all(r.metrics["mean_accepted"] > 1.0 for r in out)
   for i in range(len(PROMPTS)):
     spec_case(preset, drafter, tree, rows=(i,))
+
+
+@pytest.mark.slow
+def test_speculative_sampling_on_a_hybrid_matches_the_target_law(
+    no_compile_cache):
+  """χ² of the first two tokens' joint law (4096 rows at temperature 1)
+  against the exact autoregressive law of the hybrid target, with a
+  perturbed draft LM drawing i.i.d. children over a k-ary tree (the rule's
+  negative controls are in test_spec_sampling.py / test_lossless.py)."""
+  from test_spec_sampling import chi2_pvalue, exact_joint  # pylint: disable=g-import-not-at-top
+  m = model("tiny-hybrid", "float32")
+  prompt = [5, 17, 99, 3, 42, 7]
+  gen = Generator(m, Tokenizer.byte_level(), max_new_tokens=3, eos_ids=(),
+                  drafter=drafters_lib.draft_lm(testing.perturbed(m, 0.03),
+                                                proposal="iid"),
+                  tree="kary2x2", rule="sample", temperature=1.0,
+                  max_batch=64)
+  results = gen.generate_ids([prompt] * 4096, seed=5)
+  pairs = np.array([r.tokens[:2] for r in results])
+  v = m.config.vocab_size
+  counts = np.zeros((v, v))
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(m, prompt, 1.0))
+  accepted = np.mean([r.metrics["mean_accepted"] for r in results])
+  print(f"hybrid chi2 {stat:.1f} dof {dof} p {pvalue:.3g}; accepted "
+        f"{accepted:.2f}")
+  assert pvalue > 1e-3, (stat, dof)
+  assert accepted > 0.3, "the test must exercise acceptance"

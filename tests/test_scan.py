@@ -156,12 +156,44 @@ def test_h0_defaults_to_zeros():
   assert rel_error(out, ref) <= 1e-6
 
 
-def test_auto_resolution():
+def test_auto_resolution(monkeypatch):
+  """'auto' follows the measured crossover table for the call's context
+  (b overwritable or live), and never picks chunked for block2 / dense."""
+  table = {"overwrite": 256, "live": None}
+  monkeypatch.setattr(scan, "crossover_table", lambda: table)
   assert scan.resolve_impl("auto", "diagonal", 4096, 64) == "chunked"
+  assert scan.resolve_impl("auto", "diagonal", 255, 64) == "sequential"
+  assert scan.resolve_impl("auto", "diagonal", 4096, 64,
+                           overwrite_b=False) == "sequential"
+  table["live"] = 1024
+  assert scan.resolve_impl("auto", "diagonal", 2048, 64,
+                           overwrite_b=False) == "chunked"
   assert scan.resolve_impl("auto", "block2", 4096, 64) == "sequential"
-  assert scan.resolve_impl("auto", "diagonal", 100, 64) == "sequential"
   assert scan.resolve_impl("auto", "dense", 1 << 16, 64) == "sequential"
   assert scan.resolve_impl("associative", "dense", 5, 64) == "associative"
+
+
+def test_committed_crossover_table_is_read():
+  table = scan.crossover_table()
+  assert set(table) == {"overwrite", "live"}
+  assert all(v is None or v > 0 for v in table.values())
+
+
+def test_auto_sees_whether_b_is_an_intermediate(monkeypatch):
+  """A concrete b is live (its buffer must survive); a traced b is taken
+  as an intermediate; `overwrite_b` overrides either."""
+  seen = []
+  resolve = scan.resolve_impl
+
+  def spy(impl, structure, t, chunk=64, overwrite_b=True):
+    seen.append(overwrite_b)
+    return resolve(impl, structure, t, chunk, overwrite_b)
+  monkeypatch.setattr(scan, "resolve_impl", spy)
+  a, b, _ = random_system("diagonal", 8, jnp.float32)
+  scan.linear_scan(a, b)
+  jax.jit(lambda a, b: scan.linear_scan(a, b))(a, b)
+  scan.linear_scan(a, b, overwrite_b=True)
+  assert seen == [False, True, True]
 
 
 def test_registered_backend_plugs_in():

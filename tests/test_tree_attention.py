@@ -301,23 +301,6 @@ def _assert_same(out, ref):
     np.testing.assert_allclose(r.logprobs, e.logprobs, atol=1e-10)
 
 
-@pytest.fixture
-def no_compile_cache():
-  """The persistent compilation cache off for one test: two ci-like runs
-  crashed (SIGSEGV) in this test's xdist worker, once with the stack in jax's
-  cache write (`put_executable_and_time`) while storing its interpreted-Pallas
-  program; the test passes alone. jax decides once per process whether the
-  cache is used (`compilation_cache.is_cache_used` memoizes), so the flag alone
-  does nothing in a worker that has compiled before: `reset_cache` makes jax
-  decide again, with the cache off here and back on afterwards."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_enable_compilation_cache", True)
-  compilation_cache.reset_cache()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", ["kary2x2"])
 def test_speculative_pallas_equals_autoregressive(x64, no_compile_cache,

@@ -26,6 +26,17 @@ def _tiny(dtype: str = "float32", preset: str = "tiny", mesh=None, **_):
   return model, Tokenizer.byte_level()
 
 
+def _tiny_hybrid(preset: str, dtype: str = "float32", mesh=None, **_):
+  """A tiny random Mamba-2 or hybrid LM (`seqdec.models.hybrid.PRESETS`)
+  with the byte-level tokenizer (seeded)."""
+  from seqdec.models import hybrid  # pylint: disable=g-import-not-at-top
+  if mesh is not None:
+    raise CheckpointError(f"{preset} has no sharding rules for its Mamba-2 "
+                          f"layers yet; load it without a mesh")
+  config = hybrid.PRESETS[preset].replace(dtype=dtype, param_dtype=dtype)
+  return hybrid.create(config, seed=0), Tokenizer.byte_level()
+
+
 def _smollm2(dtype: str = "float32", **kwargs):
   from seqdec.checkpoints import gguf  # pylint: disable=g-import-not-at-top
   return gguf.load_gguf(gguf.find_smollm2_gguf(), dtype=dtype, **kwargs)
@@ -40,6 +51,10 @@ def _gemma3(dtype: str = "float32", **kwargs):
 KNOWN_MODELS: dict[str, Callable] = {
     "tiny": _tiny,
     "tiny-gemma3": lambda dtype="float32", **_: _tiny(dtype, "tiny-gemma3"),
+    "tiny-mamba2": lambda dtype="float32", **kw: _tiny_hybrid(
+        "tiny-mamba2", dtype, **kw),
+    "tiny-hybrid": lambda dtype="float32", **kw: _tiny_hybrid(
+        "tiny-hybrid", dtype, **kw),
     "smollm2-135m-instruct": _smollm2,
     "gemma3-270m": _gemma3,
 }

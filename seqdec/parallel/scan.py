@@ -31,15 +31,22 @@ Back ends (`impl`), chosen by string:
                  work ~2x sequential. ParaRNN's CUDA reduction (thread-local
                  Thomas sweeps, a reduction over chunk ends, back-substitution)
                  and a future Pallas kernel have this shape.
-  'auto'         on CPU 'chunked' for diagonal A when T >= 4 C (it runs in
-                 place, see below), else 'sequential' (measured fastest for
-                 block2 and dense here); 'associative' on accelerators, where
-                 log depth pays.
+  'auto'         the fastest for the call as it is made (`resolve_impl`): on
+                 CPU 'chunked' for diagonal A when b's buffer may be
+                 overwritten and T reaches the crossover measured on this
+                 kind of host (`scan_table.json`, written by
+                 launch/bench_scan.py), else 'sequential' (measured fastest
+                 for block2 and dense here); 'associative' on accelerators,
+                 where log depth pays.
 
 The chunked fix-up overwrites b's buffer with the states, so when b is dead
-after the call (inside a Newton step, or donated) no output buffer is
-allocated; on this 2-core CPU that, not the depth, is what makes it faster
-than `lax.scan`, whose output is always a fresh allocation.
+after the call (an intermediate of the program: inside a Newton step or a
+layer) no output buffer is allocated; on a 2-core CPU that, not the depth,
+is what makes it faster than `lax.scan`, whose output is always a fresh
+allocation. When b is live (a concrete array, or a non-donated argument of
+the program) XLA must copy it first and chunked loses. A trace cannot see
+donation, so `linear_scan(overwrite_b=None)` takes a traced b as an
+intermediate and a concrete b as live; `overwrite_b=` says which it is.
 
 Accumulation is in float32 at least (float64 stays float64); the result has the
 dtype of `b`. New back ends (e.g. a Pallas kernel) plug in with
@@ -50,6 +57,9 @@ direction; `linear_scan` handles validation, dtypes and `reverse`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 from typing import Callable
 
 import jax
@@ -259,16 +269,39 @@ def register_impl(name: str, fn: Callable) -> None:
   _IMPL_FNS[name] = fn
 
 
+# When 'chunked' beats 'sequential' on CPU for a diagonal A: the smallest T
+# from which it won at every longer T measured, per context ('overwrite': b
+# is a dead intermediate; 'live': b must survive the call), or None (never).
+# Measured by launch/bench_scan.py --write_table (benchmarks/results/
+# scan_auto.json); the defaults hold when the file is missing.
+_TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "scan_table.json")
+_DEFAULT_CROSSOVER = {"overwrite": 4 * DEFAULT_CHUNK, "live": None}
+
+
+@functools.cache
+def crossover_table() -> dict:
+  """`{'overwrite': T or None, 'live': T or None}` (module docstring)."""
+  try:
+    with open(_TABLE_FILE, encoding="utf-8") as f:
+      table = json.load(f)["chunked_from_T"]
+    return {k: table.get(k, v) for k, v in _DEFAULT_CROSSOVER.items()}
+  except (OSError, ValueError, KeyError, TypeError):
+    return dict(_DEFAULT_CROSSOVER)
+
+
 def resolve_impl(impl: str, structure: str, t: int,
-                 chunk: int = DEFAULT_CHUNK) -> str:
-  """The concrete back end `impl` names ('auto' resolved for this T)."""
+                 chunk: int = DEFAULT_CHUNK, overwrite_b: bool = True) -> str:
+  """The concrete back end `impl` names: 'auto' resolved for this call (T,
+  and whether b's buffer may be overwritten, module docstring)."""
   if impl != "auto":
     if impl not in _IMPL_FNS:
       raise ValueError(f"unknown impl {impl!r}; expected one of "
                        f"{tuple(_IMPL_FNS) + ('auto',)}")
     return impl
   if jax.default_backend() == "cpu":
-    if structure == "diagonal" and t >= 4 * chunk:
+    start = crossover_table()["overwrite" if overwrite_b else "live"]
+    if structure == "diagonal" and start is not None and t >= start:
       return "chunked"
     return "sequential"
   return "associative"
@@ -281,8 +314,8 @@ def accumulation_dtype(dtype) -> jnp.dtype:
 
 def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
                 structure: str = "diagonal", impl: str = "auto",
-                reverse: bool = False, chunk: int = DEFAULT_CHUNK
-                ) -> jax.Array:
+                reverse: bool = False, chunk: int = DEFAULT_CHUNK,
+                overwrite_b: bool | None = None) -> jax.Array:
   """All states of h_t = A_t h_{t-1} + b_t (or of the reverse recurrence).
 
   Args:
@@ -296,6 +329,9 @@ def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
       back end.
     reverse: solve h_t = A_t h_{t+1} + b_t from t = T-1 down to 0.
     chunk: chunk length C of the 'chunked' back end.
+    overwrite_b: whether b's buffer is dead after the call (what 'auto'
+      weighs, module docstring); None: True when b is traced (an
+      intermediate of the program being traced), False when concrete.
 
   Returns:
     h, b.shape, dtype of b: h[t] is the state after step t.
@@ -313,7 +349,9 @@ def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
     raise ValueError(f"h0 must have shape {b.shape[1:]}, got {h0.shape}")
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1, got {chunk}")
-  name = resolve_impl(impl, structure, b.shape[0], chunk)
+  if overwrite_b is None:
+    overwrite_b = isinstance(b, jax.core.Tracer)
+  name = resolve_impl(impl, structure, b.shape[0], chunk, overwrite_b)
   out_dtype = b.dtype
   acc = accumulation_dtype(jnp.result_type(A.dtype, b.dtype))
   A, b = A.astype(acc), b.astype(acc)
