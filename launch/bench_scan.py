@@ -14,8 +14,8 @@ For T in --lengths and C in --channels (float32, one batch axis of 1), the
 median ms (quiet-machine protocol) of 'sequential', 'chunked' (chunk 64)
 and 'associative' in both contexts. `--write_table` stores, per context, the
 smallest T from which 'chunked' beats 'sequential' at every measured longer
-T and every C (None: never), in `seqdec/parallel/scan_table.json`, keyed by
-this host; `scan.resolve_impl` reads it.
+T (None: never), per C, in `seqdec/parallel/scan_table.json` with this
+host's description; `scan.resolve_impl` reads it.
 
     .venv/bin/python launch/bench_scan.py \
         --output=benchmarks/results/scan_auto.json --write_table
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -45,8 +46,10 @@ flags.DEFINE_bool("write_table", False,
                   "Write the crossover table that impl='auto' reads.")
 
 
-def crossover(rows, context: str):
-  """Smallest T from which chunked < sequential for every longer T and C."""
+def crossover(rows, context: str, channels: int):
+  """Smallest T from which chunked < sequential at every longer T (for C
+  channels), or None."""
+  rows = [r for r in rows if r["C"] == channels]
   lengths = sorted({r["T"] for r in rows})
   ok = {t: all(r[f"{context}_chunked_ms"] < r[f"{context}_sequential_ms"]
                for r in rows if r["T"] == t) for t in lengths}
@@ -80,15 +83,24 @@ def main(argv):
         over = jax.jit(lambda a, x, impl=impl: scan.linear_scan(
             a, x * 0.5 + 1.0, structure="diagonal", impl=impl))
         for name, fn in (("live", live), ("overwrite", over)):
-          call = lambda fn=fn: jax.block_until_ready(fn(a, b))
-          call()
+          jax.block_until_ready(fn(a, b))                  # compile
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(a, b))
+          # Calls under ~2 ms are timed in batches (noise of one dispatch).
+          reps = max(1, int(2e-3 / max(time.perf_counter() - t0, 1e-6)))
+
+          def call(fn=fn, reps=reps):
+            for _ in range(reps):
+              out = fn(a, b)
+            jax.block_until_ready(out)
           ms, _ = host_profile.quiet_median(call, per_round=10,
                                             max_rounds=20, spread=0.1)
-          row[f"{name}_{impl}_ms"] = round(ms, 4)
+          row[f"{name}_{impl}_ms"] = round(ms / reps, 5)
       rows.append(row)
       print(json.dumps(row), flush=True)
-  table = {"live": crossover(rows, "live"),
-           "overwrite": crossover(rows, "overwrite")}
+  table = {context: {str(c): crossover(rows, context, c)
+                     for c in map(int, FLAGS.channels)}
+           for context in ("live", "overwrite")}
   host = host_profile.host_info()
   out = dict(host=host, rows=rows, chunked_from_T=table)
   print(json.dumps(dict(chunked_from_T=table)))

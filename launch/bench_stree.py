@@ -76,7 +76,7 @@ def main(argv):
       chunk=x.shape[1], impl="sequential"))
   rows = []
   for spec in FLAGS.trees:
-    shape = tree_specs.parse_tree(spec)
+    shape = tree_specs.parse(spec)
     parents = np.asarray(shape.parents)
     n, d = shape.num_nodes, shape.max_depth
     is_parent = np.zeros(n, bool)

@@ -159,13 +159,17 @@ def test_h0_defaults_to_zeros():
 def test_auto_resolution(monkeypatch):
   """'auto' follows the measured crossover table for the call's context
   (b overwritable or live), and never picks chunked for block2 / dense."""
-  table = {"overwrite": 256, "live": None}
+  table = {"overwrite": {"64": 256, "1024": None}, "live": {"64": None}}
   monkeypatch.setattr(scan, "crossover_table", lambda: table)
   assert scan.resolve_impl("auto", "diagonal", 4096, 64) == "chunked"
+  assert scan.resolve_impl("auto", "diagonal", 4096, 64, channels=8) == (
+      "chunked")                          # below every C: the smallest's
+  assert scan.resolve_impl("auto", "diagonal", 4096, 64,
+                           channels=4096) == "sequential"
   assert scan.resolve_impl("auto", "diagonal", 255, 64) == "sequential"
   assert scan.resolve_impl("auto", "diagonal", 4096, 64,
                            overwrite_b=False) == "sequential"
-  table["live"] = 1024
+  table["live"]["64"] = 1024
   assert scan.resolve_impl("auto", "diagonal", 2048, 64,
                            overwrite_b=False) == "chunked"
   assert scan.resolve_impl("auto", "block2", 4096, 64) == "sequential"
@@ -176,7 +180,9 @@ def test_auto_resolution(monkeypatch):
 def test_committed_crossover_table_is_read():
   table = scan.crossover_table()
   assert set(table) == {"overwrite", "live"}
-  assert all(v is None or v > 0 for v in table.values())
+  for entries in table.values():
+    assert entries and all(int(c) > 0 and (t is None or t > 0)
+                           for c, t in entries.items())
 
 
 def test_auto_sees_whether_b_is_an_intermediate(monkeypatch):
@@ -185,9 +191,9 @@ def test_auto_sees_whether_b_is_an_intermediate(monkeypatch):
   seen = []
   resolve = scan.resolve_impl
 
-  def spy(impl, structure, t, chunk=64, overwrite_b=True):
+  def spy(impl, structure, t, chunk=64, overwrite_b=True, channels=1):
     seen.append(overwrite_b)
-    return resolve(impl, structure, t, chunk, overwrite_b)
+    return resolve(impl, structure, t, chunk, overwrite_b, channels)
   monkeypatch.setattr(scan, "resolve_impl", spy)
   a, b, _ = random_system("diagonal", 8, jnp.float32)
   scan.linear_scan(a, b)

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Callable
 
@@ -269,38 +270,50 @@ def register_impl(name: str, fn: Callable) -> None:
   _IMPL_FNS[name] = fn
 
 
-# When 'chunked' beats 'sequential' on CPU for a diagonal A: the smallest T
-# from which it won at every longer T measured, per context ('overwrite': b
-# is a dead intermediate; 'live': b must survive the call), or None (never).
-# Measured by launch/bench_scan.py --write_table (benchmarks/results/
-# scan_auto.json); the defaults hold when the file is missing.
+# When 'chunked' beats 'sequential' on CPU for a diagonal A: per context
+# ('overwrite': b is a dead intermediate; 'live': b must survive the call)
+# and per channel count C (the product of b's non-time axes), the smallest T
+# from which it won at every longer T measured, or None (never). Measured by
+# launch/bench_scan.py --write_table (benchmarks/results/scan_auto.json); a
+# call uses the entry of the largest measured C not above its own (the
+# smallest if none). The default holds when the file is missing.
 _TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "scan_table.json")
-_DEFAULT_CROSSOVER = {"overwrite": 4 * DEFAULT_CHUNK, "live": None}
+_DEFAULT_CROSSOVER = {"overwrite": {"1": 4 * DEFAULT_CHUNK}, "live": {"1": None}}
 
 
 @functools.cache
 def crossover_table() -> dict:
-  """`{'overwrite': T or None, 'live': T or None}` (module docstring)."""
+  """`{context: {C: T or None}}` (see above)."""
   try:
     with open(_TABLE_FILE, encoding="utf-8") as f:
       table = json.load(f)["chunked_from_T"]
-    return {k: table.get(k, v) for k, v in _DEFAULT_CROSSOVER.items()}
-  except (OSError, ValueError, KeyError, TypeError):
-    return dict(_DEFAULT_CROSSOVER)
+    return {k: dict(table.get(k) or v) for k, v in _DEFAULT_CROSSOVER.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return {k: dict(v) for k, v in _DEFAULT_CROSSOVER.items()}
+
+
+def chunked_from(overwrite_b: bool, channels: int):
+  """The crossover T of the table entry that applies to `channels`."""
+  entries = sorted((int(c), t) for c, t in crossover_table()[
+      "overwrite" if overwrite_b else "live"].items())
+  below = [t for c, t in entries if c <= channels]
+  return below[-1] if below else entries[0][1]
 
 
 def resolve_impl(impl: str, structure: str, t: int,
-                 chunk: int = DEFAULT_CHUNK, overwrite_b: bool = True) -> str:
+                 chunk: int = DEFAULT_CHUNK, overwrite_b: bool = True,
+                 channels: int = 1) -> str:
   """The concrete back end `impl` names: 'auto' resolved for this call (T,
-  and whether b's buffer may be overwritten, module docstring)."""
+  C channels, and whether b's buffer may be overwritten: module
+  docstring)."""
   if impl != "auto":
     if impl not in _IMPL_FNS:
       raise ValueError(f"unknown impl {impl!r}; expected one of "
                        f"{tuple(_IMPL_FNS) + ('auto',)}")
     return impl
   if jax.default_backend() == "cpu":
-    start = crossover_table()["overwrite" if overwrite_b else "live"]
+    start = chunked_from(overwrite_b, channels)
     if structure == "diagonal" and start is not None and t >= start:
       return "chunked"
     return "sequential"
@@ -351,7 +364,8 @@ def linear_scan(A: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
     raise ValueError(f"chunk must be >= 1, got {chunk}")
   if overwrite_b is None:
     overwrite_b = isinstance(b, jax.core.Tracer)
-  name = resolve_impl(impl, structure, b.shape[0], chunk, overwrite_b)
+  name = resolve_impl(impl, structure, b.shape[0], chunk, overwrite_b,
+                      channels=math.prod(b.shape[1:]))
   out_dtype = b.dtype
   acc = accumulation_dtype(jnp.result_type(A.dtype, b.dtype))
   A, b = A.astype(acc), b.astype(acc)
