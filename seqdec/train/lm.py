@@ -1,4 +1,11 @@
-"""Training the RNN language model: loss, jitted steps, eval, checkpoints, loop.
+"""Training a language model (the ParaRNN LM, or a Mamba-2 / hybrid LM):
+loss, jitted steps, eval, checkpoints, loop.
+
+The config's `model.family` picks the network: 'rnn' (default,
+`seqdec.models.rnn.RNNLM`) or 'hybrid' (`seqdec.models.hybrid.HybridLM`:
+Mamba-2 and attention layers by `model.layer_types`, a comma-separated
+string; trained through its parallel forms, the chunked SSD and causal
+attention).
 
 Pure functions over explicit pytrees (`jax.jit` over `nnx.split` state, not
 `nnx.jit`): parameters are a pure dict, the optimiser is optax. The loss is
@@ -29,28 +36,46 @@ import optax
 from flax import nnx
 
 from seqdec.data import stdlib_corpus
-from seqdec.models import rnn
+from seqdec.models import hybrid, rnn
 from seqdec.train import loop as loop_lib
 from seqdec.train.loop import TrainError, TrainState
 
 
-def model_config(c: ml_collections.ConfigDict) -> rnn.RNNLMConfig:
-  """`RNNLMConfig` from the `model` section of a config (clear errors)."""
+FAMILIES = ("rnn", "hybrid")
+
+
+def model_config(c: ml_collections.ConfigDict):
+  """`RNNLMConfig` or `HybridConfig` from the `model` section of a config
+  (by `family`; clear errors)."""
+  kwargs = c.to_dict()
+  family = kwargs.pop("family", "rnn")
+  if family not in FAMILIES:
+    raise TrainError(f"unknown model family {family!r}; expected one of "
+                     f"{FAMILIES}")
   try:
-    return rnn.RNNLMConfig(**c.to_dict())
+    if family == "hybrid":
+      kwargs["layer_types"] = tuple(
+          x.strip() for x in str(kwargs.get("layer_types", "")).split(","))
+      kwargs["num_layers"] = len(kwargs["layer_types"])
+      return hybrid.HybridConfig(**kwargs)
+    return rnn.RNNLMConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise TrainError(f"bad model config: {e}") from None
 
 
-def build(cfg: rnn.RNNLMConfig, seed: int):
+def build(cfg, seed: int):
   """(graphdef, params: Param state, rest: other state) of a fresh LM.
 
   Weights are always drawn in float32 and then cast to `cfg.param_dtype`, so
   a float64 run starts from the same weights as a float32 one.
   """
-  f32 = dataclasses.replace(cfg, param_dtype="float32")
-  graphdef, params, rest = nnx.split(rnn.RNNLM(f32, rngs=nnx.Rngs(seed)),
-                                     nnx.Param, ...)
+  if isinstance(cfg, hybrid.HybridConfig):
+    module = hybrid.HybridLM(cfg.replace(param_dtype="float32"),
+                             rngs=nnx.Rngs(seed))
+  else:
+    module = rnn.RNNLM(dataclasses.replace(cfg, param_dtype="float32"),
+                       rngs=nnx.Rngs(seed))
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
   dtype = jnp.dtype(cfg.param_dtype)
   return graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest
 
@@ -70,9 +95,16 @@ def solver_stats(infos) -> dict[str, jax.Array]:
 
 
 def loss_fn(params, graphdef, rest, tokens):
-  """(loss, solver stats) of a [B, T + 1] token batch."""
+  """(loss, solver stats) of a [B, T + 1] token batch (no stats for a
+  hybrid LM: its scans are exact, there is no solver)."""
   model = nnx.merge(graphdef, params, rest)
-  logits, _, infos = model(tokens[:, :-1])
+  inputs = tokens[:, :-1]
+  if isinstance(model, hybrid.HybridLM):
+    b, t = inputs.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _ = model(inputs, pos, model.init_cache(b, t))
+    return cross_entropy(logits, tokens[:, 1:]), {}
+  logits, _, infos = model(inputs)
   return cross_entropy(logits, tokens[:, 1:]), solver_stats(infos)
 
 
