@@ -10,6 +10,7 @@ speculative decoding. Exactness in float64 (1e-10), float32 to the policy
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -433,3 +434,30 @@ def test_speculative_sampling_on_a_hybrid_matches_the_target_law(
         f"{accepted:.2f}")
   assert pvalue > 1e-3, (stat, dof)
   assert accepted > 0.3, "the test must exercise acceptance"
+
+
+# --- training -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hybrid_lm_trains_and_resumes_exactly(tmp_path):
+  """configs/ssm_lm.py's runlocal hybrid: the loss falls over 6 steps, and
+  interrupted after 3 steps then resumed == 6 uninterrupted steps."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from seqdec import config_utils  # pylint: disable=g-import-not-at-top
+  from seqdec.train import lm  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = config_utils.load_config(os.path.join(root, "configs", "ssm_lm.py")
+                               + ":arch=hybrid,runlocal")
+  c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 1, 1
+  full = lm.train(c, str(tmp_path / "a"))
+  losses = [r["loss"] for r in full["history"] if "loss" in r]
+  assert losses[-1] < losses[0] - 0.1, losses
+  first = lm.train(c, str(tmp_path / "b"),
+                   progress=lambda steps, s, t: itertools.islice(steps, 3))
+  rest = lm.train(c, str(tmp_path / "b"))
+  assert rest["resumed_from"] == 3
+  for a, b in zip(jax.tree.leaves(full["params"]),
+                  jax.tree.leaves(rest["params"])):
+    np.testing.assert_array_equal(a, b)
+  del first
