@@ -71,9 +71,13 @@ def main(argv):
                      jnp.take_along_axis(B, idx[..., None, None], 1), h0, k)))
   naive = jax.jit(lambda x, dt, B, C, parents: ssd.ssd_tree_states(
       x, dt, A, B, C, h0, parents))
-  paths = jax.jit(lambda x, dt, B, C: ssd.ssd_chunked(
-      x, dt, A, B, C, jnp.broadcast_to(h0, (x.shape[0],) + h0.shape[1:]),
-      chunk=x.shape[1], impl="sequential"))
+  def run_paths(x, dt, B, C, rows):
+    """Each row of `rows` `[l, d+1]` (node indices) as its own sequence."""
+    x, dt, B, C = (a[0][rows] for a in (x, dt, B, C))
+    return ssd.ssd_chunked(
+        x, dt, A, B, C, jnp.broadcast_to(h0, (x.shape[0],) + h0.shape[1:]),
+        chunk=x.shape[1], impl="sequential")
+  paths = jax.jit(run_paths)
   rows = []
   for spec in FLAGS.trees:
     shape = tree_specs.parse(spec)
@@ -100,21 +104,17 @@ def main(argv):
       pth = pth[::-1]
       leaf_paths.append(pth + [pth[-1]] * (d + 1 - len(pth)))
     lp = jnp.asarray(leaf_paths)                               # [l, d+1]
-    take = lambda a: a[0][lp]
-    chain = [list(range(d + 1))]
-    cx = lambda a: a[:, :d + 1] if a.shape[1] > d else a
+    # A chain of d + 1 tokens (the first d + 1 nodes stand in for it).
+    chain = jnp.asarray([[min(j, n - 1) for j in range(d + 1)]])
 
     calls = {
         "stree": lambda: jax.block_until_ready(
             masked(x, dt, B, C, mask, idx, k)),
         "naive": lambda: jax.block_until_ready(
             naive(x, dt, B, C, jnp.asarray(parents)[None])),
-        "paths": lambda: jax.block_until_ready(
-            paths(take(x), take(dt), take(B), take(C))),
-        "chain": lambda: jax.block_until_ready(
-            paths(cx(x), cx(dt), cx(B), cx(C))),
+        "paths": lambda: jax.block_until_ready(paths(x, dt, B, C, lp)),
+        "chain": lambda: jax.block_until_ready(paths(x, dt, B, C, chain)),
     }
-    del chain
     row = dict(tree=spec, nodes=n, depth=d, leaves=int(len(leaves)))
     for name, call in calls.items():
       call()                                             # compile
