@@ -439,6 +439,29 @@ def test_speculative_sampling_on_a_hybrid_matches_the_target_law(
 # --- training -------------------------------------------------------------------
 
 
+def test_ssm_lm_configs_build_3_to_10m_models():
+  """configs/ssm_lm.py: both arches, both arms, strict arguments; the
+  full-size models have 3-10M parameters (the issue's range)."""
+  from seqdec import config_utils  # pylint: disable=g-import-not-at-top
+  from seqdec.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from seqdec.train import lm  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", "ssm_lm.py")
+  for arch, kinds in (("mamba2", {"mamba2"}),
+                      ("hybrid", {"mamba2", "attention"})):
+    for arm in ("", ",runlocal"):
+      cfg = lm.model_config(config_utils.load_config(
+          f"{path}:arch={arch}{arm}").model)
+      assert set(cfg.layer_types) == kinds
+      abstract = nnx.eval_shape(lambda c=cfg: hybrid.HybridLM(c, rngs=None))
+      assert cfg.num_params() == sum(
+          x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+      if not arm:
+        assert 3e6 <= cfg.num_params() <= 10e6, cfg.num_params()
+  with pytest.raises((ConfigError, ValueError)):
+    config_utils.load_config(f"{path}:arch=mamba3")
+
+
 @pytest.mark.slow
 def test_hybrid_lm_trains_and_resumes_exactly(tmp_path):
   """configs/ssm_lm.py's runlocal hybrid: the loss falls over 6 steps, and

@@ -93,7 +93,9 @@ def test_parallel_equals_steps_float64(case, x64):
   check_parallel_vs_steps(case, "float64", VARIANTS, 1e-10)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [
+    c if c == "gateloop" else pytest.param(c, marks=pytest.mark.slow)
+    for c in CASES])
 def test_parallel_equals_steps_float32(case):
   check_parallel_vs_steps(case, "float32",
                           (("associative", 64), ("chunked", 5)), 1e-5)
