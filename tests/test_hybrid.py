@@ -484,3 +484,65 @@ def test_hybrid_lm_trains_and_resumes_exactly(tmp_path):
                   jax.tree.leaves(rest["params"])):
     np.testing.assert_array_equal(a, b)
   del first
+
+
+@functools.cache
+def trained_hybrid_eagle():
+  """(EAGLE net in float64, its training tokens): trained on the f32
+  tiny hybrid's greedy continuations as test_eagle.py trains one."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from test_eagle import STEPS, continuations, full_batch  # pylint: disable=g-import-not-at-top
+  from seqdec.models import eagle  # pylint: disable=g-import-not-at-top
+  from seqdec.train import drafter as trainer  # pylint: disable=g-import-not-at-top
+  from seqdec.train.lm import make_optimizer  # pylint: disable=g-import-not-at-top
+  target = model("tiny-hybrid", "float32")
+  tokens = continuations(target)
+  batch = full_batch(target, tokens)
+  net_def, params, rest = nnx.split(eagle.create(target.config, seed=0),
+                                    nnx.Param, ...)
+  target_def, target_params = nnx.split(target)
+  tx = make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup_steps=10, steps=STEPS, grad_clip=1.0,
+      weight_decay=0.0)))
+  opt_state = tx.init(params)
+  for _ in range(STEPS):
+    params, opt_state, _ = trainer.train_step(
+        net_def, target_def, tx, 1.0, 0.1, params, opt_state, target_params,
+        batch, rest)
+  target64 = model("tiny-hybrid", "float64")
+  net_def64 = nnx.graphdef(nnx.eval_shape(lambda: eagle.EagleNet(
+      eagle.eagle_config(target64.config), rngs=None)))
+  net = nnx.merge(net_def64, jax.tree.map(
+      lambda x: jnp.asarray(x, jnp.float64)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      nnx.state(nnx.merge(net_def, params, rest))))
+  return net, tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", ["dyn8d3k2", "kary2x2x1"])
+def test_trained_eagle_on_a_hybrid_equals_autoregressive(x64,
+                                                         no_compile_cache,
+                                                         tree):
+  """An EAGLE drafter (one decoder block over the hybrid's features,
+  trained as test_eagle.py trains it) with a dynamic (EAGLE-2) or static
+  tree: greedy speculative == autoregressive exactly (float64) on prefixes
+  of its training sequences (drafts accepted and rejected) and a fresh
+  prompt."""
+  net, tokens = trained_hybrid_eagle()
+  target64 = model("tiny-hybrid", "float64")
+  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
+             tokens[2, :3].tolist(), [5, 17, 99, 3]]
+  tok = Tokenizer.byte_level()
+  ar = Generator(target64, tok, max_new_tokens=24, eos_ids=()).generate_ids(
+      prompts)
+  spec = Generator(target64, tok, max_new_tokens=24, eos_ids=(),
+                   drafter=drafters_lib.make_drafter("eagle", target64,
+                                                     eagle_net=net),
+                   tree=tree).generate_ids(prompts)
+  for a, b in zip(ar, spec):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=F64)
+  accepted = [r.metrics["mean_accepted"] for r in spec]
+  print(f"{tree}: accepted drafts per round {accepted}")
+  assert 0.5 < np.mean(accepted[:3]), accepted

@@ -36,9 +36,12 @@ from seqdec.models.transformer import (EMBED, Block, KVCache, init_cache,
                                        run_blocks)
 
 
-def eagle_config(target: TransformerConfig) -> TransformerConfig:
+def eagle_config(target) -> TransformerConfig:
   """The one-block config of an EAGLE drafter for `target`: the target's
-  layer shapes and family, every layer global (no sliding window)."""
+  layer shapes and family, every layer global (no sliding window). A
+  Mamba-2 / hybrid target (`hybrid.HybridConfig`) lends its attention
+  layers' config: the drafter is a decoder block of the same width."""
+  target = getattr(target, "attention_config", target)
   return target.replace(num_layers=1, layer_types=None, sliding_window=None)
 
 
