@@ -546,3 +546,21 @@ def test_trained_eagle_on_a_hybrid_equals_autoregressive(x64,
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"{tree}: accepted drafts per round {accepted}")
   assert 0.5 < np.mean(accepted[:3]), accepted
+
+
+@pytest.mark.slow
+def test_ssd_impl_sequential_equals_chunked(x64):
+  """`HybridConfig.ssd_impl` and `scan_impl` choose how, not what: the
+  sequential scan and the chunked form (each state-passing back end) give
+  the same logits (f64 1e-10)."""
+  base = model("tiny-mamba2", "float64")
+  toks = seq(np.random.default_rng(8), 2, 29)
+  ref = Jitted(base).full(toks)
+  for ssd_impl, scan_impl in (("sequential", "auto"),
+                              ("chunked", "associative")):
+    abstract = nnx.eval_shape(lambda s=ssd_impl, c=scan_impl: hybrid.HybridLM(
+        base.config.replace(ssd_impl=s, scan_impl=c), rngs=None))
+    other = nnx.merge(nnx.graphdef(abstract), nnx.state(base))
+    np.testing.assert_allclose(Jitted(other).full(toks), ref, atol=F64)
+  with pytest.raises(ValueError, match="unknown ssd_impl"):
+    base.config.replace(ssd_impl="cuda")

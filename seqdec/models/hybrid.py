@@ -56,6 +56,7 @@ from seqdec.models.config import TransformerConfig, as_dtype
 
 MAMBA2, ATTENTION = "mamba2", "attention"
 LAYER_TYPES = (MAMBA2, ATTENTION)
+SSD_IMPLS = ("chunked", "sequential")
 SSM_HEADS, SSM_INNER, CONV = "ssm_heads", "ssm_inner", "conv"
 
 
@@ -72,6 +73,11 @@ class HybridConfig:
     conv_kernel: K, causal conv taps.
     expand: d_inner = expand * D.
     chunk_size: SSD chunk length of the parallel form.
+    ssd_impl: how a causal call of T > 1 tokens runs the SSM: 'chunked'
+      (SSD's chunked algorithm, `ssd.ssd_chunked`, its state passing
+      through `linear_scan` with back end `scan_impl`) or 'sequential'
+      (`lax.scan` of the step). The same function; not a hyper-parameter.
+    scan_impl: `linear_scan` back end of the chunked form's state passing.
     time_step_limit: (lo, hi) clamp of dt after the softplus.
     use_bias: in/out projections carry biases; use_conv_bias: the conv does.
     ssm_norm_eps: eps of the gated RMSNorm inside the mixer.
@@ -99,6 +105,8 @@ class HybridConfig:
   conv_kernel: int = 4
   expand: int = 2
   chunk_size: int = 64
+  ssd_impl: str = "chunked"
+  scan_impl: str = "auto"
   time_step_limit: tuple[float, float] = (0.0, math.inf)
   use_bias: bool = False
   use_conv_bias: bool = True
@@ -143,6 +151,9 @@ class HybridConfig:
                        f"num_ssm_heads ({self.num_ssm_heads}) and d_inner")
     if self.conv_kernel < 2:
       raise ValueError(f"conv_kernel must be >= 2, got {self.conv_kernel}")
+    if self.ssd_impl not in SSD_IMPLS:
+      raise ValueError(f"unknown ssd_impl {self.ssd_impl!r}; expected one "
+                       f"of {SSD_IMPLS}")
     if self.scratch_slots < 1 or self.chunk_size < 1:
       raise ValueError("scratch_slots and chunk_size must be positive")
     as_dtype(self.dtype)
@@ -367,9 +378,11 @@ class Mamba2Mixer(nnx.Module):
         y, _ = ssd.ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, bm[:, 0],
                             cm[:, 0])
         y = y[:, None]
+      elif c.ssd_impl == "sequential":
+        y, _ = ssd.ssd_sequential(xs, dt, A, bm, cm, state.ssm)
       else:
         y, _ = ssd.ssd_chunked(xs, dt, A, bm, cm, state.ssm,
-                               chunk=min(c.chunk_size, t))
+                               chunk=min(c.chunk_size, t), impl=c.scan_impl)
       if t <= slots:
         state = state._replace(
             raw=state.raw.at[:, :t].set(u), xbc=state.xbc.at[:, :t].set(xbc),
