@@ -105,8 +105,9 @@ def no_compile_cache():
   test_tree_attention's Pallas speculative test, in the cache write
   (`put_executable_and_time`) of its interpreted-Pallas program, and the
   hybrid speculative matrix (test_hybrid.py) in the cache read
-  (`get_executable_and_time`) after 20 cases in one process; both pass
-  alone. jax decides once per process whether the
+  (`get_executable_and_time`) after 20 cases in one process, and
+  test_linear_rnn.py's float32 case in the cache write; each passes alone
+  (test_hybrid.py and test_linear_rnn.py use it module-wide). jax decides once per process whether the
   cache is used (`compilation_cache.is_cache_used` memoizes), so the flag alone
   does nothing in a worker that has compiled before: `reset_cache` makes jax
   decide again, with the cache off here and back on afterwards."""
