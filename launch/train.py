@@ -2,6 +2,8 @@
 
   python launch/train.py --config=configs/pararnn_lm.py --workdir=/tmp/lm
   python launch/train.py --config=configs/pararnn_lm.py:runlocal --workdir=/tmp/x
+  python launch/train.py --config=configs/ssm_lm.py:arch=hybrid \
+      --workdir=/tmp/hyb --export_hf=/tmp/hyb/hf    # then decode /tmp/hyb/hf
 
 Prints one JSON line per logged step and a final JSON summary (validation
 loss, perplexity, bits per byte); writes `metrics.jsonl` and orbax checkpoints
@@ -26,6 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+_EXPORT_HF = flags.DEFINE_string(
+    "export_hf", None, "After training, write the model (Mamba-2 / hybrid "
+    "family) as an HF checkpoint directory here (must not exist), which "
+    "launch/decode.py --config.model=<dir> decodes.")
 
 
 def main(argv):
@@ -65,6 +71,10 @@ def main(argv):
   if main_process:
     print(json.dumps({"summary": out["eval"], "steps": len(out["history"]),
                       "resumed_from": out["resumed_from"]}))
+    if _EXPORT_HF.value:
+      path = cli.run_reporting_user_errors(lambda: lm.export_hf(
+          _CONFIG.value, _WORKDIR.value, _EXPORT_HF.value))
+      print(json.dumps({"exported_hf": path}))
 
 
 if __name__ == "__main__":

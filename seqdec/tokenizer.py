@@ -143,6 +143,26 @@ class Tokenizer:
                add_bos=bool(cfg.get("add_bos_token", False)),
                chat_template=template, bos_token=bos_tok, eos_token=eos_tok)
 
+  def save_hf_dir(self, path: str) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and
+    generation_config.json into the directory `path`, so that
+    `Tokenizer.from_hf_dir(path)` (and transformers' AutoTokenizer) load an
+    equal tokenizer: the same ids, specials, BOS policy and chat template."""
+    self.backend.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
+           "add_bos_token": bool(self.add_bos),
+           "bos_token": self.bos_token or None,
+           "eos_token": self.eos_token or None}
+    if self.chat_template:
+      cfg["chat_template"] = self.chat_template
+    gen = {"eos_token_id": list(self.eos_ids)}
+    if self.bos_id is not None:
+      gen["bos_token_id"] = self.bos_id
+    for name, obj in (("tokenizer_config.json", cfg),
+                      ("generation_config.json", gen)):
+      with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
   @classmethod
   def byte_level(cls) -> "Tokenizer":
     """A 260-token byte-level tokenizer with ChatML specials, for tiny models.

@@ -139,3 +139,22 @@ def test_layer_pattern_that_disagrees_with_the_weights_is_refused(cases,
                      match=r"layer 1 holds attention weights but the "
                            r"config's layer pattern says mamba2"):
     hf.load_hf(str(bad))
+
+
+@pytest.mark.parametrize("preset", [
+    "tiny-hybrid", pytest.param("tiny-mamba2", marks=pytest.mark.slow)])
+def test_exported_checkpoint_loads_in_transformers(tmp_path, preset):
+  """`save_hf` writes what transformers reads: its Bamba / Mamba2 model on
+  the exported directory gives seqdec's logits (whole-model policy, 1e-4),
+  on `testing.tiny_hybrid`'s weights (every part non-trivial)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from seqdec import testing  # pylint: disable=g-import-not-at-top
+  m = testing.tiny_hybrid(preset, "float32")
+  path = hf.save_hf(m, tmp_path / preset)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  assert type(ref).__name__ == m.config.architecture
+  ids = np.random.default_rng(0).integers(0, 260, (2, T))
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(forward(m, ids), want, atol=1e-4)

@@ -490,6 +490,59 @@ def test_hybrid_lm_trains_and_resumes_exactly(tmp_path):
                   jax.tree.leaves(rest["params"])):
     np.testing.assert_array_equal(a, b)
   del first
+  # The trained model exported as an HF directory decodes through the
+  # standard loader with the trained weights (and the byte-level tokenizer).
+  import seqdec  # pylint: disable=g-import-not-at-top
+  from seqdec.checkpoints.convert import CheckpointError  # pylint: disable=g-import-not-at-top
+  out = lm.export_hf(c, str(tmp_path / "b"), str(tmp_path / "hf"))
+  loaded, tok = seqdec.load_pretrained(out)
+  trained, step = lm.load_trained(c, str(tmp_path / "b"))
+  assert step == 6 and tok.encode("hi") == Tokenizer.byte_level().encode("hi")
+  ids = jnp.asarray([list(b"def f(x):\n  return")])
+  np.testing.assert_array_equal(forward(loaded, ids), forward(trained, ids))
+  with pytest.raises(CheckpointError, match="exists"):
+    lm.export_hf(c, str(tmp_path / "b"), out)
+  with pytest.raises(lm.TrainError, match="no checkpoint"):
+    lm.export_hf(c, str(tmp_path / "empty"), str(tmp_path / "hf2"))
+  assert not (tmp_path / "hf2").exists()
+
+
+def forward(m, ids: jax.Array) -> np.ndarray:
+  """Logits of a causal pass over `ids` [B, T]."""
+  b, t = ids.shape
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return np.asarray(jax.jit(lambda m, x, p: m(x, p, m.init_cache(b, t))[0])(
+      m, ids, pos))
+
+
+@pytest.mark.parametrize("preset", ["tiny-hybrid"])
+def test_save_hf_round_trips_config_weights_and_tokenizer(tmp_path, preset):
+  """save_hf -> load_hf gives the same config (up to execution options),
+  bit-equal logits and an equal tokenizer; unrepresentable configs are
+  refused before anything is written."""
+  from seqdec.checkpoints import hf  # pylint: disable=g-import-not-at-top
+  from seqdec.checkpoints.convert import CheckpointError  # pylint: disable=g-import-not-at-top
+  m = model(preset, "float32")
+  tok = Tokenizer.byte_level()
+  path = hf.save_hf(m, tmp_path / "m", tok)
+  loaded, tok2 = hf.load_hf(path)
+  # Not in an HF config: the state buffer (an execution option, loaded at
+  # its default).
+  assert loaded.config == m.config.replace(
+      scratch_slots=loaded.config.scratch_slots)
+  ids = jnp.asarray([tok.encode("x = [1, 2]")])
+  np.testing.assert_array_equal(forward(loaded, ids), forward(m, ids))
+  chat = [{"role": "user", "content": "hi"}]
+  assert tok2.encode_chat(chat) == tok.encode_chat(chat)
+  assert (tok2.bos_id, tok2.eos_ids, tok2.add_bos) == (
+      tok.bos_id, tok.eos_ids, tok.add_bos)
+  for bad, match in ((dict(partial_rotary_factor=1.0), "rotates half"),
+                     (dict(intermediate_size=0), "MLP after every mixer"),
+                     (dict(ssm_norm_eps=1e-6), "one eps")):
+    with pytest.raises(CheckpointError, match=match):
+      hf.save_hf(type(m)(m.config.replace(**bad), rngs=nnx.Rngs(0)),
+                 tmp_path / "bad")
+  assert not (tmp_path / "bad").exists()
 
 
 @functools.cache

@@ -651,3 +651,116 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32",
     except TokenizerError as e:
       raise CheckpointError(" ".join(str(e).split())) from e
   return model, tokenizer
+
+
+def _json_float(x: float) -> Any:
+  """A float as transformers 5 writes it into config.json (non-finite
+  values as {"__float__": "Infinity"})."""
+  x = float(x)
+  if np.isfinite(x):
+    return x
+  return {"__float__": "Infinity" if x > 0 else "-Infinity"}
+
+
+def hybrid_config_to_hf(c: HybridConfig) -> dict[str, Any]:
+  """The `config.json` of a `HybridConfig`: `Mamba2ForCausalLM` when every
+  layer is Mamba-2 without an MLP, else `BambaForCausalLM`.
+
+  The inverse of `config_from_hf` on these architectures: for every config
+  either architecture can hold, `config_from_hf(hybrid_config_to_hf(c))`
+  equals `c` up to execution options (ssd_impl, scan_impl, scratch_slots,
+  attention_impl, platform, dtypes) and, for Mamba2 (no position limit),
+  `max_position_embeddings`.
+
+  Raises:
+    CheckpointError: what neither architecture can represent (a Mamba-2
+      stack with an MLP, or a hybrid without one; different mixer and block
+      norm eps; an attention-only stack; a rotary fraction other than
+      Bamba's fixed 0.5).
+  """
+  common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                num_hidden_layers=c.num_layers,
+                tie_word_embeddings=c.tie_embeddings,
+                time_step_limit=[_json_float(x) for x in c.time_step_limit],
+                hidden_act="silu", torch_dtype=c.param_dtype)
+  if c.ssm_norm_eps != c.rms_norm_eps:
+    raise CheckpointError(f"ssm_norm_eps {c.ssm_norm_eps} != rms_norm_eps "
+                          f"{c.rms_norm_eps}: Mamba2 and Bamba configs hold "
+                          f"one eps")
+  if "mamba2" not in c.layer_types:
+    raise CheckpointError("a stack without Mamba-2 layers is a Transformer, "
+                          "not a hybrid")
+  if all(t == "mamba2" for t in c.layer_types) and not c.intermediate_size:
+    return dict(
+        architectures=["Mamba2ForCausalLM"], model_type="mamba2",
+        num_heads=c.num_ssm_heads, head_dim=c.ssm_head_dim,
+        state_size=c.state_size, n_groups=c.n_groups,
+        conv_kernel=c.conv_kernel, expand=c.expand,
+        chunk_size=c.chunk_size, use_bias=c.use_bias,
+        use_conv_bias=c.use_conv_bias, layer_norm_epsilon=c.rms_norm_eps,
+        rms_norm=True, residual_in_fp32=True, norm_before_gate=False,
+        **common)
+  if not c.intermediate_size:
+    raise CheckpointError("BambaForCausalLM has an MLP after every mixer; "
+                          "this hybrid has intermediate_size 0")
+  if c.partial_rotary_factor != 0.5:
+    raise CheckpointError(f"BambaForCausalLM rotates half of each head "
+                          f"(transformers fixes partial_rotary_factor at "
+                          f"0.5); this hybrid has {c.partial_rotary_factor}")
+  return dict(
+      architectures=["BambaForCausalLM"], model_type="bamba",
+      attn_layer_indices=[i for i, t in enumerate(c.layer_types)
+                          if t == "attention"],
+      mamba_n_heads=c.num_ssm_heads, mamba_d_head=c.ssm_head_dim,
+      mamba_n_groups=c.n_groups, mamba_d_state=c.state_size,
+      mamba_d_conv=c.conv_kernel, mamba_expand=c.expand,
+      mamba_chunk_size=c.chunk_size, mamba_conv_bias=c.use_conv_bias,
+      mamba_proj_bias=c.use_bias, rms_norm_eps=c.rms_norm_eps,
+      intermediate_size=c.intermediate_size,
+      num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+      head_dim=c.head_dim, attention_bias=c.attention_bias,
+      mlp_bias=c.mlp_bias,
+      max_position_embeddings=c.max_position_embeddings,
+      rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta,
+                           partial_rotary_factor=c.partial_rotary_factor),
+      **common)
+
+
+def save_hf(model, path: str | os.PathLike,
+            tokenizer: Optional[Tokenizer] = None) -> str:
+  """Writes `model` (a `HybridLM`) as an HF checkpoint directory that
+  `load_hf` and transformers both read: config.json, model.safetensors
+  (HF tensor names, `model_to_hf_tensors`) and, given a tokenizer, its
+  files (`Tokenizer.save_hf_dir`). Files are written to a temporary
+  directory renamed into place, so a failure leaves no partial checkpoint;
+  an existing `path` is an error (nothing is overwritten).
+
+  Returns:
+    `path`.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from seqdec.checkpoints.convert import model_to_hf_tensors  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not isinstance(model.config, HybridConfig):
+    raise CheckpointError("save_hf writes hybrid (Mamba-2 / Bamba) models; "
+                          "Transformers are loaded from HF or GGUF files")
+  if os.path.exists(path):
+    raise CheckpointError(f"{path} exists; not overwriting it")
+  config = hybrid_config_to_hf(model.config)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".save_hf-", dir=parent)
+  try:
+    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
+    save_file(model_to_hf_tensors(model), os.path.join(tmp, WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save_hf_dir(tmp)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path

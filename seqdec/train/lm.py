@@ -267,3 +267,44 @@ def _loop(config, corpus, graphdef, rest, tx, state, ckpt, progress, log,
 
   return loop_lib.run_steps(state, t.steps, batch, step_fn, ckpt,
                             t.checkpoint_every, t.log_every, progress, log)
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str):
+  """The model of `config` with the weights of the latest checkpoint in
+  `workdir` (an NNX module: `HybridLM` or `RNNLM`), and its step.
+
+  Raises:
+    TrainError: no checkpoint in `workdir`, or one that does not match
+      `config`.
+  """
+  cfg = model_config(config.model)
+  graphdef, params, rest = build(cfg, config.seed)
+  tx = make_optimizer(config.train)
+  ckpt = Checkpointer(workdir)
+  try:
+    if ckpt.latest_step() is None:
+      raise TrainError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    state = ckpt.restore(TrainState(0, params, tx.init(params)))
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params, rest), state.step
+
+
+def export_hf(config: ml_collections.ConfigDict, workdir: str,
+              out: str) -> str:
+  """Writes the latest checkpoint of a trained Mamba-2 / hybrid LM as an HF
+  checkpoint directory `out` (config.json, model.safetensors and the
+  byte-level tokenizer), which `seqdec.load_pretrained(out)` and
+  transformers' `Mamba2ForCausalLM` / `BambaForCausalLM` load.
+
+  Raises:
+    TrainError: not a hybrid-family config, or no usable checkpoint.
+    CheckpointError: `out` exists, or the config has no HF architecture.
+  """
+  from seqdec.checkpoints import hf  # pylint: disable=g-import-not-at-top
+  from seqdec.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  if config.model.get("family", "rnn") != "hybrid":
+    raise TrainError("only the 'hybrid' family (Mamba-2 / Bamba) exports to "
+                     "an HF checkpoint")
+  model, _ = load_trained(config, workdir)
+  return hf.save_hf(model, out, Tokenizer.byte_level())
