@@ -215,6 +215,7 @@ def test_sentencepiece_bpe_equals_transformers_on_a_small_vocabulary():
                      skip_special_tokens=True) == "the"
 
 
+@pytest.mark.slow
 def test_tree_speculation_equals_autoregressive_float64(x64):
   """Greedy speculative decoding with a tree on a tiny Gemma 3 (local
   window 8 on five layers, global on one, two RoPEs, sandwich norms,

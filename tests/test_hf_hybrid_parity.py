@@ -141,8 +141,8 @@ def test_layer_pattern_that_disagrees_with_the_weights_is_refused(cases,
     hf.load_hf(str(bad))
 
 
-@pytest.mark.parametrize("preset", [
-    "tiny-hybrid", pytest.param("tiny-mamba2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-hybrid", "tiny-mamba2"])
 def test_exported_checkpoint_loads_in_transformers(tmp_path, preset):
   """`save_hf` writes what transformers reads: its Bamba / Mamba2 model on
   the exported directory gives seqdec's logits (whole-model policy, 1e-4),

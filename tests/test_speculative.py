@@ -111,7 +111,10 @@ def run_case(drafter_name, tree, dtype="float64", rows=(0, 1, 2),
 # the slow tier (tests/TIERS.md); AR rows equal their solo runs in the
 # default tier (test_generator.py). CI time: draft_self and the solo runs
 # are slow-tier only.
-DEFAULT_CASES = [("ngram", "kary3x1x1"), ("layerskip", "kary2x2"),
+# Default tier: a tree through the model-free drafter and a rejecting chain;
+# layer-skip (the target's own caches) is the first slow case.
+DEFAULT_CASES = [("ngram", "kary3x1x1"),
+                 pytest.param("layerskip", "kary2x2", marks=pytest.mark.slow),
                  ("draft_perturbed", "chain4")]
 REJECTING_CASE = ("draft_perturbed", "chain4")   # rejects some drafts
 
