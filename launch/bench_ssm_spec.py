@@ -30,6 +30,10 @@ Method
   prefill); speedup = a method's median decode tokens/s over `ar`'s, both
   measured in this run. ms/round = decode seconds / target calls of the
   loop. tau = tokens per target call (the prefill counting as one).
+* Sequoia trees (--sequoia): the drafter's per-rank greedy acceptance
+  rates, teacher-forced on the target's own continuations of further
+  held-out windows (alternate windows: disjoint from the timed prompts),
+  give the DP-optimal tree of that many nodes (`seqdec.decoding.sequoia`).
 * Agreement: each speculative run's tokens are compared with `ar`'s; a
   difference can only be a float32 near-tie (verification is exact argmax).
 * Quality: the target's held-out loss on the validation split, in bits per
@@ -38,6 +42,7 @@ Method
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -64,6 +69,13 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16,
                                      "Validation windows for bits per byte.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/ssm_spec.json",
                               "JSON record (a Markdown table beside it).")
+_SEQUOIA = flags.DEFINE_list(
+    "sequoia", ["draft:16"],
+    "<drafter>:<nodes> pairs: measure the drafter's per-rank acceptance on "
+    "held-out windows disjoint from the timed prompts, write it beside "
+    "--output, and add the method <drafter>/sequoia<nodes>:<that file>.")
+_ACCEPT_PROMPTS = flags.DEFINE_integer(
+    "acceptance_prompts", 8, "Held-out windows for the acceptance rates.")
 
 AR = "ar"
 
@@ -107,6 +119,43 @@ def held_out_bpb(model, valid, n_batches: int, seq_len: int = 512) -> float:
     return cross_entropy(logits, tokens[:, 1:])
   return float(np.mean([loss(model, jnp.asarray(b)) for b in batches])
                ) / math.log(2)
+
+
+def measure_acceptance(model, ar_gen, drafter_name: str, prompts, n: int,
+                       path: str, max_rank: int = 8) -> dict:
+  """Per-rank greedy acceptance rates of a model drafter (layerskip /
+  draft), teacher-forced on the target's own greedy continuations of
+  `prompts` (`rank_statistics`, as launch/measure_acceptance.py does on the
+  chat prompts), written to `path` as an acceptance file for
+  'sequoia<n>:<path>' trees."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding import acceptance_rates, rank_statistics, sequoia  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.loops import bucket  # pylint: disable=g-import-not-at-top
+  options = (dict(layers=_LAYERS.value) if drafter_name == "layerskip"
+             else dict(draft_layers=_DRAFT_LAYERS.value))
+  drafter = spec_lib.build_drafter(spec_lib.SpecConfig(
+      drafter=drafter_name, options=tuple(options.items())), model)
+  rows = []
+  for ids, r in zip(prompts, ar_gen.generate_ids(prompts, max_new_tokens=n)):
+    seq = list(ids) + list(r.tokens)
+    tokens = np.zeros((1, bucket(len(seq))), np.int32)
+    tokens[0, :len(seq)] = seq
+    stats, _ = rank_statistics.rank_statistics(
+        model, drafter, tokens, np.array([len(ids) - 1]), len(r.tokens), 0.0,
+        max_rank)
+    rows.append(stats[0, :len(r.tokens)].astype(np.float64))
+  every = np.concatenate(rows)
+  probs = every.mean(0)
+  acceptance_rates.write_acceptance(
+      path, probs, drafter=f"{drafter_name}@{options}", target=_MODEL.value,
+      temperature=0.0, rule="greedy", trials=int(len(every)), max_rank=max_rank,
+      max_new_tokens=n, command=" ".join(sys.argv),
+      method="teacher-forced on the target's greedy continuations of "
+             "held-out windows (launch/bench_ssm_spec.py)")
+  return dict(path=path, probs=probs.tolist(), trials=int(len(every)),
+              sequoia_tau={str(b): float(sequoia.optimal_taus(probs, 64)[b])
+                           for b in (8, 16, 32)})
 
 
 def run(gen, ids, n):
@@ -153,7 +202,33 @@ def main(argv):
   n = _MAX_NEW.value
   model, tokenizer = seqdec.load_pretrained(_MODEL.value)
   valid = Corpus.load().valid
-  prompts = held_out_prompts(valid, _PROMPTS.value, _PROMPT_BYTES.value)
+  both = held_out_prompts(valid, _PROMPTS.value + _ACCEPT_PROMPTS.value,
+                          _PROMPT_BYTES.value)
+  # Alternate windows: the acceptance rates never see a timed prompt.
+  k = _ACCEPT_PROMPTS.value
+  prompts = both[1:2 * k:2] + both[2 * k:] if k else both
+  accept_prompts = both[0:2 * k:2]
+  acceptance = {}
+  for item in _SEQUOIA.value:
+    drafter_name, _, nodes = item.partition(":")
+    if drafter_name != "draft" or not nodes.isdigit():
+      # Layer-skip's teacher-forced rates need, at every position, the
+      # target's recurrent state of each kept layer fed the drafter's own
+      # input (`rank_statistics` does it for attention layers only).
+      raise app.UsageError(f"--sequoia item {item!r}: expected "
+                           f"draft:<nodes> (layer-skip rates through "
+                           f"recurrent layers are not measured)")
+    path = (os.path.splitext(_OUTPUT.value)[0]
+            + f"_acceptance_{drafter_name}.json")
+    if drafter_name not in acceptance:
+      t0 = time.perf_counter()
+      acceptance[drafter_name] = measure_acceptance(
+          model, Generator(model, tokenizer, max_new_tokens=n, eos_ids=()),
+          drafter_name, accept_prompts, n, path)
+      log(f"acceptance {drafter_name}: p_1..3 " + " ".join(
+          f"{x:.3f}" for x in acceptance[drafter_name]["probs"][:3])
+          + f" ({time.perf_counter() - t0:.0f} s)")
+    methods.append(f"{drafter_name}/sequoia{nodes}:{os.path.abspath(path)}")
   gens = {m: Generator(model, tokenizer, SpecConfig.parse(
       m, layers=_LAYERS.value, draft_layers=_DRAFT_LAYERS.value),
                        max_new_tokens=n, eos_ids=())
@@ -185,16 +260,19 @@ def main(argv):
                 eval_batches=_EVAL_BATCHES.value)
   record = dict(config=config, machine=bench.machine_info(),
                 held_out_bits_per_byte=bpb, summary=summary,
+                acceptance=acceptance,
                 warmup_s=warm, per_prompt=[
                     {m: {k: v for k, v in r[m].items() if k != "tokens"}
                      for m in methods} for r in rows],
                 command=" ".join(sys.argv))
   bench.write_json(_OUTPUT.value, record)
+  def label(m):   # a Sequoia method without its acceptance file's path
+    return re.sub(r"(sequoia\d+):\S+", r"\1", m)
   table = bench.markdown_table(
       ["method", "tau", "decode tok/s", "speedup", "ms/round",
        "differ from ar"],
-      [[m, f"{s['tau']:.2f}", f"{s['decode_tps_median']:.1f}",
-        f"{s['speedup']:.2f}x", f"{s['ms_per_round_median']:.1f}",
+      [[label(m), f"{s['tau']:.2f}", f"{s['decode_tps_median']:.1f}",
+        f"{s['speedup']:.2f}x", f"{s['ms_per_round_median']:.2f}",
         s["prompts_differing_from_ar"]]
        for m, s in summary.items()])
   md = os.path.splitext(_OUTPUT.value)[0] + ".md"

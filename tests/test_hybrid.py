@@ -360,6 +360,9 @@ def make_drafter(name: str, m):
     return drafters_lib.draft_lm(m)
   if name == "draft_perturbed":
     return drafters_lib.draft_lm(testing.perturbed(m, 0.05))
+  if name == "truncated":   # the target's first blocks as a draft LM
+    return drafters_lib.make_drafter("draft", m,
+                                     draft_layers=m.config.num_layers - 1)
   raise ValueError(name)
 
 
@@ -412,6 +415,14 @@ def test_greedy_speculative_matrix(x64, no_compile_cache, preset, drafter,
     assert all(r.metrics["mean_accepted"] > 1.0 for r in out)
   for i in range(len(PROMPTS)):
     spec_case(preset, drafter, tree, rows=(i,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-mamba2", "tiny-hybrid"])
+def test_truncated_target_drafts_for_a_hybrid(x64, no_compile_cache, preset):
+  """The 'draft' drafter (the target's first blocks, Mamba-2 and attention
+  kept as they are, + its head) on SSM and hybrid targets: spec == AR."""
+  spec_case(preset, "truncated", "kary2x2")
 
 
 @pytest.mark.slow

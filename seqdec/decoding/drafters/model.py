@@ -163,7 +163,9 @@ def layer_subset(target: Transformer, layers: Sequence[int]) -> Transformer:
       num_layers=len(layers),
       layer_types=None if cfg.layer_types is None else tuple(
           cfg.layer_types[i] for i in layers))
-  abstract = nnx.eval_shape(lambda: Transformer(small_cfg, rngs=None))
+  # The target's own class: a `Transformer`, or a `HybridLM` (whose subset
+  # keeps each block's kind: Mamba-2 or attention).
+  abstract = nnx.eval_shape(lambda: type(target)(small_cfg, rngs=None))
   small_def, small_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   small_flat = {}
