@@ -37,7 +37,8 @@ Method
 * Agreement: each speculative run's tokens are compared with `ar`'s; a
   difference can only be a float32 near-tie (verification is exact argmax).
 * Quality: the target's held-out loss on the validation split, in bits per
-  byte (`--eval_batches` windows of 512 bytes, the trainer's evaluation).
+  byte (`--eval_batches` batches of 8 windows of 512 bytes: the trainer's
+  final evaluation, the same windows).
 """
 
 import json
@@ -101,21 +102,24 @@ def held_out_prompts(valid, n: int, length: int) -> list[list[int]]:
   return out
 
 
-def held_out_bpb(model, valid, n_batches: int, seq_len: int = 512) -> float:
-  """Mean next-byte loss of `model` on the validation split, bits/byte."""
+def held_out_bpb(model, valid, n_batches: int, batch: int = 8,
+                 seq_len: int = 512) -> float:
+  """Mean next-byte loss of `model` on the validation split, bits/byte:
+  the trainer's evaluation (`lm.evaluate` on `Corpus.valid_batches`, the
+  same windows for configs/ssm_lm.py's batch 8 and length 512)."""
   import math  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from seqdec.data.stdlib_corpus import Corpus  # pylint: disable=g-import-not-at-top
   from seqdec.train.lm import cross_entropy  # pylint: disable=g-import-not-at-top
-  batches = Corpus(train=valid, valid=valid).valid_batches(n_batches, 1,
+  batches = Corpus(train=valid, valid=valid).valid_batches(n_batches, batch,
                                                            seq_len)
 
   @jax.jit
   def loss(m, tokens):
-    pos = jnp.arange(seq_len)[None]
-    logits, _ = m(tokens[:, :-1], pos, m.init_cache(1, seq_len))
+    pos = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+    logits, _ = m(tokens[:, :-1], pos, m.init_cache(batch, seq_len))
     return cross_entropy(logits, tokens[:, 1:])
   return float(np.mean([loss(model, jnp.asarray(b)) for b in batches])
                ) / math.log(2)
