@@ -49,21 +49,3 @@ def test_bench_spec_runs_on_gemma(tmp_path):
   assert row["ngram/chain4"]["tokens"] == row["ar"]["tokens"]
   assert record["config"]["model"] == "gemma3-270m"
 
-
-def test_bench_ssm_spec_runs_on_a_hybrid(tmp_path):
-  """launch/bench_ssm_spec.py on the tiny hybrid: every method (a Sequoia
-  tree from acceptance measured on other windows included) gives the
-  autoregressive tokens, and the record carries tau, speedup and bpb."""
-  out = tmp_path / "ssm.json"
-  run_script("bench_ssm_spec.py", "--model=tiny-hybrid", "--prompts=2",
-             "--acceptance_prompts=1", "--max_new_tokens=8",
-             "--prompt_bytes=40", "--eval_batches=1", "--layers=skip:1-1",
-             "--draft_layers=1", "--methods=ar,ngram/chain2,layerskip/chain2",
-             "--sequoia=draft:4", f"--output={out}")
-  record = json.loads(out.read_text())
-  summary = record["summary"]
-  assert len(summary) == 4 and record["held_out_bits_per_byte"] > 0
-  assert all(s["prompts_differing_from_ar"] == 0 for s in summary.values())
-  assert summary["layerskip/chain2"]["tau"] > 1.0
-  assert (tmp_path / "ssm_acceptance_draft.json").exists()
-  assert "draft/sequoia4" in (tmp_path / "ssm.md").read_text()
