@@ -23,6 +23,10 @@ from seqdec.train.lm import make_optimizer
 from test_eagle import continuations, full_batch
 
 STEPS = 150
+# The persistent compilation cache off here (conftest.no_compile_cache):
+# two ci-like slow tiers crashed (SIGSEGV) in this module's fixture, once
+# deserialising a cached executable (`get_executable_and_time`).
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
 
 
 def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
