@@ -111,6 +111,16 @@ def no_compile_cache():
   cache is used (`compilation_cache.is_cache_used` memoizes), so the flag alone
   does nothing in a worker that has compiled before: `reset_cache` makes jax
   decide again, with the cache off here and back on afterwards."""
+  yield from _cache_off()
+
+
+@pytest.fixture(scope="module")
+def no_compile_cache_module():
+  """`no_compile_cache` for a module-scoped fixture that compiles."""
+  yield from _cache_off()
+
+
+def _cache_off():
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()

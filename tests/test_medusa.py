@@ -26,7 +26,7 @@ STEPS = 150
 # The persistent compilation cache off here (conftest.no_compile_cache):
 # two ci-like slow tiers crashed (SIGSEGV) in this module's fixture, once
 # deserialising a cached executable (`get_executable_and_time`).
-pytestmark = pytest.mark.usefixtures("no_compile_cache")
+pytestmark = pytest.mark.usefixtures("no_compile_cache")   # (+ `trained`)
 
 
 def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
@@ -49,7 +49,7 @@ def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
 
 @pytest.fixture(scope="module", params=[
     "medusa", pytest.param("hydra", marks=pytest.mark.slow)])
-def trained(request):
+def trained(request, no_compile_cache_module):  # pylint: disable=unused-argument
   target = testing.tiny_model()
   tokens = continuations(target)
   heads, history = train_heads(target, tokens, own_heads=False,
