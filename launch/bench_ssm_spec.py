@@ -104,25 +104,16 @@ def held_out_prompts(valid, n: int, length: int) -> list[list[int]]:
 
 def held_out_bpb(model, valid, n_batches: int, batch: int = 8,
                  seq_len: int = 512) -> float:
-  """Mean next-byte loss of `model` on the validation split, bits/byte:
-  the trainer's evaluation (`lm.evaluate` on `Corpus.valid_batches`, the
-  same windows for configs/ssm_lm.py's batch 8 and length 512)."""
-  import math  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  """`model`'s held-out loss in bits per byte: the trainer's evaluation
+  (`lm.evaluate`) on the same windows (`Corpus.valid_batches` of
+  configs/ssm_lm.py's batch 8 and length 512)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from seqdec.data.stdlib_corpus import Corpus  # pylint: disable=g-import-not-at-top
-  from seqdec.train.lm import cross_entropy  # pylint: disable=g-import-not-at-top
+  from seqdec.train import lm  # pylint: disable=g-import-not-at-top
   batches = Corpus(train=valid, valid=valid).valid_batches(n_batches, batch,
                                                            seq_len)
-
-  @jax.jit
-  def loss(m, tokens):
-    pos = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-    logits, _ = m(tokens[:, :-1], pos, m.init_cache(batch, seq_len))
-    return cross_entropy(logits, tokens[:, 1:])
-  return float(np.mean([loss(model, jnp.asarray(b)) for b in batches])
-               ) / math.log(2)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return lm.evaluate(graphdef, params, rest, batches)["valid_bpb"]
 
 
 def measure_acceptance(model, ar_gen, drafter_name: str, prompts, n: int,

@@ -48,4 +48,3 @@ def test_bench_spec_runs_on_gemma(tmp_path):
   [row] = record["per_prompt"]
   assert row["ngram/chain4"]["tokens"] == row["ar"]["tokens"]
   assert record["config"]["model"] == "gemma3-270m"
-

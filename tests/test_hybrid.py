@@ -509,20 +509,13 @@ def test_hybrid_lm_trains_and_resumes_exactly(tmp_path):
   trained, step = lm.load_trained(c, str(tmp_path / "b"))
   assert step == 6 and tok.encode("hi") == Tokenizer.byte_level().encode("hi")
   ids = jnp.asarray([list(b"def f(x):\n  return")])
-  np.testing.assert_array_equal(forward(loaded, ids), forward(trained, ids))
+  np.testing.assert_array_equal(testing.full_forward(loaded, ids),
+                                testing.full_forward(trained, ids))
   with pytest.raises(CheckpointError, match="exists"):
     lm.export_hf(c, str(tmp_path / "b"), out)
   with pytest.raises(lm.TrainError, match="no checkpoint"):
     lm.export_hf(c, str(tmp_path / "empty"), str(tmp_path / "hf2"))
   assert not (tmp_path / "hf2").exists()
-
-
-def forward(m, ids: jax.Array) -> np.ndarray:
-  """Logits of a causal pass over `ids` [B, T]."""
-  b, t = ids.shape
-  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  return np.asarray(jax.jit(lambda m, x, p: m(x, p, m.init_cache(b, t))[0])(
-      m, ids, pos))
 
 
 @pytest.mark.parametrize("preset", ["tiny-hybrid"])
@@ -541,7 +534,8 @@ def test_save_hf_round_trips_config_weights_and_tokenizer(tmp_path, preset):
   assert loaded.config == m.config.replace(
       scratch_slots=loaded.config.scratch_slots)
   ids = jnp.asarray([tok.encode("x = [1, 2]")])
-  np.testing.assert_array_equal(forward(loaded, ids), forward(m, ids))
+  np.testing.assert_array_equal(testing.full_forward(loaded, ids),
+                                testing.full_forward(m, ids))
   chat = [{"role": "user", "content": "hi"}]
   assert tok2.encode_chat(chat) == tok.encode_chat(chat)
   assert (tok2.bos_id, tok2.eos_ids, tok2.add_bos) == (
