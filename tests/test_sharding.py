@@ -82,15 +82,18 @@ SCRIPT = textwrap.dedent("""\
                  row_spec=str(inputs.tokens.sharding.spec),
                  replicated=[a for a, _ in gen.sharding_plan.replicated])
       if case.get("hlo"):
-        with sharding.mesh_context(gen.mesh):   # as Generator compiles
-          step = gen.programs.get("step", loop, gen.loop_params, inputs)
-        row["all_gathers"] = sharding.collectives(step.as_text())[
+        # The decode program generate() compiled (its while_loop runs the
+        # step): read, not compiled again.
+        n = len(gen.programs)
+        decode = gen.programs.get("decode", loop, gen.loop_params, inputs)
+        assert len(gen.programs) == n, "program_inputs: another bucket"
+        row["all_gathers"] = sharding.collectives(decode.as_text())[
             "all-gather"]["shapes"]
         # Gathers of a whole vocabulary row outside `conditional` branches
         # (top-k / top-p filters run only when a row enables them).
         v = str(model.config.vocab_size)
         row["vocab_gathers"] = [s for s in sharding.collectives(
-            step.as_text(), conditional=False)["all-gather"]["shapes"]
+            decode.as_text(), conditional=False)["all-gather"]["shapes"]
                                 if s.split(",")[-1] == v]
       out.append(row)
     print("RESULT " + json.dumps(out))

@@ -352,15 +352,18 @@ _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4,
 def _conditional_only(hlo_text: str) -> set[str]:
   """Names of the computations reached only through a `conditional`'s
   branches (code that runs only when its branch is taken)."""
-  bodies: dict[str, str] = {}
-  name = None
+  lines: dict[str, list[str]] = {}
+  entry, name = [], None
   for line in hlo_text.splitlines():
-    m = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    m = re.match(r"(ENTRY )?%([\w.\-]+) ", line)
     if m and line.rstrip().endswith("{"):
-      name = m.group(1)
-      bodies[name] = ""
+      name = m.group(2)
+      lines[name] = []
+      if m.group(1):
+        entry.append(name)
     elif name is not None:
-      bodies[name] += line + "\n"
+      lines[name].append(line)
+  bodies = {n: "\n".join(ls) for n, ls in lines.items()}
   called = re.compile(r"(?:calls|to_apply|body|condition|true_computation|"
                       r"false_computation)=%([\w.\-]+)")
   branches = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -379,8 +382,6 @@ def _conditional_only(hlo_text: str) -> set[str]:
           todo += re.findall(r"%([\w.\-]+)", group)
     return seen
 
-  entry = [n for n in bodies if re.search(r"^ENTRY %" + re.escape(n) + " ",
-                                          hlo_text, re.M)]
   always = reach(entry, through_branches=False)
   return set(bodies) - always
 
