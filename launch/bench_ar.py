@@ -107,18 +107,6 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def run_seqdec(gen, ids, n: int) -> dict:
-  [r] = gen.generate_ids([ids], max_new_tokens=n)
-  m = r.metrics
-  if len(r.tokens) != n:
-    raise RuntimeError(f"seqdec generated {len(r.tokens)} tokens, expected "
-                       f"{n}")
-  return dict(tokens=list(r.tokens), prefill_ms=1e3 * m["prefill_s"],
-              decode_s=m["decode_s"], decode_tps=(n - 1) / m["decode_s"],
-              e2e_tps=n / (m["prefill_s"] + m["decode_s"]),
-              compile_s=m["compile_s"])
-
-
 def run_hf(hf, ids, n: int) -> dict:
   prefill_s = hf.prefill_s(ids)
   _, gen1_s = hf.generate(ids, 1)
@@ -228,7 +216,7 @@ def main(argv):
   for b in sorted({bucket(len(ids)) for _, ids, _ in inputs}):
     p, ids, _ = next(x for x in inputs if bucket(len(x[1])) == b)
     t0 = time.perf_counter()
-    s = run_seqdec(gen, ids, n)
+    s = bench.decode_one(gen, ids, n)
     t1 = time.perf_counter()
     run_hf(hf, ids, n)
     t2 = time.perf_counter()
@@ -244,7 +232,7 @@ def main(argv):
   for (p, ids, ids_agree), order in zip(inputs, orders):
     res = {}
     for side in order:
-      res[side] = run_seqdec(gen, ids, n) if side == SEQDEC else run_hf(
+      res[side] = bench.decode_one(gen, ids, n) if side == SEQDEC else run_hf(
           hf, ids, n)
     div = bench.first_divergence(res[SEQDEC]["tokens"], res[HF]["tokens"])
     row = dict(id=p.id, category=p.category, prompt_tokens=len(ids),

@@ -132,20 +132,6 @@ def build_generators(methods, model, tokenizer, n):
           for m in methods if m != HF_PLD}
 
 
-def run_seqdec(gen, ids, n):
-  [r] = gen.generate_ids([ids], max_new_tokens=n)
-  m = r.metrics
-  if len(r.tokens) != n:
-    raise RuntimeError(f"generated {len(r.tokens)} tokens, expected {n}")
-  out = dict(tokens=list(r.tokens), decode_s=m["decode_s"],
-             decode_tps=(n - 1) / m["decode_s"], prefill_ms=1e3 * m["prefill_s"],
-             compile_s=m["compile_s"], tau=m.get("tau", 1.0),
-             target_calls=m.get("target_calls", n))
-  if "accept_rate_by_depth" in m:
-    out["accept_rate_by_depth"] = m["accept_rate_by_depth"]
-  return out
-
-
 def run_hf_pld(hf, ids, n):
   options = dict(prompt_lookup_num_tokens=_HF_PLD_TOKENS.value)
   if _TEMPERATURE.value > 0:
@@ -175,6 +161,7 @@ def summarize(rows, methods, bench, greedy=True):
     if m != HF_PLD:
       st["tau"] = bench.summarize([r[m]["tau"] for r in rows])
       st["loop_ms_per_round"] = bench.summarize(
+          # (computed: rows of results written before ms_per_round)
           [1e3 * r[m]["decode_s"] / max(r[m]["target_calls"] - 1, 1)
            for r in rows])
       st["identical_to_ar"] = sum(r[m]["tokens"] == r[AR]["tokens"]
@@ -371,7 +358,7 @@ def main(argv):
   inputs = [(p, gens[AR].encode(p.as_input())) for p in prompts]
 
   def run(m, ids):
-    return run_hf_pld(hf, ids, n) if m == HF_PLD else run_seqdec(
+    return run_hf_pld(hf, ids, n) if m == HF_PLD else bench.decode_one(
         gens[m], ids, n)
 
   warm = {}

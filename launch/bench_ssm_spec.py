@@ -153,18 +153,6 @@ def measure_acceptance(model, ar_gen, drafter_name: str, prompts, n: int,
                            for b in (8, 16, 32)})
 
 
-def run(gen, ids, n):
-  [r] = gen.generate_ids([ids], max_new_tokens=n)
-  m = r.metrics
-  if len(r.tokens) != n:
-    raise RuntimeError(f"generated {len(r.tokens)} tokens, expected {n}")
-  calls = m.get("target_calls", n) - 1      # the loop's calls (no prefill)
-  return dict(tokens=list(r.tokens), decode_s=m["decode_s"],
-              decode_tps=(n - 1) / m["decode_s"],
-              ms_per_round=1e3 * m["decode_s"] / max(calls, 1),
-              tau=m.get("tau", 1.0), compile_s=m["compile_s"])
-
-
 def summarize(rows, methods):
   out = {}
   ar_tps = bench.median(r[AR]["decode_tps"] for r in rows)
@@ -238,12 +226,12 @@ def main(argv):
     ids = next(p for p in prompts if bucket(len(p)) == b)
     for m in methods:
       t0 = time.perf_counter()
-      run(gens[m], ids, n)
+      bench.decode_one(gens[m], ids, n)
       warm[f"{m}@{b}"] = time.perf_counter() - t0
   rows = []
   for ids, order in zip(prompts, bench.alternating_orders(len(prompts),
                                                           methods)):
-    rows.append({m: run(gens[m], ids, n) for m in order})
+    rows.append({m: bench.decode_one(gens[m], ids, n) for m in order})
     log("  " + " ".join(f"{m}={rows[-1][m]['decode_tps']:.0f}"
                         f"(tau {rows[-1][m]['tau']:.2f})" for m in methods))
   summary = summarize(rows, methods)

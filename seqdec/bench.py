@@ -385,6 +385,32 @@ def time_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
+def decode_one(gen, ids: Sequence[int], n: int) -> dict[str, Any]:
+  """Decodes exactly `n` new tokens after prompt `ids` (one row, EOS off or
+  never hit) with `gen` (a `seqdec.Generator`) and returns the timing row
+  the bench scripts share: tokens, decode_s (the loop, prefill excluded),
+  decode_tps = (n - 1) / decode_s (prefill makes the first token),
+  prefill_ms, e2e_tps = n / (prefill + decode), compile_s, tau (1 for
+  autoregressive), target_calls (prefill included) and ms_per_round =
+  decode_s / (target_calls - 1); accept_rate_by_depth when the loop
+  reports it. Fewer than `n` tokens raise RuntimeError."""
+  [r] = gen.generate_ids([list(ids)], max_new_tokens=n)
+  m = r.metrics
+  if len(r.tokens) != n:
+    raise RuntimeError(f"generated {len(r.tokens)} tokens, expected {n}")
+  calls = m.get("target_calls", n)
+  out = dict(tokens=list(r.tokens), decode_s=m["decode_s"],
+             decode_tps=(n - 1) / m["decode_s"],
+             prefill_ms=1e3 * m["prefill_s"],
+             e2e_tps=n / (m["prefill_s"] + m["decode_s"]),
+             compile_s=m["compile_s"], tau=m.get("tau", 1.0),
+             target_calls=calls,
+             ms_per_round=1e3 * m["decode_s"] / max(calls - 1, 1))
+  if "accept_rate_by_depth" in m:
+    out["accept_rate_by_depth"] = m["accept_rate_by_depth"]
+  return out
+
+
 def alternating_orders(n: int, names: Sequence[str]) -> list[tuple[str, ...]]:
   """Run orders for n interleaved rounds: round i rotates `names` by i.
 

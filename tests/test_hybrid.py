@@ -403,10 +403,16 @@ def test_greedy_speculative_equals_autoregressive_on_a_hybrid(
   assert 0.3 < acc < 2.0, acc
 
 
+# Every drafter kind x tree x batch {1, 3} (tiny-hybrid draft_perturbed
+# kary2x2 at batch 3: the default tier), plus the draft LM that is the target
+# itself (every node accepted: the deepest replay and commit) on the deepest
+# tree.
+MATRIX = [(d, t) for d in ("ngram", "layerskip", "draft_perturbed")
+          for t in ("chain4", "kary2x2", "static6")] + [("draft_self", "static6")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tree", ["chain4", "kary2x2", "static6"])
-@pytest.mark.parametrize("drafter", ["ngram", "layerskip", "draft_self",
-                                     "draft_perturbed"])
+@pytest.mark.parametrize("drafter,tree", MATRIX)
 @pytest.mark.parametrize("preset", ["tiny-mamba2", "tiny-hybrid"])
 def test_greedy_speculative_matrix(x64, no_compile_cache, preset, drafter,
                                    tree):
