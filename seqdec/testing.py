@@ -207,14 +207,19 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   `optimize=False` compiles with XLA's backend optimisations off
   (JAX_DISABLE_MOST_OPTIMIZATIONS: SPMD partitioning still runs, so the
   collectives are the same), for tiny models whose cost is compiling;
-  `optimize=True` with them on, whatever the caller's environment.
+  `optimize=True` with them on, whatever the caller's environment. Off
+  also compiles with XLA:CPU's legacy elemental emitters instead of its
+  MLIR fusion emitters (about half the compile time of a tiny model's
+  decoding programs; slower code on a real model).
   A failed run raises AssertionError with the end of its stderr."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  if not optimize:
+    flags += " --xla_cpu_use_fusion_emitters=false"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_ENABLE_X64="1" if x64 else "0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             JAX_ENABLE_X64="1" if x64 else "0", XLA_FLAGS=flags)
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimize else "1"
   done = subprocess.run([sys.executable, "-c", script, *args], env=env,
                         capture_output=True, text=True, timeout=timeout)

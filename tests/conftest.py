@@ -77,6 +77,35 @@ def _atomic_cache_put():
 _atomic_cache_put()
 
 
+# XLA:CPU's flags for a program compiled with most optimisations off (the
+# tiers' default: tiny models, compile-bound; `_optimisation_level`). Its
+# MLIR fusion emitters take about twice the compile time of the legacy
+# elemental emitters on this suite's programs (a hybrid speculative decode
+# program: 17.3 s -> 9.5 s of compiling; tests/TIERS.md, sixth pass), while
+# on a real model they run faster (SmolLM2's speculative test: 88 s with
+# them, 170 s without), so `realmodel` tests keep them. Per compilation
+# (XLA_FLAGS would be per process): the same debug options jax sets for
+# jax_disable_most_optimizations, added where jax builds them.
+FAST_COMPILE_XLA_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def _fast_compile_options():
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top
+  build = compiler.get_compile_options
+
+  def get_compile_options(*args, env_options_overrides=None, **kwargs):
+    if jax.config.values["jax_disable_most_optimizations"]:
+      env_options_overrides = {**FAST_COMPILE_XLA_OPTIONS,
+                               **(env_options_overrides or {})}
+    return build(*args, env_options_overrides=env_options_overrides,
+                 **kwargs)
+
+  compiler.get_compile_options = get_compile_options
+
+
+_fast_compile_options()
+
+
 OPTIMIZE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
