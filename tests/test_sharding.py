@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""\
       if case.get("model"):
         import seqdec
         if case["model"] not in loaded:
-          loaded[case["model"]] = seqdec.load_pretrained(case["model"])
+          loaded[case["model"]] = seqdec.load_pretrained(
+              case["model"], dtype=case.get("dtype", "float32"))
         model, tok = loaded[case["model"]]
       else:
         model = testing.tiny_model(case.get("dtype", "float32"))
@@ -54,13 +55,17 @@ SCRIPT = textwrap.dedent("""\
         model = transformer.reconfigured(model, attention_impl="pallas")
       kw = dict(max_new_tokens=12, eos_ids=(), seed=3,
                 temperature=case.get("temperature", 0.0))
+      if case.get("perturbed"):  # a draft LM: the target, weights perturbed
+        from seqdec.decoding import drafters
+        kw.update(tree=case["tree"], drafter=drafters.draft_lm(
+            testing.perturbed(model, case["perturbed"]), proposal="iid"))
       key = (case.get("model"), method, case.get("dtype"),
              kw["temperature"], case.get("pallas"))
       if key not in unsharded:
-        unsharded[key] = Generator(model, tok, case["spec"],
+        unsharded[key] = Generator(model, tok, case["spec"] or None,
                                    **kw).generate(prompts)
       want = unsharded[key]
-      gen = Generator(model, tok, case["spec"],
+      gen = Generator(model, tok, case["spec"] or None,
                       mesh=sharding.make_mesh(case["mesh"]), **kw)
       got = [r.tokens for r in gen.generate(prompts)]
       # Margin rule (float32 on a real model): rows agree up to where the
@@ -104,7 +109,8 @@ def run_cases(*cases, x64=False):
   # Tiny-model cases cost compile time: XLA's backend optimisations off.
   rows = json.loads(testing.run_on_devices(
       SCRIPT, json.dumps(cases), x64=x64,
-      optimize=any(c.get("model") for c in cases)))
+      optimize=any(not c.get("model", "tiny").startswith("tiny")
+                   for c in cases)))
   for row in rows:
     assert row["same"], row
     data = int(row["mesh"].split("data:")[1].split(",")[0])
@@ -142,12 +148,21 @@ MESHES = ("data:8,model:1", "data:4,model:2", "data:2,model:4",
 @pytest.mark.slow
 def test_every_mesh_shape_equals_unsharded_float64():
   """Layer-skip drafts, a k-ary tree, sampled at T=1 (the n-gram drafter
-  and the tree kernel: `test_the_tree_kernel_runs_per_shard`)."""
+  and the tree kernel: `test_the_tree_kernel_runs_per_shard`). Also a
+  hybrid target (Mamba-2, attention, Mamba-2) on data:4 x model:2, drafted
+  by a perturbed copy of itself (i.i.d. children: accepted often): its attention, MLP and vocabulary split as
+  the transformer's, the Mamba-2 layers replicated (no rule for their
+  axes), rows over data."""
   # data:4,model:2 runs in the drafter matrix and the chi-square test.
   meshes = [m for m in MESHES if m != "data:4,model:2"]
-  rows = run_cases(*[dict(mesh=m, spec="layerskip@layers=first:1/kary2x1",
-                          dtype="float64", temperature=1.0, hlo=True)
-                     for m in meshes], x64=True)
+  hybrid = dict(mesh="data:4,model:2", spec="", tree="kary2x1",
+                perturbed=0.03, model="tiny-hybrid", dtype="float64",
+                temperature=1.0)
+  *rows, hybrid_row = run_cases(
+      *[dict(mesh=m, spec="layerskip@layers=first:1/kary2x1",
+             dtype="float64", temperature=1.0, hlo=True)
+        for m in meshes], hybrid, x64=True)
+  assert hybrid_row["replicated"] == [] and hybrid_row["accepted"] > 0.1, hybrid_row
   # The tiny model's 2 kv heads split over model:2 only; its 260-token
   # vocabulary over model <= 4 only: the rest stays replicated.
   assert [r["replicated"] for r in rows] == [

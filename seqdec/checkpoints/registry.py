@@ -19,22 +19,24 @@ from seqdec.tokenizer import Tokenizer
 def _tiny(dtype: str = "float32", preset: str = "tiny", mesh=None, **_):
   """A tiny random model with the byte-level tokenizer (seeded)."""
   config = PRESETS[preset].replace(dtype=dtype, param_dtype=dtype)
-  model = create(config, seed=0)
-  if mesh is not None:
-    from seqdec.parallel import sharding  # pylint: disable=g-import-not-at-top
-    model = sharding.place_model(model, mesh)
-  return model, Tokenizer.byte_level()
+  return _placed(create(config, seed=0), mesh), Tokenizer.byte_level()
 
 
 def _tiny_hybrid(preset: str, dtype: str = "float32", mesh=None, **_):
   """A tiny random Mamba-2 or hybrid LM (`seqdec.models.hybrid.PRESETS`)
-  with the byte-level tokenizer (seeded)."""
+  with the byte-level tokenizer (seeded). On a mesh its Mamba-2 layers are
+  replicated (their logical axes have no rule), the rest split as in the
+  transformer."""
   from seqdec.models import hybrid  # pylint: disable=g-import-not-at-top
-  if mesh is not None:
-    raise CheckpointError(f"{preset} has no sharding rules for its Mamba-2 "
-                          f"layers yet; load it without a mesh")
   config = hybrid.PRESETS[preset].replace(dtype=dtype, param_dtype=dtype)
-  return hybrid.create(config, seed=0), Tokenizer.byte_level()
+  return _placed(hybrid.create(config, seed=0), mesh), Tokenizer.byte_level()
+
+
+def _placed(model, mesh):
+  if mesh is None:
+    return model
+  from seqdec.parallel import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.place_model(model, mesh)
 
 
 def _smollm2(dtype: str = "float32", **kwargs):
