@@ -198,6 +198,14 @@ def ancestor_mask_oracle(parents) -> np.ndarray:
   return out.reshape(arr.shape + (n,))
 
 
+# XLA:CPU debug options for compiling with most optimisations off (tiny
+# models, compile-bound): the legacy elemental emitters instead of the MLIR
+# fusion emitters compile about twice as fast and run slower (CONTRIBUTING.md,
+# "Optimisation level"). `run_on_devices(optimize=False)` passes them as
+# XLA_FLAGS; tests/conftest.py adds them per compilation.
+FAST_COMPILE_XLA_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
 def run_on_devices(script: str, *args: str, devices: int = 8,
                    x64: bool = False, optimize: bool = True,
                    timeout: float = 900) -> str:
@@ -217,7 +225,8 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   import sys  # pylint: disable=g-import-not-at-top
   flags = f"--xla_force_host_platform_device_count={devices}"
   if not optimize:
-    flags += " --xla_cpu_use_fusion_emitters=false"
+    flags += "".join(f" --{k}={str(v).lower()}"
+                     for k, v in FAST_COMPILE_XLA_OPTIONS.items())
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              JAX_ENABLE_X64="1" if x64 else "0", XLA_FLAGS=flags)
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimize else "1"

@@ -77,20 +77,20 @@ def _atomic_cache_put():
 _atomic_cache_put()
 
 
-# XLA:CPU's flags for a program compiled with most optimisations off (the
-# tiers' default: tiny models, compile-bound; `_optimisation_level`). Its
-# MLIR fusion emitters take about twice the compile time of the legacy
-# elemental emitters on this suite's programs (a hybrid speculative decode
-# program: 17.3 s -> 9.5 s of compiling; tests/TIERS.md, sixth pass), while
-# on a real model they run faster (SmolLM2's speculative test: 88 s with
-# them, 170 s without), so `realmodel` tests keep them. Per compilation
-# (XLA_FLAGS would be per process): the same debug options jax sets for
-# jax_disable_most_optimizations, added where jax builds them.
-FAST_COMPILE_XLA_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+# Where most optimisations are off (the tiers' default: tiny models,
+# compile-bound; `_optimisation_level`), programs compile with
+# `seqdec.testing.FAST_COMPILE_XLA_OPTIONS`: XLA:CPU's legacy elemental
+# emitters, about half the compile time of its MLIR fusion emitters on this
+# suite's programs (a hybrid speculative decode program: 17.3 s -> 9.5 s;
+# tests/TIERS.md, sixth pass), while on a real model the fusion emitters run
+# faster (SmolLM2's speculative test: 88 s with them, 170 s without), so
+# `realmodel` tests keep them. Per compilation (XLA_FLAGS would be per
+# process): added where jax builds the compile options.
 
 
 def _fast_compile_options():
   from jax._src import compiler  # pylint: disable=g-import-not-at-top
+  from seqdec.testing import FAST_COMPILE_XLA_OPTIONS  # pylint: disable=g-import-not-at-top
   build = compiler.get_compile_options
 
   def get_compile_options(*args, env_options_overrides=None, **kwargs):
