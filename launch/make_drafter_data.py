@@ -6,7 +6,9 @@
       --max_new_tokens=16 --out=/tmp/tiny_data             # smoke run
 
 Prompts come from `seqdec.data.drafter_prompts` (six task types built from
-the Python standard library's source; never the benchmark prompts), indices
+the Python standard library's source and, with --debian_text (default), the
+Python documentation's prose and WordNet's everyday words, fetched once with
+`apt-get download` into --text_cache; never the benchmark prompts), indices
 --first_prompt .. --first_prompt + --num_prompts - 1 of --prompt_seed. The
 target answers each (greedy at --temperature=0), and one teacher-forced
 forward gives its features; both go to tensorstore arrays under --out
@@ -36,6 +38,13 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy responses.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
 _CHUNK = flags.DEFINE_integer("chunk", 16, "Rows generated per batch.")
+_DEBIAN_TEXT = flags.DEFINE_bool(
+    "debian_text", True, "Also build prompts from the Python docs and WordNet "
+    "(Debian packages python3.11-doc, wordnet-base); --nodebian_text: the "
+    "standard library only (the first shipped drafter's recipe).")
+_TEXT_CACHE = flags.DEFINE_string(
+    "text_cache", None, "Where the Debian packages are unpacked (default "
+    "~/.cache/seqdec/offline_text).")
 
 
 def log(msg: str) -> None:
@@ -56,16 +65,22 @@ def check_flags() -> None:
 def run() -> dict:
   # pylint: disable=g-import-not-at-top
   import seqdec
-  from seqdec.data import drafter_prompts, features
+  from seqdec.data import drafter_prompts, features, offline_text
   # pylint: enable=g-import-not-at-top
   t0 = time.perf_counter()
+  texts = None
+  if _DEBIAN_TEXT.value:
+    texts = drafter_prompts.Texts.fetch(
+        _TEXT_CACHE.value or offline_text.default_cache_dir())
   model, tokenizer = seqdec.load_pretrained(_MODEL.value)
   prompts = drafter_prompts.build_prompts(_NUM.value, _PROMPT_SEED.value,
-                                          _FIRST.value)
+                                          _FIRST.value, texts=texts)
   ds = features.build(
       _OUT.value, model, tokenizer, prompts,
       meta=dict(model=_MODEL.value, prompt_seed=_PROMPT_SEED.value,
                 first_prompt=_FIRST.value,
+                text_sources=(sorted(offline_text.PACKAGES.values())
+                              if texts else []),
                 tasks=[t for t, _ in prompts],
                 command="python launch/make_drafter_data.py "
                 + " ".join(sys.argv[1:])),

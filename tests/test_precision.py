@@ -131,3 +131,20 @@ def test_smollm2_bf16_weights_speculation_equals_autoregression():
       ties += 1
   print(f"divergences at margins <= {threshold:.3g}: {ties}")
   assert np.mean([r.metrics["tau"] for r in spec]) > 1.0   # drafts accepted
+
+
+def test_a_converted_model_keeps_its_source_fingerprint():
+  """A drafter made for the f32 weights serves the bf16_weights model made
+  from them (`fingerprint.derived`, applied by `load_pretrained`); the bf16
+  weights alone hash differently, and another model still differs."""
+  from seqdec.checkpoints import fingerprint as fp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  source = testing.tiny_model()
+  plain = tr.with_precision(source, "bf16_weights")
+  assert fp.fingerprint(plain) != fp.fingerprint(source)
+  marked = fp.derived(tr.with_precision(source, "bf16_weights"), source)
+  assert fp.fingerprint(marked) == fp.fingerprint(source)
+  # The mark survives split / merge (it is what jit-ed code rebuilds).
+  assert fp.fingerprint(nnx.merge(*nnx.split(marked))) == fp.fingerprint(
+      source)
+  assert fp.fingerprint(testing.tiny_model(seed=1)) != fp.fingerprint(source)

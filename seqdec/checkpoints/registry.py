@@ -11,6 +11,7 @@ import os
 from typing import Callable
 
 from seqdec.checkpoints.convert import CheckpointError, check_dtypes
+from seqdec.checkpoints.fingerprint import derived
 from seqdec.models.config import PRECISIONS, PRESETS
 from seqdec.models.transformer import create, with_precision
 from seqdec.tokenizer import Tokenizer
@@ -97,7 +98,8 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32",
                           f"dtype={dtype!r}")
   model, tokenizer = _load(name_or_path, dtype=dtype, **kwargs)
   if precision != "f32":
-    model = with_precision(model, precision)
+    # Drafters and drafter data of the f32 weights serve the converted model.
+    model = derived(with_precision(model, precision), model)
   return model, tokenizer
 
 

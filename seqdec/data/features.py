@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -263,7 +264,9 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
       msg = [{"role": "user", "content": text}]
       ids.append((gen.encode(msg) if tokenizer.chat_template
                   else gen.encode(text))[:max_prompt])
+    t_gen = time.perf_counter()
     results = gen.generate_ids(ids, row_ids=list(range(lo, hi)))
+    t_feat = time.perf_counter()
     tokens = np.zeros((hi - lo, seq_len), np.int32)
     lengths = np.zeros((hi - lo,), np.int32)
     for i, (p, r) in enumerate(zip(ids, results)):
@@ -275,6 +278,7 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
     width = min(seq_len, bucket(int(lengths.max())))
     feats = np.zeros((hi - lo, seq_len, hidden), ml_dtypes.bfloat16)
     feats[:, :width] = target_features(model, tokens[:, :width])
+    t_write = time.perf_counter()
     a = ds.arrays
     a["tokens"][lo:hi].write(tokens).result()
     a["lengths"][lo:hi].write(lengths).result()
@@ -285,5 +289,7 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
     write_meta(path, ds.meta)
     log(f"chunk {c + 1}/{-(-n // chunk)}: rows {lo}..{hi - 1}, "
         f"{int((lengths - np.array([len(p) for p in ids])).sum())} "
-        f"response tokens")
+        f"response tokens (generate {t_feat - t_gen:.0f} s, features "
+        f"{t_write - t_feat:.0f} s, write {time.perf_counter() - t_write:.0f}"
+        f" s)")
   return FeatureDataset.open(path)
