@@ -38,6 +38,13 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 192, "Response budget.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy responses.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
 _CHUNK = flags.DEFINE_integer("chunk", 16, "Rows generated per batch.")
+_GROUP = flags.DEFINE_integer(
+    "group", 4, "Chunks per block: a block's prompts are generated in order "
+    "of length (less padding), and written (and resumed) together.")
+_GEN_PRECISION = flags.DEFINE_string(
+    "gen_precision", "f32", "Precision policy of the model that writes the "
+    "responses (f32, bf16_weights); features always come from the f32 "
+    "target.")
 _DEBIAN_TEXT = flags.DEFINE_bool(
     "debian_text", True, "Also build prompts from the Python docs and WordNet "
     "(Debian packages python3.11-doc, wordnet-base); --nodebian_text: the "
@@ -55,7 +62,8 @@ def check_flags() -> None:
   if not _OUT.value:
     raise UserError("--out is required")
   for name, flag in (("num_prompts", _NUM), ("max_prompt_tokens", _MAX_PROMPT),
-                     ("max_new_tokens", _MAX_NEW), ("chunk", _CHUNK)):
+                     ("max_new_tokens", _MAX_NEW), ("chunk", _CHUNK),
+                     ("group", _GROUP)):
     if flag.value < 1:
       raise UserError(f"--{name} must be >= 1, got {flag.value}")
   if _FIRST.value < 0 or _TEMPERATURE.value < 0:
@@ -73,6 +81,10 @@ def run() -> dict:
     texts = drafter_prompts.Texts.fetch(
         _TEXT_CACHE.value or offline_text.default_cache_dir())
   model, tokenizer = seqdec.load_pretrained(_MODEL.value)
+  writer = None
+  if _GEN_PRECISION.value != "f32":
+    writer, _ = seqdec.load_pretrained(_MODEL.value,
+                                       precision=_GEN_PRECISION.value)
   prompts = drafter_prompts.build_prompts(_NUM.value, _PROMPT_SEED.value,
                                           _FIRST.value, texts=texts)
   ds = features.build(
@@ -81,12 +93,13 @@ def run() -> dict:
                 first_prompt=_FIRST.value,
                 text_sources=(sorted(offline_text.PACKAGES.values())
                               if texts else []),
+                gen_precision=_GEN_PRECISION.value,
                 tasks=[t for t, _ in prompts],
                 command="python launch/make_drafter_data.py "
                 + " ".join(sys.argv[1:])),
       max_prompt=_MAX_PROMPT.value, max_new=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, seed=_SEED.value, chunk=_CHUNK.value,
-      log=log)
+      group=_GROUP.value, generator_model=writer, log=log)
   data = ds.read(list(range(ds.rows)))
   response = int((data["lengths"] - data["prompt_lens"]).sum())
   seconds = time.perf_counter() - t0

@@ -122,6 +122,45 @@ def test_batches_are_a_function_of_the_step(tmp_path):
   assert list(b.valid) == [10, 11, 12]
 
 
+def test_a_length_grouped_build_keeps_prompt_order_and_exact_features(
+    tmp_path):
+  """Blocks generated in order of prompt length are written in prompt
+  order (row i holds prompt i, and its response is what the target writes
+  for it alone); features computed by length equal the target's features
+  over each row alone (bf16 storage: 1 ulp), zero past the row's end; an
+  interrupted build resumes at its next block."""
+  target = seqdec.load_pretrained("tiny")[0]
+  tok = seqdec.load_pretrained("tiny")[1]
+  prompts = drafter_prompts.build_prompts(10, max_files=40)
+  kw = dict(meta=dict(model="tiny"), max_prompt=40, max_new=8,
+            temperature=0.0, seed=0, chunk=2, group=3)
+  path = str(tmp_path / "d")
+
+  def stop(msg):
+    raise Interrupt(msg)
+  with pytest.raises(Interrupt, match="chunks 3/5"):
+    features.build(path, target, tok, prompts, log=stop, **kw)
+  assert features.FeatureDataset.open(path).rows == 6
+  logs = []
+  features.build(path, target, tok, prompts, log=logs.append, **kw)
+  assert len(logs) == 1 and logs[0].startswith("chunks 5/5: rows 6..9")
+  ds = features.FeatureDataset.open(path)
+  got = ds.read(np.arange(10))
+  gen = Generator(target, tok, max_new_tokens=8)
+  for i, (_, text) in enumerate(prompts):
+    ids = gen.encode([{"role": "user", "content": text}])[:40] if (
+        tok.chat_template) else gen.encode(text)[:40]
+    n, p = int(got["lengths"][i]), int(got["prompt_lens"][i])
+    assert got["tokens"][i, :p].tolist() == list(ids)
+    alone = gen.generate_ids([ids])[0].tokens
+    assert got["tokens"][i, p:n].tolist() == list(alone)
+    want = features.target_features(target, got["tokens"][i:i + 1, :n])[0]
+    np.testing.assert_allclose(got["features"][i, :n].astype(np.float32),
+                               want.astype(np.float32), rtol=1e-2,
+                               atol=1e-2)
+    assert not got["features"][i, n:].astype(np.float32).any()
+
+
 def test_sampled_positions_stay_in_the_response():
   rngs = [np.random.default_rng([0, i]) for i in range(2)]
   index, weight = trainer.sample_positions(

@@ -220,9 +220,30 @@ def target_features(model, tokens: np.ndarray) -> np.ndarray:
   return np.asarray(_features(graphdef, state, jnp.asarray(tokens)))
 
 
+def features_by_length(model, tokens: np.ndarray, lengths: np.ndarray,
+                       batch: int = 16) -> np.ndarray:
+  """`target_features` of `[N, S]` rows, computed `batch` rows at a time in
+  order of length, each group padded only to its own longest row
+  (bucketed): the work follows the real tokens, not N x S. Positions past a
+  row's length are zero."""
+  from seqdec.decoding.loops import bucket  # pylint: disable=g-import-not-at-top
+  n, s = tokens.shape
+  out = np.zeros((n, s, model.config.hidden_size), ml_dtypes.bfloat16)
+  order = np.argsort(lengths, kind="stable")
+  for i in range(0, n, batch):
+    rows = order[i:i + batch]
+    width = min(s, bucket(int(lengths[rows].max())))
+    group = np.zeros((batch, width), np.int32)   # one batch shape per width
+    group[:len(rows)] = tokens[rows, :width]
+    out[rows, :width] = target_features(model, group)[:len(rows)]
+  for r in range(n):
+    out[r, lengths[r]:] = 0
+  return out
+
+
 def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
           *, meta: dict, max_prompt: int, max_new: int, temperature: float,
-          seed: int, chunk: int = 16,
+          seed: int, chunk: int = 16, group: int = 1, generator_model=None,
           log: Callable[[str], None] = lambda _: None) -> FeatureDataset:
   """Generates responses and features for `prompts` into `path` (resumes a
   partial build with the same recipe).
@@ -231,9 +252,18 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   cut to their first `max_prompt` tokens; responses are the target's own
   (greedy at temperature 0, seeded sampling otherwise), at most `max_new`
   tokens, stopped at the tokenizer's stop ids.
+
+  Work is done a block of `group` chunks at a time: the block's prompts are
+  generated `chunk` at a time in order of prompt length (a batch pads to
+  its longest prompt and runs until its longest response ends, so like
+  lengths together waste least), the features are computed by length
+  (`features_by_length`), and the block is written in prompt order, so row
+  i is always prompt i. `generator_model` (default `model`) writes the
+  responses, e.g. the target under the bf16_weights policy on a host where
+  its batched matmuls are faster; the features and the distillation targets
+  always come from `model`.
   """
   # pylint: disable=g-import-not-at-top
-  from seqdec.decoding.loops import bucket
   from seqdec.generator import Generator
   # pylint: enable=g-import-not-at-top
   seq_len = max_prompt + max_new
@@ -255,41 +285,45 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
     create(path, meta, n, seq_len, hidden, chunk)
   ds = FeatureDataset.open(path)
   chunk = ds.meta["chunk"]            # a resumed build keeps its chunking
-  gen = Generator(model, tokenizer, max_new_tokens=max_new,
+  gen = Generator(generator_model or model, tokenizer, max_new_tokens=max_new,
                   temperature=temperature, seed=seed, max_batch=chunk)
-  for c in range(ds.meta["done"], -(-n // chunk)):
-    lo, hi = c * chunk, min(n, (c + 1) * chunk)
+  num_chunks = -(-n // chunk)
+  c = ds.meta["done"]
+  while c < num_chunks:
+    c_end = min(num_chunks, c + group)
+    lo, hi = c * chunk, min(n, c_end * chunk)
     ids = []
     for _, text in prompts[lo:hi]:
       msg = [{"role": "user", "content": text}]
       ids.append((gen.encode(msg) if tokenizer.chat_template
                   else gen.encode(text))[:max_prompt])
+    prompt_lens = np.array([len(p) for p in ids], np.int32)
     t_gen = time.perf_counter()
-    results = gen.generate_ids(ids, row_ids=list(range(lo, hi)))
+    responses = [None] * len(ids)
+    order = np.argsort(prompt_lens, kind="stable")
+    for i in range(0, len(ids), chunk):
+      rows = order[i:i + chunk]
+      for r, result in zip(rows, gen.generate_ids(
+          [ids[r] for r in rows], row_ids=[lo + int(r) for r in rows])):
+        responses[r] = result.tokens
     t_feat = time.perf_counter()
     tokens = np.zeros((hi - lo, seq_len), np.int32)
     lengths = np.zeros((hi - lo,), np.int32)
-    for i, (p, r) in enumerate(zip(ids, results)):
-      seq = list(p) + list(r.tokens)
+    for i, (p, r) in enumerate(zip(ids, responses)):
+      seq = list(p) + list(r)
       tokens[i, :len(seq)] = seq
       lengths[i] = len(seq)
-    # Features over the chunk's longest sequence (bucketed), not the whole
-    # seq_len: padding past it would be computed and thrown away.
-    width = min(seq_len, bucket(int(lengths.max())))
-    feats = np.zeros((hi - lo, seq_len, hidden), ml_dtypes.bfloat16)
-    feats[:, :width] = target_features(model, tokens[:, :width])
+    feats = features_by_length(model, tokens, lengths)
     t_write = time.perf_counter()
     a = ds.arrays
     a["tokens"][lo:hi].write(tokens).result()
     a["lengths"][lo:hi].write(lengths).result()
-    a["prompt_lens"][lo:hi].write(np.array([len(p) for p in ids],
-                                           np.int32)).result()
+    a["prompt_lens"][lo:hi].write(prompt_lens).result()
     a["features"][lo:hi].write(feats).result()
-    ds.meta["done"] = c + 1
+    ds.meta["done"] = c = c_end
     write_meta(path, ds.meta)
-    log(f"chunk {c + 1}/{-(-n // chunk)}: rows {lo}..{hi - 1}, "
-        f"{int((lengths - np.array([len(p) for p in ids])).sum())} "
-        f"response tokens (generate {t_feat - t_gen:.0f} s, features "
-        f"{t_write - t_feat:.0f} s, write {time.perf_counter() - t_write:.0f}"
-        f" s)")
+    log(f"chunks {c}/{num_chunks}: rows {lo}..{hi - 1}, "
+        f"{int((lengths - prompt_lens).sum())} response tokens (generate "
+        f"{t_feat - t_gen:.0f} s, features {t_write - t_feat:.0f} s, write "
+        f"{time.perf_counter() - t_write:.0f} s)")
   return FeatureDataset.open(path)
