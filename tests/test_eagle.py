@@ -82,6 +82,55 @@ def test_loss_falls_on_a_fixed_batch(trained):
   assert losses[-1][1] > 0.5
 
 
+def test_training_time_test_passes_are_the_drafted_chain(x64, trained):
+  """Pass k of `forward_steps` (EAGLE-3's training-time test) at index i is
+  exactly what the drafter computes at depth k of a chain drafted after
+  committing index i-k+1: the true-feature context in its cache, then its
+  own predictions fed back one node at a time (float64, 1e-10)."""
+  target, net = as_float64(*trained[:2])
+  tokens = trained[3][:2, :14]
+  feats = jnp.asarray(feature_data.target_features(target, tokens),
+                      jnp.float64)            # (bf16 storage, as trained)
+  steps = 3
+  preds = trainer.forward_steps(net, target, jnp.asarray(tokens), feats,
+                                steps)
+  emb = target.embed_tokens(jnp.asarray(tokens[:, 1:]))
+  b, t = tokens.shape[0], tokens.shape[1] - 1
+  for i in (2, 7, t - 1):
+    c = i - steps + 2                       # committed entries 0 .. c-1
+    cache = net.init_cache(b, t)
+    pos = jnp.broadcast_to(jnp.arange(1, c + 1, dtype=jnp.int32), (b, c))
+    out, cache = net(emb[:, :c], feats[:, :c], pos, cache)
+    f_prev = out[:, -1:]                    # depth 1 (index c-1)
+    np.testing.assert_allclose(f_prev[:, 0], preds[0][:, c - 1], atol=1e-10)
+    for k in range(2, steps + 1):           # depth k at index c + k - 2
+      j = c + k - 2
+      cache = cache._replace(length=jnp.full((b,), j, jnp.int32))
+      f_prev, cache = net(emb[:, j:j + 1], f_prev,
+                          jnp.full((b, 1), j + 1, jnp.int32), cache)
+      np.testing.assert_allclose(f_prev[:, 0], preds[k - 1][:, j],
+                                 atol=1e-10, err_msg=f"depth {k} index {j}")
+  # Depth-k predictions differ from the teacher-forced ones (else the test
+  # would not tell the passes apart).
+  assert float(jnp.abs(preds[2] - preds[0]).max()) > 1e-3
+
+
+def test_training_time_test_trains_deeper_levels(trained):
+  """A few steps with ttt=3 on the fixed batch report every pass's top-1,
+  and the loss sums the passes (larger than the one-pass loss)."""
+  target, net = trained[:2]
+  batch = full_batch(target, trained[3][:8])
+  net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  target_def, target_params = nnx.split(target)
+  one, _ = trainer.eval_step(net_def, target_def, 1.0, 0.1, params,
+                             target_params, batch, rest)
+  three, stats = trainer.eval_step(net_def, target_def, 1.0, 0.1, params,
+                                   target_params, batch, rest, ttt=3)
+  assert {"top1", "top1_2", "top1_3"} <= set(stats)
+  assert float(three) > float(one)
+  assert float(stats["top1_3"]) < float(stats["top1"])
+
+
 def as_float64(target_f32, net_f32):
   """The same weights in float64 (tiny_model draws are dtype-independent)."""
   target = testing.tiny_model("float64")

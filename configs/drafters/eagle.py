@@ -66,6 +66,9 @@ def get_config(arg=None):
   c.train.w_reg = 1.0             # EAGLE: SmoothL1 on features
   c.train.w_ce = 0.1              # EAGLE: CE against the target's head
   c.train.feature_noise = 0.1     # EAGLE: input features + U(-a, a)
+  # EAGLE-3's training-time test: passes k = 2.. feed the network its own
+  # predicted features, attending as at tree depth k (1: EAGLE-1 only).
+  c.train.ttt_steps = 2 if arg.runlocal else 1
   c.train.log_every = 1 if arg.runlocal else 25
   c.train.eval_every = 2 if arg.runlocal else 250
   c.train.checkpoint_every = 2 if arg.runlocal else 100

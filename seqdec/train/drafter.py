@@ -20,6 +20,9 @@ stored). Only the network's weights train; the target's embedding and head
 are inputs. As in EAGLE, the input features get uniform noise
 U(-a, a) (`train.feature_noise`; the targets stay clean), which makes the
 drafter robust to the errors of the features it predicts for itself.
+With `train.ttt_steps` = K > 1 (EAGLE-3's training-time test,
+`forward_steps`), K - 1 more passes feed the network its own predictions
+as at tree depths 2..K, and the loss sums the passes' terms.
 
 Batches: step s reads rows perm_e[i] for the batch's slots i, where perm_e
 is a permutation of the training rows drawn from (seed, epoch e), and slot
@@ -63,15 +66,58 @@ def smooth_l1(x: jax.Array) -> jax.Array:
 def forward(net, target, tokens: jax.Array, features: jax.Array
             ) -> jax.Array:
   """Teacher-forced `[B, S-1, D]` f^_t for t = 1 .. S-1 (module docstring)."""
+  return forward_steps(net, target, tokens, features, 1)[0]
+
+
+def ttt_mask(t: int, k: int) -> jax.Array:
+  """`[T, k*T]` visibility of pass k of `forward_steps` over the K/V of
+  passes 1..k (pass m's T slots at columns (m-1)T .. mT-1).
+
+  Index i of pass k stands for the k-th level of a chain drafted after
+  committed index i-k+1, so it sees what that node sees when drafting:
+
+      pass 1 slot j   iff  j <= i - k + 1          (committed, true f)
+      pass m slot j   iff  j == i - k + m,  2 <= m <= k
+                                                   (its drafted ancestors
+                                                    and itself)
+  """
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  blocks = [j <= i - k + 1] + [j == i - k + m for m in range(2, k + 1)]
+  return jnp.concatenate(blocks, axis=1)
+
+
+def forward_steps(net, target, tokens: jax.Array, features: jax.Array,
+                  steps: int) -> list[jax.Array]:
+  """EAGLE-3's training-time test: `steps` teacher-forced passes, pass k's
+  `[B, S-1, D]` predictions f^(k) at each index i as the drafter makes them
+  at tree depth k, from its own earlier predictions:
+
+      pass 1:  u_i = [e(x_{i+1}) ; f_i]               (the cached features)
+      pass k:  u_i = [e(x_{i+1}) ; f^(k-1)_{i-1}]     (its own, k >= 2)
+
+  attending as `ttt_mask` (committed true-feature entries, then the chain's
+  own). Tokens are the true ones (teacher forcing). f^(k-1) enters pass k
+  without a gradient. Index i < k-1 has no chain (its loss weight is 0).
+  """
   b, s = tokens.shape
-  pos = jnp.broadcast_to(jnp.arange(1, s, dtype=jnp.int32), (b, s - 1))
-  pred, _ = net(target.embed_tokens(tokens[:, 1:]), features[:, :-1], pos,
-                net.init_cache(b, s - 1))
-  return pred
+  t = s - 1
+  pos = jnp.broadcast_to(jnp.arange(1, s, dtype=jnp.int32), (b, t))
+  emb = target.embed_tokens(tokens[:, 1:])
+  cache = net.init_cache(b, steps * t)
+  inputs, preds = features[:, :-1], []
+  for k in range(1, steps + 1):
+    mask = jnp.broadcast_to(ttt_mask(t, k), (b, t, k * t))
+    pred, cache = net(emb, inputs, pos, cache, mask)
+    preds.append(pred)
+    inputs = jnp.concatenate(
+        [features[:, :1], jax.lax.stop_gradient(pred[:, :-1]).astype(
+            features.dtype)], axis=1)
+  return preds
 
 
 def loss_fn(net_params, net_def, target_params, target_def, batch,
-            w_reg: float, w_ce: float, keep_ids=None):
+            w_reg: float, w_ce: float, keep_ids=None, ttt: int = 1):
   """(loss, metrics) of the drafter `net_def` describes (`eagle_loss` or
   `medusa_loss`) at `batch['index']` [B, K] with weights `batch['weight']`.
 
@@ -83,7 +129,7 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   if isinstance(net, hydra.HydraHeads):
     return medusa_loss(net, target, batch, w_ce, keep_ids,
                        sequential=True)
-  return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids)
+  return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids, ttt)
 
 
 def loss_dtype(target) -> jnp.dtype:
@@ -145,45 +191,55 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
   return loss, dict(stats, top1=stats["top1_1"])
 
 
-def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None):
-  """EAGLE's loss of the module docstring."""
+def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
+               ttt: int = 1):
+  """EAGLE's loss of the module docstring; with `ttt` > 1 summed over the
+  passes of `forward_steps` (each pass k at the positions with a chain of
+  k levels), metrics `top1_k` per pass."""
   feats = batch["features"].astype(loss_dtype(target))
   # EAGLE's input noise: the drafter reads f + U(-a, a) (robustness to its
   # own feature errors when it drafts from predicted features); targets are
   # the clean features.
   noisy = feats + batch["noise"] if "noise" in batch else feats
-  pred = forward(net, target, batch["tokens"], noisy)           # [B, S-1, D]
+  preds = forward_steps(net, target, batch["tokens"], noisy, ttt)
   idx = batch["index"]                                         # [B, K]
-  w = batch["weight"]                                          # [B, K]
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
-  p_hat, f = at(pred).astype(feats.dtype), at(feats[:, 1:])    # [B, K, D]
-  reg = smooth_l1(p_hat - f).mean(-1)
-  ce, agree = _distill(f, target.head(p_hat, keep_ids), target, keep_ids)
-  mean = _weighted_mean(w)
-  loss = w_reg * mean(reg) + w_ce * mean(ce)
-  return loss, dict(reg=mean(reg), ce=mean(ce), top1=mean(agree))
+  f = at(feats[:, 1:])                                         # [B, K, D]
+  loss, stats = 0.0, {}
+  for k, pred in enumerate(preds, start=1):
+    p_hat = at(pred).astype(feats.dtype)                       # [B, K, D]
+    reg = smooth_l1(p_hat - f).mean(-1)
+    ce, agree = _distill(f, target.head(p_hat, keep_ids), target, keep_ids)
+    mean = _weighted_mean(batch["weight"] * (idx >= k - 1))
+    loss = loss + w_reg * mean(reg) + w_ce * mean(ce)
+    if k == 1:
+      stats.update(reg=mean(reg), ce=mean(ce), top1=mean(agree))
+    else:
+      stats[f"top1_{k}"] = mean(agree)
+  return loss, stats
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
-                   donate_argnums=(5, 6))
+                   static_argnames=("ttt",), donate_argnums=(5, 6))
 def train_step(net_def, target_def, tx, w_reg, w_ce, params, opt_state,
-               target_params, batch, rest=None, keep_ids=None):
+               target_params, batch, rest=None, keep_ids=None, ttt=1):
   """One AdamW step on the network's `nnx.Param`s (`params`); `rest` (its
   other variables), the target's parameters and the kept ids are inputs."""
   (loss, stats), grads = jax.value_and_grad(
       lambda p: loss_fn((p, rest), net_def, target_params, target_def, batch,
-                        w_reg, w_ce, keep_ids), has_aux=True)(params)
+                        w_reg, w_ce, keep_ids, ttt), has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, dict(stats, loss=loss,
                                  grad_norm=optax.tree.norm(grads))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
+                   static_argnames=("ttt",))
 def eval_step(net_def, target_def, w_reg, w_ce, params, target_params, batch,
-              rest=None, keep_ids=None):
+              rest=None, keep_ids=None, ttt=1):
   return loss_fn((params, rest), net_def, target_params, target_def, batch,
-                 w_reg, w_ce, keep_ids)
+                 w_reg, w_ce, keep_ids, ttt)
 
 
 def sample_positions(rngs: Sequence[np.random.Generator],
@@ -288,12 +344,12 @@ class Batches:
 
 
 def evaluate(net_def, target_def, params, rest, target_params, batches,
-             w_reg, w_ce, keep_ids=None) -> dict[str, float]:
+             w_reg, w_ce, keep_ids=None, ttt: int = 1) -> dict[str, float]:
   """Position-weighted means of the loss terms over validation batches."""
   sums, total = {}, 0.0
   for b in batches:
     loss, stats = eval_step(net_def, target_def, w_reg, w_ce, params,
-                            target_params, b, rest, keep_ids)
+                            target_params, b, rest, keep_ids, ttt=ttt)
     w = float(b["weight"].sum())
     for k, v in dict(stats, loss=loss).items():
       sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -366,15 +422,20 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   def batch(step):
     return layout.batch(batches.train(step, local), d.batch_size)
   w_reg, w_ce = float(t.w_reg), float(t.w_ce)
+  ttt = int(t.get("ttt_steps", 1))
+  if ttt < 1 or (ttt > 1 and config.drafter.kind != "eagle"):
+    raise TrainError(f"train.ttt_steps must be >= 1 (and 1 unless the "
+                     f"drafter is eagle), got {ttt}")
 
   def step_fn(params, opt_state, batch):
     return train_step(net_def, target_def, tx, w_reg, w_ce, params,
-                      opt_state, target_params, batch, rest, keep_ids)
+                      opt_state, target_params, batch, rest, keep_ids,
+                      ttt=ttt)
 
   def every(state):
     if t.eval_every > 0 and state.step % t.eval_every == 0:
       return evaluate(net_def, target_def, state.params, rest,
-                      target_params, valid, w_reg, w_ce, keep_ids)
+                      target_params, valid, w_reg, w_ce, keep_ids, ttt)
     return None
 
   try:
@@ -385,7 +446,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     if ckpt is not None:
       ckpt.close()
   final = evaluate(net_def, target_def, state.params, rest, target_params,
-                   valid, w_reg, w_ce, keep_ids)
+                   valid, w_reg, w_ce, keep_ids, ttt)
   if log is not None and not (history and history[-1] == {
       "step": state.step, **final}):
     log({"step": state.step, **final})
