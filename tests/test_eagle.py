@@ -82,6 +82,24 @@ def test_loss_falls_on_a_fixed_batch(trained):
   assert losses[-1][1] > 0.5
 
 
+def drafted_chain(net, emb, feats, c, depth):
+  """The drafter's features at depths 1..depth of a chain drafted after
+  committing pass indices 0..c-1 (true features), fed its own predictions
+  one node at a time, as it drafts: a list of `[B, D]`."""
+  b = emb.shape[0]
+  cache = net.init_cache(b, emb.shape[1])
+  pos = jnp.broadcast_to(jnp.arange(1, c + 1, dtype=jnp.int32), (b, c))
+  out, cache = net(emb[:, :c], feats[:, :c], pos, cache)
+  chain = [out[:, -1]]
+  for k in range(2, depth + 1):
+    j = c + k - 2
+    cache = cache._replace(length=jnp.full((b,), j, jnp.int32))
+    f, cache = net(emb[:, j:j + 1], chain[-1][:, None],
+                   jnp.full((b, 1), j + 1, jnp.int32), cache)
+    chain.append(f[:, 0])
+  return chain
+
+
 def test_training_time_test_passes_are_the_drafted_chain(x64, trained):
   """Pass k of `forward_steps` (EAGLE-3's training-time test) at index i is
   exactly what the drafter computes at depth k of a chain drafted after
@@ -95,24 +113,56 @@ def test_training_time_test_passes_are_the_drafted_chain(x64, trained):
   preds = trainer.forward_steps(net, target, jnp.asarray(tokens), feats,
                                 steps)
   emb = target.embed_tokens(jnp.asarray(tokens[:, 1:]))
-  b, t = tokens.shape[0], tokens.shape[1] - 1
+  t = tokens.shape[1] - 1
   for i in (2, 7, t - 1):
     c = i - steps + 2                       # committed entries 0 .. c-1
-    cache = net.init_cache(b, t)
-    pos = jnp.broadcast_to(jnp.arange(1, c + 1, dtype=jnp.int32), (b, c))
-    out, cache = net(emb[:, :c], feats[:, :c], pos, cache)
-    f_prev = out[:, -1:]                    # depth 1 (index c-1)
-    np.testing.assert_allclose(f_prev[:, 0], preds[0][:, c - 1], atol=1e-10)
-    for k in range(2, steps + 1):           # depth k at index c + k - 2
-      j = c + k - 2
-      cache = cache._replace(length=jnp.full((b,), j, jnp.int32))
-      f_prev, cache = net(emb[:, j:j + 1], f_prev,
-                          jnp.full((b, 1), j + 1, jnp.int32), cache)
-      np.testing.assert_allclose(f_prev[:, 0], preds[k - 1][:, j],
-                                 atol=1e-10, err_msg=f"depth {k} index {j}")
+    chain = drafted_chain(net, emb, feats, c, steps)
+    for k, f in enumerate(chain, start=1):  # depth k at index c + k - 2
+      np.testing.assert_allclose(f, preds[k - 1][:, c + k - 2], atol=1e-10,
+                                 err_msg=f"depth {k} index {c + k - 2}")
   # Depth-k predictions differ from the teacher-forced ones (else the test
   # would not tell the passes apart).
   assert float(jnp.abs(preds[2] - preds[0]).max()) > 1e-3
+
+
+def test_validation_chain_tau_counts_the_drafted_chains(x64, trained):
+  """`chain_tau` equals chains drafted one node at a time (`drafted_chain`)
+  and checked against the target's greedy tokens, counted here by hand;
+  on the training rows the drafter gets some chains right and some wrong."""
+  target, net = as_float64(*trained[:2])
+  tokens = trained[3][:3, :16]
+  n, depth = tokens.shape[1], 3
+  starts = np.array([0, 4, 9, 13, 14])      # the last ones hit the row's end
+  batch = dict(full_batch(target, tokens),
+               index=np.broadcast_to(starts, (3, len(starts))).astype(
+                   np.int32),
+               weight=np.ones((3, len(starts)), np.float32))
+  feats = jnp.asarray(batch["features"], jnp.float64)
+  got, weight = trainer.chain_tau(net, target, dict(batch, features=feats),
+                                  depth)
+  emb = target.embed_tokens(jnp.asarray(tokens[:, 1:]))
+  greedy = np.asarray(jnp.argmax(target.head(feats), -1))   # x_{t+1} law
+  total, taus = 0.0, []
+  for i in starts:                          # chain start: pass index i
+    chain = drafted_chain(net, emb, feats, i + 1, min(depth, n - 1 - i))
+    for r in range(tokens.shape[0]):
+      tau = 1
+      for m, f in enumerate(chain, start=1):
+        j = i + m - 1
+        if j + 1 > n - 1:
+          break
+        drafted = int(jnp.argmax(target.head(f[r])))
+        if drafted != greedy[r, j + 1]:
+          break
+        tau += 1
+        if j + 2 > n - 1 or tokens[r, j + 2] != greedy[r, j + 1]:
+          break
+      taus.append(tau)
+      total += tau
+  assert float(weight) == len(taus)
+  assert float(got) == total
+  assert 1 < total / len(taus) < depth + 1 and len(set(taus)) > 1
+  print(f"chain taus {taus}")
 
 
 def test_training_time_test_trains_deeper_levels(trained):

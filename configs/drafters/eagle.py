@@ -69,6 +69,8 @@ def get_config(arg=None):
   # EAGLE-3's training-time test: passes k = 2.. feed the network its own
   # predicted features, attending as at tree depth k (1: EAGLE-1 only).
   c.train.ttt_steps = 2 if arg.runlocal else 1
+  # Validation also reports the greedy chain τ of this depth (0: off).
+  c.train.tau_depth = 2 if arg.runlocal else 4
   c.train.log_every = 1 if arg.runlocal else 25
   c.train.eval_every = 2 if arg.runlocal else 250
   c.train.checkpoint_every = 2 if arg.runlocal else 100

@@ -219,6 +219,54 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
   return loss, stats
 
 
+def chain_tau(net, target, batch, depth: int, keep_ids=None
+              ) -> tuple[jax.Array, jax.Array]:
+  """Greedy chain τ on a batch: `(sum of w * τ, sum of w)` over the chains
+  that start at the batch's positions, each drafted `depth` levels deep by
+  the network from its own features (`forward_steps`) and verified against
+  the target's greedy token:
+
+      τ(i) = 1 + sum_{m=1..depth} prod_{l<=m} [argmax q_l = argmax p_l]
+
+  with q_l the drafter's law at depth l (over the kept ids when trimmed:
+  the token it drafts), p_l = softmax(head(f)) the target's over the whole
+  vocabulary at that position. The chain's next token is the data's; a
+  chain stops where the data's token is not the target's greedy one (a
+  sampled or bf16-written response), or at the row's end.
+  """
+  feats = batch["features"].astype(loss_dtype(target))
+  preds = forward_steps(net, target, batch["tokens"], feats, depth)
+  idx, w = batch["index"], batch["weight"]                     # [B, K]
+  n = batch["lengths"][:, None]
+  s = feats.shape[1]
+  live = jnp.ones(idx.shape, feats.dtype)
+  tau = jnp.ones(idx.shape, feats.dtype)
+  for m, pred in enumerate(preds, start=1):
+    j = idx + m - 1                           # pass-m index: predicts f_{j+1}
+    jj = jnp.minimum(j, s - 2)
+    at = lambda x, jj=jj: jnp.take_along_axis(  # noqa: E731
+        x, jj[..., None], axis=1)
+    drafted = jnp.argmax(target.head(at(pred).astype(feats.dtype),
+                                     keep_ids), -1)
+    if keep_ids is not None:
+      drafted = keep_ids[drafted]
+    greedy = jnp.argmax(target.head(at(feats[:, 1:])), -1)
+    ok = (drafted == greedy) & (j + 1 <= n - 1)
+    live = live * ok
+    tau = tau + live
+    nxt = jnp.take_along_axis(batch["tokens"], jnp.minimum(j + 2, s - 1), 1)
+    live = live * ((nxt == greedy) & (j + 2 <= n - 1))
+  return (w * tau).sum(), w.sum()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def chain_tau_step(net_def, target_def, depth, params, target_params, batch,
+                   rest=None, keep_ids=None):
+  return chain_tau(nnx.merge(net_def, params, rest),
+                   nnx.merge(target_def, target_params), batch, depth,
+                   keep_ids)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
                    static_argnames=("ttt",), donate_argnums=(5, 6))
 def train_step(net_def, target_def, tx, w_reg, w_ce, params, opt_state,
@@ -344,9 +392,12 @@ class Batches:
 
 
 def evaluate(net_def, target_def, params, rest, target_params, batches,
-             w_reg, w_ce, keep_ids=None, ttt: int = 1) -> dict[str, float]:
-  """Position-weighted means of the loss terms over validation batches."""
-  sums, total = {}, 0.0
+             w_reg, w_ce, keep_ids=None, ttt: int = 1,
+             tau_depth: int = 0) -> dict[str, float]:
+  """Position-weighted means of the loss terms over validation batches,
+  and with `tau_depth` > 0 (an EAGLE network) the greedy chain τ of that
+  depth (`chain_tau`) as `valid_tau<depth>`."""
+  sums, total, tau = {}, 0.0, [0.0, 0.0]
   for b in batches:
     loss, stats = eval_step(net_def, target_def, w_reg, w_ce, params,
                             target_params, b, rest, keep_ids, ttt=ttt)
@@ -354,7 +405,14 @@ def evaluate(net_def, target_def, params, rest, target_params, batches,
     for k, v in dict(stats, loss=loss).items():
       sums[k] = sums.get(k, 0.0) + float(v) * w
     total += w
-  return {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
+    if tau_depth:
+      got = chain_tau_step(net_def, target_def, tau_depth, params,
+                           target_params, b, rest, keep_ids)
+      tau = [tau[0] + float(got[0]), tau[1] + float(got[1])]
+  out = {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
+  if tau_depth:
+    out[f"valid_tau{tau_depth}"] = tau[0] / max(tau[1], 1.0)
+  return out
 
 
 KINDS = ("eagle", "medusa", "hydra")
@@ -423,6 +481,9 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     return layout.batch(batches.train(step, local), d.batch_size)
   w_reg, w_ce = float(t.w_reg), float(t.w_ce)
   ttt = int(t.get("ttt_steps", 1))
+  tau_depth = int(t.get("tau_depth", 0))
+  if config.drafter.kind != "eagle":
+    tau_depth = 0
   if ttt < 1 or (ttt > 1 and config.drafter.kind != "eagle"):
     raise TrainError(f"train.ttt_steps must be >= 1 (and 1 unless the "
                      f"drafter is eagle), got {ttt}")
@@ -435,7 +496,8 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   def every(state):
     if t.eval_every > 0 and state.step % t.eval_every == 0:
       return evaluate(net_def, target_def, state.params, rest,
-                      target_params, valid, w_reg, w_ce, keep_ids, ttt)
+                      target_params, valid, w_reg, w_ce, keep_ids, ttt,
+                      tau_depth)
     return None
 
   try:
@@ -446,7 +508,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     if ckpt is not None:
       ckpt.close()
   final = evaluate(net_def, target_def, state.params, rest, target_params,
-                   valid, w_reg, w_ce, keep_ids, ttt)
+                   valid, w_reg, w_ce, keep_ids, ttt, tau_depth)
   if log is not None and not (history and history[-1] == {
       "step": state.step, **final}):
     log({"step": state.step, **final})
