@@ -75,6 +75,9 @@ def test_runlocal_trains_exports_and_decodes_losslessly(tmp_path, model):
   assert [r["step"] for r in out["history"] if "loss" in r] == list(
       range(1, c.train.steps + 1))
   assert len(out["keep_ids"]) == c.data.vocab_keep
+  # runlocal trains with the training-time test and reports the chain τ.
+  assert {"valid_top1_2", "valid_tau2"} <= set(out["eval"])
+  assert 1.0 <= out["eval"]["valid_tau2"] <= 3.0
   path = drafter_ckpt.save(str(tmp_path / "drafter"), out["net"], target,
                            dtype="float32", keep_ids=out["keep_ids"])
   prompts = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12]]
