@@ -4,6 +4,8 @@
       --workdir=$HOME/.cache/seqdec/train/eagle_smollm2
   python launch/train_drafter.py --config=configs/drafters/eagle.py:runlocal \\
       --workdir=/tmp/eagle_smoke
+  python launch/train_drafter.py --config=configs/drafters/eagle.py \\
+      --evaluate=<drafter dir>          # a saved drafter on the validation rows
 
 Prints one JSON line per logged step (loss, its SmoothL1 and CE terms,
 teacher-forced top-1 agreement with the target, tokens/s) and a final JSON
@@ -31,6 +33,22 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and export.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+_EVALUATE = flags.DEFINE_string(
+    "evaluate", None, "Train nothing: print the validation metrics of the "
+    "saved drafter at this directory on the config's validation split.")
+
+
+def evaluate(config, path: str) -> dict:
+  # pylint: disable=g-import-not-at-top
+  import seqdec
+  from seqdec.checkpoints import drafters as drafter_ckpt
+  from seqdec.train import drafter as trainer
+  # pylint: enable=g-import-not-at-top
+  target, _ = seqdec.load_pretrained(config.model)
+  net, keep_ids = drafter_ckpt.load(path, target)
+  return dict(drafter=path, data=config.data.path,
+              **{k: round(v, 5) for k, v in trainer.validate(
+                  config, target, net, keep_ids).items()})
 
 
 def run(config, workdir: str) -> dict:
@@ -104,16 +122,21 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not (_WORKDIR.value or _EVALUATE.value):
     cli.fail("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if _WORKDIR.value:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
   from seqdec.parallel import distributed  # pylint: disable=g-import-not-at-top
   # Several processes (SEQDEC_* variables or a TPU pod slice) join first;
   # each loads its own rows (config key `mesh`), process 0 alone writes.
   cli.run_reporting_user_errors(distributed.initialize)
-  summary = cli.run_reporting_user_errors(
-      lambda: run(_CONFIG.value, _WORKDIR.value))
+  if _EVALUATE.value:
+    summary = cli.run_reporting_user_errors(
+        lambda: evaluate(_CONFIG.value, _EVALUATE.value))
+  else:
+    summary = cli.run_reporting_user_errors(
+        lambda: run(_CONFIG.value, _WORKDIR.value))
   if summary:
     print(json.dumps(summary))
 

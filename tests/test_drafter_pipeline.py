@@ -80,6 +80,10 @@ def test_runlocal_trains_exports_and_decodes_losslessly(tmp_path, model):
   assert 1.0 <= out["eval"]["valid_tau2"] <= 3.0
   path = drafter_ckpt.save(str(tmp_path / "drafter"), out["net"], target,
                            dtype="float32", keep_ids=out["keep_ids"])
+  # The saved drafter scores as the trained one on the validation rows.
+  again = trainer.validate(c, target, *drafter_ckpt.load(path, target))
+  for k, v in out["eval"].items():
+    assert again[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
   prompts = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12]]
   ar = Generator(target, tok, max_new_tokens=10, eos_ids=()).generate_ids(
       prompts)
@@ -181,6 +185,9 @@ def test_sampled_positions_stay_in_the_response():
      "no drafter dataset at '/nonexistent/data' (missing meta.json)"),
     ("make_drafter_data.py", ["--model=tiny", "--num_prompts=0"],
      "--out is required"),
+    ("train_drafter.py", ["--config=configs/drafters/eagle.py:model=tiny",
+                          "--evaluate=/nonexistent/drafter"],
+     "/nonexistent/drafter"),
 ])
 def test_bad_input_through_the_scripts(tmp_path, script, args, fragment):
   """A missing dataset or bad flags: one `error:` line naming the problem,

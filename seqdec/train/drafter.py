@@ -437,6 +437,26 @@ def build_net(config: ml_collections.ConfigDict, target):
   raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
 
 
+def validate(config: ml_collections.ConfigDict, target, net,
+             keep_ids: Optional[np.ndarray] = None) -> dict[str, float]:
+  """The validation metrics of a trained network `net` (e.g. a saved
+  drafter, `drafters.load`) on `config`'s dataset and validation split, as
+  `train` reports them: drafters trained on other data or with other
+  options compared on the same rows."""
+  t, d = config.train, config.data
+  ds = ConcatDataset.open(d.path, fingerprint(target))
+  batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
+                    d.positions_from == "response")
+  net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  target_def, target_params = nnx.split(target)
+  tau_depth = int(t.get("tau_depth", 0)) if isinstance(
+      net, eagle.EagleNet) else 0
+  return evaluate(net_def, target_def, params, rest, target_params,
+                  batches.validation(), float(t.w_reg), float(t.w_ce),
+                  None if keep_ids is None else jnp.asarray(keep_ids),
+                  int(t.get("ttt_steps", 1)), tau_depth)
+
+
 def train(config: ml_collections.ConfigDict, target, workdir: str,
           progress=None, log: Optional[Callable[[dict], None]] = None
           ) -> dict[str, Any]:
