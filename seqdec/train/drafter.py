@@ -143,10 +143,14 @@ def _weighted_mean(w: jax.Array):
   return lambda x: (x * w).sum() / denom
 
 
-def _distill(f: jax.Array, f_hat_logits: jax.Array, target, keep_ids):
-  """`(CE(p, q), top-1 agreement)` with p = softmax(head(f)) (over the kept
-  ids when trimmed) and q = softmax(f_hat_logits)."""
-  logp = jax.nn.log_softmax(target.head(f, keep_ids), -1)
+def _target_logp(f: jax.Array, target, keep_ids) -> jax.Array:
+  """log p = log softmax(head(f)), over the kept ids when trimmed."""
+  return jax.nn.log_softmax(target.head(f, keep_ids), -1)
+
+
+def _distill(logp: jax.Array, f_hat_logits: jax.Array):
+  """`(CE(p, q), top-1 agreement)` with p = exp(`logp`) (`_target_logp`)
+  and q = softmax(f_hat_logits)."""
   logq = jax.nn.log_softmax(f_hat_logits, -1)
   ce = -(jnp.exp(logp) * logq).sum(-1)
   agree = (jnp.argmax(logq, -1) == jnp.argmax(logp, -1)).astype(jnp.float32)
@@ -184,7 +188,7 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
     f_tk = jnp.take_along_axis(feats, tk[..., None], axis=1)
     logits_k = (target.head(heads.features(k, f_t, emb[:, :, :k]), keep_ids)
                 if sequential else logits[:, :, k - 1])
-    ce, agree = _distill(f_tk, logits_k, target, keep_ids)
+    ce, agree = _distill(_target_logp(f_tk, target, keep_ids), logits_k)
     mean = _weighted_mean(w * (t + k < n))
     loss = loss + w_ce * decay ** (k - 1) * mean(ce)
     stats[f"ce{k}"], stats[f"top1_{k}"] = mean(ce), mean(agree)
@@ -205,11 +209,12 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
   idx = batch["index"]                                         # [B, K]
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
   f = at(feats[:, 1:])                                         # [B, K, D]
+  logp = _target_logp(f, target, keep_ids)        # the same for every pass
   loss, stats = 0.0, {}
   for k, pred in enumerate(preds, start=1):
     p_hat = at(pred).astype(feats.dtype)                       # [B, K, D]
     reg = smooth_l1(p_hat - f).mean(-1)
-    ce, agree = _distill(f, target.head(p_hat, keep_ids), target, keep_ids)
+    ce, agree = _distill(logp, target.head(p_hat, keep_ids))
     mean = _weighted_mean(batch["weight"] * (idx >= k - 1))
     loss = loss + w_reg * mean(reg) + w_ce * mean(ce)
     if k == 1:
