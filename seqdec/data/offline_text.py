@@ -126,8 +126,7 @@ def _is_prose(block: list[str]) -> bool:
     return False
   if any(_HEADING.match(line) for line in block):
     return False
-  return not any(line.rstrip().endswith("::") and line.strip() == "::"
-                 for line in block)
+  return not any(line.strip() == "::" for line in block)  # a lone "::"
 
 
 def paragraphs_of(text: str) -> list[str]:
