@@ -442,24 +442,46 @@ def build_net(config: ml_collections.ConfigDict, target):
   raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
 
 
+def open_batches(config: ml_collections.ConfigDict, target) -> Batches:
+  """`config`'s dataset for `target` (fingerprint and feature width checked)
+  as training and validation `Batches`."""
+  t, d = config.train, config.data
+  ds = ConcatDataset.open(d.path, fingerprint(target))
+  if ds.meta["hidden"] != target.config.hidden_size:
+    raise DataError(f"dataset {d.path!r} has features of width "
+                    f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
+  return Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
+                 d.positions_from == "response",
+                 float(t.get("feature_noise", 0.0)))
+
+
+def eval_depths(config: ml_collections.ConfigDict, kind: str
+                ) -> tuple[int, int]:
+  """`(ttt_steps, tau_depth)` of `config.train` for a drafter of `kind`
+  (both apply to EAGLE only: 1 and 0 otherwise)."""
+  ttt = int(config.train.get("ttt_steps", 1))
+  if ttt < 1 or (ttt > 1 and kind != "eagle"):
+    raise TrainError(f"train.ttt_steps must be >= 1 (and 1 unless the "
+                     f"drafter is eagle), got {ttt}")
+  return ttt, int(config.train.get("tau_depth", 0)) if kind == "eagle" else 0
+
+
 def validate(config: ml_collections.ConfigDict, target, net,
              keep_ids: Optional[np.ndarray] = None) -> dict[str, float]:
   """The validation metrics of a trained network `net` (e.g. a saved
   drafter, `drafters.load`) on `config`'s dataset and validation split, as
   `train` reports them: drafters trained on other data or with other
   options compared on the same rows."""
-  t, d = config.train, config.data
-  ds = ConcatDataset.open(d.path, fingerprint(target))
-  batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
-                    d.positions_from == "response")
+  batches = open_batches(config, target)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
-  tau_depth = int(t.get("tau_depth", 0)) if isinstance(
-      net, eagle.EagleNet) else 0
+  ttt, tau_depth = eval_depths(
+      config, "eagle" if isinstance(net, eagle.EagleNet) else "heads")
   return evaluate(net_def, target_def, params, rest, target_params,
-                  batches.validation(), float(t.w_reg), float(t.w_ce),
+                  batches.validation(), float(config.train.w_reg),
+                  float(config.train.w_ce),
                   None if keep_ids is None else jnp.asarray(keep_ids),
-                  int(t.get("ttt_steps", 1)), tau_depth)
+                  ttt, tau_depth)
 
 
 def train(config: ml_collections.ConfigDict, target, workdir: str,
@@ -475,13 +497,8 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   if d.positions_from not in ("response", "all"):
     raise TrainError(f"data.positions_from must be 'response' or 'all', got "
                      f"{d.positions_from!r}")
-  ds = ConcatDataset.open(d.path, fingerprint(target))
-  if ds.meta["hidden"] != target.config.hidden_size:
-    raise DataError(f"dataset {d.path!r} has features of width "
-                    f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
-  batches = Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
-                    d.positions_from == "response",
-                    float(t.get("feature_noise", 0.0)))
+  batches = open_batches(config, target)
+  ds = batches.ds
   layout = loop_lib.Layout.from_config(config)
   net = build_net(config, target)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
@@ -505,13 +522,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   def batch(step):
     return layout.batch(batches.train(step, local), d.batch_size)
   w_reg, w_ce = float(t.w_reg), float(t.w_ce)
-  ttt = int(t.get("ttt_steps", 1))
-  tau_depth = int(t.get("tau_depth", 0))
-  if config.drafter.kind != "eagle":
-    tau_depth = 0
-  if ttt < 1 or (ttt > 1 and config.drafter.kind != "eagle"):
-    raise TrainError(f"train.ttt_steps must be >= 1 (and 1 unless the "
-                     f"drafter is eagle), got {ttt}")
+  ttt, tau_depth = eval_depths(config, config.drafter.kind)
 
   def step_fn(params, opt_state, batch):
     return train_step(net_def, target_def, tx, w_reg, w_ce, params,
