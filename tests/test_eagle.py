@@ -166,6 +166,42 @@ def test_validation_chain_tau_counts_the_drafted_chains(x64, trained):
   print(f"chain taus {taus}")
 
 
+def test_loop_tau_replays_the_decoding_loop(x64, trained):
+  """`loop_tau` on a text, from `chain_accepts` at every position, takes
+  exactly the rounds the speculative engine takes to write that text with
+  a chain of the same depth (greedy, float64); the position-averaged τ of
+  the same chains is higher (it over-weights the easy stretches)."""
+  target, net = as_float64(*trained[:2])
+  tokens, depth, new = trained[3], 3, 20
+  prompts = [tokens[0, :6].tolist(), tokens[1, :6].tolist(), [5, 17, 99, 3]]
+  tok = Tokenizer.byte_level()
+  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  spec = Generator(target, tok, max_new_tokens=new, eos_ids=(),
+                   drafter=drafter, tree=f"chain{depth}").generate_ids(prompts)
+  s = 6 + new
+  text = np.zeros((len(prompts), s), np.int32)
+  for r, (p, out) in enumerate(zip(prompts, spec)):
+    text[r, :len(p) + new] = p + out.tokens
+  p_len = np.array([len(p) for p in prompts], np.int32)
+  n = p_len + new
+  batch = dict(full_batch(target, text), lengths=n)
+  batch["weight"] = (batch["index"] >= p_len[:, None] - 1).astype(np.float32)
+  batch["features"] = jnp.asarray(batch["features"], jnp.float64)
+  acc = np.asarray(trainer.chain_accepts(net, target, batch, depth))
+  for r in range(len(prompts)):
+    one = lambda x, r=r: x[r:r + 1]  # noqa: E731
+    tokens_r, rounds_r = trainer.loop_tau(
+        one(acc), one(batch["index"]), one(batch["weight"]), one(p_len),
+        one(n))
+    assert rounds_r == spec[r].metrics["target_calls"] - 1, r
+    assert tokens_r == new - 1
+  got, weight = trainer.chain_tau(net, target, batch, depth)
+  loop = trainer.loop_tau(acc, batch["index"], batch["weight"], p_len, n)
+  print(f"loop tau {loop[0] / loop[1]:.3f}, position-averaged "
+        f"{float(got) / float(weight):.3f}")
+  assert loop[1] < loop[0] < float(got) / float(weight) * loop[1]
+
+
 def test_training_time_test_trains_deeper_levels(trained):
   """A few steps with ttt=3 on the fixed batch report every pass's top-1,
   and the loss sums the passes (larger than the one-pass loss)."""

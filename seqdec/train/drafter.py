@@ -224,14 +224,14 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
   return loss, stats
 
 
-def chain_tau(net, target, batch, depth: int, keep_ids=None
-              ) -> tuple[jax.Array, jax.Array]:
-  """Greedy chain τ on a batch: `(sum of w * τ, sum of w)` over the chains
-  that start at the batch's positions, each drafted `depth` levels deep by
+def chain_accepts(net, target, batch, depth: int, keep_ids=None
+                  ) -> jax.Array:
+  """`[B, K]` accepted drafts a(i) of the greedy chains that start at the
+  batch's positions i (root x_{i+1}), each drafted `depth` levels deep by
   the network from its own features (`forward_steps`) and verified against
   the target's greedy token:
 
-      τ(i) = 1 + sum_{m=1..depth} prod_{l<=m} [argmax q_l = argmax p_l]
+      a(i) = sum_{m=1..depth} prod_{l<=m} [argmax q_l = argmax p_l]
 
   with q_l the drafter's law at depth l (over the kept ids when trimmed:
   the token it drafts), p_l = softmax(head(f)) the target's over the whole
@@ -241,11 +241,11 @@ def chain_tau(net, target, batch, depth: int, keep_ids=None
   """
   feats = batch["features"].astype(loss_dtype(target))
   preds = forward_steps(net, target, batch["tokens"], feats, depth)
-  idx, w = batch["index"], batch["weight"]                     # [B, K]
+  idx = batch["index"]                                         # [B, K]
   n = batch["lengths"][:, None]
   s = feats.shape[1]
-  live = jnp.ones(idx.shape, feats.dtype)
-  tau = jnp.ones(idx.shape, feats.dtype)
+  live = jnp.ones(idx.shape, jnp.int32)
+  acc = jnp.zeros(idx.shape, jnp.int32)
   for m, pred in enumerate(preds, start=1):
     j = idx + m - 1                           # pass-m index: predicts f_{j+1}
     jj = jnp.minimum(j, s - 2)
@@ -258,18 +258,65 @@ def chain_tau(net, target, batch, depth: int, keep_ids=None
     greedy = jnp.argmax(target.head(at(feats[:, 1:])), -1)
     ok = (drafted == greedy) & (j + 1 <= n - 1)
     live = live * ok
-    tau = tau + live
+    acc = acc + live
     nxt = jnp.take_along_axis(batch["tokens"], jnp.minimum(j + 2, s - 1), 1)
     live = live * ((nxt == greedy) & (j + 2 <= n - 1))
+  return acc
+
+
+def chain_tau(net, target, batch, depth: int, keep_ids=None
+              ) -> tuple[jax.Array, jax.Array]:
+  """Position-averaged greedy chain τ on a batch: `(sum of w * τ(i), sum
+  of w)` with τ(i) = 1 + a(i) (`chain_accepts`) over the chains that start
+  at every weighted position i.
+
+  This weights every position alike, which is *not* what a decoding loop
+  sees: its rounds start where the previous one stopped, more often in the
+  hard stretches (an easy run of 10 tokens costs two rounds, a hard one
+  ten), so the loop's τ is lower (`loop_tau`)."""
+  tau = 1 + chain_accepts(net, target, batch, depth, keep_ids)
+  w = batch["weight"]
   return (w * tau).sum(), w.sum()
 
 
+def loop_tau(accepts: np.ndarray, index: np.ndarray, weight: np.ndarray,
+             prompt_lens: np.ndarray, lengths: np.ndarray
+             ) -> tuple[int, int]:
+  """`(tokens, rounds)` of greedy chain speculative decoding replayed on
+  each row's response, from the chains' accepted drafts a(i)
+  (`chain_accepts` at every response position: `index` [B, K] with
+  `weight` 1 where present): the first round's root is the first response
+  token x_P (index i = P - 1), a round at i emits
+
+      e(i) = min(a(i) + 1, n - 2 - i)       (a(i) drafts and the bonus,
+                                             cut at the row's end)
+
+  and the next round starts at i + e(i), until the row's n tokens are
+  emitted. tokens / rounds is the τ a decoding loop measures on this text
+  (exactly, at T = 0 on the target's own greedy text); the first response
+  token, from the prefill, is in neither count.
+  """
+  tokens = rounds = 0
+  for r in range(len(lengths)):
+    n, p = int(lengths[r]), int(prompt_lens[r])
+    by_index = {int(i): int(a) for i, a, w in zip(index[r], accepts[r],
+                                                   weight[r]) if w > 0}
+    i = p - 1
+    while i <= n - 3:
+      if i not in by_index:
+        raise ValueError(f"row {r}: no chain at index {i} (loop_tau needs "
+                         f"every response position)")
+      e = min(by_index[i] + 1, n - 2 - i)
+      tokens, rounds, i = tokens + e, rounds + 1, i + e
+  return tokens, rounds
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def chain_tau_step(net_def, target_def, depth, params, target_params, batch,
-                   rest=None, keep_ids=None):
-  return chain_tau(nnx.merge(net_def, params, rest),
-                   nnx.merge(target_def, target_params), batch, depth,
-                   keep_ids)
+def chain_accepts_step(net_def, target_def, depth, params, target_params,
+                       batch, rest=None, keep_ids=None):
+  return chain_accepts(nnx.merge(net_def, params, rest),
+                       nnx.merge(target_def, target_params), batch, depth,
+                       keep_ids)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
@@ -359,7 +406,8 @@ class Batches:
         self.train_rows)
 
   def make(self, rows: np.ndarray, key, noise: float = 0.0,
-           local: slice = slice(None)) -> dict[str, np.ndarray]:
+           local: slice = slice(None), positions: Optional[int] = None
+           ) -> dict[str, np.ndarray]:
     """The batch of `rows`, cut to its longest sequence (bucketed: a few
     shapes, each compiled once) so padding is not computed; with `noise`
     > 0, uniform input noise U(-noise, noise) for the features.
@@ -367,18 +415,21 @@ class Batches:
     Only the slots `local` of the batch are read and returned (a process's
     share of a sharded batch); slot i's positions and noise are drawn from
     (key, i) alone and the width from every row's length, so the share is
-    exactly those slots of the whole batch."""
+    exactly those slots of the whole batch. `positions` (default the
+    configured K) positions per row; at least a row's count gives all of
+    them, in order."""
     lengths = self.ds.read(rows, ("lengths",))["lengths"]
     width = min(self.ds.meta["seq_len"], bucket(int(lengths.max())))
     slots = np.arange(len(rows))[local]
     data = self.ds.read(rows[local])
     rngs = [np.random.default_rng(list(key) + [int(i)]) for i in slots]
     index, weight = sample_positions(
-        rngs, data["lengths"], data["prompt_lens"], width, self.k,
-        self.response_only)
+        rngs, data["lengths"], data["prompt_lens"], width,
+        positions or self.k, self.response_only)
     out = dict(tokens=data["tokens"][:, :width],
                features=data["features"][:, :width],
-               lengths=data["lengths"], index=index, weight=weight)
+               lengths=data["lengths"], prompt_lens=data["prompt_lens"],
+               index=index, weight=weight)
     if noise > 0:
       out["noise"] = np.stack([
           r.uniform(-noise, noise, out["features"].shape[1:])
@@ -391,18 +442,27 @@ class Batches:
     return self.make(self.rows(step), [self.seed, 1, step], self.noise,
                      local)
 
-  def validation(self) -> list[dict[str, np.ndarray]]:
-    return [self.make(self.valid[i:i + self.b], [self.seed, 2, i])
+  def validation(self, every_position: bool = False
+                 ) -> list[dict[str, np.ndarray]]:
+    """The validation rows' batches: K sampled positions per row, or with
+    `every_position` all of them (what `loop_tau` replays)."""
+    k = self.ds.meta["seq_len"] if every_position else None
+    return [self.make(self.valid[i:i + self.b], [self.seed, 2, i],
+                      positions=k)
             for i in range(0, len(self.valid), self.b)]
 
 
 def evaluate(net_def, target_def, params, rest, target_params, batches,
              w_reg, w_ce, keep_ids=None, ttt: int = 1,
-             tau_depth: int = 0) -> dict[str, float]:
+             tau_depth: int = 0, tau_batches=None) -> dict[str, float]:
   """Position-weighted means of the loss terms over validation batches,
   and with `tau_depth` > 0 (an EAGLE network) the greedy chain τ of that
-  depth (`chain_tau`) as `valid_tau<depth>`."""
-  sums, total, tau = {}, 0.0, [0.0, 0.0]
+  depth on `tau_batches` (the validation rows at every response position,
+  `Batches.validation(every_position=True)`): `valid_tau<depth>`, averaged
+  over positions (`chain_tau`), and `valid_loop_tau<depth>`, the tokens
+  per round a decoding loop gets on that text (`loop_tau`), which is what
+  the benchmark measures."""
+  sums, total = {}, 0.0
   for b in batches:
     loss, stats = eval_step(net_def, target_def, w_reg, w_ce, params,
                             target_params, b, rest, keep_ids, ttt=ttt)
@@ -410,13 +470,23 @@ def evaluate(net_def, target_def, params, rest, target_params, batches,
     for k, v in dict(stats, loss=loss).items():
       sums[k] = sums.get(k, 0.0) + float(v) * w
     total += w
-    if tau_depth:
-      got = chain_tau_step(net_def, target_def, tau_depth, params,
-                           target_params, b, rest, keep_ids)
-      tau = [tau[0] + float(got[0]), tau[1] + float(got[1])]
   out = {f"valid_{k}": v / max(total, 1.0) for k, v in sums.items()}
   if tau_depth:
+    if tau_batches is None:
+      raise TrainError("evaluate: tau_depth needs tau_batches (every "
+                       "response position)")
+    tau, loop = [0.0, 0.0], [0, 0]
+    for b in tau_batches:
+      acc = np.asarray(chain_accepts_step(net_def, target_def, tau_depth,
+                                          params, target_params, b, rest,
+                                          keep_ids))
+      w = np.asarray(b["weight"])
+      tau = [tau[0] + float((w * (1 + acc)).sum()), tau[1] + float(w.sum())]
+      got = loop_tau(acc, np.asarray(b["index"]), w,
+                     np.asarray(b["prompt_lens"]), np.asarray(b["lengths"]))
+      loop = [loop[0] + got[0], loop[1] + got[1]]
     out[f"valid_tau{tau_depth}"] = tau[0] / max(tau[1], 1.0)
+    out[f"valid_loop_tau{tau_depth}"] = loop[0] / max(loop[1], 1)
   return out
 
 
@@ -481,7 +551,9 @@ def validate(config: ml_collections.ConfigDict, target, net,
                   batches.validation(), float(config.train.w_reg),
                   float(config.train.w_ce),
                   None if keep_ids is None else jnp.asarray(keep_ids),
-                  ttt, tau_depth)
+                  ttt, tau_depth,
+                  batches.validation(every_position=True) if tau_depth
+                  else None)
 
 
 def train(config: ml_collections.ConfigDict, target, workdir: str,
@@ -517,12 +589,14 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   state = TrainState(0, params, layout.place(tx.init(params)))
   ckpt = Checkpointer(workdir) if t.checkpoint_every > 0 else None
   valid = [layout.replicate(b) for b in batches.validation()]
+  ttt, tau_depth = eval_depths(config, config.drafter.kind)
+  valid_tau = [layout.replicate(b) for b in batches.validation(
+      every_position=True)] if tau_depth else None
   local = layout.rows(d.batch_size)
 
   def batch(step):
     return layout.batch(batches.train(step, local), d.batch_size)
   w_reg, w_ce = float(t.w_reg), float(t.w_ce)
-  ttt, tau_depth = eval_depths(config, config.drafter.kind)
 
   def step_fn(params, opt_state, batch):
     return train_step(net_def, target_def, tx, w_reg, w_ce, params,
@@ -533,7 +607,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     if t.eval_every > 0 and state.step % t.eval_every == 0:
       return evaluate(net_def, target_def, state.params, rest,
                       target_params, valid, w_reg, w_ce, keep_ids, ttt,
-                      tau_depth)
+                      tau_depth, valid_tau)
     return None
 
   try:
@@ -544,7 +618,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
     if ckpt is not None:
       ckpt.close()
   final = evaluate(net_def, target_def, state.params, rest, target_params,
-                   valid, w_reg, w_ce, keep_ids, ttt, tau_depth)
+                   valid, w_reg, w_ce, keep_ids, ttt, tau_depth, valid_tau)
   if log is not None and not (history and history[-1] == {
       "step": state.step, **final}):
     log({"step": state.step, **final})
