@@ -14,9 +14,19 @@ target answers each (greedy at --temperature=0), and one teacher-forced
 forward gives its features; both go to tensorstore arrays under --out
 (`seqdec.data.features`), chunk by chunk, so rerunning the same command
 resumes an interrupted build. Prints a JSON summary.
+
+Responses are most of the cost. --save_responses keeps them in a small
+response store (`seqdec.data.responses`, two bytes a token), and a later
+build with --responses=<store> (same recipe and target) computes only the
+features of the rows it holds and generates the rest:
+
+  python launch/make_drafter_data.py --num_prompts=6144 --chunk=64 \
+      --group=4 --gen_precision=bf16_weights --out=$D \
+      --responses=seqdec/checkpoints/shipped/smollm2-135m-instruct-eagle/responses.npz
 """
 
 import json
+import os
 import sys
 import time
 
@@ -49,6 +59,16 @@ _DEBIAN_TEXT = flags.DEFINE_bool(
     "debian_text", True, "Also build prompts from the Python docs and WordNet "
     "(Debian packages python3.11-doc, wordnet-base); --nodebian_text: the "
     "standard library only (the first shipped drafter's recipe).")
+_RESPONSES = flags.DEFINE_string(
+    "responses", None, "A response store (seqdec.data.responses) of this "
+    "recipe: its rows are not generated again, only their features computed.")
+_SAVE_RESPONSES = flags.DEFINE_string(
+    "save_responses", None, "After the build, save its finished rows' "
+    "responses as a response store here.")
+_EXPORT_ONLY = flags.DEFINE_bool(
+    "export_only", False, "With --save_responses: save the finished rows of "
+    "the dataset at --out as it is (e.g. a build stopped part-way), without "
+    "building.")
 _TEXT_CACHE = flags.DEFINE_string(
     "text_cache", None, "Where the Debian packages are unpacked (default "
     "~/.cache/seqdec/offline_text).")
@@ -68,14 +88,21 @@ def check_flags() -> None:
       raise UserError(f"--{name} must be >= 1, got {flag.value}")
   if _FIRST.value < 0 or _TEMPERATURE.value < 0:
     raise UserError("--first_prompt and --temperature must be >= 0")
+  if _EXPORT_ONLY.value and not _SAVE_RESPONSES.value:
+    raise UserError("--export_only needs --save_responses")
 
 
 def run() -> dict:
   # pylint: disable=g-import-not-at-top
   import seqdec
-  from seqdec.data import drafter_prompts, features, offline_text
+  from seqdec.data import drafter_prompts, features, offline_text, responses
   # pylint: enable=g-import-not-at-top
   t0 = time.perf_counter()
+  if _EXPORT_ONLY.value:
+    ds = features.FeatureDataset.open(_OUT.value)
+    rows = features.export_responses(ds, _SAVE_RESPONSES.value)
+    return dict(out=_SAVE_RESPONSES.value, rows=rows,
+                bytes=os.path.getsize(_SAVE_RESPONSES.value))
   texts = None
   if _DEBIAN_TEXT.value:
     texts = drafter_prompts.Texts.fetch(
@@ -99,7 +126,11 @@ def run() -> dict:
                 + " ".join(sys.argv[1:])),
       max_prompt=_MAX_PROMPT.value, max_new=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, seed=_SEED.value, chunk=_CHUNK.value,
-      group=_GROUP.value, generator_model=writer, log=log)
+      group=_GROUP.value, generator_model=writer,
+      responses=(responses.ResponseStore.open(_RESPONSES.value)
+                 if _RESPONSES.value else None), log=log)
+  if _SAVE_RESPONSES.value:
+    features.export_responses(ds, _SAVE_RESPONSES.value)
   data = ds.read(list(range(ds.rows)))
   response = int((data["lengths"] - data["prompt_lens"]).sum())
   seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@ after an interruption, and the exported drafter decoding losslessly."""
 
 import importlib.util
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ from flax import nnx
 
 import seqdec
 from seqdec.checkpoints import drafters as drafter_ckpt
-from seqdec.data import drafter_prompts, features
+from seqdec.data import drafter_prompts, features, responses
 from seqdec.generator import Generator
 from seqdec.train import drafter as trainer
 
@@ -168,6 +169,47 @@ def test_a_length_grouped_build_keeps_prompt_order_and_exact_features(
     assert not got["features"][i, n:].astype(np.float32).any()
 
 
+def test_a_response_store_rebuilds_a_dataset_without_generating(tmp_path):
+  """A build's responses saved as a response store and reused by a build
+  into a new directory give the same rows (tokens and features); the rows
+  the store holds are not generated (the log counts them), the others are.
+  Another recipe, a changed prompt, a corrupt or a missing store is refused
+  with an error naming it."""
+  target, tok = seqdec.load_pretrained("tiny")
+  prompts = drafter_prompts.build_prompts(6, max_files=40)
+  kw = dict(meta=dict(model="tiny"), max_prompt=40, max_new=8,
+            temperature=0.0, seed=0, chunk=2)
+  first = features.build(str(tmp_path / "a"), target, tok, prompts[:4], **kw)
+  path = str(tmp_path / "r.npz")
+  assert features.export_responses(first, path) == 4
+  store = responses.ResponseStore.open(path)
+  logs = []
+  second = features.build(str(tmp_path / "b"), target, tok, prompts,
+                          responses=store, log=logs.append, **kw)
+  assert [int(re.search(r"\((\d+) rows from the response store", m)[1])
+           for m in logs] == [2, 2, 0]
+  a, b = first.read(np.arange(4)), second.read(np.arange(6))
+  for name in features.ARRAYS:
+    np.testing.assert_array_equal(np.asarray(b[name][:4], np.float32),
+                                  np.asarray(a[name], np.float32), name)
+  assert (b["lengths"][4:] > b["prompt_lens"][4:]).all()   # generated
+
+  with pytest.raises(responses.ResponseStoreError, match=r"\['max_new'\]"):
+    features.build(str(tmp_path / "c"), target, tok, prompts, responses=store,
+                   **dict(kw, max_new=6))
+  changed = list(prompts)
+  changed[1] = (changed[1][0], "Be brief. " + changed[1][1])  # (cut at 40)
+  with pytest.raises(responses.ResponseStoreError, match="prompt 1 differs"):
+    features.build(str(tmp_path / "d"), target, tok, changed,
+                   responses=store, **kw)
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(open(path, "rb").read()[:100])
+  with pytest.raises(responses.ResponseStoreError, match="bad.npz"):
+    responses.ResponseStore.open(str(bad))
+  with pytest.raises(responses.ResponseStoreError, match="does not exist"):
+    responses.ResponseStore.open(str(tmp_path / "none.npz"))
+
+
 def test_sampled_positions_stay_in_the_response():
   rngs = [np.random.default_rng([0, i]) for i in range(2)]
   index, weight = trainer.sample_positions(
@@ -185,6 +227,13 @@ def test_sampled_positions_stay_in_the_response():
      "no drafter dataset at '/nonexistent/data' (missing meta.json)"),
     ("make_drafter_data.py", ["--model=tiny", "--num_prompts=0"],
      "--out is required"),
+    ("make_drafter_data.py", ["--model=tiny", "--out=/nonexistent/d",
+                              "--export_only"],
+     "--export_only needs --save_responses"),
+    ("make_drafter_data.py", ["--model=tiny", "--num_prompts=2",
+                              "--nodebian_text", "--out=/nonexistent/d",
+                              "--responses=/nonexistent/r.npz"],
+     "response store '/nonexistent/r.npz' does not exist"),
     ("train_drafter.py", ["--config=configs/drafters/eagle.py:model=tiny",
                           "--evaluate=/nonexistent/drafter"],
      "/nonexistent/drafter"),

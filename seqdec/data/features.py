@@ -17,6 +17,10 @@ the finished chunks, so an interrupted build resumes at the next chunk and a
 reader sees only finished rows. Distillation targets are recomputed from the
 features with the target's LM head (`softmax(head(f_t))`), never stored
 (a 49k-token distribution per token would be 98 KB in bf16).
+
+The responses alone can be kept in a small response store
+(`seqdec.data.responses`, `export_responses`) from which a later build
+recomputes the features without generating again.
 """
 
 from __future__ import annotations
@@ -244,7 +248,8 @@ def features_by_length(model, tokens: np.ndarray, lengths: np.ndarray,
 def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
           *, meta: dict, max_prompt: int, max_new: int, temperature: float,
           seed: int, chunk: int = 16, group: int = 1, generator_model=None,
-          log: Callable[[str], None] = lambda _: None) -> FeatureDataset:
+          responses=None, log: Callable[[str], None] = lambda _: None
+          ) -> FeatureDataset:
   """Generates responses and features for `prompts` into `path` (resumes a
   partial build with the same recipe).
 
@@ -262,6 +267,10 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   responses, e.g. the target under the bf16_weights policy on a host where
   its batched matmuls are faster; the features and the distillation targets
   always come from `model`.
+
+  `responses` (a `seqdec.data.responses.ResponseStore` of this recipe and
+  target) supplies the responses it holds (prompt index = `meta`'s
+  `first_prompt` + row); only the other rows are generated.
   """
   # pylint: disable=g-import-not-at-top
   from seqdec.generator import Generator
@@ -272,6 +281,9 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
               max_prompt=max_prompt, max_new=max_new,
               temperature=temperature, seed=seed)
   n = len(prompts)
+  first = int(meta.get("first_prompt", 0))
+  if responses is not None:
+    responses.check_recipe(meta)
   existing = None
   if os.path.exists(os.path.join(path, "meta.json")):
     existing = FeatureDataset.open(path).meta
@@ -299,17 +311,19 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
                   else gen.encode(text))[:max_prompt])
     prompt_lens = np.array([len(p) for p in ids], np.int32)
     t_gen = time.perf_counter()
-    responses = [None] * len(ids)
-    order = np.argsort(prompt_lens, kind="stable")
-    for i in range(0, len(ids), chunk):
+    written = [None if responses is None else
+               responses.lookup(first + lo + i, p) for i, p in enumerate(ids)]
+    todo = np.array([i for i, r in enumerate(written) if r is None], np.int64)
+    order = todo[np.argsort(prompt_lens[todo], kind="stable")]
+    for i in range(0, len(order), chunk):
       rows = order[i:i + chunk]
       for r, result in zip(rows, gen.generate_ids(
           [ids[r] for r in rows], row_ids=[lo + int(r) for r in rows])):
-        responses[r] = result.tokens
+        written[r] = result.tokens
     t_feat = time.perf_counter()
     tokens = np.zeros((hi - lo, seq_len), np.int32)
     lengths = np.zeros((hi - lo,), np.int32)
-    for i, (p, r) in enumerate(zip(ids, responses)):
+    for i, (p, r) in enumerate(zip(ids, written)):
       seq = list(p) + list(r)
       tokens[i, :len(seq)] = seq
       lengths[i] = len(seq)
@@ -323,7 +337,22 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
     ds.meta["done"] = c = c_end
     write_meta(path, ds.meta)
     log(f"chunks {c}/{num_chunks}: rows {lo}..{hi - 1}, "
-        f"{int((lengths - prompt_lens).sum())} response tokens (generate "
+        f"{int((lengths - prompt_lens).sum())} response tokens "
+        f"({len(ids) - len(todo)} rows from the response store; generate "
         f"{t_feat - t_gen:.0f} s, features {t_write - t_feat:.0f} s, write "
         f"{time.perf_counter() - t_write:.0f} s)")
   return FeatureDataset.open(path)
+
+
+def export_responses(ds: FeatureDataset, path: str) -> int:
+  """Saves the responses of `ds`'s finished rows as a response store
+  (`seqdec.data.responses`) at `path`; returns the rows saved."""
+  from seqdec.data import responses  # pylint: disable=g-import-not-at-top
+  data = ds.read(np.arange(ds.rows), ("tokens", "lengths", "prompt_lens"))
+  prompts, answers = [], []
+  for toks, n, p in zip(data["tokens"], data["lengths"], data["prompt_lens"]):
+    prompts.append(toks[:p])
+    answers.append(toks[p:n])
+  responses.save(path, ds.meta, int(ds.meta.get("first_prompt", 0)), prompts,
+                 answers)
+  return ds.rows
