@@ -52,6 +52,9 @@ def get_config(arg=None):
   c.data.positions = 16 if arg.runlocal else 128   # trained positions per row
   c.data.positions_from = "response"               # or 'all'
   c.data.valid_rows = 4 if arg.runlocal else 64
+  # Batches of like-length rows: windows of this many batches sorted by
+  # length (0 or 1: random batches); cuts the padding a batch computes.
+  c.data.length_groups = 0 if arg.runlocal else 16
   # Trimmed drafter head: the M most frequent response tokens (0: all V).
   c.data.vocab_keep = 128 if arg.runlocal else 8192
   # runlocal builds this many prompts' data (tiny target) when missing.

@@ -380,15 +380,21 @@ class Batches:
 
   def __init__(self, ds: FeatureDataset, batch_size: int, positions: int,
                valid_rows: int, seed: int, response_only: bool,
-               noise: float = 0.0):
+               noise: float = 0.0, length_groups: int = 0):
     if ds.rows <= valid_rows:
       raise DataError(f"dataset {ds.path!r} has {ds.rows} finished rows, "
                       f"need more than data.valid_rows={valid_rows}")
+    if length_groups < 0:
+      raise DataError(f"data.length_groups must be >= 0, got "
+                      f"{length_groups}")
     self.ds, self.b, self.k, self.seed = ds, batch_size, positions, seed
     self.response_only = response_only
     self.noise = noise
     self.train_rows = ds.rows - valid_rows
     self.valid = np.arange(self.train_rows, ds.rows)
+    self.length_groups = length_groups
+    self.lengths = (ds.read(np.arange(self.train_rows), ("lengths",))[
+        "lengths"] if length_groups > 1 else None)
 
   def rows(self, step: int) -> np.ndarray:
     """The rows of step `step`: slots step*B .. step*B + B - 1 of the
@@ -401,9 +407,26 @@ class Batches:
 
   @functools.lru_cache(maxsize=2)
   def _permutation(self, epoch: int) -> np.ndarray:
-    """The training rows' order in `epoch` (drawn from (seed, epoch))."""
-    return np.random.default_rng([self.seed, epoch]).permutation(
-        self.train_rows)
+    """The training rows' order in `epoch` (drawn from (seed, epoch)).
+
+    With `length_groups` = G > 1, rows of like length share a batch (a
+    batch is computed at its longest row's width): each window of G * B
+    rows of the permutation is sorted by length, and the epoch's whole
+    batches are then shuffled (the same generator), so an epoch still
+    holds every row once and batches of every length come in random
+    order."""
+    rng = np.random.default_rng([self.seed, epoch])
+    perm = rng.permutation(self.train_rows)
+    if self.lengths is None:
+      return perm
+    w = self.b * self.length_groups
+    perm = np.concatenate([
+        win[np.argsort(self.lengths[win], kind="stable")]
+        for win in np.split(perm, range(w, len(perm), w))])
+    whole = len(perm) // self.b
+    order = rng.permutation(whole)
+    return np.concatenate([perm[:whole * self.b].reshape(whole, self.b)[
+        order].reshape(-1), perm[whole * self.b:]])
 
   def make(self, rows: np.ndarray, key, noise: float = 0.0,
            local: slice = slice(None), positions: Optional[int] = None
@@ -522,7 +545,8 @@ def open_batches(config: ml_collections.ConfigDict, target) -> Batches:
                     f"{ds.meta['hidden']}, the target {target.config.hidden_size}")
   return Batches(ds, d.batch_size, d.positions, d.valid_rows, config.seed,
                  d.positions_from == "response",
-                 float(t.get("feature_noise", 0.0)))
+                 float(t.get("feature_noise", 0.0)),
+                 int(d.get("length_groups", 0)))
 
 
 def eval_depths(config: ml_collections.ConfigDict, kind: str
