@@ -3,6 +3,7 @@ the target runs anyway (prefill, verification), and equal the target's
 features recomputed by one full forward over the committed text."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ class FeatureProbe(Drafter):
   """Drafts with `inner`; records every feature it is handed by position:
   state = (inner state, buffer [B, capacity, D])."""
   inner: Drafter
+  feature_taps: tuple[int, ...] = ()
   uses_features = True
   name = "probe"
 
@@ -58,17 +60,23 @@ class FeatureProbe(Drafter):
     return (self.inner.commit(params, state[0], shape, rnd, outcome), buf)
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param(
-    "gemma3", marks=pytest.mark.slow)])
-def test_features_equal_a_full_forward_over_the_committed_text(x64, family):
+@pytest.mark.parametrize("family,taps", [
+    ("llama", ()), ("llama", (1,)),
+    pytest.param("gemma3", (), marks=pytest.mark.slow)])
+def test_features_equal_a_full_forward_over_the_committed_text(x64, family,
+                                                               taps):
   """float64: the features handed to `init` (prompt) and `commit` (kept
   paths of a tree with accepted and rejected drafts) equal, at every
   committed position, `features(backbone(...))` of one causal forward over
-  prompt + committed tokens (1e-10); rows of different lengths in a batch."""
+  prompt + committed tokens (1e-10); rows of different lengths in a batch.
+  With feature taps (EAGLE-3) the features are [features(input of each
+  tapped block) ; features(output)], the tapped inputs recomputed by a
+  forward through the blocks before them alone."""
   model = (testing.tiny_model("float64") if family == "llama"
            else testing.tiny_gemma3("float64"))
   noise = 0.02 if family == "llama" else 0.1     # ~half the drafts accepted
-  probe = FeatureProbe(drafters_lib.draft_lm(testing.perturbed(model, noise)))
+  probe = FeatureProbe(drafters_lib.draft_lm(testing.perturbed(model, noise)),
+                       feature_taps=taps)
   gen = Generator(model, Tokenizer.byte_level(), max_new_tokens=14,
                   eos_ids=(), drafter=probe, tree="kary2x2")
   prompts = [[5, 17, 99, 3, 42, 7, 9, 11, 13], [200, 1, 2]]
@@ -88,9 +96,14 @@ def test_features_equal_a_full_forward_over_the_committed_text(x64, family):
     committed = prompt + r.tokens[:-1]
     assert length[b] == len(committed)
     toks = jnp.asarray([committed])
-    hidden, _ = jax.jit(lambda t: model.backbone(
-        t, jnp.arange(t.shape[1])[None], model.init_cache(1, t.shape[1])))(
-            toks)
-    want = np.asarray(model.features(hidden))[0]
+
+    def hidden_after(layers, t):
+      return model.backbone(t, jnp.arange(t.shape[1])[None],
+                            model.init_cache(1, t.shape[1]), layers=layers)[0]
+    parts = [jax.jit(functools.partial(hidden_after, list(range(i))))(toks)
+             for i in taps] + [jax.jit(functools.partial(hidden_after, None))(
+                 toks)]
+    want = np.concatenate([np.asarray(model.features(h))[0] for h in parts],
+                          -1)
     np.testing.assert_allclose(buf[b, :len(committed)], want, atol=1e-10,
                                rtol=0)

@@ -79,6 +79,7 @@ def save(path: str, net, target, *, dtype: str = "bfloat16",
               hidden_size=target.config.hidden_size,
               vocab_size=target.config.vocab_size,
               net_config=dataclasses.asdict(net.config),
+              taps=list(getattr(net, "taps", ())),
               num_params=num_params,
               vocab_kept=None if keep_ids is None else int(len(keep_ids)),
               provenance=provenance)
@@ -118,7 +119,13 @@ def _abstract(meta: dict, target, path: str):
   if meta["kind"] == "eagle":
     config = eagle.eagle_config(c).replace(dtype=c.dtype,
                                            param_dtype=c.param_dtype)
-    return config, lambda: eagle.EagleNet(config, rngs=None)
+    try:
+      taps = eagle.check_taps(meta.get("taps") or (),
+                              getattr(c, "num_layers", 0))
+    except (TypeError, ValueError) as e:
+      raise DrafterCheckpointError(f"{path!r}: bad feature taps: {e}"
+                                   ) from None
+    return config, lambda: eagle.EagleNet(config, rngs=None, taps=taps)
   config_cls, module = ((medusa.MedusaConfig, medusa.MedusaHeads)
                         if meta["kind"] == "medusa"
                         else (hydra.HydraConfig, hydra.HydraHeads))

@@ -12,7 +12,7 @@ through the target protocol (`seqdec.models.protocol.Target`): `init_cache`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -47,15 +47,18 @@ def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
 
 
 def prefill_features(model, tokens: jax.Array, prompt_len: jax.Array,
-                     capacity: int) -> tuple[jax.Array, jax.Array, Any]:
+                     capacity: int, taps: Sequence[int] = ()
+                     ) -> tuple[jax.Array, jax.Array, Any]:
   """`prefill` that also returns the prompt's features `[B, P, D]`
-  (`model.features`, the LM head's input), for feature-reading drafters:
-  `(logits [B, V], features, committed cache)`."""
-  hidden, cache = run_prompt(model, tokens,
-                             model.init_cache(tokens.shape[0], capacity),
-                             prompt_len)
-  features = model.features(hidden)
-  last = jnp.take_along_axis(features, (prompt_len - 1)[:, None, None], 1)
+  (`model.features`, the LM head's input), or with `taps` the fused
+  `[B, P, (len(taps) + 1) D]` (`protocol.backbone_features`), for
+  feature-reading drafters: `(logits [B, V], features, committed cache)`."""
+  features, cache = run_prompt(model, tokens,
+                               model.init_cache(tokens.shape[0], capacity),
+                               prompt_len, feature_taps=tuple(taps))
+  d = features.shape[-1] // (len(taps) + 1)
+  last = jnp.take_along_axis(features[..., -d:],
+                             (prompt_len - 1)[:, None, None], 1)
   return model.head(last[:, 0]), features, cache
 
 

@@ -44,6 +44,7 @@ from seqdec.decoding.sampling import Sampler, step_keys
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.decoding.verify import Greedy
 from seqdec.errors import TreeError
+from seqdec.models.protocol import backbone_features
 
 
 @flax.struct.dataclass
@@ -174,7 +175,8 @@ class SpecLoop(LoopMixin):
     extra = {}
     if self.drafter.uses_features:
       logits, extra["features"], cache = prefill_features(
-          model, inputs.tokens, inputs.prompt_len, self.capacity)
+          model, inputs.tokens, inputs.prompt_len, self.capacity,
+          self.drafter.feature_taps)
     else:
       logits, cache = prefill(model, inputs.tokens, inputs.prompt_len,
                               self.capacity)
@@ -234,15 +236,17 @@ class SpecLoop(LoopMixin):
     tree = draft.tree
     positions = draft.cache.length[:, None] + tree.depth
     with_features = self.drafter.uses_features
+    taps = self.drafter.feature_taps
 
     def forward(tokens, pos, cache, mask):
       """`(logits, features or None, cache)` of the target over tokens."""
       if not with_features:
         logits, cache = model(tokens, pos, cache, mask)
         return logits, None, cache
-      hidden, cache = model.backbone(tokens, pos, cache, mask)
-      features = model.features(hidden)
-      return model.head(features), features, cache
+      features, cache = backbone_features(model, tokens, pos, cache, mask,
+                                          taps)
+      d = features.shape[-1] // (len(taps) + 1)
+      return model.head(features[..., -d:]), features, cache
 
     def whole_tree(cache):
       return forward(tree.tokens, positions, cache, tree.mask)

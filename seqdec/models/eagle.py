@@ -20,11 +20,26 @@ f_t and matches q to the target's distribution (`seqdec.train.eagle`).
 
 The block is a decoder layer of the target's family (same norms, MLP,
 attention shapes; no sliding window), built from `eagle_config`.
+
+EAGLE-3's fused input (Li et al., 2025, "EAGLE-3: Scaling up Inference
+Acceleration of Large Language Models via Training-Time Test"): with `taps`
+(target blocks, e.g. `eagle3_taps`: a low and a middle one) the target's
+feature at t is F_t = [n(h^a_t) ; n(h^b_t) ; f_t], n the target's final
+norm applied to the input of each tapped block
+(`seqdec.models.protocol.backbone_features`), and the network first fuses it
+
+    g_t = W_fuse F_t                                W_fuse: [(k+1)D, D]
+
+which takes f's place in u_t. Deeper tree levels feed the network's own
+output f^ there instead (the fused feature of an unknown position is not
+known), which EAGLE-3's training-time test teaches it to read
+(`seqdec.train.drafter.forward_steps`). f^ still predicts the final
+feature f (regression and distillation targets are unchanged).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +60,26 @@ def eagle_config(target) -> TransformerConfig:
   return target.replace(num_layers=1, layer_types=None, sliding_window=None)
 
 
+def eagle3_taps(num_layers: int) -> tuple[int, int]:
+  """EAGLE-3's low and middle taps of an L-block target: the inputs of
+  blocks 2 and L // 2 (its high feature here is the final one, f)."""
+  if num_layers < 4:
+    raise ValueError(f"EAGLE-3 taps need a target of >= 4 blocks, got "
+                     f"{num_layers}")
+  return 2, num_layers // 2
+
+
+def check_taps(taps: Sequence[int], num_layers: int) -> tuple[int, ...]:
+  """`taps` as a tuple of distinct block indices in [1, L) (block 0's input
+  is the embedding), ascending; ValueError otherwise."""
+  taps = tuple(int(t) for t in taps)
+  if list(taps) != sorted(set(taps)) or any(
+      not 1 <= t < num_layers for t in taps):
+    raise ValueError(f"feature taps must be distinct ascending block "
+                     f"indices in [1, {num_layers}), got {list(taps)}")
+  return taps
+
+
 class EagleNet(nnx.Module):
   """The fused-input decoder layer of the module docstring.
 
@@ -54,16 +89,22 @@ class EagleNet(nnx.Module):
       `[D]`.
     layers: one `Block` (a list, for `run_blocks`).
     inv_freq: `[Dh/2]` RoPE frequencies.
+    taps: the target blocks whose inputs it reads (EAGLE-3), or ().
+    fuse: `[(k+1)D, D]` W_fuse with k = len(taps) > 0, else None.
   """
 
   def __init__(self, config: TransformerConfig, *,
-               rngs: Optional[nnx.Rngs]):
+               rngs: Optional[nnx.Rngs], taps: Sequence[int] = ()):
     if config.num_layers != 1:
       raise ValueError(f"an EAGLE network has one block, got num_layers="
                        f"{config.num_layers} (use eagle_config)")
     self.config = config
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
     d = config.hidden_size
+    self.taps = tuple(int(t) for t in taps)
+    self.fuse = logical_param(
+        rngs, ((len(self.taps) + 1) * d, d), (None, EMBED), pdt,
+        nnx.initializers.normal(0.02)) if self.taps else None
     self.fc = logical_param(rngs, (2 * d, d), (None, EMBED), pdt,
                      nnx.initializers.normal(0.02))
     self.fc_bias = logical_param(rngs, (d,), (EMBED,), pdt, nnx.initializers.zeros)
@@ -73,6 +114,22 @@ class EagleNet(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     return init_cache(self.config, batch_size, max_len)
 
+  def lift(self, features: jax.Array) -> jax.Array:
+    """The feature slot's input: a target's fused `[..., (k+1)D]` F mapped
+    to g = W_fuse F (module docstring); `[..., D]` features (the network's
+    own predictions, or a target's with no taps) pass unchanged."""
+    d = self.config.hidden_size
+    if features.shape[-1] == d:
+      return features
+    if self.fuse is None or features.shape[-1] != self.fuse[...].shape[0]:
+      raise ValueError(f"EAGLE network with taps {list(self.taps)} got "
+                       f"features of width {features.shape[-1]}; expected "
+                       f"{d} or {(len(self.taps) + 1) * d}")
+    acc = jnp.promote_types(self.dtype, jnp.float32)
+    return jnp.einsum("...k,kd->...d", features.astype(self.dtype),
+                      self.fuse[...].astype(self.dtype),
+                      preferred_element_type=acc).astype(self.dtype)
+
   def __call__(self, embeds: jax.Array, features: jax.Array,
                positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array] = None
@@ -81,7 +138,8 @@ class EagleNet(nnx.Module):
 
     Args:
       embeds: `[B, T, D]` the target's embeddings of x_t.
-      features: `[B, T, D]` the feature before each (target's or predicted).
+      features: `[B, T, D]` the feature before each (target's or predicted),
+        or a target's fused `[B, T, (k+1)D]` (`lift`).
       positions: `[B, T]` int32, t.
       cache: this network's `KVCache` (new K/V go to scratch, as the
         target's).
@@ -92,7 +150,7 @@ class EagleNet(nnx.Module):
     """
     acc = jnp.promote_types(self.dtype, jnp.float32)
     x = jnp.concatenate([embeds.astype(self.dtype),
-                         features.astype(self.dtype)], axis=-1)
+                         self.lift(features).astype(self.dtype)], axis=-1)
     u = jnp.einsum("btk,kd->btd", x, self.fc[...].astype(self.dtype),
                    preferred_element_type=acc).astype(self.dtype)
     u = u + self.fc_bias[...].astype(self.dtype)
@@ -101,10 +159,14 @@ class EagleNet(nnx.Module):
                       None, inv, inv)
 
 
-def create(target: TransformerConfig, seed: int = 0) -> EagleNet:
-  """A randomly initialised `EagleNet` for `target` (jitted init)."""
+def create(target: TransformerConfig, seed: int = 0,
+           taps: Sequence[int] = ()) -> EagleNet:
+  """A randomly initialised `EagleNet` for `target` (jitted init), reading
+  the inputs of target blocks `taps` too (EAGLE-3; `check_taps`)."""
   config = eagle_config(target)
-  abstract = nnx.eval_shape(lambda: EagleNet(config, rngs=nnx.Rngs(0)))
-  state = jax.jit(lambda: nnx.state(EagleNet(config,
-                                             rngs=nnx.Rngs(seed))))()
+  taps = check_taps(taps, getattr(target, "num_layers", 0)) if taps else ()
+  abstract = nnx.eval_shape(lambda: EagleNet(config, rngs=nnx.Rngs(0),
+                                             taps=taps))
+  state = jax.jit(lambda: nnx.state(EagleNet(config, rngs=nnx.Rngs(seed),
+                                             taps=taps)))()
   return nnx.merge(nnx.graphdef(abstract), state)

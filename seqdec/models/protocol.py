@@ -28,6 +28,10 @@ documents it for the KV cache):
   feature-reading drafters such as EAGLE and Medusa consume) and `head`
   maps features to logits (of the vocabulary entries `ids` only, for a
   trimmed drafter head).
+* Drafters that read several layers (EAGLE-3's low, middle and final
+  features) need `backbone(..., taps=(i, j, ...))` -> `(hidden, cache,
+  tapped)`, tapped[k] the input of block taps[k] (`backbone_features`);
+  the transformer target has it, other targets may not.
 * `config` has at least `vocab_size` and `max_position_embeddings`.
 * Optional: `max_call_tokens`, the most new tokens a call may feed and
   still commit (a recurrent target's scratch; `run_prompt` chunks prompts
@@ -78,12 +82,35 @@ class Target(Protocol):
     ...
 
 
+def backbone_features(model: Target, tokens: jax.Array, positions: jax.Array,
+                      cache: Any, mask: Optional[jax.Array] = None,
+                      taps: Sequence[int] = ()) -> tuple[jax.Array, Any]:
+  """The target's features of new tokens for a feature-reading drafter:
+  `(F [B, T, (len(taps) + 1) * D], cache)` with
+
+      F = [features(h_taps[0]) ; ... ; features(h_final)]
+
+  the final norm applied to the input of each tapped block and to the last
+  block's output (`features`: the LM head's input), so `F[..., -D:]` is the
+  feature the LM head reads and `taps=()` gives that alone."""
+  if not taps:
+    hidden, cache = model.backbone(tokens, positions, cache, mask)
+    return model.features(hidden), cache
+  hidden, cache, tapped = model.backbone(tokens, positions, cache, mask,
+                                         taps=taps)
+  return jnp.concatenate([model.features(h) for h in tapped]
+                         + [model.features(hidden)], axis=-1), cache
+
+
 def run_prompt(model: Target, tokens: jax.Array, cache: Any,
                n_commit: jax.Array,
-               layers: Optional[Sequence[int]] = None
+               layers: Optional[Sequence[int]] = None,
+               feature_taps: Optional[Sequence[int]] = None
                ) -> tuple[jax.Array, Any]:
   """Feeds right-padded prompts `[B, P]` from position 0 and commits the
-  first `n_commit[b]` tokens of each row: `(hidden [B, P, D], cache)`.
+  first `n_commit[b]` tokens of each row: `(hidden [B, P, D], cache)`, or
+  with `feature_taps` (a tuple, possibly empty) the features
+  `backbone_features` gives instead of the hidden states.
 
   A target whose calls may commit at most `model.max_call_tokens` tokens (a
   recurrent state keeps only that many tokens' inputs in scratch,
@@ -97,7 +124,11 @@ def run_prompt(model: Target, tokens: jax.Array, cache: Any,
   def call(cache, toks, start):
     t = toks.shape[1]
     pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, cache = model.backbone(toks, pos, cache, layers=layers)
+    if feature_taps is not None:
+      hidden, cache = backbone_features(model, toks, pos, cache,
+                                        taps=feature_taps)
+    else:
+      hidden, cache = model.backbone(toks, pos, cache, layers=layers)
     return hidden, model.commit(cache, jnp.clip(n_commit - start, 0, t))
 
   if step is None or p <= step:

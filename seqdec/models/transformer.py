@@ -612,8 +612,8 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
                x: jax.Array, positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array], layers: Optional[Sequence[int]],
                inv_freq: jax.Array, inv_freq_local: jax.Array,
-               window_positions: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, KVCache]:
+               window_positions: Optional[jax.Array] = None,
+               taps: Sequence[int] = ()):
   """Runs decoder blocks on `[B, T, D]` inputs against a cache (the body of
   `Transformer.backbone`, shared with drafters that feed their own inputs,
   e.g. EAGLE's fused feature + embedding).
@@ -621,6 +621,11 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
   `cache.kv[i]` is block i's; `layers` (None: all) selects the blocks run;
   `mask` and `window_positions` as in `Transformer.backbone`. One visibility
   is built per distinct sliding window (Gemma 3: local and global).
+
+  Returns `(x, cache)`, or with `taps` (block indices, all run)
+  `(x, cache, tapped)`: tapped[j] the `[B, T, D]` input of block taps[j]
+  (the hidden state after the blocks before it; EAGLE-3's low and middle
+  features).
   """
   b, t = positions.shape
   if mask is None:
@@ -638,11 +643,20 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
                                key=lambda w: -1 if w is None else w)}
   kv = list(cache.kv)
   write_start = cache.length + (mask.shape[2] - t)
+  missing = set(taps) - set(run)
+  if missing:
+    raise ValueError(f"tapped blocks {sorted(missing)} are not run")
+  tapped = {}
   for i in run:
+    if i in taps:
+      tapped[i] = x
     x, kv[i] = blocks[i](
         x, positions, inv_freq_local if c.local_rope(i) else inv_freq,
         kv[i], write_start, visible[c.layer_window(i)])
-  return x, KVCache(kv=tuple(kv), length=cache.length)
+  cache = KVCache(kv=tuple(kv), length=cache.length)
+  if taps:
+    return x, cache, tuple(tapped[i] for i in taps)
+  return x, cache
 
 
 class Transformer(nnx.Module):
@@ -693,7 +707,8 @@ class Transformer(nnx.Module):
   def backbone(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                mask: Optional[jax.Array] = None,
                layers: Optional[Sequence[int]] = None,
-               window_positions: Optional[jax.Array] = None):
+               window_positions: Optional[jax.Array] = None,
+               taps: Sequence[int] = ()):
     """Runs the decoder blocks on new tokens.
 
     Args:
@@ -708,16 +723,18 @@ class Transformer(nnx.Module):
       window_positions: `[B, W - T]` int32 positions of the scratch window's
         earlier entries, for sliding-window layers (`attention_visibility`);
         None: tree nodes of this round.
+      taps: block indices whose inputs are returned too (`run_blocks`).
 
     Returns:
-      `(hidden [B, T, D] before the final norm, cache)`.
+      `(hidden [B, T, D] before the final norm, cache)`, with `taps` also
+      the tapped hidden states: `(hidden, cache, tapped)`.
     """
     inv_freq = self.inv_freq[...]
     inv_freq_local = (inv_freq if self.inv_freq_local is None
                       else self.inv_freq_local[...])
     return run_blocks(self.layers, self.config, self.embed_tokens(tokens),
                       positions, cache, mask, layers, inv_freq,
-                      inv_freq_local, window_positions)
+                      inv_freq_local, window_positions, taps)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """`[B, T]` ids -> `[B, T, D]` embeddings (times sqrt(D) with

@@ -92,12 +92,17 @@ class Drafter:
     vocab_size: the drafter's vocabulary (checked against the target's), or
       None if it proposes only tokens it has seen (n-gram).
     uses_features: reads the target's features (module docstring).
+    feature_taps: with `uses_features`, the target blocks whose inputs it
+      reads too (EAGLE-3's fused features,
+      `seqdec.models.protocol.backbone_features`): features are then
+      `[..., (len(feature_taps) + 1) * D]`, the final features last.
     grows_dynamic_trees: accepts a `trees.DynamicTree` budget.
   """
   name = "drafter"
   params: Any = ()
   vocab_size: int | None = None
   uses_features: bool = False
+  feature_taps: tuple[int, ...] = ()
   grows_dynamic_trees: bool = False
 
   def check(self, target_config, shape: TreeShape) -> None:

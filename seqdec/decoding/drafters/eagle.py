@@ -32,6 +32,11 @@ Verification is over the full vocabulary.
 Histories: the state keeps the target's features f_t and tokens x_t by
 position (`[B, C, D]`, `[B, C]`), written by `init` (prompt) and `commit`
 (kept path), from which each round's behind pairs are gathered.
+
+EAGLE-3 (a network with feature taps, `seqdec.models.eagle`): the target's
+features are the fused F_t (`[B, C, (k+1)D]`, `feature_taps`); the behind
+and root pairs read them (the network fuses them), the tree's nodes read
+the network's own f^ as before.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
                                            window_mask)
 from seqdec.decoding.trees import DynamicTree
 from seqdec.models.eagle import EagleNet, eagle_config
-from seqdec.models.transformer import commit
+from seqdec.models.transformer import Transformer, commit
 from seqdec.ops import write_rows
 
 
@@ -89,6 +94,11 @@ class EagleDrafter(Drafter):
                     if getattr(want, k) != getattr(net.config, k))
       raise DrafterError(f"EAGLE network was built for another target "
                          f"(config fields differ: {diff})")
+    self.feature_taps = tuple(net.taps)
+    if self.feature_taps and not isinstance(target, Transformer):
+      raise DrafterError(f"an EAGLE-3 network reads the inputs of target "
+                         f"blocks {list(self.feature_taps)}, which a "
+                         f"{type(target).__name__} target does not expose")
     self.name, self.proposal = name, proposal
     self.vocab_size = target.config.vocab_size
     self.net_def, net_params = nnx.split(net)
@@ -97,6 +107,7 @@ class EagleDrafter(Drafter):
     self.trimmed = keep_ids is not None
     self.params = (net_params, target_params,
                    None if keep_ids is None else jnp.asarray(keep_ids))
+    self.feature_width = net.config.hidden_size    # f^, the predictions
 
   def scores(self, target, keep_ids, f_hat: jax.Array) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
@@ -201,8 +212,7 @@ class EagleDrafter(Drafter):
       pred = pred.at[:, lo:hi].set(out.astype(pred.dtype))
       return logits, (cache, pred)
 
-    pred0 = jnp.zeros((b, n, first["features"].shape[-1]),
-                      first["features"].dtype)
+    pred0 = jnp.zeros((b, n, self.feature_width), first["features"].dtype)
     tree, (cache, _) = grow_static_tree(shape, rnd, key, self.proposal,
                                         self.vocab_size, expand,
                                         (cache, pred0))
