@@ -69,6 +69,10 @@ _EXPORT_ONLY = flags.DEFINE_bool(
     "export_only", False, "With --save_responses: save the finished rows of "
     "the dataset at --out as it is (e.g. a build stopped part-way), without "
     "building.")
+_TAPS = flags.DEFINE_string(
+    "taps", "", "EAGLE-3's fused features: 'eagle3' (the inputs of blocks 2 "
+    "and L // 2 besides the final features) or block indices '2,15'; the "
+    "drafter's drafter.taps must match. Default: the final features only.")
 _TEXT_CACHE = flags.DEFINE_string(
     "text_cache", None, "Where the Debian packages are unpacked (default "
     "~/.cache/seqdec/offline_text).")
@@ -90,6 +94,15 @@ def check_flags() -> None:
     raise UserError("--first_prompt and --temperature must be >= 0")
   if _EXPORT_ONLY.value and not _SAVE_RESPONSES.value:
     raise UserError("--export_only needs --save_responses")
+
+
+def parse_taps(model) -> tuple[int, ...]:
+  """--taps as block indices of `model` (UserError if invalid)."""
+  from seqdec.models import eagle  # pylint: disable=g-import-not-at-top
+  try:
+    return eagle.parse_taps(_TAPS.value, model.config.num_layers)
+  except ValueError as e:
+    raise UserError(f"--taps: {e}") from None
 
 
 def run() -> dict:
@@ -126,7 +139,7 @@ def run() -> dict:
                 + " ".join(sys.argv[1:])),
       max_prompt=_MAX_PROMPT.value, max_new=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, seed=_SEED.value, chunk=_CHUNK.value,
-      group=_GROUP.value, generator_model=writer,
+      group=_GROUP.value, generator_model=writer, taps=parse_taps(model),
       responses=(responses.ResponseStore.open(_RESPONSES.value)
                  if _RESPONSES.value else None), log=log)
   if _SAVE_RESPONSES.value:

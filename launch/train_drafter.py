@@ -68,7 +68,8 @@ def run(config, workdir: str) -> dict:
                                                  max_files=40),
                    meta=dict(model=config.model, runlocal=True),
                    max_prompt=48, max_new=16, temperature=0.0, seed=0,
-                   chunk=8)
+                   chunk=8, taps=trainer.config_taps(config, target)
+                   if config.drafter.kind == "eagle" else ())
   distributed.barrier("drafter data")
   tokens_per_step = config.data.batch_size * config.data.positions
   t_last = [time.perf_counter()]

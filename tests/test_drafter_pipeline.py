@@ -222,6 +222,15 @@ def test_a_response_store_rebuilds_a_dataset_without_generating(tmp_path):
     np.testing.assert_array_equal(np.asarray(b[name][:4], np.float32),
                                   np.asarray(a[name], np.float32), name)
   assert (b["lengths"][4:] > b["prompt_lens"][4:]).all()   # generated
+  # The same responses with EAGLE-3's fused features (taps): the tokens as
+  # stored, the features [n(input of block 1) ; f], f as before.
+  fused = features.build(str(tmp_path / "e"), target, tok, prompts[:4],
+                         responses=store, taps=(1,), **kw).read(np.arange(4))
+  d = target.config.hidden_size
+  assert fused["features"].shape[-1] == 2 * d
+  np.testing.assert_array_equal(fused["tokens"], a["tokens"])
+  np.testing.assert_array_equal(fused["features"][..., d:], a["features"])
+  assert np.abs(fused["features"][..., :d].astype(np.float32)).max() > 0.1
 
   with pytest.raises(responses.ResponseStoreError, match=r"\['max_new'\]"):
     features.build(str(tmp_path / "c"), target, tok, prompts, responses=store,

@@ -35,28 +35,28 @@ def continuations(model, n=24, prompt=6, new=26, seed=0):
   return np.asarray([p + r.tokens for p, r in zip(prompts, out)], np.int32)
 
 
-def full_batch(target, tokens):
-  """A training batch of `tokens` [n, s] with the target's features, every
-  position trained (weight 1)."""
+def full_batch(target, tokens, taps=()):
+  """A training batch of `tokens` [n, s] with the target's features (fused
+  with `taps`), every position trained (weight 1)."""
   n, s = tokens.shape
   return dict(tokens=tokens,
-              features=feature_data.target_features(target, tokens),
+              features=feature_data.target_features(target, tokens, taps),
               lengths=np.full((n,), s, np.int32),
               index=np.broadcast_to(np.arange(s - 1), (n, s - 1)).astype(
                   np.int32),
               weight=np.ones((n, s - 1), np.float32))
 
 
-@pytest.fixture(scope="module")
-def trained():
-  """(target f32, net, losses, tokens): an EagleNet trained for STEPS
-  full-batch steps on the tiny target's continuations `tokens` (all
-  positions). It fits them (teacher-forced top-1 ~0.9) but does not
-  generalise to new random prompts of this random target."""
+def train_net(taps=(), ttt=1):
+  """(target f32, net, losses, tokens): an EagleNet (reading block inputs
+  `taps` too: EAGLE-3) trained for STEPS full-batch steps (`ttt` passes)
+  on the tiny target's continuations `tokens` (all positions). It fits
+  them (teacher-forced top-1 ~0.9) but does not generalise to new random
+  prompts of this random target."""
   target = testing.tiny_model()
   tokens = continuations(target)
-  batch = full_batch(target, tokens)
-  net = eagle.create(target.config, seed=0)
+  batch = full_batch(target, tokens, taps)
+  net = eagle.create(target.config, seed=0, taps=taps)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
   tx = make_optimizer(ml_collections.ConfigDict(dict(
@@ -67,9 +67,30 @@ def trained():
   for _ in range(STEPS):
     params, opt_state, m = trainer.train_step(
         net_def, target_def, tx, 1.0, 0.1, params, opt_state, target_params,
-        batch, rest)
+        batch, rest, ttt=ttt)
     losses.append((float(m["loss"]), float(m["top1"])))
   return target, nnx.merge(net_def, params, rest), losses, tokens
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """EAGLE-1 (`train_net`)."""
+  return train_net()
+
+
+@pytest.fixture(scope="module")
+def trained_eagle3():
+  """EAGLE-3 (`train_net`): the input of block 1 fused with the final
+  features, two training-time-test passes."""
+  return train_net(taps=(1,), ttt=2)
+
+
+@pytest.fixture(params=["eagle1", pytest.param(
+    "eagle3", marks=pytest.mark.slow)])
+def any_trained(request):
+  """Each trained network in turn (EAGLE-3's in the slow tier)."""
+  return request.getfixturevalue(
+      "trained" if request.param == "eagle1" else "trained_eagle3")
 
 
 def test_loss_falls_on_a_fixed_batch(trained):
@@ -100,14 +121,15 @@ def drafted_chain(net, emb, feats, c, depth):
   return chain
 
 
-def test_training_time_test_passes_are_the_drafted_chain(x64, trained):
+def test_training_time_test_passes_are_the_drafted_chain(x64, any_trained):
   """Pass k of `forward_steps` (EAGLE-3's training-time test) at index i is
   exactly what the drafter computes at depth k of a chain drafted after
   committing index i-k+1: the true-feature context in its cache, then its
-  own predictions fed back one node at a time (float64, 1e-10)."""
-  target, net = as_float64(*trained[:2])
-  tokens = trained[3][:2, :14]
-  feats = jnp.asarray(feature_data.target_features(target, tokens),
+  own predictions fed back one node at a time (float64, 1e-10); with fused
+  EAGLE-3 features too."""
+  target, net = as_float64(*any_trained[:2])
+  tokens = any_trained[3][:2, :14]
+  feats = jnp.asarray(feature_data.target_features(target, tokens, net.taps),
                       jnp.float64)            # (bf16 storage, as trained)
   steps = 3
   preds = trainer.forward_steps(net, target, jnp.asarray(tokens), feats,
@@ -166,13 +188,14 @@ def test_validation_chain_tau_counts_the_drafted_chains(x64, trained):
   print(f"chain taus {taus}")
 
 
-def test_loop_tau_replays_the_decoding_loop(x64, trained):
+def test_loop_tau_replays_the_decoding_loop(x64, any_trained):
   """`loop_tau` on a text, from `chain_accepts` at every position, takes
   exactly the rounds the speculative engine takes to write that text with
   a chain of the same depth (greedy, float64); the position-averaged τ of
-  the same chains is higher (it over-weights the easy stretches)."""
-  target, net = as_float64(*trained[:2])
-  tokens, depth, new = trained[3], 3, 20
+  the same chains is higher (it over-weights the easy stretches). With
+  fused EAGLE-3 features too: what training measures is what decodes."""
+  target, net = as_float64(*any_trained[:2])
+  tokens, depth, new = any_trained[3], 3, 20
   prompts = [tokens[0, :6].tolist(), tokens[1, :6].tolist(), [5, 17, 99, 3]]
   tok = Tokenizer.byte_level()
   drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
@@ -184,7 +207,7 @@ def test_loop_tau_replays_the_decoding_loop(x64, trained):
     text[r, :len(p) + new] = p + out.tokens
   p_len = np.array([len(p) for p in prompts], np.int32)
   n = p_len + new
-  batch = dict(full_batch(target, text), lengths=n)
+  batch = dict(full_batch(target, text, net.taps), lengths=n)
   batch["weight"] = (batch["index"] >= p_len[:, None] - 1).astype(np.float32)
   batch["features"] = jnp.asarray(batch["features"], jnp.float64)
   acc = np.asarray(trainer.chain_accepts(net, target, batch, depth))
@@ -223,21 +246,28 @@ def as_float64(target_f32, net_f32):
   target = testing.tiny_model("float64")
   cfg = eagle.eagle_config(target.config)
   net_def, _ = nnx.split(nnx.eval_shape(lambda: eagle.EagleNet(
-      cfg, rngs=None)))
+      cfg, rngs=None, taps=net_f32.taps)))
   state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
                        if jnp.issubdtype(x.dtype, jnp.floating) else x,
                        nnx.state(net_f32))
   return target, nnx.merge(net_def, state)
 
 
-@pytest.mark.parametrize("tree", [
-    pytest.param("kary2x2x1", marks=pytest.mark.slow), "dyn8d3k2"])
-def test_trained_eagle_tree_equals_autoregressive_float64(x64, trained, tree):
-  """Greedy speculative decoding with the trained EAGLE drafter and a static
-  or a dynamic (EAGLE-2) tree equals greedy autoregressive decoding exactly
-  (float64), for a batch of rows of different lengths: prefixes of its
-  training sequences (where it drafts well, so that drafts are both
-  accepted and rejected) and a fresh prompt (where it mostly fails)."""
+@pytest.mark.parametrize("kind,tree", [
+    pytest.param("eagle1", "kary2x2x1", marks=pytest.mark.slow),
+    ("eagle1", "dyn8d3k2"),
+    pytest.param("eagle3", "kary2x2x1", marks=pytest.mark.slow),
+    pytest.param("eagle3", "dyn8d3k2", marks=pytest.mark.slow)])
+def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
+                                                          tree):
+  """Greedy speculative decoding with the trained EAGLE drafter (EAGLE-1,
+  or EAGLE-3's fused features) and a static or a dynamic (EAGLE-2) tree
+  equals greedy autoregressive decoding exactly (float64), for a batch of
+  rows of different lengths: prefixes of its training sequences (where it
+  drafts well, so that drafts are both accepted and rejected) and a fresh
+  prompt (where it mostly fails)."""
+  trained = request.getfixturevalue(
+      "trained" if kind == "eagle1" else "trained_eagle3")
   target, net = as_float64(*trained[:2])
   tokens = trained[3]
   prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
@@ -293,6 +323,31 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, trained):
   with pytest.raises(drafter_ckpt.DrafterCheckpointError,
                      match="no eagle drafter is shipped"):
     drafter_ckpt.load_for(target, "")
+
+
+def test_eagle3_checkpoint_round_trip_and_taps_checks(tmp_path):
+  """An EAGLE-3 network restores with its taps and weights; a dataset whose
+  features carry other taps, or bad taps options, are refused."""
+  target = testing.tiny_model()
+  net = eagle.create(target.config, seed=0, taps=(1,))
+  path = drafter_ckpt.save(str(tmp_path / "d"), net, target, dtype="float32")
+  back, _ = drafter_ckpt.load(path, target)
+  assert back.taps == net.taps == (1,)
+  for a, b in zip(jax.tree.leaves(nnx.state(net)),
+                  jax.tree.leaves(nnx.state(back))):
+    np.testing.assert_array_equal(a, b)
+
+  class Fake:
+    path, meta = "/data/x", {}
+  with pytest.raises(feature_data.DataError, match="reads taps \\[1\\]"):
+    trainer.check_dataset_taps(Fake(), net)
+  Fake.meta = {"taps": [1]}
+  trainer.check_dataset_taps(Fake(), net)
+  trainer.check_dataset_taps(Fake(), eagle.create(target.config))  # final
+  assert eagle.parse_taps("eagle3", 30) == (2, 15)
+  for bad in ("0", "2,2", "3,1", "x", "30"):
+    with pytest.raises(ValueError, match="taps"):
+      eagle.parse_taps(bad, 30)
 
 
 def test_bad_datasets_are_refused_by_name(tmp_path, trained):

@@ -40,6 +40,10 @@ def get_config(arg=None):
 
   c.drafter = ml_collections.ConfigDict()
   c.drafter.kind = "eagle"
+  # EAGLE-3's fused input: '' (the final features only), 'eagle3' (the
+  # inputs of blocks 2 and L // 2 too) or block indices '2,15'. The data
+  # must be built with the same taps (make_drafter_data.py --taps).
+  c.drafter.taps = ""
   c.drafter.num_heads = 0         # medusa only
   c.drafter.own_heads = False     # medusa only
 

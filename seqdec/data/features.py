@@ -10,7 +10,11 @@ Layout of a dataset directory:
     lengths/         zarr int32   [N]        tokens per sequence
     prompt_lens/     zarr int32   [N]        prompt tokens (the rest: response)
     features/        zarr bf16    [N, S, D]  target.features(hidden) (the LM
-                                             head's input), position by position
+                                             head's input), position by position;
+                                             with feature taps (EAGLE-3) the
+                                             fused [N, S, (k+1)D] of
+                                             `protocol.backbone_features`, the
+                                             final features last
 
 Sequences are written in chunks of `chunk` rows; `meta.json`'s `done` counts
 the finished chunks, so an interrupted build resumes at the next chunk and a
@@ -26,6 +30,7 @@ recomputes the features without generating again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -40,6 +45,7 @@ from flax import nnx
 from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.errors import UserError
 from seqdec.jsonl import write_text_atomic
+from seqdec.models.protocol import backbone_features
 
 ARRAYS = ("tokens", "lengths", "prompt_lens", "features")
 
@@ -147,6 +153,10 @@ class ConcatDataset:
                                for p in parts}) > 1:
       raise DataError(f"datasets {[p.path for p in parts]} come from "
                       f"different targets")
+    if len({tuple(p.meta.get("taps", ())) for p in parts}) > 1:
+      raise DataError(f"datasets {[p.path for p in parts]} hold features "
+                      f"of different taps "
+                      f"{[p.meta.get('taps', []) for p in parts]}")
     self.parts = list(parts)
     self.path = ",".join(p.path for p in parts)
     self.meta = dict(parts[0].meta, hidden=widths.pop(),
@@ -189,13 +199,15 @@ class ConcatDataset:
 
 def create(path: str, meta: dict, num_rows: int, seq_len: int,
            hidden: int, chunk: int) -> None:
-  """Creates the empty arrays and meta.json (done = 0)."""
+  """Creates the empty arrays and meta.json (done = 0); the features are
+  (len(meta['taps']) + 1) * hidden wide."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
+  width = hidden * (len(meta.get("taps", ())) + 1)
   shapes = dict(tokens=((num_rows, seq_len), (chunk, seq_len)),
                 lengths=((num_rows,), (chunk,)),
                 prompt_lens=((num_rows,), (chunk,)),
-                features=((num_rows, seq_len, hidden), (1, seq_len, hidden)))
+                features=((num_rows, seq_len, width), (1, seq_len, width)))
   for name, (shape, chunks) in shapes.items():
     ts.open(_spec(os.path.join(path, name), _DTYPES[name], shape, chunks),
             create=True, delete_existing=True).result()
@@ -208,38 +220,44 @@ def write_meta(path: str, meta: dict) -> None:
                     json.dumps(meta, indent=1, sort_keys=True))
 
 
-@jax.jit
-def _features(graphdef, state, tokens):
+@functools.partial(jax.jit, static_argnums=(3,))
+def _features(graphdef, state, tokens, taps=()):
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  hidden, _ = model.backbone(tokens, pos, model.init_cache(b, t))
-  return model.features(hidden).astype(jnp.bfloat16)
+  feats, _ = backbone_features(model, tokens, pos, model.init_cache(b, t),
+                               taps=taps)
+  return feats.astype(jnp.bfloat16)
 
 
-def target_features(model, tokens: np.ndarray) -> np.ndarray:
+def target_features(model, tokens: np.ndarray, taps: Sequence[int] = ()
+                    ) -> np.ndarray:
   """`[B, S]` right-padded ids -> `[B, S, D]` bf16 features (causal, so
-  padding never reaches real positions)."""
+  padding never reaches real positions); with `taps` the fused
+  `[B, S, (k+1)D]` (`protocol.backbone_features`)."""
   graphdef, state = nnx.split(model)
-  return np.asarray(_features(graphdef, state, jnp.asarray(tokens)))
+  return np.asarray(_features(graphdef, state, jnp.asarray(tokens),
+                              tuple(taps)))
 
 
 def features_by_length(model, tokens: np.ndarray, lengths: np.ndarray,
-                       batch: int = 16) -> np.ndarray:
+                       batch: int = 16, taps: Sequence[int] = ()
+                       ) -> np.ndarray:
   """`target_features` of `[N, S]` rows, computed `batch` rows at a time in
   order of length, each group padded only to its own longest row
   (bucketed): the work follows the real tokens, not N x S. Positions past a
   row's length are zero."""
   from seqdec.decoding.loops import bucket  # pylint: disable=g-import-not-at-top
   n, s = tokens.shape
-  out = np.zeros((n, s, model.config.hidden_size), ml_dtypes.bfloat16)
+  out = np.zeros((n, s, model.config.hidden_size * (len(taps) + 1)),
+                 ml_dtypes.bfloat16)
   order = np.argsort(lengths, kind="stable")
   for i in range(0, n, batch):
     rows = order[i:i + batch]
     width = min(s, bucket(int(lengths[rows].max())))
     group = np.zeros((batch, width), np.int32)   # one batch shape per width
     group[:len(rows)] = tokens[rows, :width]
-    out[rows, :width] = target_features(model, group)[:len(rows)]
+    out[rows, :width] = target_features(model, group, taps)[:len(rows)]
   for r in range(n):
     out[r, lengths[r]:] = 0
   return out
@@ -248,8 +266,8 @@ def features_by_length(model, tokens: np.ndarray, lengths: np.ndarray,
 def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
           *, meta: dict, max_prompt: int, max_new: int, temperature: float,
           seed: int, chunk: int = 16, group: int = 1, generator_model=None,
-          responses=None, log: Callable[[str], None] = lambda _: None
-          ) -> FeatureDataset:
+          responses=None, taps: Sequence[int] = (),
+          log: Callable[[str], None] = lambda _: None) -> FeatureDataset:
   """Generates responses and features for `prompts` into `path` (resumes a
   partial build with the same recipe).
 
@@ -270,7 +288,8 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
 
   `responses` (a `seqdec.data.responses.ResponseStore` of this recipe and
   target) supplies the responses it holds (prompt index = `meta`'s
-  `first_prompt` + row); only the other rows are generated.
+  `first_prompt` + row); only the other rows are generated. With `taps`
+  (target block indices) the stored features are EAGLE-3's fused ones.
   """
   # pylint: disable=g-import-not-at-top
   from seqdec.generator import Generator
@@ -280,6 +299,8 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
   meta = dict(meta, target_fingerprint=fingerprint(model),
               max_prompt=max_prompt, max_new=max_new,
               temperature=temperature, seed=seed)
+  if taps:                      # (datasets without taps keep their recipe)
+    meta["taps"] = list(taps)
   n = len(prompts)
   first = int(meta.get("first_prompt", 0))
   if responses is not None:
@@ -327,7 +348,7 @@ def build(path: str, model, tokenizer, prompts: Sequence[tuple[str, str]],
       seq = list(p) + list(r)
       tokens[i, :len(seq)] = seq
       lengths[i] = len(seq)
-    feats = features_by_length(model, tokens, lengths)
+    feats = features_by_length(model, tokens, lengths, taps=taps)
     t_write = time.perf_counter()
     a = ds.arrays
     a["tokens"][lo:hi].write(tokens).result()

@@ -69,6 +69,23 @@ def eagle3_taps(num_layers: int) -> tuple[int, int]:
   return 2, num_layers // 2
 
 
+def parse_taps(spec: str, num_layers: int) -> tuple[int, ...]:
+  """A taps option: '' (none: EAGLE-1's final features only), 'eagle3'
+  (`eagle3_taps`) or comma-separated block indices '2,15' (`check_taps`);
+  ValueError otherwise."""
+  spec = spec.strip()
+  if not spec:
+    return ()
+  if spec == "eagle3":
+    return eagle3_taps(num_layers)
+  try:
+    taps = [int(t) for t in spec.split(",")]
+  except ValueError:
+    raise ValueError(f"taps must be 'eagle3' or block indices like '2,15', "
+                     f"got {spec!r}") from None
+  return check_taps(taps, num_layers)
+
+
 def check_taps(taps: Sequence[int], num_layers: int) -> tuple[int, ...]:
   """`taps` as a tuple of distinct block indices in [1, L) (block 0's input
   is the embedding), ascending; ValueError otherwise."""

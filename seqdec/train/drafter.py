@@ -93,7 +93,8 @@ def forward_steps(net, target, tokens: jax.Array, features: jax.Array,
   `[B, S-1, D]` predictions f^(k) at each index i as the drafter makes them
   at tree depth k, from its own earlier predictions:
 
-      pass 1:  u_i = [e(x_{i+1}) ; f_i]               (the cached features)
+      pass 1:  u_i = [e(x_{i+1}) ; f_i]               (the cached features;
+                                                       EAGLE-3: fused F_i)
       pass k:  u_i = [e(x_{i+1}) ; f^(k-1)_{i-1}]     (its own, k >= 2)
 
   attending as `ttt_mask` (committed true-feature entries, then the chain's
@@ -111,8 +112,8 @@ def forward_steps(net, target, tokens: jax.Array, features: jax.Array,
     pred, cache = net(emb, inputs, pos, cache, mask)
     preds.append(pred)
     inputs = jnp.concatenate(
-        [features[:, :1], jax.lax.stop_gradient(pred[:, :-1]).astype(
-            features.dtype)], axis=1)
+        [net.lift(features[:, :1]).astype(features.dtype),
+         jax.lax.stop_gradient(pred[:, :-1]).astype(features.dtype)], axis=1)
   return preds
 
 
@@ -130,6 +131,20 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
     return medusa_loss(net, target, batch, w_ce, keep_ids,
                        sequential=True)
   return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids, ttt)
+
+
+def final_features(features: jax.Array, target) -> jax.Array:
+  """The LM head's input f from stored features: the last D of EAGLE-3's
+  fused `[..., (k+1)D]` (`protocol.backbone_features`), or all of them."""
+  return features[..., -target.config.hidden_size:]
+
+
+def net_inputs(features: jax.Array, net, target) -> jax.Array:
+  """What `net` reads of stored features: all of them for an EAGLE-3
+  network (its taps are the dataset's, `check_dataset_taps`), the final
+  ones otherwise (so a fused dataset trains EAGLE-1 too)."""
+  return features if getattr(net, "taps", ()) else final_features(
+      features, target)
 
 
 def loss_dtype(target) -> jnp.dtype:
@@ -168,7 +183,8 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
   `sequential` (Hydra), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
   true tokens (teacher forcing). Metrics: per-head CE and top-1 agreement
   (ce1.., top1_1..)."""
-  feats = batch["features"].astype(loss_dtype(target))
+  feats = final_features(batch["features"], target).astype(
+      loss_dtype(target))
   t = batch["index"] + 1                                        # [B, P]
   w = batch["weight"]
   n = batch["lengths"][:, None]
@@ -205,10 +221,11 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
   # own feature errors when it drafts from predicted features); targets are
   # the clean features.
   noisy = feats + batch["noise"] if "noise" in batch else feats
-  preds = forward_steps(net, target, batch["tokens"], noisy, ttt)
+  preds = forward_steps(net, target, batch["tokens"],
+                        net_inputs(noisy, net, target), ttt)
   idx = batch["index"]                                         # [B, K]
   at = lambda x: jnp.take_along_axis(x, idx[..., None], axis=1)  # noqa: E731
-  f = at(feats[:, 1:])                                         # [B, K, D]
+  f = at(final_features(feats, target)[:, 1:])                 # [B, K, D]
   logp = _target_logp(f, target, keep_ids)        # the same for every pass
   loss, stats = 0.0, {}
   for k, pred in enumerate(preds, start=1):
@@ -240,7 +257,8 @@ def chain_accepts(net, target, batch, depth: int, keep_ids=None
   sampled or bf16-written response), or at the row's end.
   """
   feats = batch["features"].astype(loss_dtype(target))
-  preds = forward_steps(net, target, batch["tokens"], feats, depth)
+  preds = forward_steps(net, target, batch["tokens"],
+                        net_inputs(feats, net, target), depth)
   idx = batch["index"]                                         # [B, K]
   n = batch["lengths"][:, None]
   s = feats.shape[1]
@@ -255,7 +273,8 @@ def chain_accepts(net, target, batch, depth: int, keep_ids=None
                                      keep_ids), -1)
     if keep_ids is not None:
       drafted = keep_ids[drafted]
-    greedy = jnp.argmax(target.head(at(feats[:, 1:])), -1)
+    greedy = jnp.argmax(target.head(at(final_features(feats, target)[:, 1:])),
+                        -1)
     ok = (drafted == greedy) & (j + 1 <= n - 1)
     live = live * ok
     acc = acc + live
@@ -520,7 +539,8 @@ def build_net(config: ml_collections.ConfigDict, target):
   """A fresh network of `config.drafter.kind` for `target`."""
   kind = config.drafter.kind
   if kind == "eagle":
-    return eagle.create(target.config, config.seed)
+    return eagle.create(target.config, config.seed, config_taps(config,
+                                                                target))
   if kind == "medusa":
     if config.drafter.num_heads < 1:
       raise TrainError(f"drafter.num_heads must be >= 1, got "
@@ -533,6 +553,28 @@ def build_net(config: ml_collections.ConfigDict, target):
                        f"{config.drafter.num_heads}")
     return hydra.create(target, config.drafter.num_heads, config.seed)
   raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
+
+
+def config_taps(config: ml_collections.ConfigDict, target
+                ) -> tuple[int, ...]:
+  """`drafter.taps` as block indices (`eagle.parse_taps`: '', 'eagle3' or
+  '2,15')."""
+  try:
+    return eagle.parse_taps(str(config.drafter.get("taps", "") or ""),
+                            target.config.num_layers)
+  except ValueError as e:
+    raise TrainError(f"drafter.taps: {e}") from None
+
+
+def check_dataset_taps(ds, net) -> None:
+  """DataError unless the dataset's features carry the taps `net` reads (a
+  network without taps reads the final features of any dataset)."""
+  have = tuple(ds.meta.get("taps", ()))
+  want = tuple(getattr(net, "taps", ()))
+  if want and have != want:
+    raise DataError(f"dataset {ds.path!r} holds features with taps "
+                    f"{list(have)}, the drafter reads taps {list(want)}; "
+                    f"build the data with --taps={','.join(map(str, want))}")
 
 
 def open_batches(config: ml_collections.ConfigDict, target) -> Batches:
@@ -567,6 +609,7 @@ def validate(config: ml_collections.ConfigDict, target, net,
   `train` reports them: drafters trained on other data or with other
   options compared on the same rows."""
   batches = open_batches(config, target)
+  check_dataset_taps(batches.ds, net)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   target_def, target_params = nnx.split(target)
   ttt, tau_depth = eval_depths(
@@ -597,6 +640,7 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   ds = batches.ds
   layout = loop_lib.Layout.from_config(config)
   net = build_net(config, target)
+  check_dataset_taps(ds, net)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
   params, rest = layout.place(params), layout.place(rest)
   target_def, target_params = nnx.split(target)
