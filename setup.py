@@ -25,7 +25,8 @@ setup(
     # Trained drafters shipped for installed models (checkpoints/drafters.py).
     package_data={"seqdec.parallel": ["scan_table.json"],
                   "seqdec.checkpoints": ["shipped/*/*.json",
-                                         "shipped/*/*.safetensors"]},
+                                         "shipped/*/*.safetensors",
+                                         "shipped/*/*.npz"]},
     install_requires=requirements("requirements.txt"),
     extras_require={
         "test": requirements("requirements-dev.txt"),

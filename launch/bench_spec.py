@@ -145,10 +145,15 @@ def run_hf_pld(hf, ids, n):
 
 
 def tree_nodes(method):
-  from seqdec.decoding import tree_specs  # pylint: disable=g-import-not-at-top
+  """Draft nodes of a method's tree (the spec grammar's split, so a
+  drafter option holding a path, eagle@checkpoint=<dir>/chain4, works)."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding import tree_specs
+  from seqdec.decoding.spec import SpecConfig
+  # pylint: enable=g-import-not-at-top
   if "/" not in method:
     return 0
-  return tree_specs.parse(method.partition("/")[2]).num_nodes - 1
+  return tree_specs.parse(SpecConfig.parse(method).tree).num_nodes - 1
 
 
 def summarize(rows, methods, bench, greedy=True):
