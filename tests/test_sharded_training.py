@@ -159,9 +159,10 @@ def test_training_on_data4_model2_equals_one_device(tmp_path, data,
   # parameters carry no logical axes and are replicated.
   assert any("model" in s for s in got["eagle"]["specs"])
   assert got["lm"]["specs"] == [str(PartitionSpec())]
-  # Validation (4 rows) once, then 3 steps of 4 rows: one process reads
-  # every row of the batch.
-  assert got["reads"] == [4, 4, 4, 4]
+  # Validation (4 rows: sampled positions, then every position for the
+  # chain τ replay), then 3 steps of 4 rows: one process reads every row
+  # of the batch.
+  assert got["reads"] == [4, 4, 4, 4, 4]
 
 
 @pytest.mark.slow
@@ -176,7 +177,8 @@ def test_two_processes_train_like_one(tmp_path, data, one_device):
   [want], want_params = one_device
   assert [r["process"] for r in got] == [0, 1]
   for r in got:
-    # validation: all 4 rows once; then 3 training steps of 2 rows each.
-    assert r["reads"] == [4, 2, 2, 2], r
+    # validation: all 4 rows (sampled positions, then every position for
+    # the chain τ replay); then 3 training steps of 2 rows each.
+    assert r["reads"] == [4, 4, 2, 2, 2], r
   assert got[0]["eagle"]["losses"] == got[1]["eagle"]["losses"]
   assert_same_run(got[0], want, params, want_params, kinds=("eagle",))
