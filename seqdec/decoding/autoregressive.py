@@ -21,7 +21,7 @@ from flax import nnx
 
 from seqdec.decoding.loops import DecodeShapes, Inputs, LoopMixin
 from seqdec.decoding.sampling import Sampler, step_keys
-from seqdec.models.protocol import run_prompt
+from seqdec.models.protocol import head_input, run_prompt
 
 
 def prefill(model, tokens: jax.Array, prompt_len: jax.Array,
@@ -56,8 +56,7 @@ def prefill_features(model, tokens: jax.Array, prompt_len: jax.Array,
   features, cache = run_prompt(model, tokens,
                                model.init_cache(tokens.shape[0], capacity),
                                prompt_len, feature_taps=tuple(taps))
-  d = features.shape[-1] // (len(taps) + 1)
-  last = jnp.take_along_axis(features[..., -d:],
+  last = jnp.take_along_axis(head_input(features, taps),
                              (prompt_len - 1)[:, None, None], 1)
   return model.head(last[:, 0]), features, cache
 

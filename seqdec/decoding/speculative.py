@@ -44,7 +44,7 @@ from seqdec.decoding.sampling import Sampler, step_keys
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.decoding.verify import Greedy
 from seqdec.errors import TreeError
-from seqdec.models.protocol import backbone_features
+from seqdec.models.protocol import backbone_features, head_input
 
 
 @flax.struct.dataclass
@@ -245,8 +245,7 @@ class SpecLoop(LoopMixin):
         return logits, None, cache
       features, cache = backbone_features(model, tokens, pos, cache, mask,
                                           taps)
-      d = features.shape[-1] // (len(taps) + 1)
-      return model.head(features[..., -d:]), features, cache
+      return model.head(head_input(features, taps)), features, cache
 
     def whole_tree(cache):
       return forward(tree.tokens, positions, cache, tree.mask)

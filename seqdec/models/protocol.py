@@ -102,6 +102,12 @@ def backbone_features(model: Target, tokens: jax.Array, positions: jax.Array,
                          + [model.features(hidden)], axis=-1), cache
 
 
+def head_input(features: jax.Array, taps: Sequence[int] = ()) -> jax.Array:
+  """The LM head's input f from `backbone_features`' output: its last
+  D = width / (len(taps) + 1) features."""
+  return features[..., -(features.shape[-1] // (len(taps) + 1)):]
+
+
 def run_prompt(model: Target, tokens: jax.Array, cache: Any,
                n_commit: jax.Array,
                layers: Optional[Sequence[int]] = None,
