@@ -28,11 +28,19 @@ PLATFORMS = (None, "cpu", "tpu", "gpu")
 # rounded to bf16 at the matmul); the residual stream, norms and their
 # scales, RoPE, attention, softmax and logits stay float32
 # (`seqdec.models.transformer.with_precision`).
+# f32_packed is f32 with every weight matmul run by the CPU kernel of
+# `seqdec.kernels.packed_matmul` on weights stored in its panel layout:
+# a 2-16-token call reads the weights once, as a 1-token step does.
 PRECISIONS = {
-    "f32": dict(dtype="float32", param_dtype="float32", matmul_dtype=None),
+    "f32": dict(dtype="float32", param_dtype="float32", matmul_dtype=None,
+                matmul_impl="xla"),
     "bf16_weights": dict(dtype="float32", param_dtype="bfloat16",
-                         matmul_dtype="bfloat16"),
+                         matmul_dtype="bfloat16", matmul_impl="xla"),
+    "f32_packed": dict(dtype="float32", param_dtype="float32",
+                       matmul_dtype=None, matmul_impl="packed"),
 }
+# `TransformerConfig.matmul_impl`: XLA's dot, or the packed CPU kernel.
+MATMUL_IMPLS = ("xla", "packed")
 # Per-layer attention kinds (HF `layer_types` names).
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
@@ -126,6 +134,10 @@ class TransformerConfig:
       (Mosaic on 'tpu', Triton on 'gpu'), which is what `seqdec.export`
       needs to lower TPU/GPU programs on a CPU host; it also picks the
       XLA attention contraction for that platform. Not a hyper-parameter.
+    matmul_impl: 'xla', or 'packed': the weight matrices are stored as
+      `seqdec.kernels.packed_matmul.PackedWeight` panels and multiplied by
+      its CPU kernel (the f32_packed policy, set by
+      `transformer.with_precision`, which also packs the weights).
   """
 
   vocab_size: int
@@ -159,6 +171,7 @@ class TransformerConfig:
   architecture: str = "LlamaForCausalLM"
   attention_impl: str = "auto"
   platform: Optional[str] = None
+  matmul_impl: str = "xla"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -201,6 +214,9 @@ class TransformerConfig:
     if self.platform not in PLATFORMS:
       raise ValueError(f"unknown platform {self.platform!r}; expected one of "
                        f"{PLATFORMS}")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"unknown matmul_impl {self.matmul_impl!r}; expected "
+                       f"one of {MATMUL_IMPLS}")
     as_dtype(self.dtype)
     as_dtype(self.param_dtype)
     if self.matmul_dtype is not None:

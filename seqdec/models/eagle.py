@@ -55,9 +55,12 @@ def eagle_config(target) -> TransformerConfig:
   """The one-block config of an EAGLE drafter for `target`: the target's
   layer shapes and family, every layer global (no sliding window). A
   Mamba-2 / hybrid target (`hybrid.HybridConfig`) lends its attention
-  layers' config: the drafter is a decoder block of the same width."""
+  layers' config: the drafter is a decoder block of the same width. Its
+  own weights are plain arrays (`matmul_impl` 'xla' whatever the target's
+  policy packs)."""
   target = getattr(target, "attention_config", target)
-  return target.replace(num_layers=1, layer_types=None, sliding_window=None)
+  return target.replace(num_layers=1, layer_types=None, sliding_window=None,
+                        matmul_impl="xla")
 
 
 def eagle3_taps(num_layers: int) -> tuple[int, int]:

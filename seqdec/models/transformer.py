@@ -44,6 +44,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from seqdec.kernels import packed_matmul
+from seqdec.kernels.packed_matmul import PackedWeight
 from seqdec.kernels.tree_attention import kernel_options, tree_attention
 from seqdec.kernels.tree_mask import pack_mask
 from seqdec.models.config import PRECISIONS, TransformerConfig, as_dtype
@@ -295,8 +297,13 @@ def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
   the accumulation dtype (logits). Under the bf16_weights policy
   (`config.PRECISIONS`) the activation is rounded to bf16 here and meets
   the bf16 weight in a bf16 x bf16 -> f32 dot: a bf16 x f32 dot would be
-  promoted to f32 and run no bf16 kernel."""
+  promoted to f32 and run no bf16 kernel. A `PackedWeight` (the f32_packed
+  policy) is multiplied by its CPU kernel; `spec` then contracts x's last
+  axis with the packed matrix's input, as every spec here does."""
   acc = jnp.promote_types(dtype, jnp.float32)
+  if isinstance(w, PackedWeight):
+    y = w.matmul(x.astype(jnp.float32))
+    return y.astype(dtype) if cast else y
   x = x.astype(mm_dtype)
   rows = x.size // x.shape[-1]
   pad = rows == 1 and jnp.dtype(mm_dtype) == jnp.bfloat16
@@ -739,7 +746,11 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """`[B, T]` ids -> `[B, T, D]` embeddings (times sqrt(D) with
     `embed_scale`, rounded to the parameter dtype as HF does)."""
-    e = jnp.take(self.embed[...], tokens, axis=0)
+    table = self.embed[...]
+    if isinstance(table, PackedWeight):   # a tied embedding, packed as head
+      e = table.columns(tokens)
+    else:
+      e = jnp.take(table, tokens, axis=0)
     if self.config.embed_scale:
       e = e * jnp.asarray(math.sqrt(self.config.hidden_size), e.dtype)
     return e.astype(self.dtype)
@@ -755,12 +766,18 @@ class Transformer(nnx.Module):
     (float32 or wider): logits = features @ W_head (the tied embedding's
     transpose when `tie_embeddings`); with `ids` `[M]`, only those
     vocabulary entries' logits `[..., M]` (a trimmed drafter head)."""
+    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
+    if isinstance(w, PackedWeight):   # f32_packed: [D, V] panels either way
+      if ids is None:
+        return _matmul("...d,dv->...v", features, w, self.dtype,
+                       self.mm_dtype, cast=False)
+      return _matmul("...d,vd->...v", features, w.columns(ids), self.dtype,
+                     self.mm_dtype, cast=False)
     if self.lm_head is None:
-      w = self.embed[...] if ids is None else jnp.take(self.embed[...], ids, 0)
+      w = w if ids is None else jnp.take(w, ids, 0)
       return _matmul("...d,vd->...v", features, w, self.dtype, self.mm_dtype,
                      cast=False)
-    w = self.lm_head[...] if ids is None else jnp.take(self.lm_head[...], ids,
-                                                        1)
+    w = w if ids is None else jnp.take(w, ids, 1)
     return _matmul("...d,dv->...v", features, w, self.dtype, self.mm_dtype,
                    cast=False)
 
@@ -816,13 +833,18 @@ def reconfigured(model: Transformer, **changes) -> Transformer:
 
 def with_precision(model: Transformer, policy: str) -> Transformer:
   """`model` under a precision policy of `config.PRECISIONS` ('f32',
-  'bf16_weights'): the weight matrices and the embedding (every parameter
-  of rank >= 2) cast to the policy's param dtype, norm scales and biases
-  kept float32, and the matmul operand dtype set; the same function
-  otherwise.
+  'bf16_weights', 'f32_packed'): the weight matrices and the embedding
+  (every parameter of rank >= 2) cast to the policy's param dtype, norm
+  scales and biases kept float32, and the matmul operand dtype set; the
+  same function otherwise. Under 'f32_packed' every weight matmul's matrix
+  (and a tied embedding, the LM head) is then stored as a `PackedWeight`
+  (`seqdec.kernels.packed_matmul`, whose kernel is built for this host
+  here, once).
 
   Raises:
     ValueError: an unknown policy.
+    KernelBuildError: 'f32_packed' on a host where the kernel cannot be
+      built.
   """
   if policy not in PRECISIONS:
     raise ValueError(f"unknown precision policy {policy!r}; expected one of "
@@ -835,9 +857,34 @@ def with_precision(model: Transformer, policy: str) -> Transformer:
   state = nnx.state(model)
 
   def cast(x):
+    if isinstance(x, PackedWeight):     # from f32_packed: back to a matrix
+      x = x.to_array()
     keep = x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating)
     return x if keep else x.astype(pdt)
-  return nnx.merge(graphdef, jax.tree.map(cast, state))
+  twin = nnx.merge(graphdef, jax.tree.map(
+      cast, state, is_leaf=lambda x: isinstance(x, PackedWeight)))
+  if config.matmul_impl == "packed":
+    pack_weights(twin)
+  return twin
+
+
+def pack_weights(model: Transformer) -> None:
+  """Replaces, in place, each weight matmul's matrix by its `PackedWeight`:
+  q/k/v, o, gate/up and down of every block, and the LM head (a tied
+  embedding is packed as the head; the token lookup reads its columns)."""
+  packed_matmul.ensure_registered()
+
+  def pack(param, transposed=False):
+    param.set_value(PackedWeight.from_matrix(param.get_value(),
+                                             transposed=transposed))
+  for block in model.layers:
+    for param in (block.attn.qkv_proj, block.attn.o_proj,
+                  block.mlp.gate_up_proj, block.mlp.down_proj):
+      pack(param)
+  if model.lm_head is None:
+    pack(model.embed, transposed=True)
+  else:
+    pack(model.lm_head)
 
 
 def create(config: TransformerConfig, seed: int = 0) -> Transformer:
