@@ -24,6 +24,7 @@ setup(
     packages=find_packages(include=["seqdec", "seqdec.*"]),
     # Trained drafters shipped for installed models (checkpoints/drafters.py).
     package_data={"seqdec.parallel": ["scan_table.json"],
+                  "seqdec.kernels": ["cpu/*.cc"],
                   "seqdec.checkpoints": ["shipped/*/*.json",
                                          "shipped/*/*.safetensors",
                                          "shipped/*/*.npz"]},

@@ -98,8 +98,14 @@ _TEMPERATURE = flags.DEFINE_float(
     "samples too (do_sample=True).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (T > 0).")
 _PRECISION = flags.DEFINE_string(
-    "precision", "f32", "The target's precision policy (f32, bf16_weights; "
-    "seqdec.models.config.PRECISIONS), for every method of the run.")
+    "precision", "f32", "The target's precision policy (f32, f32_packed, "
+    "bf16_weights; seqdec.models.config.PRECISIONS), for every method of the "
+    "run.")
+_AR_POLICIES = flags.DEFINE_list(
+    "ar_policies", [], "More autoregressive baselines, one per precision "
+    "policy (method 'ar[<policy>]', the target loaded under it), measured "
+    "side by side; the report divides every method's tok/s by the fastest "
+    "autoregressive configuration of the run too.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Rebuild the summary, tables and plot from the "
     "per-prompt rows already in --output (e.g. an interrupted run), running "
@@ -121,15 +127,40 @@ def parse_method(method):
                           draft_layers=_DRAFT_LAYERS.value)
 
 
-def build_generators(methods, model, tokenizer, n):
+def ar_policy(method):
+  """The policy of an 'ar[<policy>]' baseline, else None."""
+  if method.startswith("ar[") and method.endswith("]"):
+    return method[3:-1]
+  return None
+
+
+def build_generators(methods, model, tokenizer, n, load):
   """`{method: Generator}` for every seqdec method ('auto' rules: greedy at
   temperature 0, the lossless 'sample' at T > 0, unless a method names
-  another with @rule=)."""
+  another with @rule=); an 'ar[<policy>]' baseline decodes the target
+  `load(policy)` returns."""
   from seqdec.generator import Generator  # pylint: disable=g-import-not-at-top
-  return {m: Generator(model, tokenizer, parse_method(m), max_new_tokens=n,
-                       eos_ids=(), temperature=_TEMPERATURE.value,
-                       seed=_SEED.value)
+  kw = dict(max_new_tokens=n, eos_ids=(), temperature=_TEMPERATURE.value,
+            seed=_SEED.value)
+  return {m: (Generator(load(ar_policy(m)), tokenizer, AR, **kw)
+              if ar_policy(m) else
+              Generator(model, tokenizer, parse_method(m), **kw))
           for m in methods if m != HF_PLD}
+
+
+def fastest_ar(summary, methods, bench):
+  """`(method, tok/s)` of the fastest autoregressive configuration (median
+  tok/s over all prompts), and every method's overall and per-category
+  median tok/s over that configuration's."""
+  ars = [m for m in methods if m == AR or ar_policy(m)]
+  o = summary["overall"]
+  best = max(ars, key=lambda m: o[m]["decode_tps"]["median"])
+  ratios = {}
+  for group, s in [("overall", o), *summary["by_category"].items()]:
+    den = s[best]["decode_tps"]["median"]
+    ratios[group] = {m: bench.ratio(s[m]["decode_tps"]["median"], den)
+                     for m in methods if s[m].get("decode_tps")}
+  return best, o[best]["decode_tps"]["median"], ratios
 
 
 def run_hf_pld(hf, ids, n):
@@ -288,7 +319,7 @@ def phase_split(gens, inputs, n, bench):
   out = {}
   temperature = _TEMPERATURE.value
   for m, gen in gens.items():
-    if m == AR:
+    if not gen.speculative:
       continue
     totals = {"draft": 0.0, "verify": 0.0, "finish": 0.0, "rounds": 0}
     for p, ids in picks.values():
@@ -318,6 +349,9 @@ def main(argv):
   methods = list(_METHODS.value)
   if AR not in methods:
     methods.insert(0, AR)
+  for policy in _AR_POLICIES.value:
+    if policy != _PRECISION.value and f"ar[{policy}]" not in methods:
+      methods.insert(1, f"ar[{policy}]")
   n, per_category = bench.quick_settings(
       _QUICK.value, _MAX_NEW_TOKENS.value,
       flags.FLAGS["max_new_tokens"].present, _PER_CATEGORY.value)
@@ -355,7 +389,9 @@ def main(argv):
 
   model, tokenizer = seqdec.load_pretrained(gguf_path,
                                             precision=_PRECISION.value)
-  gens = build_generators(methods, model, tokenizer, n)
+  gens = build_generators(
+      methods, model, tokenizer, n,
+      lambda policy: seqdec.load_pretrained(gguf_path, precision=policy)[0])
   hf = None
   if HF_PLD in methods:
     from hf_baseline import HFSide  # pylint: disable=g-import-not-at-top
@@ -399,6 +435,10 @@ def main(argv):
 
 def _one(x):
   return "-" if x is None else f"{x:.1f}"
+
+
+def _two(x):
+  return "-" if x is None else f"{x:.2f}"
 
 
 def auto_trees(methods, summary):
@@ -472,10 +512,21 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
          for m, v in phases.items()])
   auto = auto_trees(methods, summary)
   record["auto_trees"] = auto
+  best_ar, best_tps, vs_best = fastest_ar(summary, methods, bench)
+  record["fastest_ar"] = dict(method=best_ar, decode_tps=best_tps,
+                              speedups=vs_best)
   bench.write_json(_OUTPUT.value, record)
   text = (f"{kind[0].upper() + kind[1:]}, batch 1, N={n} new tokens, {len(rows)} prompts, "
           f"median [p10-p90] over prompts.\n\n{overall_md}\n\n"
           f"Best lossless seqdec method per category:\n\n{per_cat_md}\n")
+  groups = list(vs_best)
+  text += (f"\nEvery method against the fastest autoregressive configuration "
+           f"of this run, `{best_ar}` ({best_tps:.1f} tok/s overall; target "
+           f"policy of the other methods: {config['precision']}), median "
+           f"tok/s ratios:\n\n" + bench.markdown_table(
+               ["method", *groups],
+               [[m, *[_two(vs_best[g].get(m)) for g in groups]]
+                for m in methods if m in vs_best["overall"]]) + "\n")
   if auto:
     text += ("\n`tree=auto` (Sequoia's hardware-aware choice from this host's "
              "profile):\n\n" + bench.markdown_table(

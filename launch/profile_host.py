@@ -41,8 +41,8 @@ _DRAFT_SIZES = flags.DEFINE_list("draft_sizes", ["1", "2", "4", "8", "16",
 _CACHE = flags.DEFINE_list("cache_lens", ["128", "512"],
                            "Committed cache lengths S.")
 _POLICIES = flags.DEFINE_list(
-    "policies", ["f32"], "Precision policies to measure (f32, bf16_weights); "
-    "the drafter curves use the first.")
+    "policies", ["f32"], "Precision policies to measure (f32, f32_packed, "
+    "bf16_weights); the drafter curves use the first.")
 _ACCEPT = flags.DEFINE_multi_string(
     "acceptance", [], "Acceptance files whose drafters to measure.")
 _OUT = flags.DEFINE_string("out", None, "Profile file (default: "

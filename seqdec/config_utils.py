@@ -90,8 +90,10 @@ def decode_config(model: str = "smollm2-135m-instruct",
   c.model = "tiny" if runlocal else model
   c.dtype = "float32"          # bfloat16 on accelerators; f32 on CPU
   # Precision policy of the target (seqdec.models.config.PRECISIONS): f32,
-  # bf16_weights (bf16 weights, bf16 x bf16 -> f32 matmuls, the rest f32),
-  # or auto (the cheapest on this host's profile, launch/profile_host.py).
+  # f32_packed (f32, weight matmuls by the packed CPU kernel: cheap
+  # verifies), bf16_weights (bf16 weights, bf16 x bf16 -> f32 matmuls, the
+  # rest f32), or auto (the cheapest on this host's profile,
+  # launch/profile_host.py).
   c.precision = "f32"
   c.max_new_tokens = 16 if runlocal else 128
   c.temperature = 0.0          # 0 = greedy

@@ -135,6 +135,10 @@ class Generator:
     self._loop_params = (self.params,
                          self.drafter.params if self.speculative else ())
     self.sharding_plan = None
+    if mesh is not None and getattr(model.config, "matmul_impl",
+                                    "xla") == "packed":
+      raise ConfigError("the f32_packed policy runs a single-host CPU kernel "
+                        "and cannot be sharded; use precision=f32 with a mesh")
     if mesh is not None:   # parameters split by the logical-axis rules
       self.sharding_plan = sharding.plan_params(self._loop_params, mesh)
       self._loop_params = sharding.place(self._loop_params, mesh,
