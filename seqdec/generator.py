@@ -225,10 +225,12 @@ class Generator:
     if not self.speculative:
       return AutoregressiveLoop(target=self.graphdef, sampler=sampler,
                                 shapes=shapes)
+    packed = getattr(self.model.config, "matmul_impl", "xla") == "packed"
     return SpecLoop(target=self.graphdef, drafter=self.drafter,
                     tree=self.tree,
                     rule=spec_lib.build_rule(self.spec, temperature),
-                    sampler=sampler, shapes=shapes, gate=self.spec.gate)
+                    sampler=sampler, shapes=shapes, gate=self.spec.gate,
+                    root_fallback=not packed)
 
   @property
   def loop_params(self):

@@ -43,3 +43,20 @@ def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array,
     index[axis] = start[b]
     buf = jax.lax.dynamic_update_slice(buf, new[b:b + 1], tuple(index))
   return buf
+
+
+def argmax_last(x: jax.Array) -> jax.Array:
+  """`[..., V] -> [...]` int32: the first index of the largest entry of each
+  row (of the first NaN, if any), as `jnp.argmax(x, -1)`:
+
+      m = max_v x[v];   argmax = min { v : x[v] = m or x[v] is NaN }
+
+  Two plain reductions instead of argmax's (value, index) pair reduction,
+  which XLA:CPU does not vectorise: ~4x faster over [5, 49152] logits
+  (0.22 vs 0.88 ms), and a verify takes several per round.
+  """
+  m = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == m) | jnp.isnan(x)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+

@@ -66,13 +66,15 @@ def top2_margin(logits: jax.Array) -> jax.Array:
   greedy choice from a tie (float32 token-equality checks skip positions
   where it is tiny, CONTRIBUTING.md)."""
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  # Two max-reductions, not lax.top_k: XLA:CPU lowers top_k inside a loop
-  # to a full sort of the V logits (milliseconds per row at V = 49k).
-  best = jnp.argmax(x, axis=-1)
-  first = jnp.take_along_axis(x, best[..., None], axis=-1)[..., 0]
-  vocab = jnp.arange(x.shape[-1])
-  second = jnp.max(jnp.where(vocab == best[..., None], -jnp.inf, x), axis=-1)
-  return first - second
+  # Plain max-reductions, not lax.top_k (XLA:CPU lowers top_k inside a loop
+  # to a full sort of the V logits, milliseconds per row at V = 49k) nor
+  # argmax (a pair reduction it does not vectorise): the runner-up is the
+  # max over the other entries, or the max itself when it is tied.
+  first = jnp.max(x, axis=-1)
+  at_max = x == first[..., None]
+  second = jnp.max(jnp.where(at_max, -jnp.inf, x), axis=-1)
+  tied = jnp.sum(at_max, axis=-1) > 1
+  return first - jnp.where(tied, first, second)
 
 
 @flax.struct.dataclass

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqdec.parallel import sharding
+from seqdec.ops import argmax_last
 
 
 @flax.struct.dataclass
@@ -168,7 +169,7 @@ class Sampler:
   def __call__(self, logits: jax.Array, keys: jax.Array,
                params: SamplingParams):
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = argmax_last(logits)
     if self.greedy:
       tokens = best
     else:
@@ -228,7 +229,7 @@ def processed_probs(logits: jax.Array, params: SamplingParams,
   Speculative sampling rules use this as the target.
   """
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  best = jnp.argmax(x, axis=-1)
+  best = argmax_last(x)
   z = Temperature()(x, params)
 
   def only_where(enabled, rule, z):

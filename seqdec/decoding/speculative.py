@@ -45,6 +45,7 @@ from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.decoding.verify import Greedy
 from seqdec.errors import TreeError
 from seqdec.models.protocol import backbone_features, head_input
+from seqdec.models.transformer import KVCache
 
 
 @flax.struct.dataclass
@@ -148,9 +149,17 @@ class SpecLoop(LoopMixin):
       to accept fewer than `gate` of (`Tree.gated`: rows with deterministic
       children only, which keeps every rule lossless) verifies its root alone
       that round, and when no row speculates the verify is one decoding step
+      (with `root_fallback`)
       (`verify`); 0 never gates. A threshold of verify(N) / verify(1) - 1
       is the break-even of an N-node tree
       (`host_profile.HostProfile.break_even`).
+    root_fallback: when no row has a draft node, verify the roots alone
+      (a `lax.cond` between a T = N and a T = 1 forward). Its price is a
+      copy of every cache buffer in each branch (XLA:CPU does not update
+      a conditional's operands in place): worth it where a T = N forward
+      costs well above a T = 1 one (XLA's f32 GEMMs), not under the
+      packed kernel, where a 5-node verify costs about one step
+      (`Generator` turns it off there).
   """
   target: Any
   drafter: Drafter
@@ -159,6 +168,7 @@ class SpecLoop(LoopMixin):
   sampler: Sampler
   shapes: DecodeShapes
   gate: float = 0.0
+  root_fallback: bool = True
 
   @property
   def capacity(self) -> int:
@@ -259,6 +269,8 @@ class SpecLoop(LoopMixin):
 
     if tree.tokens.shape[1] == 1:
       logits, features, cache = roots_only(draft.cache)
+    elif not self.root_fallback:
+      logits, features, cache = whole_tree(draft.cache)
     else:
       logits, features, cache = jax.lax.cond(
           jnp.any(tree.valid[:, 1:]), whole_tree, roots_only, draft.cache)
@@ -295,7 +307,12 @@ class SpecLoop(LoopMixin):
                          s.num_new)
     num_new = s.num_new + c
     done = s.done | (live & (stop & keep).any(1)) | (num_new >= inputs.max_new)
-    cache = model.commit(verdict.cache, c, acc.path)
+    # On a chain the kept nodes are a prefix: a KV cache has them in place
+    # already (no gather and write per layer; a recurrent state still
+    # replays the path).
+    prefix = (getattr(self.tree, "is_chain", False)   # a dynamic tree: no
+              and isinstance(verdict.cache, KVCache))
+    cache = model.commit(verdict.cache, c, None if prefix else acc.path)
     outcome = Outcome(path=acc.path, num_kept=c, tokens=acc.tokens,
                       features=None if verdict.features is None else
                       jnp.take_along_axis(verdict.features,

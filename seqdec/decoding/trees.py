@@ -132,6 +132,12 @@ class TreeShape:
     return int(self.depth.max())
 
   @property
+  def is_chain(self) -> bool:
+    """Every node's parent is the node before it (root -> 1 -> 2 -> ...):
+    an accepted path is then always a prefix of the nodes."""
+    return self.parents == tuple(range(-1, self.num_nodes - 1))
+
+  @property
   def max_children(self) -> int:
     """The largest number of children of any node (top-k width needed)."""
     counts = np.bincount(np.asarray(self.parents[1:], np.int64),

@@ -36,6 +36,7 @@ from seqdec.errors import ConfigError
 from seqdec.decoding import trees
 from seqdec.decoding.sampling import SamplingParams, processed_probs
 from seqdec.decoding.trees import Tree
+from seqdec.ops import argmax_last
 from seqdec.parallel import sharding
 
 
@@ -131,7 +132,7 @@ class Greedy(AcceptanceRule):
   def __call__(self, tree, logits, keys=None, sparams=None, max_depth=None):
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
-    y = jnp.argmax(logits, axis=-1).astype(jnp.int32)                # [B, N]
+    y = argmax_last(logits)                                          # [B, N]
     parent_y = jnp.take_along_axis(y, jnp.maximum(tree.parents, 0), axis=1)
     ok = tree.valid & (tree.tokens == parent_y)
     path, num_accepted = deepest_accepted_path(tree, ok, max_depth)
