@@ -20,6 +20,8 @@ each M and each variant:
     left    the weights as the left operand: y^T = W^T x^T, W^T [out, in]
     bf16    bf16 W and x, f32 accumulation (`preferred_element_type`), the
             bf16_weights policy's matmul
+    packed  W stored as 16-column panels, multiplied by seqdec's C++ kernel
+            (`seqdec.kernels.packed_matmul`, the f32_packed policy)
 
 and, each in its own process (XLA reads XLA_FLAGS once, at start), for
 each set of XLA:CPU flags in --flag_sets. It reports ms per 30-layer stack
@@ -47,7 +49,8 @@ if _ROOT not in sys.path:
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Tokens M.")
-flags.DEFINE_list("variants", ["xw", "split", "wt", "left", "bf16"],
+flags.DEFINE_list("variants", ["xw", "split", "wt", "left", "bf16",
+                               "packed"],
                   "Dot forms (module docstring).")
 flags.DEFINE_multi_string(
     "flag_sets",
@@ -81,6 +84,7 @@ def _measure(variant: str, sizes, layers: int, per_round: int,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from seqdec import host_profile  # pylint: disable=g-import-not-at-top
+  from seqdec.kernels import packed_matmul  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   wdtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
@@ -91,8 +95,12 @@ def _measure(variant: str, sizes, layers: int, per_round: int,
     for name, din, dout in _shapes(variant):
       w = (rng.standard_normal((din, dout), np.float32) / np.sqrt(din))
       layer[name] = jnp.asarray(w.T if transposed else w, wdtype)
+      if variant == "packed":
+        layer[name] = packed_matmul.PackedWeight.from_matrix(layer[name])
     weights.append(layer)
-  nbytes = sum(x.nbytes for layer in weights for x in layer.values())
+  if variant == "packed":
+    packed_matmul.ensure_registered()
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(weights))
 
   def mm(x, w):
     if variant == "wt":
@@ -102,6 +110,8 @@ def _measure(variant: str, sizes, layers: int, per_round: int,
     if variant == "bf16":
       return jnp.dot(x.astype(jnp.bfloat16), w,
                      preferred_element_type=jnp.float32)
+    if variant == "packed":
+      return w.matmul(x)
     return x @ w
 
   def stack(weights, y):

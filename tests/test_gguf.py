@@ -878,6 +878,24 @@ def test_smollm2_log_softmax_parity(smollm2, hf_smollm2):
 @pytest.mark.slow
 @pytest.mark.oracle
 @pytest.mark.realmodel
+def test_smollm2_f32_packed_log_softmax_parity(smollm2, hf_smollm2):
+  """The f32_packed policy (weight matmuls by the packed CPU kernel, its own
+  float32 summation order) against the same float64 oracle and bound as
+  float32 (`test_smollm2_log_softmax_parity`)."""
+  from seqdec.models.transformer import with_precision  # pylint: disable=g-import-not-at-top
+  model, _, ids, _ = smollm2
+  packed = with_precision(model, "f32_packed")
+  ours = _log_softmax64(forward_logits(packed, ids))
+  oracle = _log_softmax64(hf_smollm2["logits64"])
+  delta = float(np.abs(ours - oracle).max())
+  print(f"\nSmolLM2 GGUF, f32_packed vs transformers f64: max |Δ log_softmax| "
+        f"= {delta:.3e} (bound {TOL})")
+  assert delta <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+@pytest.mark.realmodel
 def test_smollm2_greedy_32_tokens(smollm2, hf_smollm2):
   """32 greedy tokens: forward T=1 + commit per token == transformers."""
   model, tok, ids, _ = smollm2

@@ -1,4 +1,5 @@
-"""Precision policies (issue 15): f32 and bf16_weights.
+"""Precision policies (issue 15): f32, bf16_weights and f32_packed (its
+kernel's own tests: test_packed_matmul.py).
 
 bf16_weights keeps the weight matrices in bfloat16 and runs their matmuls
 as bf16 x bf16 -> f32; the rest stays float32. A forward over one token
@@ -105,17 +106,18 @@ def test_auto_precision_follows_the_host_profile(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_smollm2_bf16_weights_speculation_equals_autoregression():
-  """SmolLM2 under bf16_weights: the T=1 vs T=16 logit difference is
+@pytest.mark.parametrize("policy", ["bf16_weights", "f32_packed"])
+def test_smollm2_speculation_equals_autoregression_under_policy(policy):
+  """SmolLM2 under a policy: the T=1 vs T=16 logit difference is
   measured on a real prompt, and greedy speculative (n-gram, 4-chains)
   equals greedy AR wherever the AR margin exceeds twice it."""
   model, tok = seqdec.load_pretrained("smollm2-135m-instruct",
-                                      precision="bf16_weights")
+                                      precision=policy)
   text = ("The capital of France is Paris. The capital of Germany is Berlin. "
           "The capital of Italy is")
   delta = stepwise_vs_tree_delta(model, tok.encode(text)[:16])
   threshold = 2 * delta
-  print(f"bf16_weights SmolLM2: max |dlogit| T=1 vs T=16 = {delta:.3g}")
+  print(f"{policy} SmolLM2: max |dlogit| T=1 vs T=16 = {delta:.3g}")
   prompts = ["List the days of the week, then list them again."]
   kw = dict(max_new_tokens=32)
   ar = Generator(model, tok, **kw).generate(prompts)
