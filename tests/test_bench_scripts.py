@@ -48,3 +48,25 @@ def test_bench_spec_runs_on_gemma(tmp_path):
   [row] = record["per_prompt"]
   assert row["ngram/chain4"]["tokens"] == row["ar"]["tokens"]
   assert record["config"]["model"] == "gemma3-270m"
+
+
+def test_bench_spec_divides_by_the_fastest_autoregressive_policy(tmp_path):
+  """--ar_policies: an autoregressive baseline per extra policy, measured in
+  the same run, and the report's denominator is the fastest of them."""
+  out = tmp_path / "spec.json"
+  run_script("bench_spec.py", "--categories=rewrite", "--per_category=1",
+             "--max_new_tokens=8", "--nophases", "--precision=f32_packed",
+             "--ar_policies=f32", "--methods=ar,ngram/chain4",
+             f"--output={out}")
+  record = json.loads(out.read_text())
+  [row] = record["per_prompt"]
+  assert row["ngram/chain4"]["tokens"] == row["ar"]["tokens"]
+  assert "ar[f32]" in row and record["config"]["precision"] == "f32_packed"
+  best = record["fastest_ar"]
+  tps = {m: record["summary"]["overall"][m]["decode_tps"]["median"]
+         for m in ("ar", "ar[f32]")}
+  assert best["method"] == max(tps, key=tps.get)
+  ngram = record["summary"]["overall"]["ngram/chain4"]["decode_tps"]["median"]
+  assert best["speedups"]["overall"]["ngram/chain4"] == pytest.approx(
+      ngram / tps[best["method"]])
+  assert "fastest autoregressive" in (tmp_path / "spec.md").read_text()

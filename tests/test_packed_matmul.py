@@ -20,7 +20,7 @@ from seqdec.kernels import packed_matmul as pm
 from seqdec.models import transformer as tr
 
 # (M, K, N): one row; a tree's worth with N not a multiple of 16 and an odd
-# number of panels; more rows than a register tile (8) with a tail tile.
+# number of panels; more rows than a register tile (12): two row blocks.
 SHAPES = [(1, 64, 48), (5, 96, 40), (13, 32, 64)]
 
 

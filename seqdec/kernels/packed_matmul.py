@@ -13,7 +13,7 @@ module stores each weight matrix once in the layout its matmul streams,
     y[m, n] = sum_k x[m, k] W[k, n]
 
 in a small C++ kernel (`cpu/packed_matmul.cc`) called through the XLA FFI:
-register tiles of up to 8 rows x 32 columns, float32 fused multiply-adds
+register tiles of up to 12 rows x 32 columns, float32 fused multiply-adds
 in k order, panel pairs split over the host's cores. Every output
 accumulates in the same order whatever the number of rows, so the matmul
 is batch-invariant: a row's result does not depend on the other rows of

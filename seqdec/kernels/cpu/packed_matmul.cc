@@ -35,7 +35,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kLanes = 16;    // columns per panel
-constexpr int kMaxRows = 8;   // rows per register tile
+constexpr int kMaxRows = 12;  // rows per register tile (24 zmm accumulators)
 
 // 16 float32 lanes: one zmm register under AVX-512, two ymm under AVX2.
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
@@ -90,8 +90,8 @@ void Tile(const float* x, int64_t K, const float* w, int pairs, float* y,
 using TileFn = void (*)(const float*, int64_t, const float*, int, float*,
                         int64_t);
 constexpr TileFn kTiles[kMaxRows + 1] = {
-    nullptr,  Tile<1>, Tile<2>, Tile<3>, Tile<4>,
-    Tile<5>,  Tile<6>, Tile<7>, Tile<8>};
+    nullptr, Tile<1>, Tile<2>, Tile<3>,  Tile<4>,  Tile<5>, Tile<6>,
+    Tile<7>, Tile<8>, Tile<9>, Tile<10>, Tile<11>, Tile<12>};
 
 struct Job {
   const float* x;
@@ -105,8 +105,11 @@ void RunPanels(const Job& job, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; p += 2) {
     const int pairs = p + 1 < p1 ? 2 : 1;
     const float* w = job.panels + p * job.K * kLanes;
-    for (int64_t m0 = 0; m0 < job.M; m0 += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, job.M - m0));
+    // Row blocks of near-equal size (16 rows: 8 + 8, not 12 + 4).
+    const int64_t blocks = (job.M + kMaxRows - 1) / kMaxRows;
+    const int64_t block = (job.M + blocks - 1) / blocks;
+    for (int64_t m0 = 0; m0 < job.M; m0 += block) {
+      const int rows = static_cast<int>(std::min<int64_t>(block, job.M - m0));
       kTiles[rows](job.x + m0 * job.K, job.K, w, pairs, job.y + m0 * job.N + p * kLanes,
                    job.N);
     }
