@@ -211,15 +211,12 @@ class PackedWeight:
     return int(np.prod(self.out_shape))
 
   @classmethod
-  def from_matrix(cls, w: Any, in_ndim: int = 1,
-                  transposed: bool = False) -> "PackedWeight":
+  def from_matrix(cls, w: Any, transposed: bool = False) -> "PackedWeight":
     """Packs a weight array `[K, *out_shape]` whose first axis is
     contracted (or, `transposed`, a `[N, K]` matrix contracted on its last
     axis: a tied embedding used as the LM head)."""
     if transposed:
       return cls(pack(w.T), (w.shape[0],), True)
-    if in_ndim != 1:
-      raise ValueError("packed weights contract one leading axis")
     return cls(pack(w.reshape(w.shape[0], -1)), tuple(w.shape[1:]))
 
   def to_array(self) -> Any:

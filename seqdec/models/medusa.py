@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqdec.kernels import packed_matmul
 from seqdec.kernels.packed_matmul import PackedWeight
 
 from seqdec.models.config import as_dtype
@@ -100,8 +99,7 @@ def create(target, num_heads: int, own_heads: bool = False,
   init_head = None
   if own_heads:
     w = target.embed[...] if target.lm_head is None else target.lm_head[...]
-    if isinstance(w, PackedWeight):   # an f32_packed target: [D, V] either way
-      init_head = packed_matmul.unpack(w.panels, w.out_dim)
-    else:
-      init_head = w.T if target.lm_head is None else w
+    if isinstance(w, PackedWeight):   # an f32_packed target
+      w = w.to_array()
+    init_head = w.T if target.lm_head is None else w
   return MedusaHeads(config, rngs=nnx.Rngs(seed), init_head=init_head)

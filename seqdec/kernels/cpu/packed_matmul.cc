@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -186,12 +188,21 @@ class Pool {
 
 std::atomic<int> g_threads{0};   // 0: hardware concurrency
 
+// The pool of this process. A child made by fork() has none of its
+// parent's threads, so it builds its own (the parent's is left alone).
 Pool& GetPool() {
-  static Pool* pool = [] {
+  static std::mutex mutex;
+  static Pool* pool = nullptr;
+  static pid_t owner = 0;
+  const pid_t pid = getpid();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (pool == nullptr || owner != pid) {
     int n = g_threads.load();
-    if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    return new Pool(n);
-  }();
+    if (n <= 0)
+      n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    pool = new Pool(n);
+    owner = pid;
+  }
   return *pool;
 }
 
@@ -207,7 +218,12 @@ ffi::Error PackedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> panel
   if (job.M == 0 || job.P == 0) return ffi::Error::Success();
   // Small jobs are not worth waking the pool.
   const bool parallel = job.P >= 4 && job.K * job.N >= (1 << 16);
-  if (!parallel || GetPool().size() == 1 || !GetPool().Run(job))
+  if (!parallel) {
+    RunPanels(job, 0, job.P);
+    return ffi::Error::Success();
+  }
+  Pool& pool = GetPool();
+  if (pool.size() == 1 || !pool.Run(job))
     RunPanels(job, 0, job.P);
   return ffi::Error::Success();
 }
