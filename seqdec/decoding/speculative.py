@@ -149,8 +149,7 @@ class SpecLoop(LoopMixin):
       to accept fewer than `gate` of (`Tree.gated`: rows with deterministic
       children only, which keeps every rule lossless) verifies its root alone
       that round, and when no row speculates the verify is one decoding step
-      (with `root_fallback`)
-      (`verify`); 0 never gates. A threshold of verify(N) / verify(1) - 1
+      (`verify`, with `root_fallback`); 0 never gates. A threshold of verify(N) / verify(1) - 1
       is the break-even of an N-node tree
       (`host_profile.HostProfile.break_even`).
     root_fallback: when no row has a draft node, verify the roots alone
