@@ -433,12 +433,8 @@ def main(argv):
   report(rows, methods, config, machine, warm, phases, n, bench)
 
 
-def _one(x):
-  return "-" if x is None else f"{x:.1f}"
-
-
-def _two(x):
-  return "-" if x is None else f"{x:.2f}"
+def _num(x, digits=1):
+  return "-" if x is None else f"{x:.{digits}f}"
 
 
 def auto_trees(methods, summary):
@@ -525,7 +521,7 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
            f"policy of the other methods: {config['precision']}), median "
            f"tok/s ratios:\n\n" + bench.markdown_table(
                ["method", *groups],
-               [[m, *[_two(vs_best[g].get(m)) for g in groups]]
+               [[m, *[_num(vs_best[g].get(m), 2) for g in groups]]
                 for m in methods if m in vs_best["overall"]]) + "\n")
   if auto:
     text += ("\n`tree=auto` (Sequoia's hardware-aware choice from this host's "
@@ -533,8 +529,8 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
                  ["method", "chosen tree", "draft nodes", "predicted tau",
                   "predicted tok/s", "measured tok/s"],
                  [[m, a["tree"], a["nodes"], f"{a['predicted_tau']:.2f}",
-                   _one(a["predicted_tokens_per_s"]),
-                   _one(a["measured_tokens_per_s"])]
+                   _num(a["predicted_tokens_per_s"]),
+                   _num(a["measured_tokens_per_s"])]
                   for m, a in auto.items()]) + "\n")
   if phase_md:
     text += (f"\nPhase split (one prompt per category; AR step "

@@ -59,4 +59,3 @@ def argmax_last(x: jax.Array) -> jax.Array:
   hit = (x == m) | jnp.isnan(x)
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
-

@@ -83,8 +83,8 @@ def test_f32_packed_model_equals_the_f32_model(tied):
   src = testing.tiny_model(tie_embeddings=tied)
   model = tr.with_precision(src, "f32_packed")
   assert model.config.matmul_impl == "packed"
-  packed = [p for p in (model.layers[0].attn.qkv_proj, model.layers[1].mlp.down_proj,
-                        model.embed if tied else model.lm_head)]
+  packed = (model.layers[0].attn.qkv_proj, model.layers[1].mlp.down_proj,
+            model.embed if tied else model.lm_head)
   assert all(isinstance(p[...], pm.PackedWeight) for p in packed)
   if not tied:
     assert not isinstance(model.embed[...], pm.PackedWeight)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqdec.parallel import sharding
 from seqdec.ops import argmax_last
+from seqdec.parallel import sharding
 
 
 @flax.struct.dataclass

@@ -309,8 +309,7 @@ class SpecLoop(LoopMixin):
     # On a chain the kept nodes are a prefix: a KV cache has them in place
     # already (no gather and write per layer; a recurrent state still
     # replays the path).
-    prefix = (getattr(self.tree, "is_chain", False)   # a dynamic tree: no
-              and isinstance(verdict.cache, KVCache))
+    prefix = self.tree.is_chain and isinstance(verdict.cache, KVCache)
     cache = model.commit(verdict.cache, c, None if prefix else acc.path)
     outcome = Outcome(path=acc.path, num_kept=c, tokens=acc.tokens,
                       features=None if verdict.features is None else

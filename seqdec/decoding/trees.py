@@ -70,6 +70,9 @@ class DynamicTree:
   num_nodes: int
   max_depth: int
   top_k: int
+  # Kept nodes are a path through a per-row tree, never known to be a
+  # prefix of the node order (`TreeShape.is_chain`).
+  is_chain = False
 
   def __post_init__(self):
     n, d, k = self.num_nodes, self.max_depth, self.top_k

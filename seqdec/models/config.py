@@ -56,9 +56,7 @@ def precision_of(config) -> str:
   """The `PRECISIONS` policy a config follows ('f32' for any other mix,
   e.g. float64 or bfloat16 compute)."""
   for name, fields in PRECISIONS.items():
-    # A config without `matmul_impl` (a hybrid's) uses XLA's dots.
-    if all(getattr(config, k, "xla" if k == "matmul_impl" else None) == v
-           for k, v in fields.items()):
+    if all(getattr(config, k) == v for k, v in fields.items()):
       return name
   return "f32"
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +129,9 @@ class HybridConfig:
   architecture: str = "Mamba2ForCausalLM"
   attention_impl: str = "auto"
   platform: Optional[str] = None
+  # Not a field: a hybrid's matmuls are XLA's dots under every policy it
+  # takes (`config.precision_of` reads it as a Transformer's field).
+  matmul_impl: ClassVar[str] = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_types", tuple(self.layer_types))

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.kernels.packed_matmul import PackedWeight
-
 from seqdec.models.config import as_dtype
 from seqdec.models.transformer import EMBED, VOCAB, logical_param
 
