@@ -135,8 +135,8 @@ class Generator:
     self._loop_params = (self.params,
                          self.drafter.params if self.speculative else ())
     self.sharding_plan = None
-    self.packed = getattr(model.config, "matmul_impl", "xla") == "packed"
-    if mesh is not None and self.packed:
+    if mesh is not None and getattr(model.config, "matmul_impl",
+                                    "xla") == "packed":
       raise ConfigError("the f32_packed policy runs a single-host CPU kernel "
                         "and cannot be sharded; use precision=f32 with a mesh")
     if mesh is not None:   # parameters split by the logical-axis rules
@@ -228,8 +228,7 @@ class Generator:
     return SpecLoop(target=self.graphdef, drafter=self.drafter,
                     tree=self.tree,
                     rule=spec_lib.build_rule(self.spec, temperature),
-                    sampler=sampler, shapes=shapes, gate=self.spec.gate,
-                    root_fallback=not self.packed)
+                    sampler=sampler, shapes=shapes, gate=self.spec.gate)
 
   @property
   def loop_params(self):

@@ -152,6 +152,40 @@ def test_tree_mask_equals_each_root_to_node_path(window):
     assert err <= F32_MODEL_TOL, (node, err)
 
 
+@pytest.mark.parametrize("impl,window", [
+    ("xla", None), ("pallas", 6),
+    pytest.param("xla", 6, marks=pytest.mark.slow),
+    pytest.param("pallas", None, marks=pytest.mark.slow)])
+def test_deferred_writes_equal_the_writing_call(impl, window, x64):
+  """A deferred-write call (the cache only read, the new K/V returned and
+  written after it) gives the logits and, once written, the cache of the
+  plain call: a tree over a committed prefix, and a single token."""
+  model = make_model("float64", sliding_window=window, attention_impl=impl)
+  prompt = random_tokens(3, 1, 7)
+  cache = model.init_cache(1, 32)
+  _, cache = model(prompt, jnp.arange(7)[None], cache)
+  cache = testing.commit(cache, jnp.array([7]))
+  depth = np.array([len(path_to(TREE_PARENTS, i)) - 1
+                    for i in range(len(TREE_PARENTS))])
+  mask = jnp.asarray(ancestor_mask(TREE_PARENTS))[None]
+  tokens = random_tokens(4, 1, len(TREE_PARENTS))
+  for toks, pos, m in ((tokens, jnp.asarray(7 + depth)[None], mask),
+                       (tokens[:, :1], jnp.array([[7]]), mask[:, :1, :1])):
+    ref_logits, ref_cache = model(toks, pos, cache, m)
+    hidden, new = model.backbone(toks, pos, cache, m, defer_writes=True)
+    assert isinstance(new, tr.NewKV)
+    assert new.kv[0][0].shape == (1, toks.shape[1], 2, model.config.head_dim)
+    np.testing.assert_allclose(model.logits(hidden), ref_logits, rtol=0,
+                               atol=F64_TOL)
+    written = model.write_new(cache, new)
+    for got, want in zip(jax.tree.leaves(written), jax.tree.leaves(ref_cache)):
+      np.testing.assert_allclose(got, want, rtol=0, atol=F64_TOL)
+  with pytest.raises(ValueError, match="no scratch window"):
+    model.backbone(tokens, jnp.asarray(7 + depth)[None], cache,
+                   jnp.ones((1, len(TREE_PARENTS), 9), bool),
+                   defer_writes=True)
+
+
 @pytest.mark.parametrize("window", [None, pytest.param(
     12, marks=pytest.mark.slow)])
 def test_tree_level_by_level_in_a_scratch_window_equals_one_call(window):
@@ -318,9 +352,15 @@ def test_attention_impls_agree():
   k = jax.random.normal(rng[1], (2, 3, 20, 16))
   v = jax.random.normal(rng[2], (2, 3, 20, 16))
   vis = jax.random.bernoulli(rng[3], 0.7, (2, 1, 6, 20)).at[..., 0].set(True)
-  a = tr.grouped_attention(q, k, v, vis, 0.25, jnp.float32, "dot")
-  b = tr.grouped_attention(q, k, v, vis, 0.25, jnp.float32, "fused")
+  a = tr.grouped_attention(q, [(k, v, vis)], 0.25, jnp.float32, "dot")
+  b = tr.grouped_attention(q, [(k, v, vis)], 0.25, jnp.float32, "fused")
   assert float(jnp.abs(a - b).max()) <= 1e-5
+  # Keys split in two segments: one softmax over both, the same function.
+  split = [(k[:, :, :13], v[:, :, :13], vis[..., :13]),
+           (k[:, :, 13:], v[:, :, 13:], vis[..., 13:])]
+  for impl, whole in (("dot", a), ("fused", b)):
+    parts = tr.grouped_attention(q, split, 0.25, jnp.float32, impl)
+    assert float(jnp.abs(parts - whole).max()) <= 1e-5
   with pytest.raises(ValueError, match="attention_impl"):
     tr.resolve_attention_impl("flash")
 

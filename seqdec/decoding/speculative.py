@@ -44,7 +44,8 @@ from seqdec.decoding.sampling import Sampler, step_keys
 from seqdec.decoding.trees import Tree, TreeShape
 from seqdec.decoding.verify import Greedy
 from seqdec.errors import TreeError
-from seqdec.models.protocol import backbone_features, head_input
+from seqdec.models.protocol import (backbone_features, defers_writes,
+                                    head_input)
 from seqdec.models.transformer import KVCache
 
 
@@ -153,12 +154,12 @@ class SpecLoop(LoopMixin):
       is the break-even of an N-node tree
       (`host_profile.HostProfile.break_even`).
     root_fallback: when no row has a draft node, verify the roots alone
-      (a `lax.cond` between a T = N and a T = 1 forward). Its price is a
-      copy of every cache buffer in each branch (XLA:CPU does not update
-      a conditional's operands in place): worth it where a T = N forward
-      costs well above a T = 1 one (XLA's f32 GEMMs), not under the
-      packed kernel, where a 5-node verify costs about one step
-      (`Generator` turns it off there).
+      (a `lax.cond` between a T = N and a T = 1 forward). A target with
+      deferred writes (`protocol.defers_writes`: the transformer) runs
+      both branches reading the cache only and writes the new K/V after
+      the cond, in place; otherwise each branch copies every cache buffer
+      (XLA:CPU does not update a conditional's operands in place), which
+      costs about what the T = 1 forward saves.
   """
   target: Any
   drafter: Drafter
@@ -246,33 +247,46 @@ class SpecLoop(LoopMixin):
     positions = draft.cache.length[:, None] + tree.depth
     with_features = self.drafter.uses_features
     taps = self.drafter.feature_taps
+    n = tree.tokens.shape[1]
+    fallback = self.root_fallback and n > 1
+    # Under the fallback's `lax.cond` the branches only read the cache and
+    # the new K/V are written after it (no copy of the cache per branch).
+    defer = fallback and defers_writes(model)
+    kw = dict(defer_writes=True) if defer else {}
 
     def forward(tokens, pos, cache, mask):
-      """`(logits, features or None, cache)` of the target over tokens."""
-      if not with_features:
+      """`(logits, features or None, cache)` of the target over tokens
+      (with `defer`, the new state in the cache's place)."""
+      if with_features:
+        features, cache = backbone_features(model, tokens, pos, cache, mask,
+                                            taps, **kw)
+        return model.head(head_input(features, taps)), features, cache
+      if not defer:
         logits, cache = model(tokens, pos, cache, mask)
         return logits, None, cache
-      features, cache = backbone_features(model, tokens, pos, cache, mask,
-                                          taps)
-      return model.head(head_input(features, taps)), features, cache
+      hidden, new = model.backbone(tokens, pos, cache, mask, **kw)
+      return model.logits(hidden), None, new
 
     def whole_tree(cache):
       return forward(tree.tokens, positions, cache, tree.mask)
 
     def roots_only(cache):
-      out = forward(tree.tokens[:, :1], positions[:, :1], cache,
-                    tree.mask[:, :1, :1])
-      pad = tree.tokens.shape[1] - 1
-      return tuple(None if x is None else jnp.pad(
-          x, ((0, 0), (0, pad), (0, 0))) for x in out[:2]) + out[2:]
+      """A T = 1 forward, its outputs padded to the tree's N nodes (every
+      leaf that has the new tokens on axis 1; the others are caches)."""
+      logits, features, cache = forward(tree.tokens[:, :1], positions[:, :1],
+                                        cache, tree.mask[:, :1, :1])
+      pad = lambda x: jnp.pad(x, [(0, 0), (0, n - 1)]  # noqa: E731
+                              + [(0, 0)] * (x.ndim - 2))
+      return (pad(logits), None if features is None else pad(features),
+              jax.tree.map(pad, cache) if defer else cache)
 
-    if tree.tokens.shape[1] == 1:
-      logits, features, cache = roots_only(draft.cache)
-    elif not self.root_fallback:
+    if not fallback:
       logits, features, cache = whole_tree(draft.cache)
     else:
       logits, features, cache = jax.lax.cond(
           jnp.any(tree.valid[:, 1:]), whole_tree, roots_only, draft.cache)
+    if defer:
+      cache = model.write_new(draft.cache, cache)
     verdict = self.rule(tree, logits, step_keys(inputs.keys, state.step + 1),
                         inputs.sparams, self.max_depth)
     margins = top2_margin(jnp.take_along_axis(

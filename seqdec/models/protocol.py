@@ -32,6 +32,14 @@ documents it for the KV cache):
   features) need `backbone(..., taps=(i, j, ...))` -> `(hidden, cache,
   tapped)`, tapped[k] the input of block taps[k] (`backbone_features`);
   the transformer target has it, other targets may not.
+* Optional, deferred writes: `backbone(..., defer_writes=True)` reads the
+  cache only and returns, in the cache's place, the new tokens' state (a
+  pytree whose leaves have the new tokens on axis 1); `write_new(cache,
+  new)` puts it in scratch, giving the cache the call without deferral
+  returns. A `lax.cond` between forwards of different T (a verify that
+  falls back to the roots alone) then leaves the cache out of its
+  branches: XLA:CPU copies every buffer a branch updates, which costs as
+  much as the forward saved. `defers_writes(model)` tells.
 * `config` has at least `vocab_size` and `max_position_embeddings`.
 * Optional: `max_call_tokens`, the most new tokens a call may feed and
   still commit (a recurrent target's scratch; `run_prompt` chunks prompts
@@ -82,9 +90,14 @@ class Target(Protocol):
     ...
 
 
+def defers_writes(model: Target) -> bool:
+  """Whether `model` has deferred-write calls (module docstring)."""
+  return callable(getattr(model, "write_new", None))
+
+
 def backbone_features(model: Target, tokens: jax.Array, positions: jax.Array,
                       cache: Any, mask: Optional[jax.Array] = None,
-                      taps: Sequence[int] = ()) -> tuple[jax.Array, Any]:
+                      taps: Sequence[int] = (), **kw) -> tuple[jax.Array, Any]:
   """The target's features of new tokens for a feature-reading drafter:
   `(F [B, T, (len(taps) + 1) * D], cache)` with
 
@@ -92,12 +105,14 @@ def backbone_features(model: Target, tokens: jax.Array, positions: jax.Array,
 
   the final norm applied to the input of each tapped block and to the last
   block's output (`features`: the LM head's input), so `F[..., -D:]` is the
-  feature the LM head reads and `taps=()` gives that alone."""
+  feature the LM head reads and `taps=()` gives that alone. `kw` goes to
+  `backbone` (e.g. `defer_writes=True`: the new state in the cache's
+  place)."""
   if not taps:
-    hidden, cache = model.backbone(tokens, positions, cache, mask)
+    hidden, cache = model.backbone(tokens, positions, cache, mask, **kw)
     return model.features(hidden), cache
   hidden, cache, tapped = model.backbone(tokens, positions, cache, mask,
-                                         taps=taps)
+                                         taps=taps, **kw)
   return jnp.concatenate([model.features(h) for h in tapped]
                          + [model.features(hidden)], axis=-1), cache
 

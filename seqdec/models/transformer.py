@@ -128,6 +128,25 @@ def commit(cache: KVCache, n_keep: jax.Array,
   return KVCache(kv=kv, length=cache.length + n_keep)
 
 
+class NewKV(NamedTuple):
+  """K/V of T new tokens that a deferred-write call (`run_blocks(...,
+  defer_writes=True)`) computed but did not put in the cache: `kv[i]` block
+  i's `(k, v)`, each `[B, T, K, Dh]` (new tokens on axis 1, as every leaf
+  of a call's outputs), or None for a block not run."""
+  kv: tuple[Optional[tuple[jax.Array, jax.Array]], ...]
+
+
+def write_new(cache: KVCache, new: NewKV) -> KVCache:
+  """The cache with `new`'s K/V in the scratch slots `length[b] .. length[b]
+  + T - 1` (`length` unchanged): what the call without deferred writes
+  returns. Outside a `lax.cond` the writes are in place on a donated cache;
+  inside a branch XLA:CPU copies every buffer it updates."""
+  kv = tuple(e if n is None else tuple(
+      write_rows(buf, x.transpose(0, 2, 1, 3), cache.length, 2)
+      for buf, x in zip(e, n)) for e, n in zip(cache.kv, new.kv))
+  return KVCache(kv=kv, length=cache.length)
+
+
 def causal_mask(batch_size: int, num_tokens: int) -> jax.Array:
   """`[B, T, T]` lower-triangular boolean mask."""
   m = jnp.tril(jnp.ones((num_tokens, num_tokens), jnp.bool_))
@@ -177,6 +196,36 @@ def attention_visibility(length: jax.Array, positions: jax.Array,
     k_pos = jnp.where((rel >= 0) & (rel < w - t), earlier, k_pos)
     visible &= (positions[:, :, None] - k_pos[:, None, :]) < sliding_window
   return visible
+
+
+class SplitVisibility(NamedTuple):
+  """What T new tokens see when their K/V are not yet in the cache (a
+  deferred-write call, `run_blocks(defer_writes=True)`): `cache` `[B, T, S]`
+  over the committed slots, `new` `[B, T, T]` among the new tokens."""
+  cache: jax.Array
+  new: jax.Array
+
+
+def split_visibility(length: jax.Array, positions: jax.Array, mask: jax.Array,
+                     num_slots: int, sliding_window: Optional[int]
+                     ) -> SplitVisibility:
+  """`attention_visibility` of a call without a scratch window (W = T), in
+  two parts:
+
+      cache[b, t, s] = s < length[b]         and q_pos - s < window
+      new[b, t, u]   = mask[b, t, u]         and q_pos - pos[b, u] < window
+
+  with q_pos = positions[b, t] (committed slot s holds position s); the
+  window terms only with a sliding window."""
+  slot = jnp.arange(num_slots, dtype=jnp.int32)
+  cache = jnp.broadcast_to((slot[None, :] < length[:, None])[:, None, :],
+                           (*positions.shape, num_slots))
+  new = mask
+  if sliding_window is not None:
+    q_pos = positions[:, :, None]
+    cache = cache & (q_pos - slot[None, None, :] < sliding_window)
+    new = new & (q_pos - positions[:, None, :] < sliding_window)
+  return SplitVisibility(cache=cache, new=new)
 
 
 def rope_inv_freq(config: TransformerConfig, local: bool = False
@@ -381,18 +430,23 @@ class PackedTreeMask(NamedTuple):
   words: jax.Array
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                      visible: jax.Array, scale: float, acc_dtype,
-                      impl: str) -> jax.Array:
-  """softmax(q k^T * scale, masked) v for grouped queries.
+def grouped_attention(q: jax.Array,
+                      segments: Sequence[tuple[jax.Array, jax.Array,
+                                               jax.Array]],
+                      scale: float, acc_dtype, impl: str) -> jax.Array:
+  """softmax(q k^T * scale, masked) v for grouped queries, over keys held in
+  one or more segments (the cache, and the new tokens when they are not
+  written to it yet); one softmax over all of them:
 
       s[b,k,i,j] = scale * sum_d q[b,k,i,d] k[b,k,j,d]   (-inf where not visible)
       out[b,k,i,:] = sum_j softmax_j(s[b,k,i,:]) v[b,k,j,:]
 
+  with j running over the keys of every segment in turn.
+
   Args:
     q: `[B, K, Q, Dh]` queries (Q = T*G grouped per kv head).
-    k, v: `[B, K, S, Dh]` the cache (already holding the new tokens).
-    visible: `[B, 1, Q, S]` bool.
+    segments: `(k, v, visible)` triples: k, v `[B, K, S_i, Dh]` (e.g. the
+      cache, already holding the new tokens), visible `[B, 1, Q, S_i]` bool.
     scale: 1/sqrt(Dh).
     acc_dtype: accumulation dtype (float32 or wider).
     impl: 'dot' uses batched matmuls (accelerators). 'fused' writes both
@@ -402,17 +456,27 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       per layer (measured: 240 copies of every cache buffer per decode step),
       which costs more than the contraction itself.
   """
-  if impl == "dot":
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=acc_dtype)
-  else:
-    scores = jnp.sum(q[:, :, :, None, :].astype(acc_dtype)
-                     * k[:, :, None, :, :], axis=-1)
-  scores = jnp.where(visible, scores * scale, jnp.finfo(scores.dtype).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if impl == "dot":
-    return jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v,
-                      preferred_element_type=acc_dtype)
-  return jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)
+  def scores_of(k, visible):
+    if impl == "dot":
+      s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=acc_dtype)
+    else:
+      s = jnp.sum(q[:, :, :, None, :].astype(acc_dtype)
+                  * k[:, :, None, :, :], axis=-1)
+    return jnp.where(visible, s * scale, jnp.finfo(s.dtype).min)
+
+  def contract(p, v):
+    if impl == "dot":
+      return jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v,
+                        preferred_element_type=acc_dtype)
+    return jnp.sum(p[..., None] * v[:, :, None, :, :], axis=-2)
+
+  scores = [scores_of(k, vis) for k, _, vis in segments]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  out, start = None, 0
+  for (_, v, _), s in zip(segments, scores):
+    part = contract(probs[..., start:start + s.shape[-1]], v)
+    out, start = part if out is None else out + part, start + s.shape[-1]
+  return out
 
 
 class Attention(nnx.Module):
@@ -467,7 +531,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                kv: tuple[jax.Array, jax.Array], write_start: jax.Array,
-               visible: jax.Array):
+               visible: jax.Array, defer: bool = False):
     """Attends T new tokens to the cache.
 
     Args:
@@ -477,11 +541,16 @@ class Attention(nnx.Module):
       kv: this layer's `(k, v)` cache, each `[B, K, S, Dh]`.
       write_start: `[B]` first slot of the new tokens' K/V (the committed
         length, or further into the scratch window).
-      visible: `[B, T, S]` bool from `attention_visibility`, or a
-        `PackedTreeMask` ('pallas': `write_start` is the committed length).
+      visible: `[B, T, S]` bool from `attention_visibility`, a
+        `PackedTreeMask` ('pallas': `write_start` is the committed length),
+        or with `defer` a `SplitVisibility` (or a `PackedTreeMask`).
+      defer: read the cache only; the new tokens attend to the committed
+        slots and to each other's K/V directly.
 
     Returns:
-      `([B, T, D], (k, v))` with the new tokens' K/V written to scratch.
+      `([B, T, D], (k, v))` with the new tokens' K/V written to scratch;
+      with `defer`, `([B, T, D], (k_new, v_new))`, the new K/V `[B, T, K,
+      Dh]` for `write_new` to put in scratch.
     """
     b, t, _ = x.shape
     nk, g, dh = self.num_kv_heads, self.groups, self.head_dim
@@ -495,37 +564,47 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q.reshape(b, t, nk * g, dh), positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)                    # [B, T, K, Dh]
-    k_cache = write_rows(kv[0], k.transpose(0, 2, 1, 3), write_start, 2)
-    v_cache = write_rows(kv[1], v.transpose(0, 2, 1, 3), write_start, 2)
+    k_tree, v_tree = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if defer:    # the kernel and the split softmax read the cache's committed
+      k_cache, v_cache = kv      # slots only: it may stay as it is
+      written = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+    else:
+      k_cache = write_rows(kv[0], k_tree, write_start, 2)
+      v_cache = write_rows(kv[1], v_tree, write_start, 2)
+      written = (k_cache, v_cache)
     if isinstance(visible, PackedTreeMask):
       kernel = functools.partial(
           _kernel_call, sliding_window=self.sliding_window,
           options=tuple(kernel_options(self.platform).items()))
       args = (q.transpose(0, 2, 1, 3), k_cache.astype(q.dtype),
-              v_cache.astype(q.dtype), write_start, k.transpose(0, 2, 1, 3),
-              v.transpose(0, 2, 1, 3).astype(q.dtype), visible.words,
-              positions)
+              v_cache.astype(q.dtype), write_start, k_tree,
+              v_tree.astype(q.dtype), visible.words, positions)
       mesh = jax.sharding.get_abstract_mesh()
       if mesh.empty or mesh.size == 1:
         out = kernel(*args)
       else:   # a kernel is opaque to the partitioner: run it per shard
         out = _per_shard(kernel, mesh, kv_head_axis(nk, mesh), args)
       out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, -1)
-      return self._out(out), (k_cache, v_cache)
+      return self._out(out), written
 
     # Queries grouped per kv head as [B, K, T*G, Dh]: one batched contraction
     # per (b, k) against the cache [B, K, S, Dh] (a 4-d layout XLA:CPU runs
     # ~3x faster than a 5-d einsum with separate T and G axes).
     q = q.reshape(b, t, nk, g, dh).transpose(0, 2, 1, 3, 4).reshape(
         b, nk, t * g, dh)
-    vis = jnp.repeat(visible, g, axis=1)[:, None]            # [B, 1, T*G, S]
-    out = grouped_attention(q, k_cache.astype(q.dtype),
-                            v_cache.astype(self.dtype), vis, self.scale, acc,
+    def grouped(vis):                                         # [B, 1, T*G, S]
+      return jnp.repeat(vis, g, axis=1)[:, None]
+    segments = [(k_cache.astype(q.dtype), v_cache.astype(self.dtype),
+                 grouped(visible.cache if defer else visible))]
+    if defer:
+      segments.append((k_tree.astype(q.dtype), v_tree.astype(self.dtype),
+                       grouped(visible.new)))
+    out = grouped_attention(q, segments, self.scale, acc,
                             resolve_attention_impl(self.attention_impl, t * g,
                                                    self.platform))
     out = out.astype(self.dtype).reshape(b, nk, t, g, dh)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, nk * g * dh)
-    return self._out(out), (k_cache, v_cache)
+    return self._out(out), written
 
   def _out(self, out: jax.Array) -> jax.Array:
     """`[B, T, H*Dh]` -> `[B, T, D]`: o_proj (+ o_bias)."""
@@ -603,9 +682,10 @@ class Block(nnx.Module):
     self.attn_out_norm = rms_norm(config, rngs) if sandwich else None
     self.mlp_out_norm = rms_norm(config, rngs) if sandwich else None
 
-  def __call__(self, x, positions, inv_freq, kv, write_start, visible):
+  def __call__(self, x, positions, inv_freq, kv, write_start, visible,
+               defer: bool = False):
     a, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, write_start,
-                      visible)
+                      visible, defer)
     if self.attn_out_norm is not None:
       a = self.attn_out_norm(a)
     x = x + a
@@ -620,7 +700,7 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
                mask: Optional[jax.Array], layers: Optional[Sequence[int]],
                inv_freq: jax.Array, inv_freq_local: jax.Array,
                window_positions: Optional[jax.Array] = None,
-               taps: Sequence[int] = ()):
+               taps: Sequence[int] = (), defer_writes: bool = False):
   """Runs decoder blocks on `[B, T, D]` inputs against a cache (the body of
   `Transformer.backbone`, shared with drafters that feed their own inputs,
   e.g. EAGLE's fused feature + embedding).
@@ -632,17 +712,26 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
   Returns `(x, cache)`, or with `taps` (block indices, all run)
   `(x, cache, tapped)`: tapped[j] the `[B, T, D]` input of block taps[j]
   (the hidden state after the blocks before it; EAGLE-3's low and middle
-  features).
+  features). With `defer_writes` (no scratch window: mask `[B, T, T]`) the
+  cache is only read and a `NewKV` stands in the place of the cache:
+  `write_new(cache, new)` is then the cache the call without it returns.
   """
   b, t = positions.shape
   if mask is None:
     mask = causal_mask(b, t)
+  if defer_writes and mask.shape[2] != t:
+    raise ValueError(f"a deferred-write call has no scratch window; got a "
+                     f"mask over {mask.shape[2]} slots for {t} new tokens")
   c = config
   run = list(range(len(blocks)) if layers is None else layers)
   if (c.attention_impl == "pallas" and mask.shape[2] == t
       and 1 < t <= PALLAS_MAX_TREE):
     packed = PackedTreeMask(pack_mask(mask))  # windows applied per layer
     visible = {c.layer_window(i): packed for i in run}
+  elif defer_writes:
+    visible = {w: split_visibility(cache.length, positions, mask,
+                                   cache.max_len, w)
+               for w in {c.layer_window(i) for i in run}}
   else:
     visible = {w: attention_visibility(cache.length, positions, mask,
                                        cache.max_len, w, window_positions)
@@ -659,8 +748,12 @@ def run_blocks(blocks: Sequence[Block], config: TransformerConfig,
       tapped[i] = x
     x, kv[i] = blocks[i](
         x, positions, inv_freq_local if c.local_rope(i) else inv_freq,
-        kv[i], write_start, visible[c.layer_window(i)])
-  cache = KVCache(kv=tuple(kv), length=cache.length)
+        kv[i], write_start, visible[c.layer_window(i)], defer_writes)
+  if defer_writes:
+    cache = NewKV(kv=tuple(kv[i] if i in run else None
+                           for i in range(len(kv))))
+  else:
+    cache = KVCache(kv=tuple(kv), length=cache.length)
   if taps:
     return x, cache, tuple(tapped[i] for i in taps)
   return x, cache
@@ -715,7 +808,7 @@ class Transformer(nnx.Module):
                mask: Optional[jax.Array] = None,
                layers: Optional[Sequence[int]] = None,
                window_positions: Optional[jax.Array] = None,
-               taps: Sequence[int] = ()):
+               taps: Sequence[int] = (), defer_writes: bool = False):
     """Runs the decoder blocks on new tokens.
 
     Args:
@@ -731,6 +824,8 @@ class Transformer(nnx.Module):
         earlier entries, for sliding-window layers (`attention_visibility`);
         None: tree nodes of this round.
       taps: block indices whose inputs are returned too (`run_blocks`).
+      defer_writes: only read the cache (mask `[B, T, T]`): a `NewKV` is
+        returned in the cache's place, for `write_new`.
 
     Returns:
       `(hidden [B, T, D] before the final norm, cache)`, with `taps` also
@@ -741,7 +836,12 @@ class Transformer(nnx.Module):
                       else self.inv_freq_local[...])
     return run_blocks(self.layers, self.config, self.embed_tokens(tokens),
                       positions, cache, mask, layers, inv_freq,
-                      inv_freq_local, window_positions, taps)
+                      inv_freq_local, window_positions, taps, defer_writes)
+
+  @staticmethod
+  def write_new(cache: KVCache, new: NewKV) -> KVCache:
+    """Puts a deferred-write call's new K/V in scratch (`write_new`)."""
+    return write_new(cache, new)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """`[B, T]` ids -> `[B, T, D]` embeddings (times sqrt(D) with
