@@ -118,13 +118,24 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+GATE_AUTO = "@gate=auto"
+
+
 def parse_method(method):
   """A method string as a `SpecConfig` (the one grammar,
   `seqdec.decoding.spec`), with --layers / --draft_layers as the default
-  drafter options."""
-  from seqdec.decoding.spec import SpecConfig  # pylint: disable=g-import-not-at-top
-  return SpecConfig.parse(method, layers=_LAYERS.value,
+  drafter options; '@gate=auto' is the tree's break-even on this host
+  (`seqdec.app.auto_gate`, under --precision)."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec import app as app_lib
+  from seqdec.decoding.spec import SpecConfig
+  # pylint: enable=g-import-not-at-top
+  spec = SpecConfig.parse(method.replace(GATE_AUTO, ""), layers=_LAYERS.value,
                           draft_layers=_DRAFT_LAYERS.value)
+  if GATE_AUTO in method:
+    spec = spec.replace(gate=app_lib.auto_gate(_MODEL.value, spec,
+                                               _PRECISION.value))
+  return spec
 
 
 def ar_policy(method):
@@ -184,7 +195,8 @@ def tree_nodes(method):
   # pylint: enable=g-import-not-at-top
   if "/" not in method:
     return 0
-  return tree_specs.parse(SpecConfig.parse(method).tree).num_nodes - 1
+  spec = SpecConfig.parse(method.replace(GATE_AUTO, ""))
+  return tree_specs.parse(spec.tree, _PRECISION.value).num_nodes - 1
 
 
 def summarize(rows, methods, bench, greedy=True):
@@ -441,6 +453,8 @@ def auto_trees(methods, summary):
   """For each `<drafter>/auto...` method: the tree the hardware-aware
   optimizer chose on this host, with its predicted and measured tok/s."""
   # pylint: disable=g-import-not-at-top
+  from seqdec import host_profile
+  from seqdec.decoding import acceptance_rates
   from seqdec.decoding import spec as spec_lib
   from seqdec.decoding import tree_specs
   # pylint: enable=g-import-not-at-top
@@ -449,13 +463,23 @@ def auto_trees(methods, summary):
     tree = spec_lib._split_tree(m)[2]  # pylint: disable=protected-access
     if not tree.startswith("auto"):
       continue
-    choice = tree_specs.auto_choice(tree[len("auto"):])
+    choice = tree_specs.auto_choice(tree[len("auto"):],
+                                    policy=_PRECISION.value)
     tps = summary["overall"][m]["decode_tps"]
+    # The prediction against the profile's own decoding step, verify(1).
+    target = acceptance_rates.load_acceptance(
+        tree.split(":", 1)[1]).meta.get("target")
+    profile = host_profile.find(str(target))
+    known = profile is not None and choice.cost_ms == choice.cost_ms
     out[m] = dict(tree=tree_specs.to_spec(choice.shape), nodes=choice.nodes,
                   predicted_tau=choice.tau,
-                  predicted_tokens_per_s=(None if choice.cost_ms != choice.cost_ms
-                                          else choice.tokens_per_s),
-                  measured_tokens_per_s=tps and tps["median"])
+                  predicted_tokens_per_s=(choice.tokens_per_s if known
+                                          else None),
+                  predicted_speedup=(choice.tokens_per_s * profile.verify(
+                      1, _PRECISION.value) / 1e3 if known else None),
+                  measured_tokens_per_s=tps and tps["median"],
+                  measured_speedup=summary["overall"][m].get(
+                      "speedup_vs_ar"))
   return out
 
 
@@ -527,10 +551,13 @@ def report(rows, methods, config, machine, warm, phases, n, bench):
     text += ("\n`tree=auto` (Sequoia's hardware-aware choice from this host's "
              "profile):\n\n" + bench.markdown_table(
                  ["method", "chosen tree", "draft nodes", "predicted tau",
-                  "predicted tok/s", "measured tok/s"],
+                  "predicted tok/s", "measured tok/s",
+                  "predicted vs AR (profile step)", "measured vs AR"],
                  [[m, a["tree"], a["nodes"], f"{a['predicted_tau']:.2f}",
                    _num(a["predicted_tokens_per_s"]),
-                   _num(a["measured_tokens_per_s"])]
+                   _num(a["measured_tokens_per_s"]),
+                   _num(a.get("predicted_speedup"), 2),
+                   _num(a.get("measured_speedup"), 2)]
                   for m, a in auto.items()]) + "\n")
   if phase_md:
     text += (f"\nPhase split (one prompt per category; AR step "

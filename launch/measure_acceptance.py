@@ -46,10 +46,18 @@ Method
   model overestimates by 3-10 %, more for deeper trees, and ranks the trees
   correctly. The draft LM (draft_layers=10, T=0): chain2 1.06 / 1.07,
   sequoia16 (depth 2) 1.33 / 1.36.
-* The n-gram drafter is not supported: its tree branches only at the root
-  (deeper nodes follow one match's continuation and nodes off those lines
-  are invalid), so per-rank rates that hold at every depth do not describe
-  it; use chain / kary<K>x1x1... trees for it.
+* The n-gram drafter (--drafter=ngram, T = 0 only) needs no drafter
+  forward: its chain is a deterministic function of the tokens. At every
+  continuation position the lookup of the decoder (longest suffix match of
+  3 .. 1 tokens, latest first; `ngram.chain_acceptance`) proposes a chain
+  of up to --max_rank drafts, and greedy verification accepts its longest
+  prefix that equals the continuation. The file holds that chain's
+  acceptance curve c_d = P(first d drafts accepted) overall ('chain'), per
+  match length n ('chain_by_match') and the share of positions by n
+  ('match_share', n = 0: no match); 'probs' is [c_1]. Per-rank rates that
+  hold at every depth would not describe it (deeper drafts follow one
+  match's continuation); 'auto' trees read the chain curves instead, and
+  `ngram@confidence=<file>` gates rounds by them.
 """
 
 import os
@@ -70,7 +78,7 @@ _MODEL = flags.DEFINE_string(
     "Target: a registry name (smollm2-135m-instruct, tiny), HF dir or .gguf.")
 _DRAFTER = flags.DEFINE_enum(
     "drafter", "layerskip", ["layerskip", "draft", "ngram"],
-    "layerskip | draft (ngram: unsupported, see the module docstring).")
+    "layerskip | draft | ngram (T = 0; see the module docstring).")
 _LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy verification; T > 0: lossless rule for "
@@ -94,6 +102,8 @@ def log(msg: str) -> None:
 
 
 def drafter_label() -> str:
+  if _DRAFTER.value == "ngram":
+    return "ngram"
   if _DRAFTER.value == "layerskip":
     return f"layerskip@{_LAYERS.value}"
   return f"draft@draft_layers={_DRAFT_LAYERS.value}"
@@ -102,8 +112,8 @@ def drafter_label() -> str:
 def default_output() -> str:
   model = os.path.splitext(os.path.basename(_MODEL.value))[0].split("-")[0]
   drafter = ("layerskip-" + _LAYERS.value.replace(":", "").replace("+", "_")
-             if _DRAFTER.value == "layerskip"
-             else f"draft{_DRAFT_LAYERS.value}")
+             if _DRAFTER.value == "layerskip" else "ngram"
+             if _DRAFTER.value == "ngram" else f"draft{_DRAFT_LAYERS.value}")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(root, "configs", "acceptance",
                       f"{model}_{drafter}_t{_TEMPERATURE.value:g}.json")
@@ -111,12 +121,10 @@ def default_output() -> str:
 
 def check_flags() -> None:
   """Fails fast (before any model load) on unusable flags."""
-  if _DRAFTER.value == "ngram":
-    raise UserError(
-        "the ngram drafter is not supported: its trees branch only at the root"
-        " (deeper nodes follow one match's continuation), so per-rank rates "
-        "that hold at every depth do not describe it; use chain / kary<K>x1x1"
-        " trees with it")
+  if _DRAFTER.value == "ngram" and _TEMPERATURE.value != 0:
+    raise UserError("--drafter=ngram measures greedy verification only "
+                    "(--temperature=0): its chain's acceptance at T > 0 "
+                    "would need the target's probabilities")
   if _TEMPERATURE.value < 0:
     raise UserError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
   if _MAX_RANK.value < 1:
@@ -155,6 +163,8 @@ def measure() -> dict:
   model, _, inputs, results = bench.continuations(
       _MODEL.value, prompts, n, temp, _SEED.value)
   continuation_s = time.perf_counter() - t0
+  if _DRAFTER.value == "ngram":
+    return ngram_record(prompts, inputs, results, t_start, continuation_s)
   options = (dict(layers=_LAYERS.value) if _DRAFTER.value == "layerskip"
              else dict(draft_layers=_DRAFT_LAYERS.value))
   drafter = spec_lib.build_drafter(spec_lib.SpecConfig(
@@ -212,6 +222,74 @@ def measure() -> dict:
   acceptance_rates.write_acceptance(out, probs, **record)
   record["probs"] = probs.tolist()
   record["output"] = os.path.abspath(out)
+  return record
+
+
+def chain_curve(accepted, depth: int) -> list:
+  """c_d = fraction of positions with at least d accepted, d = 1..depth."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a = np.asarray(accepted)
+  return [float((a >= d).mean()) if len(a) else 0.0
+          for d in range(1, depth + 1)]
+
+
+def ngram_record(prompts, inputs, results, t_start, continuation_s) -> dict:
+  """The n-gram acceptance file (module docstring), written and returned."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from seqdec.decoding import acceptance_rates
+  from seqdec.decoding.drafters import ngram
+  # pylint: enable=g-import-not-at-top
+  depth, max_n, min_n = _MAX_RANK.value, 3, 1
+  t0 = time.perf_counter()
+  lens, acc, cats, per_prompt, trace = [], [], [], [], {}
+  for p, ids, r in zip(prompts, inputs, results):
+    n, a, v = ngram.chain_acceptance(list(ids), list(r.tokens), max_n,
+                                     min_n, depth)
+    lens.append(n)
+    acc.append(a)
+    trace[p.id] = [n.tolist(), a.tolist(), v.tolist()]
+    cats += [p.category] * len(a)
+    per_prompt.append(dict(id=p.id, category=p.category, positions=len(a),
+                           chain=chain_curve(a, depth)))
+    log(f"  {p.id:16s} matched {float((n > 0).mean()):.2f}, "
+        f"mean accepted {float(a.mean()):.2f}")
+  lens, acc, cats = np.concatenate(lens), np.concatenate(acc), np.array(cats)
+  chain = chain_curve(acc, depth)
+  by_match = {str(n): chain_curve(acc[lens == n], depth)
+              for n in range(min_n, max_n + 1) if (lens == n).any()}
+  share = {str(n): float((lens == n).mean())
+           for n in range(0, max_n + 1) if (lens == n).any()}
+  record = dict(
+      drafter=drafter_label(), target=_MODEL.value, temperature=0.0,
+      rule="greedy", trials=int(len(acc)),
+      command="python launch/measure_acceptance.py " + " ".join(
+          a for a in sys.argv[1:]),
+      method=("teacher-forced prompt lookup along the target's greedy "
+              "continuation (no stop id): at each position the decoder's "
+              "best match (longest n of 3..1, latest) proposes a chain, "
+              "accepted up to its first token that differs"),
+      max_ngram=max_n, min_ngram=min_n, max_rank=depth,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      per_category=_PER_CATEGORY.value or None,
+      prompts=[p.id for p in prompts], chain=chain, chain_by_match=by_match,
+      match_share=share,
+      chain_by_category={c: chain_curve(acc[cats == c], depth)
+                         for c in dict.fromkeys(cats.tolist())},
+      chain_tau={str(g): 1.0 + sum(chain[:g]) for g in (1, 2, 4, 8)
+                 if g <= depth},
+      per_prompt=per_prompt,
+      # Per prompt, per position: match length, accepted drafts, drafts
+      # available, which 'auto' replays (`sequoia.replay_chain`).
+      trace=trace,
+      seconds=dict(continuation=continuation_s,
+                   probe=time.perf_counter() - t0,
+                   total=time.perf_counter() - t_start),
+      machine=bench.machine_info(packages=("jax", "jaxlib", "flax")))
+  out = _OUTPUT.value or default_output()
+  acceptance_rates.write_acceptance(out, chain[:1], **record)
+  record.update(probs=chain[:1], output=os.path.abspath(out),
+                reject_all=1.0 - chain[0], sequoia_tau={})
   return record
 
 

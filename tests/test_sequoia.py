@@ -316,13 +316,39 @@ def test_rank_statistics_bad_inputs(target):
                                     first, 4, 0.0, 4)
 
 
-def test_measure_acceptance_rejects_ngram():
+def test_measure_acceptance_rejects_ngram_above_t0():
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch", "measure_acceptance.py"),
-       "--drafter=ngram", "--output=/tmp/unused.json"],
+       "--drafter=ngram", "--temperature=1", "--output=/tmp/unused.json"],
       capture_output=True, text=True, timeout=60, check=False)
   assert out.returncode == 1
-  assert "error: the ngram drafter is not supported" in out.stderr
+  assert "error: --drafter=ngram measures greedy verification only" in (
+      out.stderr)
+
+
+@pytest.mark.slow
+def test_measure_acceptance_ngram_cli_tiny(tmp_path):
+  """The n-gram file: chain curves consistent with its own traces, which
+  'auto' replays (`test_chain_auto.py` checks the replay)."""
+  path = str(tmp_path / "ngram.json")
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "measure_acceptance.py"),
+       "--model=tiny", "--drafter=ngram", "--categories=qa,code",
+       "--per_category=1", "--max_new_tokens=16", "--max_rank=4",
+       f"--output={path}"],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr
+  acc = acceptance_rates.load_acceptance(path)
+  traces = tree_specs.chain_traces(acc)
+  n = np.concatenate([t[0] for t in traces])
+  a = np.concatenate([t[1] for t in traces])
+  assert acc.meta["trials"] == len(n) == 32
+  np.testing.assert_allclose(acc.chain, [(a >= d).mean() for d in range(1, 5)])
+  assert acc.probs == acc.chain[:1]
+  assert sum(acc.match_share.values()) == pytest.approx(1.0)
+  for k, curve in acc.chain_by_match.items():
+    np.testing.assert_allclose(curve, [(a[n == k] >= d).mean()
+                                       for d in range(1, 5)])
 
 
 @pytest.mark.slow

@@ -241,7 +241,7 @@ def test_ngram_matches_equal_a_python_search():
     n_h = rng.integers(2, 25, size=2)
     hist = ngram_lib.History(tokens=jnp.asarray(h, jnp.int32),
                              length=jnp.asarray(n_h, jnp.int32))
-    end, found = ngram_lib.find_matches(hist, 3, 1, 4)
+    end, found, _ = ngram_lib.find_matches(hist, 3, 1, 4)
     for b in range(2):
       longest = {}   # match end j -> longest matching n (each j once)
       for n in range(1, 4):

@@ -24,6 +24,18 @@ objects:
 Only "probs" is required; the other keys document the measurement (when
 present, "temperature" must be a number >= 0 and "trials" an integer >= 1).
 
+A chain drafter (n-gram prompt lookup, whose drafts follow one match's
+continuation: per-rank rates that hold at every depth do not describe it)
+adds its chain acceptance curves, which 'auto' trees and the n-gram's
+confidence read:
+
+      "chain": [c_1, c_2, ...],        # c_d = P(the first d drafts of a
+                                       # round are accepted), non-increasing
+      "chain_by_match": {"1": [...], "2": [...]},   # the same per match
+                                       # length n of the round's lookup
+      "match_share": {"0": s_0, "1": s_1, ...},     # share of rounds by n
+                                       # (0: no match), summing to 1
+
 Host code only (numpy, json): no model, no drafter, no jax.
 """
 
@@ -33,7 +45,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -93,6 +105,67 @@ class AcceptanceRates:
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   path: str = ""
 
+  @property
+  def chain(self) -> Optional[tuple[float, ...]]:
+    """c_1, c_2, ... of a chain drafter's file, or None."""
+    c = self.meta.get("chain")
+    return None if c is None else tuple(float(x) for x in c)
+
+  @property
+  def chain_by_match(self) -> Optional[dict[int, tuple[float, ...]]]:
+    """{n: c_n} of a chain drafter's file, or None."""
+    c = self.meta.get("chain_by_match")
+    return None if c is None else {int(n): tuple(float(x) for x in v)
+                                   for n, v in c.items()}
+
+  @property
+  def match_share(self) -> Optional[dict[int, float]]:
+    """{n: share of rounds} (n = 0: no match), or None."""
+    c = self.meta.get("match_share")
+    return None if c is None else {int(n): float(v) for n, v in c.items()}
+
+
+def check_chain(curve: Any, what: str) -> np.ndarray:
+  """Validates a chain acceptance curve c_1 >= c_2 >= ... in [0, 1]."""
+  if isinstance(curve, (str, bytes, Mapping)) or not hasattr(curve, "__len__"):
+    raise AcceptanceError(f"{what} must be a list of numbers")
+  c = np.asarray([float(x) if isinstance(x, (int, float)) and not isinstance(
+      x, bool) else np.nan for x in curve], np.float64)
+  if not len(c) or not np.all((c >= 0) & (c <= 1)):
+    raise AcceptanceError(f"{what} must be a non-empty list of numbers in "
+                          f"[0, 1], got {list(curve)!r}")
+  if np.any(np.diff(c) > SUM_TOLERANCE):
+    raise AcceptanceError(f"{what} must be non-increasing (c_d is the "
+                          f"probability that the first d drafts are "
+                          f"accepted), got {list(curve)!r}")
+  return c
+
+
+def _check_chains(meta: Mapping[str, Any], where: str) -> None:
+  """Validates the optional chain fields (module docstring)."""
+  if "chain" in meta:
+    check_chain(meta["chain"], f"{where}: 'chain'")
+  for key in ("chain_by_match", "match_share"):
+    if key not in meta:
+      continue
+    value = meta[key]
+    if not isinstance(value, Mapping) or not value:
+      raise AcceptanceError(f"{where}: {key!r} must be a non-empty object "
+                            f"keyed by match length")
+    for n, v in value.items():
+      if not str(n).isdigit():
+        raise AcceptanceError(f"{where}: {key!r} key {n!r} is not a match "
+                              f"length")
+      if key == "chain_by_match":
+        check_chain(v, f"{where}: 'chain_by_match'[{n}]")
+      elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+          0 <= v <= 1):
+        raise AcceptanceError(f"{where}: 'match_share'[{n}] = {v!r} is not "
+                              f"in [0, 1]")
+    if key == "match_share" and abs(sum(value.values()) - 1) > 1e-6:
+      raise AcceptanceError(f"{where}: 'match_share' sums to "
+                            f"{sum(value.values()):.6g}, not 1")
+
 
 def _repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.dirname(
@@ -139,6 +212,7 @@ def parse_acceptance(obj: Any, where: str = "acceptance") -> AcceptanceRates:
                         or n < 1):
     raise AcceptanceError(f"{where}: 'trials' must be an integer >= 1, got "
                           f"{n!r}")
+  _check_chains(meta, where)
   return AcceptanceRates(tuple(float(x) for x in p), meta)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -298,3 +298,82 @@ def optimal_taus(probs: Sequence[float], max_budget: int,
   depth = n if limit is None else min(limit, n)
   tables = _solve(tuple(float(x) for x in p), n + 1, depth)
   return np.maximum.accumulate(tables.value[depth, 1:n + 2])
+
+
+def replay_rounds(match: Sequence[int], accepted: Sequence[int],
+                  available: Sequence[int], depth: int,
+                  by_match: Mapping[int, Sequence[float]], gate: float
+                  ) -> tuple[int, int, int]:
+  """Greedy decoding of one continuation with a deterministic chain
+  drafter, chain(depth) and the round gate, replayed from its trace (one
+  entry per continuation position i, the root y_i of a possible round):
+  the lookup's match length n_i (0: none), the drafts of an unbounded
+  chain that greedy verification accepts a_i, and the drafts the history
+  holds v_i (`ngram.chain_acceptance`). The first token comes from the
+  prefill; a round at position i
+
+      speculates iff n_i > 0 and E_i >= gate  (any n_i > 0 when gate = 0),
+          E_i = sum_{d <= min(depth, v_i)} c_{n_i}[d]
+
+  (`Tree.gated` over the confidence of `NgramDrafter`; c_n = 0 for a
+  match length without a curve), emitting 1 + min(a_i, depth) tokens,
+  else 1, and the next round starts at the position after its last token.
+
+  Returns:
+    `(rounds, drafted rounds, tokens the rounds emitted)`, the budget being
+    the N - 1 tokens after the prefill's.
+  """
+  size = len(match) - 1
+  rounds = drafted = tokens = i = 0
+  while i < size:
+    rounds += 1
+    curve = list(by_match.get(int(match[i]), ()))
+    expected = sum(curve[:min(depth, int(available[i]))])
+    emit = 1
+    if match[i] > 0 and (gate <= 0 or expected >= gate):
+      drafted += 1
+      emit += min(int(accepted[i]), depth)
+    tokens, i = tokens + min(emit, size - i), i + emit
+  return rounds, drafted, tokens
+
+
+def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
+                 by_match: Mapping[int, Sequence[float]], verify,
+                 max_depth: int) -> Choice:
+  """The hardware-aware chain of a deterministic chain drafter (n-gram
+  prompt lookup), by replaying its measured rounds rather than by a
+  positional model.
+
+  At T = 0 a chain drafter's rounds are a function of the tokens alone, so
+  decoding every measured continuation with chain(D) and the gate at the
+  chain's break-even b(D) = verify(D + 1) / verify(1) - 1 (`gate=auto`) is
+  replayed exactly (`replay_rounds`): a drafted round costs verify(D + 1)
+  ms, any other verify(1) (the roots-only fallback). D* maximises tokens
+  per ms over all traces; D = 0 is plain decoding.
+
+  Args:
+    traces: `(n, a, v)` per continuation (`replay_rounds`).
+    by_match: {n: (c_n[1], c_n[2], ...)}, the drafter's confidence.
+    verify: T -> ms of a T-token verify on this host.
+    max_depth: the deepest chain considered.
+
+  Returns:
+    the best `Choice` (tau: tokens per round of the replay, counting the
+    rounds only; cost_ms: mean ms per round; ties: the shorter chain).
+  """
+  one = float(verify(1))
+  best = Choice(trees.chain(0), 1.0, one)
+  for depth in range(1, max_depth + 1):
+    cost_d = float(verify(depth + 1))
+    gate = max(cost_d / one - 1.0, 0.0)
+    rounds = drafted = tokens = 0
+    for trace in traces:
+      r, d, t = replay_rounds(*trace, depth, by_match, gate)
+      rounds, drafted, tokens = rounds + r, drafted + d, tokens + t
+    if not rounds:
+      break
+    ms = drafted * cost_d + (rounds - drafted) * one
+    choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
+    if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
+      best = choice
+  return best

@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from seqdec.decoding import acceptance_rates
 from seqdec.decoding import drafters
 from seqdec.decoding import tree_specs
 from seqdec.decoding import verify
@@ -54,7 +55,9 @@ AR = "ar"
 
 # Options of each drafter, with their defaults (the defaults type the values).
 DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
-    "ngram": {"max_ngram": 3, "min_ngram": 1},
+    # confidence: an n-gram acceptance file (its 'chain_by_match'), for the
+    # round gate (`NgramDrafter`); "" = none.
+    "ngram": {"max_ngram": 3, "min_ngram": 1, "confidence": ""},
     "layerskip": {"layers": ""},
     "draft": {"draft_layers": 0, "draft_model": ""},
     # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);
@@ -342,6 +345,15 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
     options["draft_model"] = draft_model
   if spec.drafter != "ngram":
     options["proposal"] = spec.proposal
+  elif options.get("confidence"):
+    rates = acceptance_rates.load_acceptance(options["confidence"])
+    if rates.chain_by_match is None:
+      raise ConfigError(f"ngram confidence file {options['confidence']!r} "
+                        f"has no 'chain_by_match' (measure one with "
+                        f"launch/measure_acceptance.py --drafter=ngram)")
+    options["confidence"] = rates.chain_by_match
+  else:
+    options["confidence"] = None
   return drafters.make_drafter(spec.drafter, target, **options)
 
 

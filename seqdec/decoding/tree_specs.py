@@ -105,6 +105,32 @@ def round_cost(profile: host_profile.HostProfile, drafter: str,
   return cost
 
 
+def chain_traces(rates: acceptance_rates.AcceptanceRates):
+  """The `(match lengths, accepted drafts, available drafts)` traces of a
+  chain drafter's acceptance file ('trace', `launch/measure_acceptance.py
+  --drafter=ngram`; `sequoia.replay_rounds`).
+
+  Raises:
+    TreeError: a malformed trace.
+  """
+  out = []
+  bad = (f"acceptance file {rates.path!r}: each trace must be three lists of "
+         f"non-negative integers of one length")
+  trace = rates.meta["trace"]
+  if not isinstance(trace, dict):
+    raise TreeError(f"acceptance file {rates.path!r}: 'trace' must be an "
+                    f"object of per-prompt traces")
+  for value in trace.values():
+    try:
+      n, a, v = (list(map(int, x)) for x in value)
+    except (TypeError, ValueError):
+      raise TreeError(bad) from None
+    if not len(n) == len(a) == len(v) or min(n + a + v, default=0) < 0:
+      raise TreeError(bad)
+    out.append((n, a, v))
+  return out
+
+
 def auto_choice(arg: str, profile_path=None, policy: str = "f32"
                 ) -> sequoia.Choice:
   """The `Choice` of 'auto<arg>' (module docstring) with its predicted
@@ -139,6 +165,13 @@ def auto_choice(arg: str, profile_path=None, policy: str = "f32"
     shape, tau = sequoia.optimal_tree(rates.probs, AUTO_FALLBACK_NODES,
                                       AUTO_FALLBACK_DEPTH)
     return sequoia.Choice(shape, tau, float("nan"))
+  if rates.meta.get("trace") is not None:    # a chain drafter's rounds
+    return sequoia.replay_chain(
+        chain_traces(rates), rates.chain_by_match or {},
+        lambda t: profile.verify(t, policy),
+        min(int(d) if d else AUTO_MAX_DEPTH,
+            int(n) if n else AUTO_MAX_NODES,
+            int(rates.meta.get("max_rank", AUTO_MAX_DEPTH))))
   return sequoia.hardware_aware_tree(
       rates.probs, cost, int(n) if n else AUTO_MAX_NODES,
       int(d) if d else AUTO_MAX_DEPTH)

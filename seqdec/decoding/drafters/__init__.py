@@ -33,7 +33,7 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
                  min_ngram: int = 1, layers: str = "",
                  draft_model=None, draft_layers: int = 0,
                  eagle_net=None, keep_ids=None,
-                 proposal: str = "topk") -> Drafter:
+                 proposal: str = "topk", confidence=None) -> Drafter:
   """A drafter by name.
 
   Args:
@@ -48,12 +48,14 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
       replacement); the n-gram drafter is always deterministic.
+    confidence: the n-gram's per-match-length chain acceptance
+      (`NgramDrafter`), or None.
   """
   if name == "ngram":
     if proposal != "topk":
       raise DrafterError(f"the n-gram drafter proposes deterministically; "
                          f"proposal={proposal!r} needs a model drafter")
-    return NgramDrafter(max_ngram, min_ngram)
+    return NgramDrafter(max_ngram, min_ngram, confidence=confidence)
   if name == "layerskip":
     if not layers:
       raise DrafterError("drafter 'layerskip' needs a layer spec, e.g. "

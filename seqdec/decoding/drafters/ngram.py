@@ -20,6 +20,8 @@ compares per n, one `top_k`, gathers; no host round trip.
 
 from __future__ import annotations
 
+from typing import Mapping, Optional, Sequence
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,9 @@ def find_matches(hist: History, max_n: int, min_n: int, k: int):
   """The k best earlier matches of each row's last n tokens.
 
   Returns:
-    `(end [B, k] int32, found [B, k] bool)`: match end positions j (the
-    continuation starts at j + 1), best first.
+    `(end [B, k] int32, found [B, k] bool, n [B, k] int32)`: match end
+    positions j (the continuation starts at j + 1), best first, and the
+    matched lengths (0 where none).
   """
   h, n_h = hist.tokens, hist.length
   size = h.shape[1]
@@ -57,7 +60,59 @@ def find_matches(hist: History, max_n: int, min_n: int, k: int):
       ok &= cand == last
     score = jnp.where(ok, n * size + j[None], score)     # longer n wins
   best, end = jax.lax.top_k(score, k)
-  return end.astype(jnp.int32), best >= 0
+  found = best >= 0
+  return (end.astype(jnp.int32), found,
+          jnp.where(found, best // size, 0).astype(jnp.int32))
+
+
+def best_match(history: np.ndarray, max_n: int, min_n: int
+               ) -> tuple[int, int]:
+  """Host twin of `find_matches` for one row and k = 1: `(n, j)`, the
+  longest suffix n-gram (max_n .. min_n) of `history` that occurs earlier,
+  ending at its latest such end j (n-1 <= j < len - 1); (0, -1) when none."""
+  h = np.asarray(history)
+  size = len(h)
+  for n in range(max_n, min_n - 1, -1):
+    if size < n + 1:
+      continue
+    suffix = h[size - n:]
+    for j in range(size - 2, n - 2, -1):
+      if np.array_equal(h[j - n + 1:j + 1], suffix):
+        return n, j
+  return 0, -1
+
+
+def chain_acceptance(prompt: Sequence[int], continuation: Sequence[int],
+                     max_n: int, min_n: int, depth: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Teacher-forced prompt lookup along a target's greedy continuation y.
+
+  At each position i (root y_i, history h = prompt + y_0..y_i), the best
+  match (n, j) (`best_match`) proposes the chain h[j+1], h[j+2], ...
+  (entries past the history's end are not proposed: at most
+  len(h) - 1 - j), of which greedy verification accepts the longest prefix
+  equal to y_{i+1}, y_{i+2}, ...
+
+  Returns:
+    `(match_len [N], accepted [N], available [N])` int: n (0: no match),
+    the accepted drafts (0 .. depth) and the drafts the history holds
+    (0 .. depth) at each of the N = len(y) positions.
+  """
+  h = list(prompt) + list(continuation)
+  p, n_pos = len(prompt), len(continuation)
+  match_len, accepted, available = (np.zeros(n_pos, np.int64)
+                                    for _ in range(3))
+  for i in range(n_pos):
+    n_h = p + i + 1
+    n, j = best_match(np.asarray(h[:n_h]), max_n, min_n)
+    match_len[i] = n
+    available[i] = min(depth, n_h - 1 - j) if n else 0
+    a = 0
+    while (a < available[i] and i + 1 + a < n_pos
+           and h[j + 1 + a] == continuation[i + 1 + a]):
+      a += 1
+    accepted[i] = a
+  return match_len, accepted, available
 
 
 class NgramDrafter(Drafter):
@@ -65,13 +120,32 @@ class NgramDrafter(Drafter):
 
   Args:
     max_n, min_n: longest and shortest suffix n-gram to match.
+    confidence: None, or for each match length n its chain acceptance
+      c_n = (c_n[1], c_n[2], ...), c_n[d] the probability that greedy
+      verification accepts a match's first d drafts (an acceptance file's
+      'chain_by_match', `launch/measure_acceptance.py --drafter=ngram`).
+      A node at depth d on a branch matched with length n then carries
+      path_logq = log c_n[d] (0 past the curve's end), so
+      `Tree.expected_accepted` is sum_d c_n[d] and the round gate
+      (`SpecLoop.gate`) declines weak matches. Without it every valid node
+      counts 1.
   """
 
-  def __init__(self, max_n: int = 3, min_n: int = 1, name: str = "ngram"):
+  def __init__(self, max_n: int = 3, min_n: int = 1, name: str = "ngram",
+               confidence: Optional[Mapping[int, Sequence[float]]] = None):
     if not 1 <= min_n <= max_n:
       raise DrafterError(f"n-gram sizes need 1 <= min_n <= max_n, got "
                          f"min_n={min_n}, max_n={max_n}")
     self.name, self.max_n, self.min_n = name, max_n, min_n
+    self.confidence = None
+    if confidence is not None:
+      width = 1 + max(len(c) for c in confidence.values())
+      table = np.zeros((max_n + 1, width), np.float32)
+      table[:, 0] = 1.0                          # depth 0: the root
+      for n, curve in confidence.items():
+        if 1 <= int(n) <= max_n:
+          table[int(n), 1:1 + len(curve)] = curve
+      self.confidence = table
 
   def _layout(self, shape: TreeShape):
     """Static per-node (branch, on_line) arrays: node i sits on branch
@@ -92,7 +166,7 @@ class NgramDrafter(Drafter):
   def propose(self, params, state: History, shape, rnd, target_cache, key):
     branch, on_line = self._layout(shape)
     k = int(branch.max()) + 1
-    end, found = find_matches(state, self.max_n, self.min_n, k)
+    end, found, n = find_matches(state, self.max_n, self.min_n, k)
     depth = jnp.asarray(shape.depth, jnp.int32)
     src = end[:, branch] + depth[None]                       # [B, N]
     tokens = jnp.take_along_axis(state.tokens,
@@ -102,7 +176,13 @@ class NgramDrafter(Drafter):
              & (src < state.length[:, None]))
     tokens = tokens.at[:, 0].set(rnd.root)
     valid = valid.at[:, 0].set(True)
-    return Tree.from_shape(shape, tokens, valid=valid), state, target_cache
+    tree = Tree.from_shape(shape, tokens, valid=valid)
+    if self.confidence is not None:
+      table = jnp.asarray(self.confidence)
+      c = table[n[:, branch], jnp.minimum(depth, table.shape[1] - 1)[None]]
+      c = jnp.where(depth[None] < table.shape[1], c, 0.0)
+      tree = tree.replace(path_logq=jnp.log(c))          # log 0 = -inf: E 0
+    return tree, state, target_cache
 
   def commit(self, params, state: History, shape, rnd, outcome: Outcome):
     return History(tokens=write_rows(state.tokens, outcome.tokens,

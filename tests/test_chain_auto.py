@@ -1,0 +1,184 @@
+"""Hardware-aware n-gram speculation (issue 15): the lookup's confidence,
+the replay of its rounds, and 'auto' chains.
+
+Oracles: the decoder itself for the replay (greedy n-gram decoding is a
+function of the tokens, so the replay of the teacher-forced lookups must
+give the engine's exact rounds, gated and drafted, with output equal to
+autoregressive decoding in float64); the device lookup (`find_matches`)
+for its host twin; brute force over chain depths for the choice.
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqdec import Generator, Tokenizer, host_profile, testing
+from seqdec.decoding import acceptance_rates, sequoia, tree_specs, trees
+from seqdec.decoding.drafters import Round
+from seqdec.decoding.drafters import ngram as ngram_lib
+from seqdec.errors import TreeError
+
+# Made-up confidences c_n[d]: 1-gram matches weak, 3-gram matches strong.
+CONFIDENCE = {1: (0.1, 0.05, 0.02), 2: (0.5, 0.3, 0.2), 3: (0.9, 0.8, 0.7)}
+PROMPTS = [[1, 2, 3, 4, 0, 1, 2], [7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 100, 30],
+           [33, 34, 200, 1]]
+MAX_NEW = 24
+
+
+def test_host_lookup_is_the_device_lookup():
+  """`best_match` (host) == the first match of `find_matches` (device), with
+  its length; `chain_acceptance` == a direct count."""
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    h = rng.integers(0, 3, size=(2, 24))
+    n_h = rng.integers(2, 25, size=2)
+    hist = ngram_lib.History(tokens=jnp.asarray(h, jnp.int32),
+                             length=jnp.asarray(n_h, jnp.int32))
+    end, found, n = ngram_lib.find_matches(hist, 3, 1, 1)
+    for b in range(2):
+      got = ngram_lib.best_match(h[b, :n_h[b]], 3, 1)
+      want = (int(n[b, 0]), int(end[b, 0])) if found[b, 0] else (0, -1)
+      assert got == want, (trial, b, got, want)
+  # prompt 1 2 3 | continuation 1 2 3 9: at y_0 = 1 the 1-gram "1" ends at
+  # j = 0 and proposes 2 3 1 (history 1 2 3 1): 2 and 3 accepted, 1 != 9.
+  n, a, v = ngram_lib.chain_acceptance([1, 2, 3], [1, 2, 3, 9], 3, 1, 4)
+  np.testing.assert_array_equal(n, [1, 2, 3, 0])
+  np.testing.assert_array_equal(a, [2, 1, 0, 0])
+  np.testing.assert_array_equal(v, [3, 3, 3, 0])
+
+
+def test_confidence_sets_path_logq_and_the_gate_reads_it():
+  """A node at depth d on a branch matched with length n carries
+  log c_n[d]: E = sum of c_n over the valid drafts; `Tree.gated` keeps the
+  strong match and declines the weak one."""
+  drafter = ngram_lib.NgramDrafter(confidence=CONFIDENCE)
+  # Row 0 ends "1 2 3" seen before (3-gram match); row 1 ends "9", seen
+  # once before (1-gram match) with two tokens after it.
+  tokens = jnp.array([[1, 2, 3, 4, 5, 1, 2, 3, 0, 0],
+                      [9, 6, 7, 8, 9, 0, 0, 0, 0, 0]], jnp.int32)
+  state = ngram_lib.History(tokens=tokens, length=jnp.array([8, 5]))
+  rnd = Round(root=jnp.array([3, 9]), prev=jnp.array([2, 8]),
+              length=jnp.array([7, 4]), live=jnp.array([True, True]))
+  tree = drafter.propose((), state, trees.chain(3), rnd, None, None)[0]
+  np.testing.assert_array_equal(tree.tokens, [[3, 4, 5, 1], [9, 6, 7, 8]])
+  np.testing.assert_allclose(tree.expected_accepted(),
+                             [sum(CONFIDENCE[3]), sum(CONFIDENCE[1])],
+                             rtol=1e-6)
+  gated, speculate = tree.gated(0.5)
+  np.testing.assert_array_equal(speculate, [True, False])
+  np.testing.assert_array_equal(gated.valid[1], [True, False, False, False])
+
+
+def test_replay_gives_the_engines_rounds_and_the_gate_switches_inside(x64):
+  """Greedy n-gram decoding with the confidence gate on a target whose
+  continuations repeat: per row, the rounds and drafted rounds the replay
+  of the autoregressive continuation's lookups predicts
+  (`sequoia.replay_rounds`) are the engine's, gated and drafted rounds
+  alternate inside each run, and the output equals autoregressive
+  decoding (float64)."""
+  model, tok = testing.cyclic_model(dtype="float64"), Tokenizer.byte_level()
+  ar = Generator(model, tok, max_new_tokens=MAX_NEW,
+                 eos_ids=()).generate_ids(PROMPTS)
+  gate, depth = 0.4, 3
+  drafter = ngram_lib.NgramDrafter(confidence=CONFIDENCE)
+  out = Generator(model, tok, max_new_tokens=MAX_NEW, eos_ids=(),
+                  drafter=drafter, tree=f"chain{depth}",
+                  gate=gate).generate_ids(PROMPTS)
+  drafted_all, gated_all = 0, 0
+  for prompt, r, want in zip(PROMPTS, out, ar):
+    assert r.tokens == want.tokens
+    trace = ngram_lib.chain_acceptance(prompt, want.tokens, 3, 1, depth)
+    rounds, drafted, emitted = sequoia.replay_rounds(
+        *trace, depth, CONFIDENCE, gate)
+    assert emitted == MAX_NEW - 1
+    assert (rounds, drafted) == (r.metrics["target_calls"] - 1,
+                                 r.metrics["drafted_rounds"])
+    matched = int(sum(1 for n in trace[0] if n))
+    drafted_all += drafted
+    gated_all += rounds - drafted
+    print("rounds", rounds, "drafted", drafted, "matched positions", matched)
+  assert drafted_all > 0 and gated_all > 0
+
+
+def brute_force(traces, by_match, verify, max_depth):
+  """max over D <= max_depth of tokens / ms of the replayed decoding."""
+  best, best_d = 1.0 / verify(1), 0
+  for d in range(1, max_depth + 1):
+    gate = max(verify(d + 1) / verify(1) - 1, 0.0)
+    stats = [sequoia.replay_rounds(*t, d, by_match, gate) for t in traces]
+    ms = sum(dr * verify(d + 1) + (r - dr) * verify(1) for r, dr, _ in stats)
+    rate = sum(t for _, _, t in stats) / ms
+    if rate > best * (1 + 1e-12):
+      best, best_d = rate, d
+  return best_d
+
+
+@pytest.mark.parametrize("per_token", [0.05, 0.5, 50.0])
+def test_replay_chain_is_the_best_depth(per_token):
+  """The chain `replay_chain` picks is the brute-force best depth for a
+  synthetic verify curve: deep when a verify is cheap, none when dear."""
+  rng = np.random.default_rng(1)
+  traces = []
+  for _ in range(4):
+    n = rng.integers(0, 4, size=40)
+    a = np.where(n == 3, rng.integers(0, 6, size=40),
+                 np.where(n > 0, rng.integers(0, 2, size=40), 0))
+    traces.append((n.tolist(), a.tolist(), np.minimum(a + 2, 8).tolist()))
+  by_match = {1: (0.2, 0.05), 2: (0.5, 0.3, 0.1), 3: (0.9, 0.8, 0.7, 0.6)}
+  verify = lambda t: 10.0 + per_token * (t - 1)  # noqa: E731
+  got = sequoia.replay_chain(traces, by_match, verify, 6)
+  assert got.nodes == brute_force(traces, by_match, verify, 6)
+  assert (got.nodes == 0) == (per_token == 50.0)
+  if per_token == 0.05:
+    assert got.nodes >= 3
+
+
+def ngram_file(path, traces, target="tiny"):
+  acceptance_rates.write_acceptance(
+      path, [0.5], target=target, drafter="ngram", max_rank=6,
+      chain=[0.5, 0.3], chain_by_match={str(k): list(v)
+                                        for k, v in CONFIDENCE.items()},
+      match_share={"0": 0.5, "3": 0.5},
+      trace={str(i): [list(x) for x in t] for i, t in enumerate(traces)})
+
+
+def test_auto_chain_from_the_profile_and_bad_files(tmp_path):
+  """'auto:<ngram file>' replays the file's traces under this host's
+  (synthetic) verify curve; malformed chain fields and traces are
+  refused with the file named."""
+  traces = [([3] * 30, [4] * 30, [6] * 30), ([1, 0] * 15, [0] * 30,
+                                                [1, 0] * 15)]
+  accept = str(tmp_path / "ngram.json")
+  ngram_file(accept, traces)
+  path = str(tmp_path / "p.json")
+  curve = {t: 10.0 + 0.5 * (t - 1) for t in (1, 2, 4, 8, 16, 32)}
+  prof = host_profile.HostProfile(host=host_profile.host_info(), model="tiny",
+                                  verify_ms={"f32": {128: curve}}, draft_ms={})
+  host_profile.write_profile(path, prof)
+  got = tree_specs.auto_choice(f":{accept}", profile_path=path)
+  want = sequoia.replay_chain(traces, CONFIDENCE, prof.verify, 6)
+  assert got == want and got.nodes > 0
+  # A foreign profile: a warning and the default tree, as for any drafter.
+  other = str(tmp_path / "other.json")
+  host_profile.write_profile(other, host_profile.HostProfile(
+      host=dict(host_profile.host_info(), cpu_model="Other"), model="tiny",
+      verify_ms={"f32": {128: curve}}, draft_ms={}))
+  with pytest.warns(RuntimeWarning, match="has no profile of this host"):
+    assert np.isnan(tree_specs.auto_choice(f":{accept}",
+                                           profile_path=other).cost_ms)
+  obj = json.load(open(accept))
+  for key, value, message in (
+      ("chain", [0.3, 0.5], "non-increasing"),
+      ("chain_by_match", {"x": [0.1]}, "not a match length"),
+      ("match_share", {"0": 0.7}, "sums to"),
+  ):
+    bad = str(tmp_path / f"bad_{key}.json")
+    json.dump(dict(obj, **{key: value}), open(bad, "w"))
+    with pytest.raises(acceptance_rates.AcceptanceError, match=message):
+      acceptance_rates.load_acceptance(bad)
+  bad = str(tmp_path / "bad_trace.json")
+  json.dump(dict(obj, trace={"0": [[1, 2], [0]]}), open(bad, "w"))
+  with pytest.raises(TreeError, match="three lists"):
+    tree_specs.auto_choice(f":{bad}", profile_path=path)
