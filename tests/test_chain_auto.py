@@ -34,8 +34,8 @@ def test_host_lookup_is_the_device_lookup():
   for trial in range(20):
     h = rng.integers(0, 3, size=(2, 24))
     n_h = rng.integers(2, 25, size=2)
-    hist = ngram_lib.History(tokens=jnp.asarray(h, jnp.int32),
-                             length=jnp.asarray(n_h, jnp.int32))
+    hist = ngram_lib.History.start(jnp.asarray(h, jnp.int32),
+                                   jnp.asarray(n_h, jnp.int32), 3)
     end, found, n = ngram_lib.find_matches(hist, 3, 1, 1)
     for b in range(2):
       got = ngram_lib.best_match(h[b, :n_h[b]], 3, 1)
@@ -58,7 +58,7 @@ def test_confidence_sets_path_logq_and_the_gate_reads_it():
   # once before (1-gram match) with two tokens after it.
   tokens = jnp.array([[1, 2, 3, 4, 5, 1, 2, 3, 0, 0],
                       [9, 6, 7, 8, 9, 0, 0, 0, 0, 0]], jnp.int32)
-  state = ngram_lib.History(tokens=tokens, length=jnp.array([8, 5]))
+  state = ngram_lib.History.start(tokens, jnp.array([8, 5]), 3)
   rnd = Round(root=jnp.array([3, 9]), prev=jnp.array([2, 8]),
               length=jnp.array([7, 4]), live=jnp.array([True, True]))
   tree = drafter.propose((), state, trees.chain(3), rnd, None, None)[0]
@@ -71,27 +71,36 @@ def test_confidence_sets_path_logq_and_the_gate_reads_it():
   np.testing.assert_array_equal(gated.valid[1], [True, False, False, False])
 
 
-def test_replay_gives_the_engines_rounds_and_the_gate_switches_inside(x64):
-  """Greedy n-gram decoding with the confidence gate on a target whose
-  continuations repeat: per row, the rounds and drafted rounds the replay
-  of the autoregressive continuation's lookups predicts
-  (`sequoia.replay_rounds`) are the engine's, gated and drafted rounds
-  alternate inside each run, and the output equals autoregressive
-  decoding (float64)."""
+@pytest.mark.parametrize("adapt", [2.0, pytest.param(0.0,
+                                                     marks=pytest.mark.slow)])
+def test_replay_gives_the_engines_rounds_and_the_gate_switches_inside(
+    x64, adapt):
+  """Greedy n-gram decoding with the confidence gate (the curves as given,
+  or rescaled by each row's record) on a target whose continuations
+  repeat: per row, the rounds and drafted rounds the replay of the
+  autoregressive continuation's lookups predicts (`sequoia.replay_rounds`)
+  are the engine's, gated and drafted rounds alternate inside each run,
+  and the output equals autoregressive decoding (float64)."""
   model, tok = testing.cyclic_model(dtype="float64"), Tokenizer.byte_level()
   ar = Generator(model, tok, max_new_tokens=MAX_NEW,
                  eos_ids=()).generate_ids(PROMPTS)
+  # A prior that undersells 3-gram matches (E = 0.32 < the gate): as given
+  # it gates them; rescaled by a row's record, which finds them accepted,
+  # it speculates on them after the first rounds.
   gate, depth = 0.4, 3
-  drafter = ngram_lib.NgramDrafter(confidence=CONFIDENCE)
+  confidence = {**CONFIDENCE, 3: (0.12, 0.1, 0.1)}
+  drafter = ngram_lib.NgramDrafter(confidence=confidence, adapt=adapt)
   out = Generator(model, tok, max_new_tokens=MAX_NEW, eos_ids=(),
                   drafter=drafter, tree=f"chain{depth}",
                   gate=gate).generate_ids(PROMPTS)
-  drafted_all, gated_all = 0, 0
+  drafted_all, gated_all, changed = 0, 0, 0
   for prompt, r, want in zip(PROMPTS, out, ar):
     assert r.tokens == want.tokens
     trace = ngram_lib.chain_acceptance(prompt, want.tokens, 3, 1, depth)
     rounds, drafted, emitted = sequoia.replay_rounds(
-        *trace, depth, CONFIDENCE, gate)
+        *trace, depth, confidence, gate, adapt)
+    changed += sequoia.replay_rounds(*trace, depth, confidence, gate)[1] != (
+        drafted)
     assert emitted == MAX_NEW - 1
     assert (rounds, drafted) == (r.metrics["target_calls"] - 1,
                                  r.metrics["drafted_rounds"])
@@ -100,6 +109,7 @@ def test_replay_gives_the_engines_rounds_and_the_gate_switches_inside(x64):
     gated_all += rounds - drafted
     print("rounds", rounds, "drafted", drafted, "matched positions", matched)
   assert drafted_all > 0 and gated_all > 0
+  assert bool(changed) == bool(adapt)   # the record changed decisions
 
 
 def brute_force(traces, by_match, verify, max_depth):

@@ -239,8 +239,8 @@ def test_ngram_matches_equal_a_python_search():
   for trial in range(20):
     h = rng.integers(0, 3, size=(2, 24))
     n_h = rng.integers(2, 25, size=2)
-    hist = ngram_lib.History(tokens=jnp.asarray(h, jnp.int32),
-                             length=jnp.asarray(n_h, jnp.int32))
+    hist = ngram_lib.History.start(jnp.asarray(h, jnp.int32),
+                                   jnp.asarray(n_h, jnp.int32), 3)
     end, found, _ = ngram_lib.find_matches(hist, 3, 1, 4)
     for b in range(2):
       longest = {}   # match end j -> longest matching n (each j once)

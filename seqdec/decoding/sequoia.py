@@ -302,8 +302,8 @@ def optimal_taus(probs: Sequence[float], max_budget: int,
 
 def replay_rounds(match: Sequence[int], accepted: Sequence[int],
                   available: Sequence[int], depth: int,
-                  by_match: Mapping[int, Sequence[float]], gate: float
-                  ) -> tuple[int, int, int]:
+                  by_match: Mapping[int, Sequence[float]], gate: float,
+                  adapt: float = 0.0) -> tuple[int, int, int]:
   """Greedy decoding of one continuation with a deterministic chain
   drafter, chain(depth) and the round gate, replayed from its trace (one
   entry per continuation position i, the root y_i of a possible round):
@@ -316,8 +316,11 @@ def replay_rounds(match: Sequence[int], accepted: Sequence[int],
           E_i = sum_{d <= min(depth, v_i)} c_{n_i}[d]
 
   (`Tree.gated` over the confidence of `NgramDrafter`; c_n = 0 for a
-  match length without a curve), emitting 1 + min(a_i, depth) tokens,
-  else 1, and the next round starts at the position after its last token.
+  match length without a curve; with `adapt` > 0 the row's record rescales
+  c_n, every round counting a try of n_i and a hit when a_i >= 1, i.e.
+  the first draft is the target's next token), emitting 1 + min(a_i,
+  depth) tokens, else 1, and the next round starts at the position after
+  its last token.
 
   Returns:
     `(rounds, drafted rounds, tokens the rounds emitted)`, the budget being
@@ -325,21 +328,31 @@ def replay_rounds(match: Sequence[int], accepted: Sequence[int],
   """
   size = len(match) - 1
   rounds = drafted = tokens = i = 0
+  tries: dict[int, int] = {}
+  hits: dict[int, int] = {}
   while i < size:
     rounds += 1
-    curve = list(by_match.get(int(match[i]), ()))
-    expected = sum(curve[:min(depth, int(available[i]))])
+    n = int(match[i])
+    curve = np.asarray(by_match.get(n, ()), np.float64)
+    if adapt and len(curve):
+      prior = curve[0]
+      rate = (hits.get(n, 0) + adapt * prior) / (tries.get(n, 0) + adapt)
+      curve = np.minimum(curve * (rate / prior if prior > 0 else 0.0), 1.0)
+    expected = float(np.sum(curve[:min(depth, int(available[i]))]))
     emit = 1
-    if match[i] > 0 and (gate <= 0 or expected >= gate):
+    if n > 0 and (gate <= 0 or expected >= gate):
       drafted += 1
       emit += min(int(accepted[i]), depth)
+    if n > 0:
+      tries[n] = tries.get(n, 0) + 1
+      hits[n] = hits.get(n, 0) + int(accepted[i] >= 1)
     tokens, i = tokens + min(emit, size - i), i + emit
   return rounds, drafted, tokens
 
 
 def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
                  by_match: Mapping[int, Sequence[float]], verify,
-                 max_depth: int) -> Choice:
+                 max_depth: int, adapt: float = 0.0) -> Choice:
   """The hardware-aware chain of a deterministic chain drafter (n-gram
   prompt lookup), by replaying its measured rounds rather than by a
   positional model.
@@ -356,6 +369,7 @@ def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
     by_match: {n: (c_n[1], c_n[2], ...)}, the drafter's confidence.
     verify: T -> ms of a T-token verify on this host.
     max_depth: the deepest chain considered.
+    adapt: the drafter's `adapt` (`replay_rounds`).
 
   Returns:
     the best `Choice` (tau: tokens per round of the replay, counting the
@@ -368,7 +382,7 @@ def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
     gate = max(cost_d / one - 1.0, 0.0)
     rounds = drafted = tokens = 0
     for trace in traces:
-      r, d, t = replay_rounds(*trace, depth, by_match, gate)
+      r, d, t = replay_rounds(*trace, depth, by_match, gate, adapt)
       rounds, drafted, tokens = rounds + r, drafted + d, tokens + t
     if not rounds:
       break

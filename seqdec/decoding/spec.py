@@ -56,8 +56,10 @@ AR = "ar"
 # Options of each drafter, with their defaults (the defaults type the values).
 DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     # confidence: an n-gram acceptance file (its 'chain_by_match'), for the
-    # round gate (`NgramDrafter`); "" = none.
-    "ngram": {"max_ngram": 3, "min_ngram": 1, "confidence": ""},
+    # round gate (`NgramDrafter`); "" = none. adapt: rounds of prior the
+    # file's curves weigh against the row's own record (0: as given).
+    "ngram": {"max_ngram": 3, "min_ngram": 1, "confidence": "",
+              "adapt": 0},
     "layerskip": {"layers": ""},
     "draft": {"draft_layers": 0, "draft_model": ""},
     # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);

@@ -33,7 +33,8 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
                  min_ngram: int = 1, layers: str = "",
                  draft_model=None, draft_layers: int = 0,
                  eagle_net=None, keep_ids=None,
-                 proposal: str = "topk", confidence=None) -> Drafter:
+                 proposal: str = "topk", confidence=None,
+                 adapt: float = 0.0) -> Drafter:
   """A drafter by name.
 
   Args:
@@ -48,14 +49,15 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
       replacement); the n-gram drafter is always deterministic.
-    confidence: the n-gram's per-match-length chain acceptance
-      (`NgramDrafter`), or None.
+    confidence, adapt: the n-gram's per-match-length chain acceptance and
+      how many rounds of prior it weighs (`NgramDrafter`), or None.
   """
   if name == "ngram":
     if proposal != "topk":
       raise DrafterError(f"the n-gram drafter proposes deterministically; "
                          f"proposal={proposal!r} needs a model drafter")
-    return NgramDrafter(max_ngram, min_ngram, confidence=confidence)
+    return NgramDrafter(max_ngram, min_ngram, confidence=confidence,
+                        adapt=adapt)
   if name == "layerskip":
     if not layers:
       raise DrafterError("drafter 'layerskip' needs a layer spec, e.g. "

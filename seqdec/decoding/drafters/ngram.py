@@ -34,9 +34,28 @@ from seqdec.ops import write_rows
 
 @flax.struct.dataclass
 class History:
-  """`tokens [B, H]` prompt + emitted tokens; `length [B]` valid entries."""
+  """`tokens [B, H]` prompt + emitted tokens; `length [B]` valid entries;
+  the lookup's own record (`NgramDrafter`, `adapt`): per row and match
+  length n, `tries [B, max_n + 1]` rounds that had a best match of length
+  n and `hits` those whose first draft was the target's next token, and
+  this round's best match length `last_n [B]` (0: none) and first draft
+  `last_first [B]`."""
   tokens: jax.Array
   length: jax.Array
+  tries: jax.Array
+  hits: jax.Array
+  last_n: jax.Array
+  last_first: jax.Array
+
+  @classmethod
+  def start(cls, tokens: jax.Array, length: jax.Array, max_n: int
+            ) -> "History":
+    """A history with an empty record."""
+    b = tokens.shape[0]
+    record = jnp.zeros((b, max_n + 1), jnp.float32)
+    none = jnp.zeros((b,), jnp.int32)
+    return cls(tokens=tokens, length=length, tries=record, hits=record,
+               last_n=none, last_first=none - 1)
 
 
 def find_matches(hist: History, max_n: int, min_n: int, k: int):
@@ -129,10 +148,27 @@ class NgramDrafter(Drafter):
       `Tree.expected_accepted` is sum_d c_n[d] and the round gate
       (`SpecLoop.gate`) declines weak matches. Without it every valid node
       counts 1.
+    adapt: with `confidence`, how many rounds of prior the curves weigh
+      against the row's own record (0: the curves as given). Every round
+      the lookup checks its first draft against the token the target
+      emitted (gated rounds included), so the row's depth-1 rate for match
+      length n is, with s = adapt, t_n tries and h_n hits,
+
+          r_n = (h_n + s c_n[1]) / (t_n + s),
+          c'_n[d] = min(1, c_n[d] r_n / c_n[1])   (0 where c_n[1] = 0)
+
+      and the round uses c'_n: a row whose matches keep failing (a
+      question answered in new words) stops paying for verifies, a row
+      that copies (a rewrite) keeps them. The decision reads committed
+      rounds only, so every rule stays lossless.
   """
 
   def __init__(self, max_n: int = 3, min_n: int = 1, name: str = "ngram",
-               confidence: Optional[Mapping[int, Sequence[float]]] = None):
+               confidence: Optional[Mapping[int, Sequence[float]]] = None,
+               adapt: float = 0.0):
+    if adapt < 0:
+      raise DrafterError(f"adapt must be >= 0, got {adapt}")
+    self.adapt = float(adapt)
     if not 1 <= min_n <= max_n:
       raise DrafterError(f"n-gram sizes need 1 <= min_n <= max_n, got "
                          f"min_n={min_n}, max_n={max_n}")
@@ -161,7 +197,21 @@ class NgramDrafter(Drafter):
     hist = jnp.zeros((b, capacity), jnp.int32)
     hist = hist.at[:, :tokens.shape[1]].set(tokens)
     hist = write_rows(hist, first[:, None], prompt_len)
-    return History(tokens=hist, length=prompt_len + 1)
+    return History.start(hist, prompt_len + 1, self.max_n)
+
+  def curves(self, state: History, n: jax.Array) -> jax.Array:
+    """`[B, K, W]` the confidence c'_n (class docstring) of each row's K
+    matches of lengths `n [B, K]` at depths 0 .. W - 1 (1 at the root)."""
+    table = jnp.asarray(self.confidence)
+    c = table[n]                                             # [B, K, W]
+    if not self.adapt:
+      return c
+    prior = c[..., 1]
+    tries = jnp.take_along_axis(state.tries, n, axis=1)
+    hits = jnp.take_along_axis(state.hits, n, axis=1)
+    rate = (hits + self.adapt * prior) / (tries + self.adapt)
+    scale = jnp.where(prior > 0, rate / jnp.where(prior > 0, prior, 1.0), 0.0)
+    return jnp.minimum(c * scale[..., None], 1.0).at[..., 0].set(1.0)
 
   def propose(self, params, state: History, shape, rnd, target_cache, key):
     branch, on_line = self._layout(shape)
@@ -178,13 +228,33 @@ class NgramDrafter(Drafter):
     valid = valid.at[:, 0].set(True)
     tree = Tree.from_shape(shape, tokens, valid=valid)
     if self.confidence is not None:
-      table = jnp.asarray(self.confidence)
-      c = table[n[:, branch], jnp.minimum(depth, table.shape[1] - 1)[None]]
-      c = jnp.where(depth[None] < table.shape[1], c, 0.0)
+      curves = self.curves(state, n)                         # [B, K, W]
+      width = curves.shape[2]
+      c = jnp.take_along_axis(
+          curves[:, branch], jnp.minimum(depth, width - 1)[None, :, None],
+          axis=2)[..., 0]                                    # [B, N]
+      c = jnp.where(depth[None] < width, c, 0.0)
       tree = tree.replace(path_logq=jnp.log(c))          # log 0 = -inf: E 0
+    # The record: branch 0's match and first draft (node of rank path (0,)).
+    first = self._first_child(shape)
+    state = state.replace(
+        last_n=n[:, 0],
+        last_first=(jnp.where(valid[:, first], tokens[:, first], -1)
+                    if first is not None else jnp.full_like(n[:, 0], -1)))
     return tree, state, target_cache
 
+  @staticmethod
+  def _first_child(shape: TreeShape) -> Optional[int]:
+    paths = shape.rank_paths()
+    return paths.index((0,)) if (0,) in paths else None
+
   def commit(self, params, state: History, shape, rnd, outcome: Outcome):
-    return History(tokens=write_rows(state.tokens, outcome.tokens,
-                                     state.length),
-                   length=state.length + outcome.num_kept)
+    kept = outcome.num_kept > 0
+    tried = kept & (state.last_n > 0)
+    hit = tried & (outcome.tokens[:, 0] == state.last_first)
+    at = jax.nn.one_hot(state.last_n, state.tries.shape[1], dtype=jnp.float32)
+    return state.replace(
+        tokens=write_rows(state.tokens, outcome.tokens, state.length),
+        length=state.length + outcome.num_kept,
+        tries=state.tries + at * tried[:, None],
+        hits=state.hits + at * hit[:, None])
