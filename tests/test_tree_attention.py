@@ -129,9 +129,9 @@ def test_reference_matches_model_attention():
     vis = tr.attention_visibility(ln, pos, dense, S + N, window)
     qm = q.reshape(B, K, g, N, DH).transpose(0, 1, 3, 2, 4).reshape(
         B, K, N * g, DH)
-    out = tr.grouped_attention(qm, kbuf, vbuf,
-                               jnp.repeat(vis, g, axis=1)[:, None],
-                               DH ** -0.5, jnp.float32, "dot")
+    out = tr.grouped_attention(
+        qm, [(kbuf, vbuf, jnp.repeat(vis, g, axis=1)[:, None])],
+        DH ** -0.5, jnp.float32, "dot")
     out = out.reshape(B, K, N, g, DH).transpose(0, 1, 3, 2, 4).reshape(
         B, K * g, N, DH)
     assert max_err(out, ref) <= MODULE_TOL
