@@ -66,6 +66,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from seqdec import bench  # pylint: disable=g-import-not-at-top
+from seqdec import cli  # pylint: disable=g-import-not-at-top
 
 DEFAULT_METHODS = (
     "ar", "hf_pld",
@@ -364,6 +365,10 @@ def main(argv):
   for policy in _AR_POLICIES.value:
     if policy != _PRECISION.value and f"ar[{policy}]" not in methods:
       methods.insert(1, f"ar[{policy}]")
+  # A bad method string fails here, as one error line, before any load.
+  cli.run_reporting_user_errors(lambda: [
+      parse_method(m) for m in methods
+      if m not in (AR, HF_PLD) and not ar_policy(m)])
   n, per_category = bench.quick_settings(
       _QUICK.value, _MAX_NEW_TOKENS.value,
       flags.FLAGS["max_new_tokens"].present, _PER_CATEGORY.value)
@@ -401,9 +406,9 @@ def main(argv):
 
   model, tokenizer = seqdec.load_pretrained(gguf_path,
                                             precision=_PRECISION.value)
-  gens = build_generators(
+  gens = cli.run_reporting_user_errors(lambda: build_generators(
       methods, model, tokenizer, n,
-      lambda policy: seqdec.load_pretrained(gguf_path, precision=policy)[0])
+      lambda policy: seqdec.load_pretrained(gguf_path, precision=policy)[0]))
   hf = None
   if HF_PLD in methods:
     from hf_baseline import HFSide  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,9 @@ for its host twin; brute force over chain depths for the choice.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +195,18 @@ def test_auto_chain_from_the_profile_and_bad_files(tmp_path):
   json.dump(dict(obj, trace={"0": [[1, 2], [0]]}), open(bad, "w"))
   with pytest.raises(TreeError, match="three lists"):
     tree_specs.auto_choice(f":{bad}", profile_path=path)
+
+
+def test_bench_spec_refuses_a_bad_method_before_loading(tmp_path):
+  """A method string with an unknown drafter option: one error line and
+  exit status 1, before any model loads; nothing written."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "spec.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "launch", "bench_spec.py"),
+       "--methods=ngram@min_n=2/chain4", "--quick", f"--output={out}"],
+      capture_output=True, text=True, timeout=120, check=False)
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert proc.returncode == 1, proc.stderr
+  assert len(lines) == 1 and "unknown option 'min_n'" in lines[0]
+  assert not out.exists()
