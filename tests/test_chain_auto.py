@@ -21,7 +21,8 @@ from seqdec import Generator, Tokenizer, host_profile, testing
 from seqdec.decoding import acceptance_rates, sequoia, tree_specs, trees
 from seqdec.decoding.drafters import Round
 from seqdec.decoding.drafters import ngram as ngram_lib
-from seqdec.errors import TreeError
+from seqdec.decoding.drafters import DrafterError
+from seqdec.errors import ConfigError, TreeError
 
 # Made-up confidences c_n[d]: 1-gram matches weak, 3-gram matches strong.
 CONFIDENCE = {1: (0.1, 0.05, 0.02), 2: (0.5, 0.3, 0.2), 3: (0.9, 0.8, 0.7)}
@@ -72,6 +73,12 @@ def test_confidence_sets_path_logq_and_the_gate_reads_it():
   gated, speculate = tree.gated(0.5)
   np.testing.assert_array_equal(speculate, [True, False])
   np.testing.assert_array_equal(gated.valid[1], [True, False, False, False])
+  with pytest.raises(DrafterError, match="give confidence"):
+    ngram_lib.NgramDrafter(adapt=4)
+  with pytest.raises(ConfigError, match="has no 'chain_by_match'"):
+    Generator(testing.tiny_model(), Tokenizer.byte_level(),
+              "ngram@confidence=configs/acceptance/smollm2_draft10_t0.json"
+              "/chain2")
 
 
 @pytest.mark.parametrize("adapt", [2.0, pytest.param(0.0,

@@ -168,6 +168,9 @@ class NgramDrafter(Drafter):
                adapt: float = 0.0):
     if adapt < 0:
       raise DrafterError(f"adapt must be >= 0, got {adapt}")
+    if adapt and confidence is None:
+      raise DrafterError("adapt rescales the confidence curves: give "
+                         "confidence=<n-gram acceptance file> too")
     self.adapt = float(adapt)
     if not 1 <= min_n <= max_n:
       raise DrafterError(f"n-gram sizes need 1 <= min_n <= max_n, got "
