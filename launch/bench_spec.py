@@ -191,13 +191,12 @@ def tree_nodes(method):
   """Draft nodes of a method's tree (the spec grammar's split, so a
   drafter option holding a path, eagle@checkpoint=<dir>/chain4, works)."""
   # pylint: disable=g-import-not-at-top
-  from seqdec.decoding import tree_specs
-  from seqdec.decoding.spec import SpecConfig
+  from seqdec.decoding import spec as spec_lib
   # pylint: enable=g-import-not-at-top
   if "/" not in method:
     return 0
-  spec = SpecConfig.parse(method.replace(GATE_AUTO, ""))
-  return tree_specs.parse(spec.tree, _PRECISION.value).num_nodes - 1
+  spec = spec_lib.SpecConfig.parse(method.replace(GATE_AUTO, ""))
+  return spec_lib.build_tree(spec, _PRECISION.value).num_nodes - 1
 
 
 def summarize(rows, methods, bench, greedy=True):
@@ -468,8 +467,9 @@ def auto_trees(methods, summary):
     tree = spec_lib._split_tree(m)[2]  # pylint: disable=protected-access
     if not tree.startswith("auto"):
       continue
-    choice = tree_specs.auto_choice(tree[len("auto"):],
-                                    policy=_PRECISION.value)
+    choice = tree_specs.auto_choice(
+        tree[len("auto"):], policy=_PRECISION.value,
+        adapt=spec_lib.auto_adapt(parse_method(m)))
     tps = summary["overall"][m]["decode_tps"]
     # The prediction against the profile's own decoding step, verify(1).
     target = acceptance_rates.load_acceptance(

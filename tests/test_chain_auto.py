@@ -19,6 +19,8 @@ import pytest
 
 from seqdec import Generator, Tokenizer, host_profile, testing
 from seqdec.decoding import acceptance_rates, sequoia, tree_specs, trees
+from seqdec.decoding import spec as spec_lib
+from seqdec.decoding.spec import SpecConfig
 from seqdec.decoding.drafters import Round
 from seqdec.decoding.drafters import ngram as ngram_lib
 from seqdec.decoding.drafters import DrafterError
@@ -164,10 +166,10 @@ def ngram_file(path, traces, target="tiny"):
       trace={str(i): [list(x) for x in t] for i, t in enumerate(traces)})
 
 
-def test_auto_chain_from_the_profile_and_bad_files(tmp_path):
+def test_auto_chain_from_the_profile_and_bad_files(tmp_path, monkeypatch):
   """'auto:<ngram file>' replays the file's traces under this host's
-  (synthetic) verify curve; malformed chain fields and traces are
-  refused with the file named."""
+  (synthetic) verify curve, with the spec's n-gram `adapt`; malformed
+  chain fields and traces are refused with the file named."""
   traces = [([3] * 30, [4] * 30, [6] * 30), ([1, 0] * 15, [0] * 30,
                                                 [1, 0] * 15)]
   accept = str(tmp_path / "ngram.json")
@@ -180,6 +182,10 @@ def test_auto_chain_from_the_profile_and_bad_files(tmp_path):
   got = tree_specs.auto_choice(f":{accept}", profile_path=path)
   want = sequoia.replay_chain(traces, CONFIDENCE, prof.verify, 6)
   assert got == want and got.nodes > 0
+  monkeypatch.setenv(host_profile.ENV_PATH, path)
+  spec = SpecConfig.parse(f"ngram@confidence={accept}@adapt=2/auto:{accept}")
+  assert spec_lib.build_tree(spec) == sequoia.replay_chain(
+      traces, CONFIDENCE, prof.verify, 6, adapt=2.0).shape
   # A foreign profile: a warning and the default tree, as for any drafter.
   other = str(tmp_path / "other.json")
   host_profile.write_profile(other, host_profile.HostProfile(

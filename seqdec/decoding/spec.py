@@ -311,8 +311,14 @@ def resolve_rule(rule: str, temperature: Any) -> str:
 
 def build_tree(spec: SpecConfig, policy: str = "f32"):
   """The spec's `TreeShape` (a `TreeError` for a bad tree spec); `policy`,
-  the target's precision policy, prices an 'auto' tree."""
-  return tree_specs.parse(spec.tree, policy)
+  the target's precision policy, prices an 'auto' tree, which replays an
+  n-gram drafter's rounds with its `adapt`."""
+  return tree_specs.parse(spec.tree, policy, adapt=auto_adapt(spec))
+
+
+def auto_adapt(spec: SpecConfig) -> float:
+  """The `adapt` of an n-gram spec's drafter (0 for other drafters)."""
+  return float(spec.option("adapt") or 0) if spec.drafter == "ngram" else 0.0
 
 
 def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):

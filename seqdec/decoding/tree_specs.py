@@ -131,13 +131,14 @@ def chain_traces(rates: acceptance_rates.AcceptanceRates):
   return out
 
 
-def auto_choice(arg: str, profile_path=None, policy: str = "f32"
-                ) -> sequoia.Choice:
+def auto_choice(arg: str, profile_path=None, policy: str = "f32",
+                adapt: float = 0.0) -> sequoia.Choice:
   """The `Choice` of 'auto<arg>' (module docstring) with its predicted
   tokens per second, the verifies priced under the target's precision
   `policy`; without a usable profile (missing, corrupt, another host's, no
   curve for the drafter or the policy) a RuntimeWarning and the Sequoia
-  tree of AUTO_FALLBACK_NODES nodes, with cost_ms = nan."""
+  tree of AUTO_FALLBACK_NODES nodes, with cost_ms = nan. A chain drafter's
+  rounds are replayed with its `adapt` (`sequoia.replay_rounds`)."""
   match = _AUTO.match(arg)
   if not match:
     raise TreeError(
@@ -171,7 +172,7 @@ def auto_choice(arg: str, profile_path=None, policy: str = "f32"
         lambda t: profile.verify(t, policy),
         min(int(d) if d else AUTO_MAX_DEPTH,
             int(n) if n else AUTO_MAX_NODES,
-            int(rates.meta.get("max_rank", AUTO_MAX_DEPTH))))
+            int(rates.meta.get("max_rank", AUTO_MAX_DEPTH))), adapt)
   return sequoia.hardware_aware_tree(
       rates.probs, cost, int(n) if n else AUTO_MAX_NODES,
       int(d) if d else AUTO_MAX_DEPTH)
@@ -199,9 +200,11 @@ _NAMED = {
 PREFIXES = tuple(_NAMED)
 
 
-def parse(spec: str, policy: str = "f32") -> trees.TreeShape:
+def parse(spec: str, policy: str = "f32", adapt: float = 0.0
+          ) -> trees.TreeShape:
   """A tree shape from a config string (the forms of the module docstring);
-  `policy`: the target's precision policy, which prices an 'auto' tree.
+  `policy`: the target's precision policy, which prices an 'auto' tree;
+  `adapt`: an n-gram drafter's, which its replayed rounds follow.
 
   Raises:
     TreeError: an unknown or malformed spec; a bad acceptance file's
@@ -212,7 +215,8 @@ def parse(spec: str, policy: str = "f32") -> trees.TreeShape:
   for name, build in _NAMED.items():
     if spec.startswith(name) and spec[len(name):]:
       if name == "auto":
-        build = lambda arg: auto_choice(arg, policy=policy).shape  # noqa: E731
+        build = lambda arg: auto_choice(  # noqa: E731
+            arg, policy=policy, adapt=adapt).shape
       try:
         return build(spec[len(name):])
       except ValueError as e:
