@@ -42,7 +42,7 @@ from seqdec.decoding.drafters.base import Drafter, Outcome, Round
 from seqdec.decoding.loops import DecodeShapes, Inputs, LoopMixin
 from seqdec.decoding.sampling import Sampler, step_keys
 from seqdec.decoding.trees import Tree, TreeShape
-from seqdec.decoding.verify import Greedy
+from seqdec.decoding.verify import Greedy, along_path
 from seqdec.errors import TreeError
 from seqdec.models.protocol import (backbone_features, defers_writes,
                                     head_input)
@@ -154,12 +154,16 @@ class SpecLoop(LoopMixin):
       is the break-even of an N-node tree
       (`host_profile.HostProfile.break_even`).
     root_fallback: when no row has a draft node, verify the roots alone
-      (a `lax.cond` between a T = N and a T = 1 forward). A target with
-      deferred writes (`protocol.defers_writes`: the transformer) runs
-      both branches reading the cache only and writes the new K/V after
-      the cond, in place; otherwise each branch copies every cache buffer
-      (XLA:CPU does not update a conditional's operands in place), which
-      costs about what the T = 1 forward saves.
+      (a T = 1 forward, an autoregressive step's cost). In `decode` the
+      rounds run in two nested loops, one of root-only rounds and one of
+      whole-tree rounds (`decode`), so each forward writes the cache in
+      place. A lone `step` (the host loop) chooses with a `lax.cond`
+      between a T = N and a T = 1 forward; a target with deferred writes
+      (`protocol.defers_writes`: the transformer) runs both branches
+      reading the cache only and writes the new K/V after the cond, in
+      place; otherwise each branch copies every cache buffer (XLA:CPU does
+      not update a conditional's operands in place), which costs about
+      what the T = 1 forward saves.
   """
   target: Any
   drafter: Drafter
@@ -234,21 +238,26 @@ class SpecLoop(LoopMixin):
     return Drafted(tree=tree, rnd=rnd, dstate=dstate, cache=cache)
 
   def verify(self, *, params, state: SpecState, inputs: Inputs,
-             draft: Drafted) -> Verified:
+             draft: Drafted, width: str = "auto") -> Verified:
     """Phase 2: one target forward over the tree; the rule accepts a path.
 
     When no row has a valid draft node (e.g. prompt lookup found nothing),
     the forward runs over the roots alone (T = 1, an autoregressive step's
-    cost) instead of the whole tree; the other nodes get zero logits, which
-    no rule reads since invalid nodes are never accepted.
+    cost) instead of the whole tree. `width` says which forward runs:
+    'auto' chooses on device (`root_fallback`; the other nodes get zero
+    logits, which no rule reads since invalid nodes are never accepted),
+    'tree' runs the whole tree, 'root' the roots alone (the rule then sees
+    a one-node tree: the caller knows that no row has a draft node).
     """
+    if width not in ("auto", "tree", "root"):
+      raise ValueError(f"unknown verify width {width!r}")
     model = nnx.merge(self.target, params[0])
-    tree = draft.tree
+    tree = draft.tree.root_only() if width == "root" else draft.tree
     positions = draft.cache.length[:, None] + tree.depth
     with_features = self.drafter.uses_features
     taps = self.drafter.feature_taps
     n = tree.tokens.shape[1]
-    fallback = self.root_fallback and n > 1
+    fallback = self.root_fallback and n > 1 and width == "auto"
     # Under the fallback's `lax.cond` the branches only read the cache and
     # the new K/V are written after it (no copy of the cache per branch).
     defer = fallback and defers_writes(model)
@@ -289,8 +298,7 @@ class SpecLoop(LoopMixin):
       cache = model.write_new(draft.cache, cache)
     verdict = self.rule(tree, logits, step_keys(inputs.keys, state.step + 1),
                         inputs.sparams, self.max_depth)
-    margins = top2_margin(jnp.take_along_axis(
-        logits, verdict.path[:, :, None], axis=1))                   # [B, M]
+    margins = along_path(top2_margin, logits, verdict.path)          # [B, M]
     return Verified(verdict=verdict, margins=margins, cache=cache,
                     features=features)
 
@@ -354,6 +362,60 @@ class SpecLoop(LoopMixin):
                            draft=drafted)
     return self.finish(params=params, state=state, inputs=inputs,
                        draft=drafted, verdict=verified)
+
+  def decode(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
+    """Rounds until no row is live, in one compiled program.
+
+    Without `root_fallback` (or with a one-node tree), a `lax.while_loop`
+    over `step`. With it, the round's forward width is chosen by the loop
+    that runs it rather than by a `lax.cond` inside it:
+
+        d = draft(state)
+        while live:
+          while live and no live row of d has a draft node:
+            state = finish(verify_roots(d)); d = draft(state)   # T = 1
+          while live and some live row of d has one:
+            state = finish(verify_tree(d)); d = draft(state)    # T = N
+
+    Each forward writes the cache in place (no conditional, so no copy of
+    its buffers and no deferred writes) and a root-only round is an
+    autoregressive step plus the drafter's proposal. The rounds, keys and
+    outputs are those of `step` (the proposal for a round is made right
+    after the previous round's commit, from the same state); the last
+    proposal, made when no row is live any more, is discarded.
+    """
+    if not (self.root_fallback and self.tree.num_nodes > 1):
+      return super().decode(params=params, state=state, inputs=inputs)
+
+    def pending(s: SpecState) -> tuple[SpecState, Tree, Round]:
+      d = self.draft(params=params, state=s, inputs=inputs)
+      return s.replace(cache=d.cache, draft=d.dstate), d.tree, d.rnd
+
+    def round_(width):
+      def body(carry):
+        s, tree, rnd = carry
+        drafted = Drafted(tree=tree, rnd=rnd, dstate=s.draft, cache=s.cache)
+        verified = self.verify(params=params, state=s, inputs=inputs,
+                               draft=drafted, width=width)
+        return pending(self.finish(params=params, state=s, inputs=inputs,
+                                   draft=drafted, verdict=verified))
+      return body
+
+    def live(carry) -> jax.Array:
+      return self.live(carry[0])
+
+    def has_draft(carry) -> jax.Array:
+      s, tree, _ = carry
+      return jnp.any(tree.valid[:, 1:] & ~s.done[:, None])
+
+    def burst(carry):
+      carry = jax.lax.while_loop(lambda c: live(c) & ~has_draft(c),
+                                 round_("root"), carry)
+      return jax.lax.while_loop(lambda c: live(c) & has_draft(c),
+                                round_("tree"), carry)
+
+    s, _, _ = jax.lax.while_loop(live, burst, pending(state))
+    return s
 
   def live(self, state: SpecState) -> jax.Array:
     """Rounds remain (at most NB) and some row is not done."""

@@ -329,6 +329,15 @@ class Tree:
       return jnp.sum(draft, axis=1, dtype=jnp.float32)
     return jnp.sum(jnp.where(draft, jnp.exp(self.path_logq), 0.0), axis=1)
 
+  def root_only(self) -> "Tree":
+    """The one-node tree of each row's root (`[B, 1]` fields, `q` `[B, 1,
+    V]`): what a round verifies when no row has a draft node."""
+    first = lambda x: None if x is None else x[:, :1]  # noqa: E731
+    return Tree(tokens=self.tokens[:, :1], parents=self.parents[:, :1],
+                depth=self.depth[:, :1], valid=self.valid[:, :1],
+                mask=self.mask[:, :1, :1], scheme=self.scheme[:, :1],
+                q=first(self.q), path_logq=first(self.path_logq))
+
   def gated(self, min_expected: float) -> tuple["Tree", jax.Array]:
     """`(tree, speculate [B] bool)`: rows whose `expected_accepted()` is
     below `min_expected` keep only their root valid, so the round verifies

@@ -92,13 +92,39 @@ def deepest_accepted_path(tree: Tree, node_ok: jax.Array,
   return path, num_accepted
 
 
+def along_path(fn: Callable[[jax.Array], jax.Array], logits: jax.Array,
+               path: jax.Array) -> jax.Array:
+  """`fn(logits[b, path[b, d]])`, `[B, M, ...]`, for `fn` a reduction over
+  the vocabulary axis `[..., V] -> [...]`.
+
+  The M path entries repeat nodes when fewer are accepted, and a tree may
+  have fewer nodes than M (a root-only round: N = 1), so `fn` runs over
+  min(N, M) rows of V logits: per node and then gathered when N <= M,
+  else on the gathered path rows.
+  """
+  if logits.shape[1] <= path.shape[1]:
+    return jnp.take_along_axis(fn(logits), path, axis=1)
+  return fn(jnp.take_along_axis(logits, path[:, :, None], axis=1))
+
+
 def path_logprobs(logits: jax.Array, path: jax.Array,
                   tokens: jax.Array) -> jax.Array:
-  """log softmax(logits[b, path[b, d]])[tokens[b, d]], `[B, M]`."""
-  rows = jnp.take_along_axis(logits, path[:, :, None], axis=1)       # [B,M,V]
-  rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
-  logp = jax.nn.log_softmax(rows, axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, :, None], axis=2)[:, :, 0]
+  """log softmax(logits[b, path[b, d]])[tokens[b, d]], `[B, M]`:
+
+      (x[t] - max x) - log sum_v exp(x[v] - max x),   x = logits[b, path[b, d]]
+
+  (the arithmetic of `jax.nn.log_softmax`), the normaliser over the
+  vocabulary computed for min(N, M) rows (`along_path`).
+  """
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  b, n, v = x.shape
+  top = along_path(lambda r: jnp.max(r, axis=-1), x, path)           # [B, M]
+  log_sum = along_path(
+      lambda r: jnp.log(jnp.sum(jnp.exp(r - jnp.max(r, -1, keepdims=True)),
+                                axis=-1)), x, path)
+  picked = jnp.take_along_axis(x.reshape(b, n * v), path * v + tokens,
+                               axis=1)
+  return (picked - top) - log_sum
 
 
 class AcceptanceRule:
