@@ -223,3 +223,19 @@ def test_bench_spec_refuses_a_bad_method_before_loading(tmp_path):
   assert proc.returncode == 1, proc.stderr
   assert len(lines) == 1 and "unknown option 'min_n'" in lines[0]
   assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--category=poetry"], "unknown --category 'poetry'"),
+    (["--depth=0"], "must be >= 1")])
+def test_bench_round_overhead_refuses_bad_flags(args, message):
+  """Bad flags of the round-overhead bench: one error line, exit status 1,
+  before any model loads."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "launch", "bench_round_overhead.py"),
+       *args], capture_output=True, text=True, timeout=120, check=False)
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert proc.returncode == 1, proc.stderr
+  assert len(lines) == 1 and message in lines[0], proc.stderr
