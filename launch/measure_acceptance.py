@@ -58,6 +58,16 @@ Method
   hold at every depth would not describe it (deeper drafts follow one
   match's continuation); 'auto' trees read the chain curves instead, and
   `ngram@confidence=<file>` gates rounds by them.
+* The EAGLE drafter (--drafter=eagle, T = 0 only; --checkpoint, default
+  the drafter shipped for the target): one target forward over prompt +
+  continuation gives the features the decoding loop would have handed the
+  drafter, and at every continuation position the drafter drafts a chain of
+  --max_rank levels from them and then from its own (`train.drafter.
+  chain_trace`). The file holds, per prompt and position, the drafts that
+  greedy verification accepts and each node's path log q (the confidence
+  the round gate reads), and the chain curves as for n-gram. 'auto' replays
+  these chains under the loop rounds the host profile measured for the
+  drafter (`sequoia.replay_model_chain`).
 """
 
 import os
@@ -77,8 +87,12 @@ _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
     "Target: a registry name (smollm2-135m-instruct, tiny), HF dir or .gguf.")
 _DRAFTER = flags.DEFINE_enum(
-    "drafter", "layerskip", ["layerskip", "draft", "ngram"],
-    "layerskip | draft | ngram (T = 0; see the module docstring).")
+    "drafter", "layerskip", ["layerskip", "draft", "ngram", "eagle"],
+    "layerskip | draft | ngram | eagle (the last two T = 0; see the module "
+    "docstring).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "--drafter=eagle: its checkpoint directory (default: "
+    "the drafter shipped for the target).")
 _LAYERS, _DRAFT_LAYERS = bench.define_drafter_flags()
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "0: greedy verification; T > 0: lossless rule for "
@@ -104,6 +118,9 @@ def log(msg: str) -> None:
 def drafter_label() -> str:
   if _DRAFTER.value == "ngram":
     return "ngram"
+  if _DRAFTER.value == "eagle":
+    return (f"eagle@checkpoint={_CHECKPOINT.value}" if _CHECKPOINT.value
+            else "eagle")
   if _DRAFTER.value == "layerskip":
     return f"layerskip@{_LAYERS.value}"
   return f"draft@draft_layers={_DRAFT_LAYERS.value}"
@@ -112,8 +129,9 @@ def drafter_label() -> str:
 def default_output() -> str:
   model = os.path.splitext(os.path.basename(_MODEL.value))[0].split("-")[0]
   drafter = ("layerskip-" + _LAYERS.value.replace(":", "").replace("+", "_")
-             if _DRAFTER.value == "layerskip" else "ngram"
-             if _DRAFTER.value == "ngram" else f"draft{_DRAFT_LAYERS.value}")
+             if _DRAFTER.value == "layerskip" else _DRAFTER.value
+             if _DRAFTER.value in ("ngram", "eagle")
+             else f"draft{_DRAFT_LAYERS.value}")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(root, "configs", "acceptance",
                       f"{model}_{drafter}_t{_TEMPERATURE.value:g}.json")
@@ -121,8 +139,9 @@ def default_output() -> str:
 
 def check_flags() -> None:
   """Fails fast (before any model load) on unusable flags."""
-  if _DRAFTER.value == "ngram" and _TEMPERATURE.value != 0:
-    raise UserError("--drafter=ngram measures greedy verification only "
+  if _DRAFTER.value in ("ngram", "eagle") and _TEMPERATURE.value != 0:
+    raise UserError(f"--drafter={_DRAFTER.value} measures greedy "
+                    "verification only "
                     "(--temperature=0): its chain's acceptance at T > 0 "
                     "would need the target's probabilities")
   if _TEMPERATURE.value < 0:
@@ -165,6 +184,9 @@ def measure() -> dict:
   continuation_s = time.perf_counter() - t0
   if _DRAFTER.value == "ngram":
     return ngram_record(prompts, inputs, results, t_start, continuation_s)
+  if _DRAFTER.value == "eagle":
+    return eagle_record(model, prompts, inputs, results, t_start,
+                        continuation_s)
   options = (dict(layers=_LAYERS.value) if _DRAFTER.value == "layerskip"
              else dict(draft_layers=_DRAFT_LAYERS.value))
   drafter = spec_lib.build_drafter(spec_lib.SpecConfig(
@@ -237,55 +259,135 @@ def ngram_record(prompts, inputs, results, t_start, continuation_s) -> dict:
   """The n-gram acceptance file (module docstring), written and returned."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from seqdec.decoding import acceptance_rates
   from seqdec.decoding.drafters import ngram
   # pylint: enable=g-import-not-at-top
   depth, max_n, min_n = _MAX_RANK.value, 3, 1
   t0 = time.perf_counter()
-  lens, acc, cats, per_prompt, trace = [], [], [], [], {}
+  lens, acc, trace = [], [], {}
   for p, ids, r in zip(prompts, inputs, results):
     n, a, v = ngram.chain_acceptance(list(ids), list(r.tokens), max_n,
                                      min_n, depth)
     lens.append(n)
     acc.append(a)
     trace[p.id] = [n.tolist(), a.tolist(), v.tolist()]
-    cats += [p.category] * len(a)
-    per_prompt.append(dict(id=p.id, category=p.category, positions=len(a),
-                           chain=chain_curve(a, depth)))
     log(f"  {p.id:16s} matched {float((n > 0).mean()):.2f}, "
         f"mean accepted {float(a.mean()):.2f}")
-  lens, acc, cats = np.concatenate(lens), np.concatenate(acc), np.array(cats)
-  chain = chain_curve(acc, depth)
-  by_match = {str(n): chain_curve(acc[lens == n], depth)
+  lens, every = np.concatenate(lens), np.concatenate(acc)
+  by_match = {str(n): chain_curve(every[lens == n], depth)
               for n in range(min_n, max_n + 1) if (lens == n).any()}
   share = {str(n): float((lens == n).mean())
            for n in range(0, max_n + 1) if (lens == n).any()}
-  record = dict(
-      drafter=drafter_label(), target=_MODEL.value, temperature=0.0,
-      rule="greedy", trials=int(len(acc)),
-      command="python launch/measure_acceptance.py " + " ".join(
-          a for a in sys.argv[1:]),
+  return chain_record(
+      prompts, acc, trace, t_start, continuation_s, t0,
       method=("teacher-forced prompt lookup along the target's greedy "
               "continuation (no stop id): at each position the decoder's "
               "best match (longest n of 3..1, latest) proposes a chain, "
               "accepted up to its first token that differs"),
-      max_ngram=max_n, min_ngram=min_n, max_rank=depth,
-      max_new_tokens=_MAX_NEW_TOKENS.value,
+      max_ngram=max_n, min_ngram=min_n, chain_by_match=by_match,
+      match_share=share)
+
+
+def eagle_record(model, prompts, inputs, results, t_start, continuation_s
+                 ) -> dict:
+  """The EAGLE drafter's chain file (module docstring), written and
+  returned: per prompt and continuation position, the drafts of its chain
+  that greedy verification accepts and their path log-probabilities
+  (`train.drafter.chain_trace`)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from seqdec.checkpoints import drafters as drafter_ckpt
+  from seqdec.decoding.loops import bucket
+  from seqdec.decoding.tree_specs import CONFIDENCE_TRACE
+  from seqdec.models.protocol import backbone_features
+  from seqdec.train import drafter as train_drafter
+  # pylint: enable=g-import-not-at-top
+  depth = _MAX_RANK.value
+  net, keep_ids = drafter_ckpt.load_for(model, _CHECKPOINT.value, "eagle")
+  taps = tuple(getattr(net, "taps", ()))
+  keep = None if keep_ids is None else jnp.asarray(keep_ids)
+
+  target_def, target_state = nnx.split(model)
+  net_def, net_state = nnx.split(net)
+
+  @jax.jit
+  def trace_of(target_state, net_state, tokens, length, index):
+    target = nnx.merge(target_def, target_state)
+    pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    feats, _ = backbone_features(target, tokens, pos,
+                                 target.init_cache(1, tokens.shape[1]),
+                                 taps=taps)
+    batch = dict(tokens=tokens, features=feats, lengths=length, index=index)
+    return train_drafter.chain_trace(nnx.merge(net_def, net_state), target,
+                                     batch, depth, keep)
+
+  t0 = time.perf_counter()
+  acc, trace = [], {}
+  for p, ids, r in zip(prompts, inputs, results):
+    seq = list(ids) + list(r.tokens)
+    tokens = np.zeros((1, bucket(len(seq) + depth)), np.int32)
+    tokens[0, :len(seq)] = seq
+    # The round at continuation position t has root x_{P+t}: index P-1+t.
+    index = len(ids) - 1 + np.arange(len(r.tokens))[None]
+    a, logq = jax.device_get(trace_of(target_state, net_state,
+                                      jnp.asarray(tokens),
+                                      jnp.array([len(seq)]),
+                                      jnp.asarray(index)))
+    acc.append(a[0])
+    trace[p.id] = [a[0].tolist(), np.round(logq[0], 5).tolist()]
+    log(f"  {p.id:16s} mean accepted {float(a[0].mean()):.2f}, "
+        f"mean q(first draft) {float(np.exp(logq[0, :, 0]).mean()):.2f}")
+  return chain_record(
+      prompts, acc, trace, t_start, continuation_s, t0,
+      method=("teacher-forced EAGLE chains along the target's greedy "
+              "continuation (no stop id): at each position the drafter "
+              "drafts --max_rank levels from the target's features of the "
+              "committed text and its own after, accepted up to the first "
+              "draft that differs (`train.drafter.chain_trace`); with each "
+              "node's path log q, which the round gate reads"),
+      trace_kind=CONFIDENCE_TRACE, checkpoint=_CHECKPOINT.value or "shipped")
+
+
+def chain_record(prompts, accepted, trace, t_start, continuation_s, probe_t0,
+                 **fields) -> dict:
+  """A chain drafter's acceptance file from its per-prompt accepted drafts
+  (arrays, one entry per continuation position) and traces: the chain
+  curve c_d overall ('chain', and 'probs' = [c_1]), by category and by
+  prompt, written and returned."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from seqdec.decoding import acceptance_rates
+  # pylint: enable=g-import-not-at-top
+  depth = _MAX_RANK.value
+  cats = np.array([p.category for p, a in zip(prompts, accepted)
+                   for _ in range(len(a))])
+  every = np.concatenate(accepted)
+  chain = chain_curve(every, depth)
+  record = dict(
+      drafter=drafter_label(), target=_MODEL.value, temperature=0.0,
+      rule="greedy", trials=int(len(every)),
+      command="python launch/measure_acceptance.py " + " ".join(
+          a for a in sys.argv[1:]),
+      max_rank=depth, max_new_tokens=_MAX_NEW_TOKENS.value,
       per_category=_PER_CATEGORY.value or None,
-      prompts=[p.id for p in prompts], chain=chain, chain_by_match=by_match,
-      match_share=share,
-      chain_by_category={c: chain_curve(acc[cats == c], depth)
+      prompts=[p.id for p in prompts], chain=chain,
+      chain_by_category={c: chain_curve(every[cats == c], depth)
                          for c in dict.fromkeys(cats.tolist())},
       chain_tau={str(g): 1.0 + sum(chain[:g]) for g in (1, 2, 4, 8)
                  if g <= depth},
-      per_prompt=per_prompt,
-      # Per prompt, per position: match length, accepted drafts, drafts
-      # available, which 'auto' replays (`sequoia.replay_chain`).
+      per_prompt=[dict(id=p.id, category=p.category, positions=len(a),
+                       chain=chain_curve(a, depth))
+                  for p, a in zip(prompts, accepted)],
+      # Per prompt, per position: what 'auto' replays
+      # (`sequoia.replay_chain`, `sequoia.replay_model_chain`).
       trace=trace,
       seconds=dict(continuation=continuation_s,
-                   probe=time.perf_counter() - t0,
+                   probe=time.perf_counter() - probe_t0,
                    total=time.perf_counter() - t_start),
-      machine=bench.machine_info(packages=("jax", "jaxlib", "flax")))
+      machine=bench.machine_info(packages=("jax", "jaxlib", "flax")),
+      **fields)
   out = _OUTPUT.value or default_output()
   acceptance_rates.write_acceptance(out, chain[:1], **record)
   record.update(probs=chain[:1], output=os.path.abspath(out),

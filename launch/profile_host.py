@@ -20,6 +20,14 @@ jax/jaxlib; `seqdec.host_profile.host_info`); decoding with
 `tree=auto:<acceptance file>` reads it from there
 (`$SEQDEC_HOST_PROFILES`, else ~/.cache/seqdec/host_profiles.json, then
 the repo's benchmarks/results/host_profiles.json). Prints a JSON summary.
+
+With --round_drafters (model drafters, e.g. eagle) it also times whole
+rounds of the compiled decoding loop with chain(D) for D in --round_depths,
+every round drafted or every round gated, and the autoregressive step
+(`round_ms`): what 'auto' prices a model drafter's replayed chains with
+(`seqdec.decoding.sequoia.replay_model_chain`). --update merges a run into
+this host's existing profile (e.g. `--update --sizes= --policies=f32_packed
+--round_drafters=eagle` adds the EAGLE rounds alone).
 """
 
 import sys
@@ -48,6 +56,17 @@ _ACCEPT = flags.DEFINE_multi_string(
 _OUT = flags.DEFINE_string("out", None, "Profile file (default: "
                            "seqdec.host_profile.default_path()).")
 _PLOT = flags.DEFINE_string("plot", "", "Also draw the curves to this PNG.")
+_ROUND_DRAFTERS = flags.DEFINE_list(
+    "round_drafters", [], "Model drafters (a method's drafter part, e.g. "
+    "eagle) whose loop rounds to time with chain(D), drafted and gated, "
+    "under each policy ('auto' prices their chains with them).")
+_ROUND_DEPTHS = flags.DEFINE_list("round_depths", ["1", "2", "3", "4", "6"],
+                                  "Chain depths D of --round_drafters.")
+_UPDATE = flags.DEFINE_bool(
+    "update", False, "Merge into this host's profile in --out: keep what "
+    "this run does not measure (with --sizes= empty, no verify curves).")
+_ROUND_TOKENS = flags.DEFINE_integer(
+    "round_tokens", 48, "Tokens decoded per timed run of --round_drafters.")
 _SPREAD = flags.DEFINE_float("spread", 0.05,
                              "Largest relative spread of 3 round medians.")
 _PER_ROUND = flags.DEFINE_integer("per_round", 5, "Calls per round.")
@@ -84,6 +103,51 @@ def draft_model(target, drafter: str):
                   f"and draft@draft_layers=<k> are supported")
 
 
+# A gate no round passes: every round verifies its root alone.
+_CLOSED_GATE = 1e6
+
+
+def measure_rounds(model, tokenizer, drafter: str, depths, tokens: int,
+                   **quiet) -> tuple[dict[int, dict[str, float]], dict]:
+  """`({D: {'drafted': ms, 'gated': ms}}, stats)`: ms per round of the
+  compiled decoding loop with `drafter` and chain(D) on the first frozen
+  prompt, every round verifying its chain (gate 0: a model drafter drafts
+  every round) or its root alone (a gate no round passes); D = 0 is the
+  autoregressive step. Medians by the quiet-machine protocol."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec import bench, host_profile
+  from seqdec.decoding import spec as spec_lib
+  from seqdec.generator import Generator
+  # pylint: enable=g-import-not-at-top
+  name = drafter.split("@")[0]
+  if name not in spec_lib.DRAFTER_OPTIONS or name == "ngram":
+    raise UserError(f"--round_drafters takes model drafters (a method's "
+                    f"drafter part, e.g. eagle), got {drafter!r}")
+  prompt = bench.model_prompt_set(_MODEL.value, per_category=1)[0]
+  kw = dict(max_new_tokens=tokens, eos_ids=(), max_batch=1)
+
+  def per_round(gen, ids):
+    return lambda: bench.decode_one(gen, ids, tokens)["ms_per_round"]
+
+  ar = Generator(model, tokenizer, None, **kw)
+  ids = ar.encode(prompt.as_input())
+  bench.decode_one(ar, ids, tokens)                      # compile
+  step, st = host_profile.quiet_samples(per_round(ar, ids), **quiet)
+  out, stats = {0: dict(drafted=step, gated=step)}, {"0": st}
+  log(f"{drafter}: step {step:.2f} ms")
+  for d in depths:
+    out[d] = {}
+    for kind, gate in (("drafted", 0.0), ("gated", _CLOSED_GATE)):
+      gen = Generator(model, tokenizer, f"{drafter}@gate={gate:g}/chain{d}",
+                      **kw)
+      bench.decode_one(gen, ids, tokens)                 # compile
+      out[d][kind], stats[f"{d}/{kind}"] = host_profile.quiet_samples(
+          per_round(gen, ids), **quiet)
+    log(f"{drafter} chain{d}: drafted {out[d]['drafted']:.2f} ms, gated "
+        f"{out[d]['gated']:.2f} ms per round")
+  return out, stats
+
+
 def plot(profile, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -117,7 +181,8 @@ def run() -> dict:
   from seqdec import host_profile
   from seqdec.decoding import acceptance_rates
   # pylint: enable=g-import-not-at-top
-  sizes = ints("sizes", _SIZES.value)
+  sizes = (ints("sizes", _SIZES.value) if _SIZES.value or not _UPDATE.value
+           else [])
   draft_sizes = ints("draft_sizes", _DRAFT_SIZES.value)
   cache_lens = ints("cache_lens", _CACHE.value)
   drafters = []
@@ -132,13 +197,19 @@ def run() -> dict:
                spread=_SPREAD.value)
   load_before = host_profile.load_average()
   log(f"host {host_profile.host_info()}, load {load_before}")
-  verify, stats = {}, {}
+  round_depths = ints("round_depths", _ROUND_DEPTHS.value)
+  verify, stats, rounds = {}, {}, {}
   for policy in _POLICIES.value:
     log(f"policy {policy}")
-    model, _ = seqdec.load_pretrained(_MODEL.value, precision=policy)
-    verify[policy], st = host_profile.measure_curves(
-        model, sizes, cache_lens, log=log, **quiet)
-    stats.update({f"{policy}/{k}": v for k, v in st.items()})
+    model, tokenizer = seqdec.load_pretrained(_MODEL.value, precision=policy)
+    if sizes:
+      verify[policy], st = host_profile.measure_curves(
+          model, sizes, cache_lens, log=log, **quiet)
+      stats.update({f"{policy}/{k}": v for k, v in st.items()})
+    for d in _ROUND_DRAFTERS.value:
+      rounds[f"{policy}/{d}"], st = measure_rounds(
+          model, tokenizer, d, round_depths, _ROUND_TOKENS.value, **quiet)
+      stats.update({f"{policy}/{d}/rounds/{k}": v for k, v in st.items()})
   target, _ = seqdec.load_pretrained(_MODEL.value,
                                      precision=_POLICIES.value[0])
   draft = {}
@@ -149,20 +220,34 @@ def run() -> dict:
         **quiet)
     draft[d] = curves[max(cache_lens)]
     stats.update({f"{d}/{k}": v for k, v in st.items()})
+  out = _OUT.value or host_profile.default_path()
+  commands = ["python launch/profile_host.py " + " ".join(sys.argv[1:])]
+  if _UPDATE.value:
+    old = host_profile.find(_MODEL.value, out)
+    if old is None:
+      raise UserError(f"--update: {out!r} holds no profile of this host for "
+                      f"{_MODEL.value!r} to update")
+    verify, draft = {**old.verify_ms, **verify}, {**old.draft_ms, **draft}
+    rounds = {**old.round_ms, **rounds}
+    stats = {**old.meta.get("points", {}), **stats}
+    commands = list(old.meta.get("commands", [old.meta.get("command")]))
+    commands += ["python launch/profile_host.py " + " ".join(sys.argv[1:])]
+  if not verify:
+    raise UserError("no verify curve measured (--sizes is empty)")
   profile = host_profile.HostProfile(
       host=host_profile.host_info(), model=_MODEL.value,
-      verify_ms=verify, draft_ms=draft,
+      verify_ms=verify, draft_ms=draft, round_ms=rounds,
       meta=dict(points=stats, load_before=load_before,
                 load_after=host_profile.load_average(),
                 seconds=round(time.perf_counter() - t0, 1),
-                command="python launch/profile_host.py "
-                + " ".join(sys.argv[1:])))
-  out = _OUT.value or host_profile.default_path()
+                command=commands[-1], commands=commands))
   host_profile.write_profile(out, profile)
   if _PLOT.value:
     plot(profile, _PLOT.value)
-  s = max(cache_lens)
-  first = verify[_POLICIES.value[0]][s][min(sizes)]
+  first_curves = verify[_POLICIES.value[0]] if sizes else next(
+      iter(verify.values()))
+  s = max(first_curves)
+  first = first_curves[s][min(first_curves[s])]
   return dict(out=out, key=profile.key, host=profile.host,
               verify_ms={p: {str(k): {str(t): round(v, 2)
                                       for t, v in c.items()}
@@ -174,6 +259,9 @@ def run() -> dict:
                                 for p, curves in verify.items()},
               draft_ms={d: {str(t): round(v, 2) for t, v in c.items()}
                         for d, c in draft.items()},
+              round_ms={d: {str(k): {w: round(v, 2) for w, v in r.items()}
+                            for k, r in c.items()}
+                        for d, c in rounds.items()},
               seconds=profile.meta["seconds"])
 
 

@@ -11,6 +11,13 @@ measured on the host (`launch/profile_host.py`) and records
                               median ms, for T = 1, 2, 4, ..., 128
     draft_ms[drafter][T]      a drafter's forward over T tokens (one tree
                               level of width T), at the largest S
+    round_ms[policy/drafter][D]
+                              a whole round of the compiled decoding loop
+                              with that drafter and chain(D), {'drafted':
+                              ms, 'gated': ms} (every round verifying its
+                              chain, or its root alone), D = 0 the
+                              autoregressive step; what 'auto' prices a
+                              model drafter's chains with
 
 with the host it came from (`host_info`: CPU model, the ISA flags that
 change which kernels run -- AMX, AVX-512 --, cores, jax/jaxlib versions)
@@ -115,6 +122,8 @@ class HostProfile:
   draft_ms: Mapping[str, Mapping[int, float]] = dataclasses.field(
       default_factory=dict)
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  round_ms: Mapping[str, Mapping[int, Mapping[str, float]]] = (
+      dataclasses.field(default_factory=dict))
 
   @property
   def key(self) -> str:
@@ -150,6 +159,25 @@ class HostProfile:
       raise KeyError(drafter)
     return _interp(self.draft_ms[drafter], width)
 
+  def rounds(self, drafter: str, depth: int, policy: str = "f32"
+             ) -> tuple[float, float]:
+    """`(drafted, gated)` ms of a loop round of `drafter` with chain(depth),
+    the target under precision `policy` (`round_ms['<policy>/<drafter>']`).
+
+    Raises:
+      ProfileError: the profile did not measure that drafter, policy and
+        depth.
+    """
+    try:
+      r = self.round_ms[f"{policy}/{drafter}"][depth]
+    except KeyError:
+      raise ProfileError(
+          f"the host profile has no loop rounds of {drafter!r} with "
+          f"chain{depth} under {policy!r} (it has {sorted(self.round_ms)}); "
+          f"measure them with launch/profile_host.py --policies={policy} "
+          f"--round_drafters={drafter}") from None
+    return r["drafted"], r["gated"]
+
   def to_json(self) -> dict[str, Any]:
     return dict(
         format_version=FORMAT_VERSION, key=self.key, host=dict(self.host),
@@ -159,6 +187,9 @@ class HostProfile:
                    for p, curves in self.verify_ms.items()},
         draft_ms={d: {str(t): round(v, 4) for t, v in c.items()}
                   for d, c in self.draft_ms.items()},
+        round_ms={d: {str(k): {w: round(v, 4) for w, v in r.items()}
+                      for k, r in c.items()}
+                  for d, c in self.round_ms.items()},
         meta=dict(self.meta))
 
   @classmethod
@@ -199,8 +230,35 @@ class HostProfile:
                    for s, c in curves.items()}
     draft = {d: curve(c, f"draft_ms[{d!r}]")
              for d, c in dict(obj.get("draft_ms") or {}).items()}
+    rounds = {}
+    for d, c in dict(obj.get("round_ms") or {}).items():
+      if not isinstance(c, dict) or not c:
+        raise ProfileError(f"{where}: round_ms[{d!r}] is not a non-empty "
+                           f"object")
+      rounds[d] = {}
+      for k, r in c.items():
+        what = f"round_ms[{d!r}][{k}]"
+        if not isinstance(r, dict) or set(r) != {"drafted", "gated"}:
+          raise ProfileError(f"{where}: {what} must be {{'drafted': ms, "
+                             f"'gated': ms}}, got {r!r}")
+        try:
+          depth = int(k)
+        except ValueError:
+          raise ProfileError(f"{where}: {what}: bad depth {k!r}") from None
+        if depth < 0:
+          raise ProfileError(f"{where}: {what}: depth must be >= 0")
+        rounds[d][depth] = {}
+        for w, v in r.items():
+          try:
+            ms = float(v)
+          except (TypeError, ValueError):
+            ms = float("nan")
+          if not np.isfinite(ms) or ms <= 0:
+            raise ProfileError(f"{where}: {what}[{w!r}] = {v!r} is not a "
+                               f"positive time")
+          rounds[d][depth][w] = ms
     prof = cls(obj["host"], str(obj["model"]), verify, draft,
-               obj.get("meta") or {})
+               obj.get("meta") or {}, rounds)
     if obj.get("key") not in (None, prof.key):
       raise ProfileError(f"{where}: key {obj.get('key')!r} does not match "
                          f"its host and model (edited by hand?)")
@@ -312,13 +370,22 @@ def quiet_median(call: Callable[[], Any], *, per_round: int = 5,
   Raises:
     ProfileError: no three consecutive rounds agreed within `max_rounds`.
   """
+  def sample() -> float:
+    t0 = clock()
+    call()
+    return (clock() - t0) * 1e3
+  return quiet_samples(sample, per_round=per_round, max_rounds=max_rounds,
+                       spread=spread)
+
+
+def quiet_samples(sample: Callable[[], float], *, per_round: int = 5,
+                  max_rounds: int = 12, spread: float = 0.05
+                  ) -> tuple[float, dict[str, Any]]:
+  """`quiet_median` of a measurement that times itself: `sample()` runs
+  once and returns its ms (e.g. ms per round of a decoding run)."""
   medians = []
   for _ in range(max_rounds):
-    times = []
-    for _ in range(per_round):
-      t0 = clock()
-      call()
-      times.append((clock() - t0) * 1e3)
+    times = [sample() for _ in range(per_round)]
     medians.append(statistics.median(times))
     if len(medians) >= 3:
       last = medians[-3:]

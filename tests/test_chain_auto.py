@@ -239,3 +239,113 @@ def test_bench_round_overhead_refuses_bad_flags(args, message):
   lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
   assert proc.returncode == 1, proc.stderr
   assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_model_chain_replay_by_hand_and_its_optimum():
+  """`replay_confident_rounds` on a hand-checked trace, and
+  `replay_model_chain` == the brute-force best depth (chain0 when every
+  drafted round costs too much) under synthetic loop rounds."""
+  # Positions 0..5 (5 tokens after the prefill's); q(first draft) high at
+  # 0, 3 and low elsewhere.
+  accepted = [2, 0, 0, 3, 1, 0]
+  logq = [[np.log(0.9), np.log(0.8)], [np.log(0.1), np.log(0.05)],
+          [np.log(0.2), np.log(0.1)], [np.log(0.9), np.log(0.9)],
+          [np.log(0.3), np.log(0.1)], [np.log(0.1), np.log(0.1)]]
+  # Ungated chain2: i=0 emits 3 -> i=3 emits 3 (cut to the 2 left): 2 rounds.
+  assert sequoia.replay_confident_rounds(accepted, logq, 2, 0.0) == (2, 2, 5)
+  # Gate 1.0 (E = q1 + q2): i=0 E=1.7 drafts (3 tokens), i=3 E=1.8 drafts.
+  assert sequoia.replay_confident_rounds(accepted, logq, 2, 1.0) == (2, 2, 5)
+  # Gate 1.75 declines i=0 (1.7): i=0 1 token, i=1 E=0.15 declined, i=2
+  # 0.3 declined, i=3 E=1.8 drafts 3 (cut to 2).
+  assert sequoia.replay_confident_rounds(accepted, logq, 2, 1.75) == (4, 1, 5)
+  rng = np.random.default_rng(3)
+  traces = []
+  for _ in range(4):
+    a = rng.integers(0, 5, size=40).tolist()
+    q = np.cumsum(np.log(rng.uniform(0.05, 1.0, size=(40, 6))), axis=1)
+    traces.append((a, q.tolist()))
+
+  def brute(round_ms, gate, max_depth):
+    best = (1e3 / round_ms(0)[0], 0)
+    for d in range(1, max_depth + 1):
+      rr = dd = tt = 0
+      for a, q in traces:
+        r, k, t = sequoia.replay_confident_rounds(a, q, d, gate(d))
+        rr, dd, tt = rr + r, dd + k, tt + t
+      ms = dd * round_ms(d)[0] + (rr - dd) * round_ms(d)[1]
+      best = max(best, (1e3 * tt / ms, -d))
+    return -best[1] if best[1] else 0
+
+  for step, per_level, verify_extra in ((20.0, 1.0, 2.0), (20.0, 8.0, 6.0),
+                                        (20.0, 0.2, 0.5)):
+    round_ms = lambda d, s=step, l=per_level, v=verify_extra: (  # noqa: E731
+        (s,) * 2 if d == 0 else (s + l * d + v * d, s + l * d))
+    gate = lambda d, s=step, v=verify_extra: v * d / s  # noqa: E731
+    got = sequoia.replay_model_chain(traces, round_ms, gate, 6)
+    assert got.nodes == brute(round_ms, gate, 6), (step, per_level)
+  # Rounds that cost 5 steps whatever they draft, where a round emits at
+  # most 5 tokens (a <= 4): never worth it.
+  never = sequoia.replay_model_chain(
+      traces, lambda d: (20.0, 20.0) if d == 0 else (100.0, 100.0),
+      lambda d: 0.0, 6)
+  assert never.nodes == 0 and never.tau == 1.0
+
+
+def confidence_file(path, traces, drafter="eagle", target="tiny"):
+  acceptance_rates.write_acceptance(
+      path, [0.5], target=target, drafter=drafter, max_rank=6,
+      chain=[0.5, 0.3], trace_kind=tree_specs.CONFIDENCE_TRACE,
+      trace={str(i): [list(a), [list(r) for r in q]]
+             for i, (a, q) in enumerate(traces)})
+
+
+def test_auto_prices_a_model_drafters_chains_with_loop_rounds(tmp_path):
+  """'auto:<EAGLE chain file>' replays its chains under this host's
+  measured loop rounds (`HostProfile.rounds`) with the gate at each
+  chain's break-even; a profile without those rounds warns and falls back;
+  malformed traces and round records are refused, naming the field."""
+  rng = np.random.default_rng(5)
+  traces = [(rng.integers(0, 4, size=30).tolist(),
+             np.cumsum(np.log(rng.uniform(0.1, 1.0, size=(30, 6))),
+                       axis=1).tolist()) for _ in range(3)]
+  accept = str(tmp_path / "eagle.json")
+  confidence_file(accept, traces)
+  curve = {t: 10.0 + 0.5 * (t - 1) for t in (1, 2, 4, 8, 16, 32)}
+  rounds = {d: dict(drafted=10.0 + 1.5 * d, gated=10.0 + 1.0 * d)
+            for d in range(0, 7)}
+  rounds[0] = dict(drafted=10.0, gated=10.0)
+  prof = host_profile.HostProfile(
+      host=host_profile.host_info(), model="tiny",
+      verify_ms={"f32": {128: curve}}, round_ms={"f32/eagle": rounds})
+  path = str(tmp_path / "p.json")
+  host_profile.write_profile(path, prof)
+  again = host_profile.find("tiny", path)
+  assert again.rounds("eagle", 3, "f32") == (14.5, 13.0)
+  got = tree_specs.auto_choice(f":{accept}", profile_path=path)
+  want = sequoia.replay_model_chain(
+      traces, lambda d: (rounds[d]["drafted"], rounds[d]["gated"]),
+      lambda d: prof.break_even(d + 1), 6)
+  assert got == want and got.nodes > 0
+  # No rounds of this drafter under this policy: the default tree.
+  bare = str(tmp_path / "bare.json")
+  host_profile.write_profile(bare, host_profile.HostProfile(
+      host=host_profile.host_info(), model="tiny",
+      verify_ms={"f32": {128: curve}}))
+  with pytest.warns(RuntimeWarning, match="no loop rounds of 'eagle'"):
+    assert np.isnan(tree_specs.auto_choice(f":{accept}",
+                                           profile_path=bare).cost_ms)
+  bad = str(tmp_path / "bad_trace.json")
+  confidence_file(bad, [([1, 2], [[-0.1], [0.5]])])    # log q > 0
+  with pytest.raises(TreeError, match="path log-probabilities"):
+    tree_specs.auto_choice(f":{bad}", profile_path=path)
+  obj = json.load(open(path))
+  for entry, message in ((dict(drafted=-1.0, gated=2.0), "positive time"),
+                         (dict(drafted=1.0), "must be")):
+    broken = json.loads(json.dumps(obj))
+    [key] = broken["profiles"]
+    broken["profiles"][key]["round_ms"]["f32/eagle"]["2"] = entry
+    bad_prof = str(tmp_path / "bad_prof.json")
+    json.dump(broken, open(bad_prof, "w"))
+    with pytest.raises(host_profile.ProfileError,
+                       match=r"round_ms\['f32/eagle'\]\[2\]"):
+      host_profile.read_file(bad_prof)

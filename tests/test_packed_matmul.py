@@ -104,6 +104,23 @@ def test_f32_packed_model_equals_the_f32_model(tied):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("policy", ["f32", "f32_packed"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_prebuilt_trimmed_head_equals_the_gathering_one(policy, tied):
+  """`head_weight(ids)` (built once by a trimmed drafter head, packed under
+  f32_packed) gives `head(f, ids)`'s logits, tied and untied: the same
+  kept columns, a kernel or XLA dot over them."""
+  model = tr.with_precision(testing.tiny_model(tie_embeddings=tied), policy)
+  ids = jnp.asarray([5, 0, 200, 17, 99, 255, 1, 42, 7])
+  f = jax.random.normal(jax.random.key(2), (2, 3, 64))
+  w = model.head_weight(ids)
+  assert isinstance(w, pm.PackedWeight) == (policy == "f32_packed")
+  np.testing.assert_allclose(model.head(f, ids, w), model.head(f, ids),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.head(f, weight=w),
+                             model.head(f)[..., ids], rtol=1e-5, atol=1e-5)
+
+
 def test_speculative_equals_autoregressive_under_f32_packed():
   """Greedy speculative (layer skip, 4-chains: 5-token verifies) == greedy
   AR (1-token steps) under f32_packed. The matmuls are batch-invariant, so

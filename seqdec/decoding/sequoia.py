@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -300,6 +300,20 @@ def optimal_taus(probs: Sequence[float], max_budget: int,
   return np.maximum.accumulate(tables.value[depth, 1:n + 2])
 
 
+def _walk(size: int, round_at: Callable[[int], tuple[bool, int]]
+          ) -> tuple[int, int, int]:
+  """`(rounds, drafted rounds, tokens)` of rounds over a continuation of
+  `size` tokens after the prefill's: the round at position i (its root
+  y_i) returns `(drafted, emitted)` and the next starts emitted tokens
+  later; the last round's tokens are cut at the budget."""
+  rounds = drafted = tokens = i = 0
+  while i < size:
+    did, emit = round_at(i)
+    rounds, drafted = rounds + 1, drafted + int(did)
+    tokens, i = tokens + min(emit, size - i), i + emit
+  return rounds, drafted, tokens
+
+
 def replay_rounds(match: Sequence[int], accepted: Sequence[int],
                   available: Sequence[int], depth: int,
                   by_match: Mapping[int, Sequence[float]], gate: float,
@@ -326,12 +340,10 @@ def replay_rounds(match: Sequence[int], accepted: Sequence[int],
     `(rounds, drafted rounds, tokens the rounds emitted)`, the budget being
     the N - 1 tokens after the prefill's.
   """
-  size = len(match) - 1
-  rounds = drafted = tokens = i = 0
   tries: dict[int, int] = {}
   hits: dict[int, int] = {}
-  while i < size:
-    rounds += 1
+
+  def round_at(i: int) -> tuple[bool, int]:
     n = int(match[i])
     curve = np.asarray(by_match.get(n, ()), np.float64)
     if adapt and len(curve):
@@ -339,15 +351,13 @@ def replay_rounds(match: Sequence[int], accepted: Sequence[int],
       rate = (hits.get(n, 0) + adapt * prior) / (tries.get(n, 0) + adapt)
       curve = np.minimum(curve * (rate / prior if prior > 0 else 0.0), 1.0)
     expected = float(np.sum(curve[:min(depth, int(available[i]))]))
-    emit = 1
-    if n > 0 and (gate <= 0 or expected >= gate):
-      drafted += 1
-      emit += min(int(accepted[i]), depth)
     if n > 0:
       tries[n] = tries.get(n, 0) + 1
       hits[n] = hits.get(n, 0) + int(accepted[i] >= 1)
-    tokens, i = tokens + min(emit, size - i), i + emit
-  return rounds, drafted, tokens
+    if n > 0 and (gate <= 0 or expected >= gate):
+      return True, 1 + min(int(accepted[i]), depth)
+    return False, 1
+  return _walk(len(match) - 1, round_at)
 
 
 def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
@@ -387,6 +397,68 @@ def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
     if not rounds:
       break
     ms = drafted * cost_d + (rounds - drafted) * one
+    choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
+    if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
+      best = choice
+  return best
+
+
+def replay_confident_rounds(accepted: Sequence[int],
+                            path_logq: Sequence[Sequence[float]], depth: int,
+                            gate: float) -> tuple[int, int, int]:
+  """Greedy decoding of one continuation with a model drafter's chain
+  (EAGLE's), chain(depth) and the round gate, replayed from its trace: at
+  each position i, the drafts of its chain that greedy verification
+  accepts a_i and the path log-probabilities the drafter gives its nodes,
+  log q_i[d] for d = 1 .. (`train.drafter.chain_trace`). A round at i
+
+      speculates iff E_i >= gate  (always when gate <= 0),
+          E_i = sum_{d <= depth} exp(log q_i[d])          (`Tree.gated`)
+
+  emitting 1 + min(a_i, depth) tokens, else 1.
+
+  Returns:
+    `(rounds, drafted rounds, tokens)` as `replay_rounds`.
+  """
+  def round_at(i: int) -> tuple[bool, int]:
+    expected = float(np.sum(np.exp(np.asarray(path_logq[i][:depth],
+                                              np.float64))))
+    if gate <= 0 or expected >= gate:
+      return True, 1 + min(int(accepted[i]), depth)
+    return False, 1
+  return _walk(len(accepted) - 1, round_at)
+
+
+def replay_model_chain(traces: Sequence[tuple[Sequence[int],
+                                              Sequence[Sequence[float]]]],
+                       round_ms: Callable[[int], tuple[float, float]],
+                       gate: Callable[[int], float], max_depth: int
+                       ) -> Choice:
+  """The hardware-aware chain of a model drafter (EAGLE), by replaying its
+  measured chains (`replay_confident_rounds`) at every depth D <= max_depth
+  with the gate at `gate(D)`, each round priced by what a round of the
+  compiled loop measured on this host (`HostProfile.rounds`):
+
+      round_ms(D) = (drafted ms, gated ms)
+
+  (a round drafts its D levels whatever the gate decides, so both include
+  them; `round_ms(0)` is the autoregressive step, D = 0 plain decoding).
+
+  Returns:
+    the best `Choice` (as `replay_chain`).
+  """
+  step = float(round_ms(0)[0])
+  best = Choice(trees.chain(0), 1.0, step)
+  for depth in range(1, max_depth + 1):
+    drafted_ms, gated_ms = map(float, round_ms(depth))
+    rounds = drafted = tokens = 0
+    for accepted, path_logq in traces:
+      r, d, t = replay_confident_rounds(accepted, path_logq, depth,
+                                        gate(depth))
+      rounds, drafted, tokens = rounds + r, drafted + d, tokens + t
+    if not rounds:
+      break
+    ms = drafted * drafted_ms + (rounds - drafted) * gated_ms
     choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
     if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
       best = choice

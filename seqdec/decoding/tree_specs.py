@@ -13,7 +13,11 @@
                              most 64 nodes (depth <= 8) that maximises
                              tau / (cost of a round) with this host's
                              measured costs (`host_profile`); possibly no
-                             tree at all ('chain0': plain decoding steps)
+                             tree at all ('chain0': plain decoding steps).
+                             A file with traces is replayed instead: an
+                             n-gram drafter's rounds under the verify
+                             curve, a model drafter's (EAGLE) chains under
+                             the loop rounds the profile measured for it
     'auto32d4:<file>'        the same with at most 32 nodes, depth <= 4
 
 This module sits above both `trees` (topologies) and `sequoia` (the dynamic
@@ -131,6 +135,41 @@ def chain_traces(rates: acceptance_rates.AcceptanceRates):
   return out
 
 
+# 'trace_kind' of a model drafter's chain traces (`confidence_traces`).
+CONFIDENCE_TRACE = "accepted+path_logq"
+
+
+def confidence_traces(rates: acceptance_rates.AcceptanceRates):
+  """The `(accepted drafts, path log q per depth)` traces of a model
+  drafter's chains ('trace' with 'trace_kind' CONFIDENCE_TRACE,
+  `launch/measure_acceptance.py --drafter=eagle`;
+  `sequoia.replay_confident_rounds`).
+
+  Raises:
+    TreeError: a malformed trace.
+  """
+  bad = (f"acceptance file {rates.path!r}: each trace must be a list of "
+         f"non-negative accepted counts and one of as many lists of "
+         f"non-positive path log-probabilities")
+  trace = rates.meta["trace"]
+  if not isinstance(trace, dict):
+    raise TreeError(f"acceptance file {rates.path!r}: 'trace' must be an "
+                    f"object of per-prompt traces")
+  out = []
+  for value in trace.values():
+    try:
+      accepted, logq = value
+      accepted = [int(a) for a in accepted]
+      logq = [[float(x) for x in row] for row in logq]
+    except (TypeError, ValueError):
+      raise TreeError(bad) from None
+    if (len(accepted) != len(logq) or min(accepted, default=0) < 0
+        or any(x > 0 or x != x for row in logq for x in row)):
+      raise TreeError(bad)
+    out.append((accepted, logq))
+  return out
+
+
 def auto_choice(arg: str, profile_path=None, policy: str = "f32",
                 adapt: float = 0.0) -> sequoia.Choice:
   """The `Choice` of 'auto<arg>' (module docstring) with its predicted
@@ -151,31 +190,44 @@ def auto_choice(arg: str, profile_path=None, policy: str = "f32",
     raise TreeError(f"acceptance file {path!r} does not name its target and "
                     f"drafter, which 'auto' needs")
   profile = host_profile.find(str(target), profile_path)
-  cost = None
   if profile is not None:
     try:
       if policy not in profile.verify_ms:
         raise host_profile.ProfileError(
             f"the host profile has no curve for precision {policy!r} (it "
             f"has {profile.policies()})")
-      cost = round_cost(profile, str(drafter), policy)
+      return _priced_choice(rates, profile, str(drafter), policy,
+                            int(n) if n else AUTO_MAX_NODES,
+                            int(d) if d else AUTO_MAX_DEPTH, adapt)
     except host_profile.ProfileError as e:
       warnings.warn(f"seqdec: {e}; falling back to the default tree",
                     RuntimeWarning, stacklevel=2)
-  if cost is None:
-    shape, tau = sequoia.optimal_tree(rates.probs, AUTO_FALLBACK_NODES,
-                                      AUTO_FALLBACK_DEPTH)
-    return sequoia.Choice(shape, tau, float("nan"))
-  if rates.meta.get("trace") is not None:    # a chain drafter's rounds
+  shape, tau = sequoia.optimal_tree(rates.probs, AUTO_FALLBACK_NODES,
+                                    AUTO_FALLBACK_DEPTH)
+  return sequoia.Choice(shape, tau, float("nan"))
+
+
+def _priced_choice(rates: acceptance_rates.AcceptanceRates,
+                   profile: host_profile.HostProfile, drafter: str,
+                   policy: str, nodes: int, depth: int,
+                   adapt: float) -> sequoia.Choice:
+  """`auto_choice` on a usable profile: a file with traces is replayed
+  (an n-gram drafter's under the verify curve, a model drafter's chains
+  under the measured loop rounds and the gate at each chain's
+  break-even), any other file goes to Sequoia's positional optimizer."""
+  trace = rates.meta.get("trace")
+  deepest = min(depth, nodes, int(rates.meta.get("max_rank", AUTO_MAX_DEPTH)))
+  if trace is not None and rates.meta.get("trace_kind") == CONFIDENCE_TRACE:
+    return sequoia.replay_model_chain(
+        confidence_traces(rates),
+        lambda k: profile.rounds(drafter, k, policy),
+        lambda k: profile.break_even(k + 1, policy), deepest)
+  if trace is not None:                      # an n-gram drafter's rounds
     return sequoia.replay_chain(
         chain_traces(rates), rates.chain_by_match or {},
-        lambda t: profile.verify(t, policy),
-        min(int(d) if d else AUTO_MAX_DEPTH,
-            int(n) if n else AUTO_MAX_NODES,
-            int(rates.meta.get("max_rank", AUTO_MAX_DEPTH))), adapt)
+        lambda t: profile.verify(t, policy), deepest, adapt)
   return sequoia.hardware_aware_tree(
-      rates.probs, cost, int(n) if n else AUTO_MAX_NODES,
-      int(d) if d else AUTO_MAX_DEPTH)
+      rates.probs, round_cost(profile, drafter, policy), nodes, depth)
 
 
 def _dynamic(arg: str) -> trees.DynamicTree:

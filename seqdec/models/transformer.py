@@ -860,12 +860,28 @@ class Transformer(nnx.Module):
     the target feature that feature-reading drafters (EAGLE, Medusa) read."""
     return self.final_norm(hidden)
 
+  def head_weight(self, ids: jax.Array) -> Any:
+    """The LM head restricted to vocabulary entries `ids` `[M]`, as `head`
+    takes it (`weight=`): W_head[:, ids] `[D, M]`, packed under the
+    f32_packed policy. A trimmed drafter head builds it once, where
+    `head(features, ids)` gathers the M columns (M x D entries) at every
+    call."""
+    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
+    if isinstance(w, PackedWeight):
+      return PackedWeight.from_matrix(w.columns(ids), transposed=True)
+    return (jnp.take(w, ids, 0).T if self.lm_head is None
+            else jnp.take(w, ids, 1))
+
   def head(self, features: jax.Array,
-           ids: Optional[jax.Array] = None) -> jax.Array:
+           ids: Optional[jax.Array] = None, weight: Any = None) -> jax.Array:
     """`[..., D]` features (after the final norm) -> `[..., V]` logits
     (float32 or wider): logits = features @ W_head (the tied embedding's
     transpose when `tie_embeddings`); with `ids` `[M]`, only those
-    vocabulary entries' logits `[..., M]` (a trimmed drafter head)."""
+    vocabulary entries' logits `[..., M]` (a trimmed drafter head), or the
+    same from their `weight = head_weight(ids)`."""
+    if weight is not None:
+      return _matmul("...d,dv->...v", features, weight, self.dtype,
+                     self.mm_dtype, cast=False)
     w = self.embed[...] if self.lm_head is None else self.lm_head[...]
     if isinstance(w, PackedWeight):   # f32_packed: [D, V] panels either way
       if ids is None:

@@ -241,20 +241,23 @@ def eagle_loss(net, target, batch, w_reg: float, w_ce: float, keep_ids=None,
   return loss, stats
 
 
-def chain_accepts(net, target, batch, depth: int, keep_ids=None
-                  ) -> jax.Array:
-  """`[B, K]` accepted drafts a(i) of the greedy chains that start at the
-  batch's positions i (root x_{i+1}), each drafted `depth` levels deep by
-  the network from its own features (`forward_steps`) and verified against
-  the target's greedy token:
+def chain_trace(net, target, batch, depth: int, keep_ids=None
+                ) -> tuple[jax.Array, jax.Array]:
+  """`(a [B, K], log q [B, K, depth])` of the greedy chains that start at
+  the batch's positions i (root x_{i+1}), each drafted `depth` levels deep
+  by the network from its own features (`forward_steps`) and verified
+  against the target's greedy token:
 
       a(i) = sum_{m=1..depth} prod_{l<=m} [argmax q_l = argmax p_l]
+      log q(i)[m] = sum_{l<=m} max_v log q_l(v)
 
   with q_l the drafter's law at depth l (over the kept ids when trimmed:
   the token it drafts), p_l = softmax(head(f)) the target's over the whole
-  vocabulary at that position. The chain's next token is the data's; a
-  chain stops where the data's token is not the target's greedy one (a
-  sampled or bf16-written response), or at the row's end.
+  vocabulary at that position. log q(i)[m] is the path log-probability the
+  drafter gives its depth-m node at T = 0 (`Tree.path_logq`, which the
+  round gate reads). The chain's next token is the data's; a chain stops
+  where the data's token is not the target's greedy one (a sampled or
+  bf16-written response), or at the row's end.
   """
   feats = batch["features"].astype(loss_dtype(target))
   preds = forward_steps(net, target, batch["tokens"],
@@ -264,13 +267,17 @@ def chain_accepts(net, target, batch, depth: int, keep_ids=None
   s = feats.shape[1]
   live = jnp.ones(idx.shape, jnp.int32)
   acc = jnp.zeros(idx.shape, jnp.int32)
+  path_logq, logqs = jnp.zeros(idx.shape, feats.dtype), []
   for m, pred in enumerate(preds, start=1):
     j = idx + m - 1                           # pass-m index: predicts f_{j+1}
     jj = jnp.minimum(j, s - 2)
     at = lambda x, jj=jj: jnp.take_along_axis(  # noqa: E731
         x, jj[..., None], axis=1)
-    drafted = jnp.argmax(target.head(at(pred).astype(feats.dtype),
-                                     keep_ids), -1)
+    logq = jax.nn.log_softmax(
+        target.head(at(pred).astype(feats.dtype), keep_ids), -1)
+    drafted = jnp.argmax(logq, -1)
+    path_logq = path_logq + jnp.max(logq, -1)
+    logqs.append(path_logq)
     if keep_ids is not None:
       drafted = keep_ids[drafted]
     greedy = jnp.argmax(target.head(at(final_features(feats, target)[:, 1:])),
@@ -280,7 +287,14 @@ def chain_accepts(net, target, batch, depth: int, keep_ids=None
     acc = acc + live
     nxt = jnp.take_along_axis(batch["tokens"], jnp.minimum(j + 2, s - 1), 1)
     live = live * ((nxt == greedy) & (j + 2 <= n - 1))
-  return acc
+  return acc, jnp.stack(logqs, -1)
+
+
+def chain_accepts(net, target, batch, depth: int, keep_ids=None
+                  ) -> jax.Array:
+  """`[B, K]` accepted drafts a(i) of the greedy chains that start at the
+  batch's positions i (`chain_trace`)."""
+  return chain_trace(net, target, batch, depth, keep_ids)[0]
 
 
 def chain_tau(net, target, batch, depth: int, keep_ids=None

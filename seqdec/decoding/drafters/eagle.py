@@ -105,14 +105,17 @@ class EagleDrafter(Drafter):
     self.target_def, target_params = nnx.split(target)
     keep_ids = check_keep_ids(keep_ids, self.vocab_size)
     self.trimmed = keep_ids is not None
-    self.params = (net_params, target_params,
-                   None if keep_ids is None else jnp.asarray(keep_ids))
+    keep = None if keep_ids is None else jnp.asarray(keep_ids)
+    # The trimmed head's weight, built once (not gathered every level).
+    self.params = (net_params, target_params, keep,
+                   None if keep is None else target.head_weight(keep))
     self.feature_width = net.config.hidden_size    # f^, the predictions
 
-  def scores(self, target, keep_ids, f_hat: jax.Array) -> jax.Array:
+  def scores(self, target, params, f_hat: jax.Array) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
     ids' logits and -inf elsewhere (module docstring)."""
-    return trimmed_logits(target.head(f_hat, keep_ids), keep_ids,
+    keep_ids, weight = params[2], params[3]
+    return trimmed_logits(target.head(f_hat, keep_ids, weight), keep_ids,
                           self.vocab_size)
 
   def window_slots(self, shape) -> int:
@@ -163,11 +166,12 @@ class EagleDrafter(Drafter):
         positions=jnp.concatenate([t_behind, rnd.length[:, None]], 1),
         n_behind=n_behind)
 
-    def feed(tokens, feats, positions, cache, mask):
-      """f^ and drafter logits of new window entries."""
+    def feed(tokens, feats, positions, cache, mask, scored):
+      """f^ of new window entries, and the drafter logits of the last
+      `scored` of them (the others are behind pairs, never expanded)."""
       out, cache = net(target.embed_tokens(tokens), feats, positions, cache,
                        mask)
-      return out, self.scores(target, params[2], out), cache
+      return out, self.scores(target, params, out[:, -scored:]), cache
 
     if isinstance(shape, DynamicTree):
       tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache)
@@ -207,8 +211,8 @@ class EagleDrafter(Drafter):
         toks = tokens[:, lo:hi]
         feats = jnp.take_along_axis(pred, parents[:, lo:hi, None], axis=1)
       out, logits, cache = feed(toks, feats, pos[:, e_lo:e_hi], cache,
-                                mask[:, e_lo:e_hi, :e_hi])
-      out, logits = out[:, -(hi - lo):], logits[:, -(hi - lo):]
+                                mask[:, e_lo:e_hi, :e_hi], hi - lo)
+      out = out[:, -(hi - lo):]
       pred = pred.at[:, lo:hi].set(out.astype(pred.dtype))
       return logits, (cache, pred)
 
@@ -229,7 +233,7 @@ class EagleDrafter(Drafter):
     anc = jnp.zeros((b, width, width), jnp.bool_)
     anc = anc.at[:, :lag + 1, :lag + 1].set(first_mask)
     out, logits, cache = feed(first["tokens"], first["features"],
-                              first["positions"], cache, first_mask)
+                              first["positions"], cache, first_mask, 1)
     prev_pred = out[:, -1:]                                  # root's f^
     prev_entry = jnp.full((b, 1), lag, jnp.int32)
 
@@ -244,7 +248,7 @@ class EagleDrafter(Drafter):
       anc = anc.at[:, e0:e0 + k].set(rows)
       pos = jnp.broadcast_to(rnd.length[:, None] + level, (b, k))
       out, logits, cache = feed(tokens, feats, pos, cache,
-                                anc[:, e0:e0 + k, :e0 + k])
+                                anc[:, e0:e0 + k, :e0 + k], k)
       return logits, (cache, anc, out,
                       jnp.broadcast_to(entries, (b, k)))
 
