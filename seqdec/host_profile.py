@@ -178,6 +178,12 @@ class HostProfile:
           f"--round_drafters={drafter}") from None
     return r["drafted"], r["gated"]
 
+  def round_depths(self, drafter: str, policy: str = "f32") -> list[int]:
+    """The chain depths D >= 1 whose loop rounds the profile measured for
+    `drafter` under `policy` (`rounds`)."""
+    return sorted(d for d in self.round_ms.get(f"{policy}/{drafter}", {})
+                  if d >= 1)
+
   def to_json(self) -> dict[str, Any]:
     return dict(
         format_version=FORMAT_VERSION, key=self.key, host=dict(self.host),

@@ -281,13 +281,28 @@ def test_model_chain_replay_by_hand_and_its_optimum():
     round_ms = lambda d, s=step, l=per_level, v=verify_extra: (  # noqa: E731
         (s,) * 2 if d == 0 else (s + l * d + v * d, s + l * d))
     gate = lambda d, s=step, v=verify_extra: v * d / s  # noqa: E731
-    got = sequoia.replay_model_chain(traces, round_ms, gate, 6)
+    got = sequoia.replay_model_chain(traces, round_ms, gate, range(7))
     assert got.nodes == brute(round_ms, gate, 6), (step, per_level)
+  # The per-category floor: one group drafts well (a = 4), the other never
+  # (a = 0, the drafter sure of itself): chain(D) wins overall but runs the
+  # second group at step / drafted_ms < 0.97 of plain decoding.
+  good = ([4] * 40, np.log(np.full((40, 6), 0.9)).tolist())
+  bad = ([0] * 40, np.log(np.full((40, 6), 0.9)).tolist())
+  costly = lambda d: (20.0, 20.0) if d == 0 else (25.0, 22.0)  # noqa: E731
+  pooled = sequoia.replay_model_chain([good, bad], costly, lambda d: 0.0,
+                                      range(5))
+  assert pooled.nodes > 0
+  floored = sequoia.replay_model_chain([good, bad], costly, lambda d: 0.0,
+                                       range(5), ["easy", "hard"], 0.97)
+  assert floored.nodes == 0
+  assert sequoia.replay_model_chain(
+      [good, bad], costly, lambda d: 0.0, range(5), ["easy", "easy"],
+      0.97) == pooled
   # Rounds that cost 5 steps whatever they draft, where a round emits at
   # most 5 tokens (a <= 4): never worth it.
   never = sequoia.replay_model_chain(
       traces, lambda d: (20.0, 20.0) if d == 0 else (100.0, 100.0),
-      lambda d: 0.0, 6)
+      lambda d: 0.0, range(7))
   assert never.nodes == 0 and never.tau == 1.0
 
 
@@ -312,7 +327,7 @@ def test_auto_prices_a_model_drafters_chains_with_loop_rounds(tmp_path):
   confidence_file(accept, traces)
   curve = {t: 10.0 + 0.5 * (t - 1) for t in (1, 2, 4, 8, 16, 32)}
   rounds = {d: dict(drafted=10.0 + 1.5 * d, gated=10.0 + 1.0 * d)
-            for d in range(0, 7)}
+            for d in (0, 1, 2, 3, 4, 6)}    # D = 5 not measured: skipped
   rounds[0] = dict(drafted=10.0, gated=10.0)
   prof = host_profile.HostProfile(
       host=host_profile.host_info(), model="tiny",
@@ -324,7 +339,7 @@ def test_auto_prices_a_model_drafters_chains_with_loop_rounds(tmp_path):
   got = tree_specs.auto_choice(f":{accept}", profile_path=path)
   want = sequoia.replay_model_chain(
       traces, lambda d: (rounds[d]["drafted"], rounds[d]["gated"]),
-      lambda d: prof.break_even(d + 1), 6)
+      lambda d: prof.break_even(d + 1), (1, 2, 3, 4, 6))
   assert got == want and got.nodes > 0
   # No rounds of this drafter under this policy: the default tree.
   bare = str(tmp_path / "bare.json")

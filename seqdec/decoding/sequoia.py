@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -362,7 +362,9 @@ def replay_rounds(match: Sequence[int], accepted: Sequence[int],
 
 def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
                  by_match: Mapping[int, Sequence[float]], verify,
-                 max_depth: int, adapt: float = 0.0) -> Choice:
+                 max_depth: int, adapt: float = 0.0,
+                 groups: Optional[Sequence[Any]] = None,
+                 floor: float = 0.0) -> Choice:
   """The hardware-aware chain of a deterministic chain drafter (n-gram
   prompt lookup), by replaying its measured rounds rather than by a
   positional model.
@@ -380,23 +382,55 @@ def replay_chain(traces: Sequence[tuple[Sequence[int], ...]],
     verify: T -> ms of a T-token verify on this host.
     max_depth: the deepest chain considered.
     adapt: the drafter's `adapt` (`replay_rounds`).
+    groups, floor: each trace's prompt category, and the speed relative to
+      plain decoding that every category must keep for a depth to qualify
+      (`_choose`; None: pooled tokens per ms alone).
 
   Returns:
     the best `Choice` (tau: tokens per round of the replay, counting the
     rounds only; cost_ms: mean ms per round; ties: the shorter chain).
   """
   one = float(verify(1))
-  best = Choice(trees.chain(0), 1.0, one)
-  for depth in range(1, max_depth + 1):
+
+  def replayed(depth: int) -> list[tuple[int, int, int, float]]:
     cost_d = float(verify(depth + 1))
     gate = max(cost_d / one - 1.0, 0.0)
-    rounds = drafted = tokens = 0
+    out = []
     for trace in traces:
       r, d, t = replay_rounds(*trace, depth, by_match, gate, adapt)
-      rounds, drafted, tokens = rounds + r, drafted + d, tokens + t
+      out.append((r, d, t, d * cost_d + (r - d) * one))
+    return out
+  return _choose(replayed, range(1, max_depth + 1), one, groups, floor)
+
+
+def _choose(replayed: Callable[[int], Sequence[tuple[int, int, int, float]]],
+            depths: Sequence[int], step_ms: float,
+            groups: Optional[Sequence[Any]], floor: float) -> Choice:
+  """The chain(D) of `depths`, or chain(0), with the most tokens per ms
+  over all replayed continuations, `replayed(D)` giving each one's
+  `(rounds, drafted rounds, tokens, ms)`; with `groups` (each
+  continuation's prompt category) only depths whose every group runs at
+  >= `floor` x plain decoding's speed (1 token per `step_ms`) qualify:
+
+      tokens_g * step_ms / ms_g >= floor      for every group g
+
+  Ties: the shorter chain. Choice.tau is tokens per round (rounds only),
+  cost_ms the mean ms per round.
+  """
+  best = Choice(trees.chain(0), 1.0, step_ms)
+  for depth in sorted(set(depths) - {0}):
+    runs = list(replayed(depth))
+    rounds = sum(r[0] for r in runs)
     if not rounds:
       break
-    ms = drafted * cost_d + (rounds - drafted) * one
+    tokens, ms = sum(r[2] for r in runs), sum(r[3] for r in runs)
+    if groups is not None:
+      by_group: dict[Any, list[float]] = {}
+      for g, (_, _, t, m) in zip(groups, runs):
+        acc = by_group.setdefault(g, [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + t, acc[1] + m
+      if any(t * step_ms < floor * m for t, m in by_group.values()):
+        continue
     choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
     if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
       best = choice
@@ -432,34 +466,31 @@ def replay_confident_rounds(accepted: Sequence[int],
 def replay_model_chain(traces: Sequence[tuple[Sequence[int],
                                               Sequence[Sequence[float]]]],
                        round_ms: Callable[[int], tuple[float, float]],
-                       gate: Callable[[int], float], max_depth: int
-                       ) -> Choice:
+                       gate: Callable[[int], float], depths: Sequence[int],
+                       groups: Optional[Sequence[Any]] = None,
+                       floor: float = 0.0) -> Choice:
   """The hardware-aware chain of a model drafter (EAGLE), by replaying its
-  measured chains (`replay_confident_rounds`) at every depth D <= max_depth
+  measured chains (`replay_confident_rounds`) at each depth D of `depths`
   with the gate at `gate(D)`, each round priced by what a round of the
   compiled loop measured on this host (`HostProfile.rounds`):
 
       round_ms(D) = (drafted ms, gated ms)
 
   (a round drafts its D levels whatever the gate decides, so both include
-  them; `round_ms(0)` is the autoregressive step, D = 0 plain decoding).
+  them; `round_ms(0)` is the autoregressive step, D = 0 plain decoding),
+  and with `groups` the per-category `floor` (`_choose`).
 
   Returns:
     the best `Choice` (as `replay_chain`).
   """
   step = float(round_ms(0)[0])
-  best = Choice(trees.chain(0), 1.0, step)
-  for depth in range(1, max_depth + 1):
+
+  def replayed(depth: int) -> list[tuple[int, int, int, float]]:
     drafted_ms, gated_ms = map(float, round_ms(depth))
-    rounds = drafted = tokens = 0
+    out = []
     for accepted, path_logq in traces:
       r, d, t = replay_confident_rounds(accepted, path_logq, depth,
                                         gate(depth))
-      rounds, drafted, tokens = rounds + r, drafted + d, tokens + t
-    if not rounds:
-      break
-    ms = drafted * drafted_ms + (rounds - drafted) * gated_ms
-    choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
-    if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
-      best = choice
-  return best
+      out.append((r, d, t, d * drafted_ms + (r - d) * gated_ms))
+    return out
+  return _choose(replayed, depths, step, groups, floor)

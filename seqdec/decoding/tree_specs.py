@@ -17,7 +17,9 @@
                              A file with traces is replayed instead: an
                              n-gram drafter's rounds under the verify
                              curve, a model drafter's (EAGLE) chains under
-                             the loop rounds the profile measured for it
+                             the loop rounds the profile measured for it,
+                             keeping every prompt category of the file at
+                             >= AUTO_FLOOR x plain decoding
     'auto32d4:<file>'        the same with at most 32 nodes, depth <= 4
 
 This module sits above both `trees` (topologies) and `sequoia` (the dynamic
@@ -135,6 +137,23 @@ def chain_traces(rates: acceptance_rates.AcceptanceRates):
   return out
 
 
+# A replayed 'auto' chain keeps every prompt category of the acceptance
+# file at or above this speed relative to plain decoding on the profiled
+# host (`sequoia._choose`): it declines depths that win overall by losing
+# on a kind of prompt.
+AUTO_FLOOR = 0.97
+
+
+def trace_groups(rates: acceptance_rates.AcceptanceRates):
+  """Each trace's prompt category, in 'trace' order, from the file's
+  'per_prompt' records; None when the file does not give every trace's."""
+  category = {str(r.get("id")): r.get("category")
+              for r in rates.meta.get("per_prompt") or ()
+              if isinstance(r, dict)}
+  groups = [category.get(str(k)) for k in rates.meta["trace"]]
+  return None if any(g is None for g in groups) else groups
+
+
 # 'trace_kind' of a model drafter's chain traces (`confidence_traces`).
 CONFIDENCE_TRACE = "accepted+path_logq"
 
@@ -218,14 +237,19 @@ def _priced_choice(rates: acceptance_rates.AcceptanceRates,
   trace = rates.meta.get("trace")
   deepest = min(depth, nodes, int(rates.meta.get("max_rank", AUTO_MAX_DEPTH)))
   if trace is not None and rates.meta.get("trace_kind") == CONFIDENCE_TRACE:
+    measured = [k for k in profile.round_depths(drafter, policy)
+                if k <= deepest]
+    profile.rounds(drafter, 0, policy)   # ProfileError if not measured
     return sequoia.replay_model_chain(
         confidence_traces(rates),
         lambda k: profile.rounds(drafter, k, policy),
-        lambda k: profile.break_even(k + 1, policy), deepest)
+        lambda k: profile.break_even(k + 1, policy), measured,
+        trace_groups(rates), AUTO_FLOOR)
   if trace is not None:                      # an n-gram drafter's rounds
     return sequoia.replay_chain(
         chain_traces(rates), rates.chain_by_match or {},
-        lambda t: profile.verify(t, policy), deepest, adapt)
+        lambda t: profile.verify(t, policy), deepest, adapt,
+        trace_groups(rates), AUTO_FLOOR)
   return sequoia.hardware_aware_tree(
       rates.probs, round_cost(profile, drafter, policy), nodes, depth)
 
