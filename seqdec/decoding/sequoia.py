@@ -223,6 +223,9 @@ class Choice:
   shape: trees.TreeShape
   tau: float
   cost_ms: float
+  # The plain decoding step the choice was weighed against (ms; nan when
+  # the optimizer priced rounds with the verify curve alone).
+  step_ms: float = float("nan")
 
   @property
   def tokens_per_s(self) -> float:
@@ -417,7 +420,7 @@ def _choose(replayed: Callable[[int], Sequence[tuple[int, int, int, float]]],
   Ties: the shorter chain. Choice.tau is tokens per round (rounds only),
   cost_ms the mean ms per round.
   """
-  best = Choice(trees.chain(0), 1.0, step_ms)
+  best = Choice(trees.chain(0), 1.0, step_ms, step_ms)
   for depth in sorted(set(depths) - {0}):
     runs = list(replayed(depth))
     rounds = sum(r[0] for r in runs)
@@ -431,7 +434,8 @@ def _choose(replayed: Callable[[int], Sequence[tuple[int, int, int, float]]],
         acc[0], acc[1] = acc[0] + t, acc[1] + m
       if any(t * step_ms < floor * m for t, m in by_group.values()):
         continue
-    choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds)
+    choice = Choice(trees.chain(depth), tokens / rounds, ms / rounds,
+                    step_ms)
     if choice.tokens_per_s > best.tokens_per_s * (1 + _TIE):
       best = choice
   return best
