@@ -154,7 +154,8 @@ class SpecLoop(LoopMixin):
       is the break-even of an N-node tree
       (`host_profile.HostProfile.break_even`).
     root_fallback: when no row has a draft node, verify the roots alone
-      (a T = 1 forward, an autoregressive step's cost). In `decode` the
+      (a T = 1 forward, an autoregressive step's cost); compiled only when
+      that can happen (`roots_only_rounds`). In `decode` the
       rounds run in two nested loops, one of root-only rounds and one of
       whole-tree rounds (`decode`), so each forward writes the cache in
       place. A lone `step` (the host loop) chooses with a `lax.cond`
@@ -173,6 +174,14 @@ class SpecLoop(LoopMixin):
   shapes: DecodeShapes
   gate: float = 0.0
   root_fallback: bool = True
+
+  @property
+  def roots_only_rounds(self) -> bool:
+    """Whether a round can have no draft node in any row (`root_fallback`
+    on, a tree with drafts, and a gate or a drafter that may propose
+    nothing): only then does the loop compile root-only rounds."""
+    return (self.root_fallback and self.tree.num_nodes > 1
+            and (self.gate > 0 or self.drafter.may_propose_nothing))
 
   @property
   def capacity(self) -> int:
@@ -257,7 +266,7 @@ class SpecLoop(LoopMixin):
     with_features = self.drafter.uses_features
     taps = self.drafter.feature_taps
     n = tree.tokens.shape[1]
-    fallback = self.root_fallback and n > 1 and width == "auto"
+    fallback = self.roots_only_rounds and n > 1 and width == "auto"
     # Under the fallback's `lax.cond` the branches only read the cache and
     # the new K/V are written after it (no copy of the cache per branch).
     defer = fallback and defers_writes(model)
@@ -366,9 +375,10 @@ class SpecLoop(LoopMixin):
   def decode(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
     """Rounds until no row is live, in one compiled program.
 
-    Without `root_fallback` (or with a one-node tree), a `lax.while_loop`
-    over `step`. With it, the round's forward width is chosen by the loop
-    that runs it rather than by a `lax.cond` inside it:
+    Without root-only rounds (`roots_only_rounds`: every row drafts every
+    round), a `lax.while_loop` over `step`. With them, the round's forward
+    width is chosen by the loop that runs it rather than by a `lax.cond`
+    inside it:
 
         d = draft(state)
         while live:
@@ -384,7 +394,7 @@ class SpecLoop(LoopMixin):
     after the previous round's commit, from the same state); the last
     proposal, made when no row is live any more, is discarded.
     """
-    if not (self.root_fallback and self.tree.num_nodes > 1):
+    if not self.roots_only_rounds:
       return super().decode(params=params, state=state, inputs=inputs)
 
     def pending(s: SpecState) -> tuple[SpecState, Tree, Round]:

@@ -117,13 +117,17 @@ def path_logprobs(logits: jax.Array, path: jax.Array,
   vocabulary computed for min(N, M) rows (`along_path`).
   """
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  b, n, v = x.shape
+  b, n, _ = x.shape
   top = along_path(lambda r: jnp.max(r, axis=-1), x, path)           # [B, M]
   log_sum = along_path(
       lambda r: jnp.log(jnp.sum(jnp.exp(r - jnp.max(r, -1, keepdims=True)),
                                 axis=-1)), x, path)
-  picked = jnp.take_along_axis(x.reshape(b, n * v), path * v + tokens,
-                               axis=1)
+  # x[b, path[b, d], tokens[b, d]]: the M tokens' logits at every node
+  # `[B, N, M]`, then each one's node (no flattening of the vocabulary
+  # axis, which a mesh may split).
+  at_tokens = jnp.take_along_axis(
+      x, jnp.broadcast_to(tokens[:, None, :], (b, n, tokens.shape[1])), 2)
+  picked = jnp.take_along_axis(at_tokens, path[:, None, :], 1)[:, 0]
   return (picked - top) - log_sum
 
 

@@ -97,6 +97,9 @@ class Drafter:
       `seqdec.models.protocol.backbone_features`): features are then
       `[..., (len(feature_taps) + 1) * D]`, the final features last.
     grows_dynamic_trees: accepts a `trees.DynamicTree` budget.
+    may_propose_nothing: a row's tree can have no valid draft node (an
+      n-gram miss), so the loop runs root-only rounds
+      (`SpecLoop.root_fallback`) without a gate too.
   """
   name = "drafter"
   params: Any = ()
@@ -104,6 +107,7 @@ class Drafter:
   uses_features: bool = False
   feature_taps: tuple[int, ...] = ()
   grows_dynamic_trees: bool = False
+  may_propose_nothing: bool = False
 
   def check(self, target_config, shape: TreeShape) -> None:
     """Raises `DrafterError` if this drafter cannot serve the target/tree."""

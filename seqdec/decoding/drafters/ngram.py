@@ -163,6 +163,8 @@ class NgramDrafter(Drafter):
       rounds only, so every rule stays lossless.
   """
 
+  may_propose_nothing = True
+
   def __init__(self, max_n: int = 3, min_n: int = 1, name: str = "ngram",
                confidence: Optional[Mapping[int, Sequence[float]]] = None,
                adapt: float = 0.0):
