@@ -41,10 +41,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating passes.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Chain depth of the drafter.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "N.")
 
-# A gate no round passes: an n-gram node counts at most 1 expected draft.
-_CLOSED = 1e6
-
-
 def run() -> dict:
   # pylint: disable=g-import-not-at-top
   import numpy as np
@@ -64,7 +60,8 @@ def run() -> dict:
   kw = dict(max_new_tokens=n, eos_ids=(), max_batch=1)
   chain = dict(drafter="ngram", tree=f"chain{_DEPTH.value}")
   gens = {"ar": Generator(model, tok, None, **kw),
-          "closed": Generator(model, tok, gate=_CLOSED, **chain, **kw),
+          "closed": Generator(model, tok, gate=bench.CLOSED_GATE, **chain,
+                              **kw),
           "open": Generator(model, tok, **chain, **kw)}
   ids = [gens["ar"].encode(p.as_input()) for p in prompts]
   for g in gens.values():                      # compile every bucket

@@ -103,10 +103,6 @@ def draft_model(target, drafter: str):
                   f"and draft@draft_layers=<k> are supported")
 
 
-# A gate no round passes: every round verifies its root alone.
-_CLOSED_GATE = 1e6
-
-
 def measure_rounds(model, tokenizer, drafter: str, depths, tokens: int,
                    **quiet) -> tuple[dict[int, dict[str, float]], dict]:
   """`({D: {'drafted': ms, 'gated': ms}}, stats)`: ms per round of the
@@ -137,7 +133,7 @@ def measure_rounds(model, tokenizer, drafter: str, depths, tokens: int,
   log(f"{drafter}: step {step:.2f} ms")
   for d in depths:
     out[d] = {}
-    for kind, gate in (("drafted", 0.0), ("gated", _CLOSED_GATE)):
+    for kind, gate in (("drafted", 0.0), ("gated", bench.CLOSED_GATE)):
       gen = Generator(model, tokenizer, f"{drafter}@gate={gate:g}/chain{d}",
                       **kw)
       bench.decode_one(gen, ids, tokens)                 # compile
@@ -222,7 +218,7 @@ def run() -> dict:
     stats.update({f"{d}/{k}": v for k, v in st.items()})
   out = _OUT.value or host_profile.default_path()
   commands = ["python launch/profile_host.py " + " ".join(sys.argv[1:])]
-  if _UPDATE.value:
+  if _UPDATE.value:   # this run's command after the merged profile's
     old = host_profile.find(_MODEL.value, out)
     if old is None:
       raise UserError(f"--update: {out!r} holds no profile of this host for "
@@ -230,8 +226,8 @@ def run() -> dict:
     verify, draft = {**old.verify_ms, **verify}, {**old.draft_ms, **draft}
     rounds = {**old.round_ms, **rounds}
     stats = {**old.meta.get("points", {}), **stats}
-    commands = list(old.meta.get("commands", [old.meta.get("command")]))
-    commands += ["python launch/profile_host.py " + " ".join(sys.argv[1:])]
+    commands = [*old.meta.get("commands", [old.meta.get("command")]),
+                *commands]
   if not verify:
     raise UserError("no verify curve measured (--sizes is empty)")
   profile = host_profile.HostProfile(
@@ -244,8 +240,7 @@ def run() -> dict:
   host_profile.write_profile(out, profile)
   if _PLOT.value:
     plot(profile, _PLOT.value)
-  first_curves = verify[_POLICIES.value[0]] if sizes else next(
-      iter(verify.values()))
+  first_curves = verify.get(_POLICIES.value[0]) or next(iter(verify.values()))
   s = max(first_curves)
   first = first_curves[s][min(first_curves[s])]
   return dict(out=out, key=profile.key, host=profile.host,

@@ -30,6 +30,9 @@ from seqdec.errors import UserError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
 
 CATEGORIES = ("writing", "qa", "summarization", "rewrite", "math", "code")
+# A round gate no round passes (`SpecConfig.gate`; a draft node counts at
+# most 1 expected accepted draft): every round verifies its root alone.
+CLOSED_GATE = 1e6
 PROMPTS_PER_CATEGORY = 8
 _ROLES = ("system", "user", "assistant")
 _PROMPT_KEYS = ({"id", "category", "messages"},   # chat models

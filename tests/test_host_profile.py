@@ -209,7 +209,7 @@ def test_profile_host_script_on_the_tiny_model(tmp_path):
        "--spread=0.5", "--per_round=3"],
       capture_output=True, text=True, timeout=300, cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
   summary = json.loads(done.stdout)
   prof = host_profile.find("tiny", out)
   assert prof is not None and prof.key == summary["key"]

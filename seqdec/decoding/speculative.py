@@ -183,6 +183,12 @@ class SpecLoop(LoopMixin):
     return (self.root_fallback and self.tree.num_nodes > 1
             and (self.gate > 0 or self.drafter.may_propose_nothing))
 
+  @staticmethod
+  def has_draft(tree: Tree, done: jax.Array) -> jax.Array:
+    """`[]` bool: some live row has a valid draft node, so the round
+    verifies the whole tree (else the roots alone)."""
+    return jnp.any(tree.valid[:, 1:] & ~done[:, None])
+
   @property
   def capacity(self) -> int:
     """Slots a row may touch: prompt, new tokens, a tree's scratch, one lag."""
@@ -302,7 +308,8 @@ class SpecLoop(LoopMixin):
       logits, features, cache = whole_tree(draft.cache)
     else:
       logits, features, cache = jax.lax.cond(
-          jnp.any(tree.valid[:, 1:]), whole_tree, roots_only, draft.cache)
+          self.has_draft(tree, state.done), whole_tree, roots_only,
+          draft.cache)
     if defer:
       cache = model.write_new(draft.cache, cache)
     verdict = self.rule(tree, logits, step_keys(inputs.keys, state.step + 1),
@@ -416,7 +423,7 @@ class SpecLoop(LoopMixin):
 
     def has_draft(carry) -> jax.Array:
       s, tree, _ = carry
-      return jnp.any(tree.valid[:, 1:] & ~s.done[:, None])
+      return self.has_draft(tree, s.done)
 
     def burst(carry):
       carry = jax.lax.while_loop(lambda c: live(c) & ~has_draft(c),

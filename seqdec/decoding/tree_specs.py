@@ -111,6 +111,27 @@ def round_cost(profile: host_profile.HostProfile, drafter: str,
   return cost
 
 
+def _traces(rates: acceptance_rates.AcceptanceRates, parse, expected: str):
+  """`[parse(value) for each prompt's trace]` of the file's 'trace'
+  object; `parse` returns None (or raises TypeError / ValueError) for a
+  malformed value, which is a TreeError saying `expected`."""
+  trace = rates.meta["trace"]
+  if not isinstance(trace, dict):
+    raise TreeError(f"acceptance file {rates.path!r}: 'trace' must be an "
+                    f"object of per-prompt traces")
+  out = []
+  for value in trace.values():
+    try:
+      parsed = parse(value)
+    except (TypeError, ValueError):
+      parsed = None
+    if parsed is None:
+      raise TreeError(f"acceptance file {rates.path!r}: each trace must be "
+                      f"{expected}")
+    out.append(parsed)
+  return out
+
+
 def chain_traces(rates: acceptance_rates.AcceptanceRates):
   """The `(match lengths, accepted drafts, available drafts)` traces of a
   chain drafter's acceptance file ('trace', `launch/measure_acceptance.py
@@ -119,22 +140,12 @@ def chain_traces(rates: acceptance_rates.AcceptanceRates):
   Raises:
     TreeError: a malformed trace.
   """
-  out = []
-  bad = (f"acceptance file {rates.path!r}: each trace must be three lists of "
-         f"non-negative integers of one length")
-  trace = rates.meta["trace"]
-  if not isinstance(trace, dict):
-    raise TreeError(f"acceptance file {rates.path!r}: 'trace' must be an "
-                    f"object of per-prompt traces")
-  for value in trace.values():
-    try:
-      n, a, v = (list(map(int, x)) for x in value)
-    except (TypeError, ValueError):
-      raise TreeError(bad) from None
-    if not len(n) == len(a) == len(v) or min(n + a + v, default=0) < 0:
-      raise TreeError(bad)
-    out.append((n, a, v))
-  return out
+  def parse(value):
+    n, a, v = (list(map(int, x)) for x in value)
+    ok = len(n) == len(a) == len(v) and min(n + a + v, default=0) >= 0
+    return (n, a, v) if ok else None
+  return _traces(rates, parse,
+                 "three lists of non-negative integers of one length")
 
 
 # A replayed 'auto' chain keeps every prompt category of the acceptance
@@ -167,26 +178,16 @@ def confidence_traces(rates: acceptance_rates.AcceptanceRates):
   Raises:
     TreeError: a malformed trace.
   """
-  bad = (f"acceptance file {rates.path!r}: each trace must be a list of "
-         f"non-negative accepted counts and one of as many lists of "
-         f"non-positive path log-probabilities")
-  trace = rates.meta["trace"]
-  if not isinstance(trace, dict):
-    raise TreeError(f"acceptance file {rates.path!r}: 'trace' must be an "
-                    f"object of per-prompt traces")
-  out = []
-  for value in trace.values():
-    try:
-      accepted, logq = value
-      accepted = [int(a) for a in accepted]
-      logq = [[float(x) for x in row] for row in logq]
-    except (TypeError, ValueError):
-      raise TreeError(bad) from None
-    if (len(accepted) != len(logq) or min(accepted, default=0) < 0
-        or any(x > 0 or x != x for row in logq for x in row)):
-      raise TreeError(bad)
-    out.append((accepted, logq))
-  return out
+  def parse(value):
+    accepted, logq = value
+    accepted = [int(a) for a in accepted]
+    logq = [[float(x) for x in row] for row in logq]
+    ok = (len(accepted) == len(logq) and min(accepted, default=0) >= 0
+          and all(x <= 0 for row in logq for x in row))   # (False for nan)
+    return (accepted, logq) if ok else None
+  return _traces(rates, parse,
+                 "a list of non-negative accepted counts and one of as many "
+                 "lists of non-positive path log-probabilities")
 
 
 def auto_choice(arg: str, profile_path=None, policy: str = "f32",
@@ -239,7 +240,6 @@ def _priced_choice(rates: acceptance_rates.AcceptanceRates,
   if trace is not None and rates.meta.get("trace_kind") == CONFIDENCE_TRACE:
     measured = [k for k in profile.round_depths(drafter, policy)
                 if k <= deepest]
-    profile.rounds(drafter, 0, policy)   # ProfileError if not measured
     return sequoia.replay_model_chain(
         confidence_traces(rates),
         lambda k: profile.rounds(drafter, k, policy),

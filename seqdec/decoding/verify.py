@@ -103,8 +103,18 @@ def along_path(fn: Callable[[jax.Array], jax.Array], logits: jax.Array,
   else on the gathered path rows.
   """
   if logits.shape[1] <= path.shape[1]:
-    return jnp.take_along_axis(fn(logits), path, axis=1)
+    out = fn(logits)                                             # [B, N, ...]
+    idx = path.reshape(path.shape + (1,) * (out.ndim - 2))
+    return jnp.take_along_axis(
+        out, jnp.broadcast_to(idx, path.shape + out.shape[2:]), axis=1)
   return fn(jnp.take_along_axis(logits, path[:, :, None], axis=1))
+
+
+def _max_and_log_sum(x: jax.Array) -> jax.Array:
+  """`[..., V] -> [..., 2]`: (max x, log sum_v exp(x[v] - max x))."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  return jnp.concatenate(
+      [top, jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))], -1)
 
 
 def path_logprobs(logits: jax.Array, path: jax.Array,
@@ -118,17 +128,14 @@ def path_logprobs(logits: jax.Array, path: jax.Array,
   """
   x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   b, n, _ = x.shape
-  top = along_path(lambda r: jnp.max(r, axis=-1), x, path)           # [B, M]
-  log_sum = along_path(
-      lambda r: jnp.log(jnp.sum(jnp.exp(r - jnp.max(r, -1, keepdims=True)),
-                                axis=-1)), x, path)
+  stats = along_path(_max_and_log_sum, x, path)                  # [B, M, 2]
   # x[b, path[b, d], tokens[b, d]]: the M tokens' logits at every node
   # `[B, N, M]`, then each one's node (no flattening of the vocabulary
   # axis, which a mesh may split).
   at_tokens = jnp.take_along_axis(
       x, jnp.broadcast_to(tokens[:, None, :], (b, n, tokens.shape[1])), 2)
   picked = jnp.take_along_axis(at_tokens, path[:, None, :], 1)[:, 0]
-  return (picked - top) - log_sum
+  return (picked - stats[..., 0]) - stats[..., 1]
 
 
 class AcceptanceRule:

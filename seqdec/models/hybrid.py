@@ -580,10 +580,21 @@ class HybridLM(nnx.Module):
     """The final norm's output: the LM head's input."""
     return self.final_norm(hidden)
 
-  def head(self, features: jax.Array,
-           ids: Optional[jax.Array] = None) -> jax.Array:
-    """Features -> logits (of the vocabulary entries `ids` only, if given)."""
+  def head_weight(self, ids: jax.Array) -> jax.Array:
+    """W_head[:, ids] `[D, M]`, built once by a trimmed drafter head
+    (`head(..., weight=)`; `Transformer.head_weight`)."""
+    if self.lm_head is None:
+      return jnp.take(self.embed[...], ids, 0).T
+    return jnp.take(self.lm_head[...], ids, 1)
+
+  def head(self, features: jax.Array, ids: Optional[jax.Array] = None,
+           weight: Optional[jax.Array] = None) -> jax.Array:
+    """Features -> logits (of the vocabulary entries `ids` only, if given,
+    or from their `weight = head_weight(ids)`)."""
     acc = ssd._acc(self.dtype)
+    if weight is not None:
+      return jnp.einsum("...d,dv->...v", features.astype(self.dtype),
+                        weight.astype(self.dtype), preferred_element_type=acc)
     if self.lm_head is None:
       w = self.embed[...] if ids is None else jnp.take(self.embed[...], ids, 0)
       return jnp.einsum("...d,vd->...v", features.astype(self.dtype),

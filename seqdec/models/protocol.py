@@ -85,8 +85,11 @@ class Target(Protocol):
   def features(self, hidden: jax.Array) -> jax.Array:
     ...
 
-  def head(self, features: jax.Array,
-           ids: Optional[jax.Array] = None) -> jax.Array:
+  def head(self, features: jax.Array, ids: Optional[jax.Array] = None,
+           weight: Any = None) -> jax.Array:
+    ...
+
+  def head_weight(self, ids: jax.Array) -> Any:
     ...
 
 

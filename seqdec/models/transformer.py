@@ -860,17 +860,37 @@ class Transformer(nnx.Module):
     the target feature that feature-reading drafters (EAGLE, Medusa) read."""
     return self.final_norm(hidden)
 
+  def _head_param(self) -> Any:
+    """The LM head's parameter value: the untied head, else the tied
+    embedding (an array, or a `PackedWeight` under f32_packed)."""
+    return self.embed[...] if self.lm_head is None else self.lm_head[...]
+
+  def _head_matrix(self, ids: Optional[jax.Array] = None
+                   ) -> tuple[Any, str]:
+    """`(W, einsum spec)` of the LM head, its vocabulary entries `ids`
+    only if given: the untied head `[D, V]` (columns `ids`), the tied
+    embedding `[V, D]` (rows `ids`), or under f32_packed its panels (the
+    kept columns read out as `[M, D]` rows)."""
+    w = self._head_param()
+    if isinstance(w, PackedWeight):   # f32_packed: [D, V] panels either way
+      return ((w, "...d,dv->...v") if ids is None
+              else (w.columns(ids), "...d,vd->...v"))
+    if self.lm_head is None:
+      return (w if ids is None else jnp.take(w, ids, 0)), "...d,vd->...v"
+    return (w if ids is None else jnp.take(w, ids, 1)), "...d,dv->...v"
+
   def head_weight(self, ids: jax.Array) -> Any:
     """The LM head restricted to vocabulary entries `ids` `[M]`, as `head`
     takes it (`weight=`): W_head[:, ids] `[D, M]`, packed under the
     f32_packed policy. A trimmed drafter head builds it once, where
     `head(features, ids)` gathers the M columns (M x D entries) at every
     call."""
-    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    if isinstance(w, PackedWeight):
-      return PackedWeight.from_matrix(w.columns(ids), transposed=True)
-    return (jnp.take(w, ids, 0).T if self.lm_head is None
-            else jnp.take(w, ids, 1))
+    w, spec = self._head_matrix(ids)
+    if spec == "...d,dv->...v":
+      return w
+    if isinstance(self._head_param(), PackedWeight):
+      return PackedWeight.from_matrix(w, transposed=True)
+    return w.T
 
   def head(self, features: jax.Array,
            ids: Optional[jax.Array] = None, weight: Any = None) -> jax.Array:
@@ -879,23 +899,9 @@ class Transformer(nnx.Module):
     transpose when `tie_embeddings`); with `ids` `[M]`, only those
     vocabulary entries' logits `[..., M]` (a trimmed drafter head), or the
     same from their `weight = head_weight(ids)`."""
-    if weight is not None:
-      return _matmul("...d,dv->...v", features, weight, self.dtype,
-                     self.mm_dtype, cast=False)
-    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    if isinstance(w, PackedWeight):   # f32_packed: [D, V] panels either way
-      if ids is None:
-        return _matmul("...d,dv->...v", features, w, self.dtype,
-                       self.mm_dtype, cast=False)
-      return _matmul("...d,vd->...v", features, w.columns(ids), self.dtype,
-                     self.mm_dtype, cast=False)
-    if self.lm_head is None:
-      w = w if ids is None else jnp.take(w, ids, 0)
-      return _matmul("...d,vd->...v", features, w, self.dtype, self.mm_dtype,
-                     cast=False)
-    w = w if ids is None else jnp.take(w, ids, 1)
-    return _matmul("...d,dv->...v", features, w, self.dtype, self.mm_dtype,
-                   cast=False)
+    w, spec = ((weight, "...d,dv->...v") if weight is not None
+               else self._head_matrix(ids))
+    return _matmul(spec, features, w, self.dtype, self.mm_dtype, cast=False)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[..., D]` pre-norm hidden -> `[..., V]` logits: head(features(h))."""

@@ -107,18 +107,16 @@ class EagleDrafter(Drafter):
     self.trimmed = keep_ids is not None
     keep = None if keep_ids is None else jnp.asarray(keep_ids)
     # The trimmed head's weight, built once (not gathered every level).
-    prebuilt = keep is not None and hasattr(target, "head_weight")
     self.params = (net_params, target_params, keep,
-                   target.head_weight(keep) if prebuilt else None)
+                   None if keep is None else target.head_weight(keep))
     self.feature_width = net.config.hidden_size    # f^, the predictions
 
   def scores(self, target, params, f_hat: jax.Array) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
     ids' logits and -inf elsewhere (module docstring)."""
     keep_ids, weight = params[2], params[3]
-    logits = (target.head(f_hat, keep_ids) if weight is None
-              else target.head(f_hat, keep_ids, weight))
-    return trimmed_logits(logits, keep_ids, self.vocab_size)
+    return trimmed_logits(target.head(f_hat, keep_ids, weight), keep_ids,
+                          self.vocab_size)
 
   def window_slots(self, shape) -> int:
     """The round's window: D behind pairs, then the tree's N nodes (static)
