@@ -257,7 +257,8 @@ def as_float64(target_f32, net_f32):
     pytest.param("eagle1", "kary2x2x1", marks=pytest.mark.slow),
     ("eagle1", "dyn8d3k2"),
     pytest.param("eagle3", "kary2x2x1", marks=pytest.mark.slow),
-    pytest.param("eagle3", "dyn8d3k2", marks=pytest.mark.slow)])
+    pytest.param("eagle3", "dyn8d3k2", marks=pytest.mark.slow),
+    pytest.param("eagle1", "beam3x3", marks=pytest.mark.slow)])
 def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
                                                           tree):
   """Greedy speculative decoding with the trained EAGLE drafter (EAGLE-1,

@@ -16,6 +16,7 @@ from seqdec.decoding.drafters.base import DrafterError
 from seqdec.generator import Generator
 from seqdec.models import hydra
 from seqdec.models import medusa
+from seqdec.models import redrafter
 from seqdec.tokenizer import Tokenizer
 from seqdec.train import drafter as trainer
 from seqdec.train.lm import make_optimizer
@@ -31,8 +32,9 @@ pytestmark = pytest.mark.usefixtures("no_compile_cache")   # (+ `trained`)
 
 def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
   batch = full_batch(target, tokens)
-  heads = (hydra.create(target, 3) if kind == "hydra"
-           else medusa.create(target, 3, own_heads))
+  heads = {"hydra": lambda: hydra.create(target, 3),
+           "redrafter": lambda: redrafter.create(target, 1, 3),
+           "medusa": lambda: medusa.create(target, 3, own_heads)}[kind]()
   hdef, params, rest = nnx.split(heads, nnx.Param, ...)
   tdef, tparams = nnx.split(target)
   tx = make_optimizer(ml_collections.ConfigDict(dict(

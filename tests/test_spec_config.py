@@ -56,7 +56,7 @@ def test_parse_types_options_and_applies_defaults():
 
 
 @pytest.mark.parametrize("method,fragment", [
-    ("redrafter/chain2", "unknown drafter 'redrafter'"),
+    ("lookahead/chain2", "unknown drafter 'lookahead'"),
     ("ngram@max_n=2/chain2", "unknown option 'max_n'"),
     ("ngram@max_ngram=x/chain2", "expects an int"),
     ("ngram@proposal=iid/chain2", "proposes deterministically"),

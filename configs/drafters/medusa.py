@@ -37,5 +37,6 @@ def get_config(arg=None):
   c.train.w_reg = 0.0
   c.train.w_ce = 1.0
   c.train.feature_noise = 0.0
+  c.train.ttt_steps = 1           # EAGLE-3's training-time test: EAGLE only
   c.train.steps = 4 if arg.runlocal else 600
   return c

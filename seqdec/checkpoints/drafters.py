@@ -34,9 +34,14 @@ from seqdec.jsonl import write_text_atomic
 from seqdec.models import eagle
 from seqdec.models import hydra
 from seqdec.models import medusa
+from seqdec.models import redrafter
 
 WEIGHTS, META = "drafter.safetensors", "drafter.json"
-KINDS = ("eagle", "medusa", "hydra")
+KINDS = ("eagle", "medusa", "hydra", "redrafter")
+# The heads' (config, module) by kind; 'eagle' is built from the target's.
+_HEADS = {"medusa": (medusa.MedusaConfig, medusa.MedusaHeads),
+          "hydra": (hydra.HydraConfig, hydra.HydraHeads),
+          "redrafter": (redrafter.ReDrafterConfig, redrafter.ReDrafterHead)}
 
 
 class DrafterCheckpointError(UserError):
@@ -105,11 +110,10 @@ def read_meta(path: str) -> dict:
 
 
 def kind_of(net) -> str:
-  """'eagle', 'medusa' or 'hydra' by the network's type."""
-  if isinstance(net, medusa.MedusaHeads):
-    return "medusa"
-  if isinstance(net, hydra.HydraHeads):
-    return "hydra"
+  """The `KINDS` entry of the network's type."""
+  for kind, (_, module) in _HEADS.items():
+    if isinstance(net, module):
+      return kind
   return "eagle"
 
 
@@ -126,9 +130,7 @@ def _abstract(meta: dict, target, path: str):
       raise DrafterCheckpointError(f"{path!r}: bad feature taps: {e}"
                                    ) from None
     return config, lambda: eagle.EagleNet(config, rngs=None, taps=taps)
-  config_cls, module = ((medusa.MedusaConfig, medusa.MedusaHeads)
-                        if meta["kind"] == "medusa"
-                        else (hydra.HydraConfig, hydra.HydraHeads))
+  config_cls, module = _HEADS[meta["kind"]]
   try:
     config = config_cls(**dict(meta["net_config"], dtype=c.dtype,
                                param_dtype=c.param_dtype))

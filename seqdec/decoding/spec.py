@@ -8,6 +8,7 @@ Every way of naming a decoder goes through this module: the
     method  :=  "ar"                                  autoregressive
              |  drafter ("@" key "=" value)* "/" tree
     drafter :=  "ngram" | "layerskip" | "draft" | "eagle" | "medusa" | "hydra"
+             |  "redrafter"
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
              |  "rule"       auto | greedy | sample | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
@@ -19,7 +20,8 @@ Every way of naming a decoder goes through this module: the
     tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
                 static6, paths:0-1-0.0, sequoia16:<file>, auto:<file> (sized
                 to this host's measured costs), dyn16d4k4 (a dynamic-tree
-                budget, grown on device: eagle), ...)
+                budget, grown on device: eagle, redrafter), beam4x4 (a beam
+                search's prefix tree: eagle, redrafter), ...)
 
 e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
 kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`,
@@ -67,6 +69,7 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     "eagle": {"checkpoint": ""},
     "medusa": {"checkpoint": ""},
     "hydra": {"checkpoint": ""},
+    "redrafter": {"checkpoint": ""},
 }
 TRAINED = tuple(drafters.TRAINED)     # drafters with a trained network
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")

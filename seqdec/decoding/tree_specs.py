@@ -21,6 +21,10 @@
                              keeping every prompt category of the file at
                              >= AUTO_FLOOR x plain decoding
     'auto32d4:<file>'        the same with at most 32 nodes, depth <= 4
+    'dyn16d4k4'              a dynamic tree budget (EAGLE-2, grown on device
+                             each round: `trees.DynamicTree`)
+    'beam4x4'                a beam search's prefix tree (ReDrafter: 4 beams
+                             of depth 4, `trees.BeamTree`)
 
 This module sits above both `trees` (topologies) and `sequoia` (the dynamic
 program) with `acceptance_rates` (the files), so that neither of them needs
@@ -263,8 +267,18 @@ def _dynamic(arg: str) -> trees.DynamicTree:
   return trees.DynamicTree(*(int(x) for x in m.groups()))
 
 
+def _beam(arg: str) -> trees.BeamTree:
+  """'beam<W>x<D>': a `trees.BeamTree` budget (W beams, depth D)."""
+  m = re.fullmatch(r"(\d+)x(\d+)", arg)
+  if not m:
+    raise TreeError(f"bad beam tree spec 'beam{arg}'; expected "
+                    f"beam<width>x<depth>, e.g. beam4x4")
+  return trees.BeamTree(*(int(x) for x in m.groups()))
+
+
 _NAMED = {
     "dyn": _dynamic,
+    "beam": _beam,
     "chain": lambda arg: trees.chain(int(arg)),
     "kary": lambda arg: trees.kary(tuple(int(x) for x in arg.split("x"))),
     "static": _static,
@@ -302,17 +316,19 @@ def parse(spec: str, policy: str = "f32", adapt: float = 0.0
   raise TreeError(f"unknown tree spec {spec!r}; expected chain<gamma>, "
                   f"kary<b1>x<b2>x..., static<n>, paths:<p1>-<p2>-..., "
                   f"sequoia<n>[d<depth>]:<acceptance.json>, "
-                  f"auto[<n>[d<depth>]]:<acceptance.json> or "
-                  f"dyn<nodes>d<depth>k<top_k>")
+                  f"auto[<n>[d<depth>]]:<acceptance.json>, "
+                  f"dyn<nodes>d<depth>k<top_k> or beam<width>x<depth>")
 
 
 def to_spec(shape: trees.TreeShape) -> str:
   """A spec string for a topology: 'chain<g>' for chains, else its rank
   paths ('paths:0-1-0.0'), which `parse` reads back (for display and for a
   `SpecConfig` holding a tree built in code); 'dyn<N>d<D>k<K>' for a
-  dynamic tree budget."""
+  dynamic tree budget, 'beam<W>x<D>' for a beam tree."""
   if isinstance(shape, trees.DynamicTree):
     return f"dyn{shape.num_nodes}d{shape.max_depth}k{shape.top_k}"
+  if isinstance(shape, trees.BeamTree):
+    return f"beam{shape.width}x{shape.max_depth}"
   if shape.parents == tuple(range(-1, shape.num_nodes - 1)) and not any(
       shape.ranks):
     return f"chain{shape.num_nodes - 1}"

@@ -59,13 +59,12 @@ def depths(parents: Sequence[int]) -> np.ndarray:
   return d
 
 
-@dataclasses.dataclass(frozen=True)
-class DynamicTree:
-  """A tree budget for trees grown on device each round (EAGLE-2): at most
-  `num_nodes` nodes (root included), depth `max_depth`, each level
-  expanding the `top_k` best nodes by cumulative draft log-probability
-  into `top_k` children each (`drafters.dynamic`). The topology differs per
-  row and round; only these bounds are static (one compiled program).
+class FrontierBudget:
+  """A tree grown on device each round, level by level from a frontier of
+  `top_k` nodes (`drafters.dynamic`), within static bounds: at most
+  `num_nodes` nodes (root included) and depth `max_depth`. The topology
+  differs per row and round; only the bounds are static (one compiled
+  program). Subclasses: `DynamicTree` (EAGLE-2), `BeamTree` (ReDrafter).
   """
   num_nodes: int
   max_depth: int
@@ -73,6 +72,21 @@ class DynamicTree:
   # Kept nodes are a path through a per-row tree, never known to be a
   # prefix of the node order (`TreeShape.is_chain`).
   is_chain = False
+
+  @property
+  def levels(self):
+    raise TreeError(f"a {type(self).__name__} budget has no static levels; "
+                    f"this drafter grows only static trees")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree(FrontierBudget):
+  """EAGLE-2's budget: each level expands the `top_k` best nodes by
+  cumulative draft log-probability into `top_k` children each, then the
+  `num_nodes - 1` best candidates of all levels are kept."""
+  num_nodes: int
+  max_depth: int
+  top_k: int
 
   def __post_init__(self):
     n, d, k = self.num_nodes, self.max_depth, self.top_k
@@ -90,10 +104,30 @@ class DynamicTree:
     the N - 1 best of."""
     return self.top_k + (self.max_depth - 1) * self.top_k ** 2
 
+
+@dataclasses.dataclass(frozen=True)
+class BeamTree(FrontierBudget):
+  """ReDrafter's budget: a beam search of `width` beams over `max_depth`
+  levels below the root; the final beams, merged where they share a
+  prefix, are the tree. Slots: the root and `width` per level
+  (`num_nodes = 1 + width * max_depth`); the beam entries no final beam
+  passes through are invalid nodes."""
+  width: int
+  max_depth: int
+
+  def __post_init__(self):
+    if self.width < 1 or self.max_depth < 1:
+      raise TreeError(f"a beam tree needs width >= 1 and depth >= 1, got "
+                      f"width={self.width}, depth={self.max_depth}")
+
   @property
-  def levels(self):
-    raise TreeError("a dynamic tree has no static levels; this drafter "
-                    "grows only static trees")
+  def num_nodes(self) -> int:
+    return 1 + self.width * self.max_depth
+
+  @property
+  def top_k(self) -> int:
+    """The frontier: every level feeds its `width` beams."""
+    return self.width
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,12 +79,14 @@ class MedusaHeads(nnx.Module):
     z = z + self.b[...].astype(acc)
     return (f[..., None, :].astype(acc) + jax.nn.silu(z)).astype(self.dtype)
 
-  def logits(self, f: jax.Array, target, ids=None) -> jax.Array:
+  def logits(self, f: jax.Array, target, ids=None, weight=None
+             ) -> jax.Array:
     """`[..., D]` -> `[..., K, V]` (or `[..., K, M]` over `ids`) logits of
-    every head; `target` supplies the shared head."""
+    every head; `target` supplies the shared head (`weight`: its prebuilt
+    trimmed weight, `target.head_weight(ids)`, or None)."""
     h = self.features(f)
     if self.heads is None:
-      return target.head(h, ids)
+      return target.head(h, ids, weight)
     w = self.heads[...] if ids is None else jnp.take(self.heads[...], ids, 2)
     acc = jnp.promote_types(self.dtype, jnp.float32)
     return jnp.einsum("...kd,kdv->...kv", h, w.astype(self.dtype),

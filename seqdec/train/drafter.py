@@ -52,6 +52,7 @@ from seqdec.decoding.loops import bucket
 from seqdec.models import eagle
 from seqdec.models import hydra
 from seqdec.models import medusa
+from seqdec.models import redrafter
 from seqdec.train import loop as loop_lib
 from seqdec.train.lm import Checkpointer, make_optimizer
 from seqdec.train.loop import TrainError, TrainState
@@ -127,7 +128,7 @@ def loss_fn(net_params, net_def, target_params, target_def, batch,
   target = nnx.merge(target_def, target_params)
   if isinstance(net, medusa.MedusaHeads):
     return medusa_loss(net, target, batch, w_ce, keep_ids)
-  if isinstance(net, hydra.HydraHeads):
+  if isinstance(net, (hydra.HydraHeads, redrafter.ReDrafterHead)):
     return medusa_loss(net, target, batch, w_ce, keep_ids,
                        sequential=True)
   return eagle_loss(net, target, batch, w_reg, w_ce, keep_ids, ttt)
@@ -180,7 +181,7 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
       p_{t+k} = softmax(head(f_{t+k}))    (the target's law of x_{t+k+1})
 
   each head's term averaged over the positions with t + k < length. With
-  `sequential` (Hydra), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
+  `sequential` (Hydra, ReDrafter), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
   true tokens (teacher forcing). Metrics: per-head CE and top-1 agreement
   (ce1.., top1_1..)."""
   feats = final_features(batch["features"], target).astype(
@@ -546,7 +547,7 @@ def evaluate(net_def, target_def, params, rest, target_params, batches,
   return out
 
 
-KINDS = ("eagle", "medusa", "hydra")
+KINDS = ("eagle", "medusa", "hydra", "redrafter")
 
 
 def build_net(config: ml_collections.ConfigDict, target):
@@ -566,6 +567,14 @@ def build_net(config: ml_collections.ConfigDict, target):
       raise TrainError(f"drafter.num_heads must be >= 1, got "
                        f"{config.drafter.num_heads}")
     return hydra.create(target, config.drafter.num_heads, config.seed)
+  if kind == "redrafter":
+    if config.drafter.num_heads < 1 or config.drafter.num_layers < 0:
+      raise TrainError(f"drafter.num_heads (trained depth) must be >= 1 and "
+                       f"drafter.num_layers >= 0, got "
+                       f"{config.drafter.num_heads}, "
+                       f"{config.drafter.num_layers}")
+    return redrafter.create(target, config.drafter.num_layers,
+                            config.drafter.num_heads, config.seed)
   raise TrainError(f"unknown drafter.kind {kind!r}; known: {KINDS}")
 
 

@@ -6,6 +6,7 @@
     make_drafter("draft", target, draft_layers=8)   # target truncated to 8
     make_drafter("eagle", target, eagle_net=net)    # a trained EagleNet
     make_drafter("medusa", target, eagle_net=heads) # trained MedusaHeads
+    make_drafter("redrafter", target, eagle_net=head) # a ReDrafterHead
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from seqdec.decoding.drafters.model import (ModelDrafter,
                                             draft_lm, layer_skip,
                                             parse_layers, truncated)
 from seqdec.decoding.drafters.ngram import NgramDrafter
+from seqdec.decoding.drafters.redrafter import ReDrafterDrafter
 
 # Drafters with a trained network on the target's features, by name.
 TRAINED = {"eagle": EagleDrafter, "medusa": MedusaDrafter,
-           "hydra": HydraDrafter}
+           "hydra": HydraDrafter, "redrafter": ReDrafterDrafter}
 DRAFTERS = ("ngram", "layerskip", "draft") + tuple(TRAINED)
 
 
@@ -44,7 +46,8 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
       blocks with an own cache), 'eagle' (a trained `EagleNet`,
       `eagle_net`, on the target's features; `keep_ids` its trimmed
       head's vocabulary or None), 'medusa' (trained `MedusaHeads` as
-      `eagle_net`, likewise), 'hydra' (trained `HydraHeads`, likewise).
+      `eagle_net`, likewise), 'hydra' (trained `HydraHeads`, likewise),
+      'redrafter' (a trained `ReDrafterHead`, likewise).
     target: the target `Transformer`.
     proposal: model drafters at temperature > 0: 'topk' (deterministic),
       'iid' (i.i.d. draws from q) or 'wor' (Gumbel-top-k, without
@@ -83,6 +86,6 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
 __all__ = ["Drafter", "DrafterError", "EagleDrafter", "HydraDrafter",
            "MedusaDrafter",
            "ModelDrafter",
-           "NgramDrafter",
+           "NgramDrafter", "ReDrafterDrafter",
            "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",
            "layer_skip", "parse_layers", "truncated"]

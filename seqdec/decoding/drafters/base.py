@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from seqdec.errors import UserError
-from seqdec.decoding.trees import DynamicTree, Tree, TreeShape
+from seqdec.decoding.trees import FrontierBudget, Tree, TreeShape
 
 
 class DrafterError(UserError):
@@ -96,7 +96,9 @@ class Drafter:
       reads too (EAGLE-3's fused features,
       `seqdec.models.protocol.backbone_features`): features are then
       `[..., (len(feature_taps) + 1) * D]`, the final features last.
-    grows_dynamic_trees: accepts a `trees.DynamicTree` budget.
+    grows_dynamic_trees: accepts a budget grown on device
+      (`trees.FrontierBudget`: EAGLE-2's `DynamicTree`, ReDrafter's
+      `BeamTree`).
     may_propose_nothing: a row's tree can have no valid draft node (an
       n-gram miss), so the loop runs root-only rounds
       (`SpecLoop.root_fallback`) without a gate too.
@@ -116,11 +118,12 @@ class Drafter:
           f"drafter {self.name!r} has a vocabulary of {self.vocab_size} tokens "
           f"but the target has {target_config.vocab_size}: drafter and target "
           f"must share one tokenizer")
-    if isinstance(shape, DynamicTree):
+    if isinstance(shape, FrontierBudget):
       if not self.grows_dynamic_trees:
         raise DrafterError(f"drafter {self.name!r} grows static trees only; "
-                           f"a dynamic tree budget needs a drafter that "
-                           f"scores its own candidates (eagle)")
+                           f"a dynamic or beam tree budget needs a drafter "
+                           f"that scores its own candidates (eagle, "
+                           f"redrafter)")
       return
     shape.levels  # raises TreeError unless nodes are numbered level by level
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from seqdec.decoding import trees as trees_lib
-from seqdec.decoding.trees import DynamicTree, Tree
+from seqdec.decoding.trees import BeamTree, DynamicTree, FrontierBudget, Tree
 from seqdec.parallel import sharding
 
 # expand(d, tokens [B, K], parent_pos [B, K], carry) -> (logits [B, K, V],
@@ -109,3 +109,73 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
                                take(score_all, kept)], 1)
   return Tree.from_parents(tokens, parents_out, scheme=trees_lib.DETERMINISTIC,
                            path_logq=path_logq), carry
+
+
+def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
+                   expand: ExpandFrontier, carry: Any) -> tuple[Tree, Any]:
+  """ReDrafter's candidates (Cheng et al., 2024): a beam search of W =
+  `budget.width` beams over D = `budget.max_depth` tokens below each row's
+  root, its final beams merged into a prefix tree.
+
+      level 1    beams = the root's W most likely children, score log q
+      level d+1  each beam b feeds the drafter (expand); candidates are
+                 (b, x) with score(b) + log q(x | b), and the W best of
+                 all W * V become the beams (the W best of each beam's
+                 top W, which hold them)
+      tree       slot (d, j) = the j-th beam of level d, child of its
+                 parent beam's slot; slots numbered root 0, then level by
+                 level, so parents precede children. The final beams and
+                 their ancestors are valid; a beam of level d < D that no
+                 final beam descends from is an invalid node (ReDrafter
+                 verifies the final beams only). Beams are distinct
+                 prefixes, so shared prefixes are shared nodes.
+
+  Children are deterministic (the beam's best), verified at T > 0 by the
+  lossless rule's deterministic step, as dynamic trees.
+
+  Args and returns as `grow_dynamic_tree`; `path_logq` holds each beam's
+  score.
+  """
+  w, depth = budget.width, budget.max_depth
+  b = root.shape[0]
+  logp = jax.nn.log_softmax(root_logits.astype(jnp.float32), -1)
+  score, tok = sharding.top_k(logp, w)                             # [B, W]
+  tok = tok.astype(jnp.int32)
+  toks, scores = [tok], [score]
+  parent_beams = [jnp.zeros((b, w), jnp.int32)]   # level 1: the root
+  for d in range(1, depth):
+    logits, carry = expand(d, tok, parent_beams[-1], carry)       # [B, W, V]
+    logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    child_lp, child_tok = sharding.top_k(logq, w)                 # [B, W, W]
+    cand = (score[:, :, None] + child_lp).reshape(b, w * w)
+    score, idx = jax.lax.top_k(cand, w)                           # [B, W]
+    tok = jnp.take_along_axis(child_tok.reshape(b, w * w), idx,
+                              1).astype(jnp.int32)
+    parent_beams.append((idx // w).astype(jnp.int32))
+    toks.append(tok)
+    scores.append(score)
+  # Alive: the final beams, then backwards every parent of an alive beam.
+  alive = [jnp.ones((b, w), jnp.bool_)]
+  for d in range(depth - 1, 0, -1):
+    hit = (parent_beams[d][:, :, None] == jnp.arange(w)[None, None]) & (
+        alive[0][:, :, None])                                      # [B,W,W]
+    alive.insert(0, jnp.any(hit, axis=1))
+  slot = lambda d, j: 1 + (d - 1) * w + j                          # noqa: E731
+  parents = [jnp.full((b, 1), -1, jnp.int32), jnp.zeros((b, w), jnp.int32)]
+  parents += [slot(d, parent_beams[d]) for d in range(1, depth)]
+  return Tree.from_parents(
+      jnp.concatenate([root[:, None].astype(jnp.int32)] + toks, 1),
+      jnp.concatenate(parents, 1),
+      valid=jnp.concatenate([jnp.ones((b, 1), jnp.bool_)] + alive, 1),
+      scheme=trees_lib.DETERMINISTIC,
+      path_logq=jnp.concatenate([jnp.zeros((b, 1), jnp.float32)] + scores,
+                                1)), carry
+
+
+def grow_frontier_tree(budget: FrontierBudget, root: jax.Array,
+                       root_logits: jax.Array, expand: ExpandFrontier,
+                       carry: Any) -> tuple[Tree, Any]:
+  """The tree of `budget`'s kind: `grow_dynamic_tree` (EAGLE-2) or
+  `grow_beam_tree` (ReDrafter), from one frontier expansion."""
+  grow = {DynamicTree: grow_dynamic_tree, BeamTree: grow_beam_tree}
+  return grow[type(budget)](budget, root, root_logits, expand, carry)

@@ -19,7 +19,9 @@ After growing the tree the behind pairs and the root pair are committed
 (d <- L), all exact, so nothing is ever rolled back. A tree of depth D costs
 D calls of the one-layer network plus its head. With a `trees.DynamicTree`
 budget the tree is grown EAGLE-2 style instead (`drafters.dynamic`): K
-frontier nodes fed per level, the N - 1 best candidates kept.
+frontier nodes fed per level, the N - 1 best candidates kept; with a
+`trees.BeamTree` the same frontier feeding runs a beam search (ReDrafter's
+candidates).
 
 Vocabulary trimming (VocabTrim): with `keep_ids` (M token ids, e.g. the M
 most frequent in the training responses) the drafter scores only those,
@@ -49,11 +51,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
-from seqdec.decoding.drafters.dynamic import grow_dynamic_tree
+from seqdec.decoding.drafters.dynamic import grow_frontier_tree
 from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
-                                           grow_static_tree, trimmed_logits,
-                                           window_mask)
-from seqdec.decoding.trees import DynamicTree
+                                           grow_static_tree, head_scores,
+                                           prebuilt_head, window_mask)
+from seqdec.decoding.trees import FrontierBudget
 from seqdec.models.eagle import EagleNet, eagle_config
 from seqdec.models.transformer import Transformer, commit
 from seqdec.ops import write_rows
@@ -105,23 +107,19 @@ class EagleDrafter(Drafter):
     self.target_def, target_params = nnx.split(target)
     keep_ids = check_keep_ids(keep_ids, self.vocab_size)
     self.trimmed = keep_ids is not None
-    keep = None if keep_ids is None else jnp.asarray(keep_ids)
-    # The trimmed head's weight, built once (not gathered every level).
-    self.params = (net_params, target_params, keep,
-                   None if keep is None else target.head_weight(keep))
+    self.params = (net_params, target_params) + prebuilt_head(target,
+                                                              keep_ids)
     self.feature_width = net.config.hidden_size    # f^, the predictions
 
   def scores(self, target, params, f_hat: jax.Array) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
     ids' logits and -inf elsewhere (module docstring)."""
-    keep_ids, weight = params[2], params[3]
-    return trimmed_logits(target.head(f_hat, keep_ids, weight), keep_ids,
-                          self.vocab_size)
+    return head_scores(target, f_hat, params[2], params[3], self.vocab_size)
 
   def window_slots(self, shape) -> int:
     """The round's window: D behind pairs, then the tree's N nodes (static)
     or the root and K frontier nodes per level 1 .. D-1 (dynamic)."""
-    if isinstance(shape, DynamicTree):
+    if isinstance(shape, FrontierBudget):
       return shape.max_depth + 1 + (shape.max_depth - 1) * shape.top_k
     return shape.max_depth + shape.num_nodes
 
@@ -173,7 +171,7 @@ class EagleDrafter(Drafter):
                        mask)
       return out, self.scores(target, params, out[:, -scored:]), cache
 
-    if isinstance(shape, DynamicTree):
+    if isinstance(shape, FrontierBudget):
       tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache)
     else:
       tree, cache = self._grow_static(shape, rnd, key, first, feed,
@@ -223,8 +221,8 @@ class EagleDrafter(Drafter):
     return tree, cache
 
   def _grow_dynamic(self, shape, rnd, first, feed, cache):
-    """EAGLE-2 (`drafters.dynamic`): window entries are the behind pairs,
-    the root, then K frontier nodes per level 1 .. D-1, with an ancestor
+    """EAGLE-2 or beam search (`drafters.dynamic`): window entries are the
+    behind pairs, the root, then K frontier nodes per level 1 .. D-1, with an ancestor
     relation over them built level by level."""
     b, lag, k = rnd.root.shape[0], shape.max_depth, shape.top_k
     width = lag + 1 + (shape.max_depth - 1) * k
@@ -252,7 +250,7 @@ class EagleDrafter(Drafter):
       return logits, (cache, anc, out,
                       jnp.broadcast_to(entries, (b, k)))
 
-    tree, (cache, *_) = grow_dynamic_tree(
+    tree, (cache, *_) = grow_frontier_tree(
         shape, rnd.root, logits[:, -1], expand,
         (cache, anc, prev_pred, prev_entry))
     return tree, cache

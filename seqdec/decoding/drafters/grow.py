@@ -130,6 +130,26 @@ def trimmed_logits(kept: jax.Array, keep_ids: Optional[jax.Array],
   return full.at[..., keep_ids].set(kept)
 
 
+def head_scores(target, h: jax.Array, keep_ids: Optional[jax.Array],
+                weight, vocab_size: int) -> jax.Array:
+  """`[..., V]` drafter logits from the target head's input `h [..., D]`:
+  head(h), or with a trimmed head (`keep_ids`, its prebuilt `weight =
+  target.head_weight(keep_ids)`) the kept ids' logits and -inf elsewhere
+  (`trimmed_logits`)."""
+  return trimmed_logits(target.head(h, keep_ids, weight), keep_ids,
+                        vocab_size)
+
+
+def prebuilt_head(target, keep_ids: Optional[np.ndarray]):
+  """`(keep_ids, weight)` as device arrays for `head_scores`: the trimmed
+  head's weight built once (not gathered at every level), or (None,
+  None)."""
+  if keep_ids is None:
+    return None, None
+  keep = jnp.asarray(keep_ids)
+  return keep, target.head_weight(keep)
+
+
 def check_keep_ids(keep_ids, vocab_size: int):
   """`keep_ids` as int32 numpy (None stays None); DrafterError unless they
   are distinct ids in [0, V)."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seqdec.decoding.drafters.grow import grow_static_tree, trimmed_logits
+from seqdec.decoding.drafters.grow import grow_static_tree, head_scores
 from seqdec.decoding.drafters.medusa import HeadsDrafter
 from seqdec.models.hydra import HydraHeads, hydra_config
 
@@ -50,8 +50,8 @@ class HydraDrafter(HeadsDrafter):
       f = jnp.broadcast_to(state[:, None], (state.shape[0], hi - lo,
                                             state.shape[-1]))
       h = heads.features(d + 1, f, emb)
-      return trimmed_logits(target.head(h, keep_ids), keep_ids,
-                            self.vocab_size), carry
+      return head_scores(target, h, keep_ids, params[3],
+                         self.vocab_size), carry
 
     tree, _ = grow_static_tree(shape, rnd, key, self.proposal,
                                self.vocab_size, expand, None)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from seqdec.decoding.drafters.base import Drafter, DrafterError, Outcome
 from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
-                                           grow_static_tree, trimmed_logits)
+                                           grow_static_tree, prebuilt_head,
+                                           trimmed_logits)
 from seqdec.models.medusa import MedusaHeads, medusa_config
 
 
@@ -45,9 +46,8 @@ class HeadsDrafter(Drafter):
     self.num_heads = heads.config.num_heads
     self.heads_def, heads_params = nnx.split(heads)
     self.target_def, target_params = nnx.split(target)
-    keep_ids = check_keep_ids(keep_ids, self.vocab_size)
-    self.params = (heads_params, target_params,
-                   None if keep_ids is None else jnp.asarray(keep_ids))
+    self.params = (heads_params, target_params) + prebuilt_head(
+        target, check_keep_ids(keep_ids, self.vocab_size))
 
   def check(self, target_config, shape):
     super().check(target_config, shape)
@@ -83,8 +83,8 @@ class MedusaDrafter(HeadsDrafter):
     heads = nnx.merge(self.heads_def, params[0])
     target = nnx.merge(self.target_def, params[1])
     keep_ids = params[2]
-    logits = trimmed_logits(heads.logits(state, target, keep_ids), keep_ids,
-                            self.vocab_size)                     # [B, K, V]
+    logits = trimmed_logits(heads.logits(state, target, keep_ids, params[3]),
+                            keep_ids, self.vocab_size)           # [B, K, V]
 
     def expand(d, tokens, carry):
       lo, hi = shape.levels[d]

@@ -1,0 +1,35 @@
+"""A recurrent draft head (ReDrafter) for a target, trained on the same
+cached features as EAGLE, Medusa and Hydra.
+
+Launch:
+  python launch/train_drafter.py --config=configs/drafters/redrafter.py \\
+      --workdir=$HOME/.cache/seqdec/train/redrafter_smollm2
+  python launch/train_drafter.py --config=configs/drafters/redrafter.py:runlocal \\
+      --workdir=/tmp/redrafter_smoke
+
+Arguments after the colon: those of configs/drafters/medusa.py but
+`own_heads` (the head shares the target's frozen LM head), plus
+`num_layers` (residual blocks on [f ; s]). `num_heads` is the depth its
+teacher-forced loss trains (`seqdec.models.redrafter`); it drafts any
+depth, and beam trees (`redrafter/beam4x4`) as well as static and dynamic
+ones.
+"""
+
+import importlib.util
+import os
+
+from seqdec import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, model="smollm2-135m-instruct", data="",
+                               runlocal=False, num_heads=4, num_layers=1)
+  spec = importlib.util.spec_from_file_location(
+      "medusa_config", os.path.join(os.path.dirname(__file__), "medusa.py"))
+  base = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(base)
+  c = base.get_config(f"model={arg.model},data={arg.data},"
+                      f"runlocal={arg.runlocal},num_heads={arg.num_heads}")
+  c.drafter.kind = "redrafter"
+  c.drafter.num_layers = arg.num_layers
+  return c
