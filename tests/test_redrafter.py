@@ -200,8 +200,8 @@ def test_beam_tree_sampling_keeps_the_target_law(trained):
 
 def test_checkpoint_round_trip_by_kind(tmp_path, trained):
   """A 'redrafter' checkpoint restores bit for bit, decodes through its
-  spec string (trimmed head) as autoregressive decoding (f32 greedy), and
-  an 'eagle' spec refuses it."""
+  spec string as autoregressive decoding (f32 greedy) with its trimmed
+  head and with `trim=false`, and an 'eagle' spec refuses it."""
   target, head, _, tokens = trained
   keep = np.arange(0, target.config.vocab_size, 2)
   path = drafter_ckpt.save(str(tmp_path / "r"), head, target,
@@ -219,6 +219,11 @@ def test_checkpoint_round_trip_by_kind(tmp_path, trained):
   spec = Generator(target, tok, f"redrafter@checkpoint={path}/beam2x3",
                    max_new_tokens=12, eos_ids=()).generate_ids(prompts)
   assert [r.tokens for r in spec] == [r.tokens for r in ar]
+  full = Generator(target, tok, f"redrafter@checkpoint={path}@trim=false/"
+                   f"beam2x3", max_new_tokens=12, eos_ids=())
+  assert full.drafter.params[2] is None          # the whole vocabulary
+  assert [r.tokens for r in full.generate_ids(prompts)] == [
+      r.tokens for r in ar]
   with pytest.raises(drafter_ckpt.DrafterCheckpointError,
                      match="holds a redrafter drafter, not eagle"):
     Generator(target, tok, f"eagle@checkpoint={path}/chain2")

@@ -65,11 +65,11 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     "layerskip": {"layers": ""},
     "draft": {"draft_layers": 0, "draft_model": ""},
     # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);
-    # "" = the one shipped for this target.
-    "eagle": {"checkpoint": ""},
-    "medusa": {"checkpoint": ""},
-    "hydra": {"checkpoint": ""},
-    "redrafter": {"checkpoint": ""},
+    # "" = the one shipped for this target. trim: score only the
+    # checkpoint's kept ids (its trimmed head, VocabTrim) if it has them;
+    # false: the full vocabulary.
+    **{name: {"checkpoint": "", "trim": True}
+       for name in drafters.TRAINED},
 }
 TRAINED = tuple(drafters.TRAINED)     # drafters with a trained network
 RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
@@ -334,8 +334,8 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
       one by `draft_model=<name or path>` (loading is the caller's: decoding
       does not import checkpoints; `Generator` loads it).
     eagle_net: `(network, keep_ids or None)` for the trained drafters
-      'eagle' / 'medusa' (likewise loaded by `Generator` from the
-      `checkpoint` option).
+      (`TRAINED`; likewise loaded by `Generator` from the `checkpoint`
+      option); the `trim` option false drops the keep_ids.
   """
   if not spec.speculative:
     raise ConfigError("an autoregressive spec has no drafter")
@@ -346,8 +346,10 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
                         f" load it (seqdec.checkpoints.drafters.load) and "
                         f"pass eagle_net= (Generator does)")
     net, keep_ids = eagle_net
-    return drafters.make_drafter(spec.drafter, target, eagle_net=net,
-                                 keep_ids=keep_ids, proposal=spec.proposal)
+    return drafters.make_drafter(
+        spec.drafter, target, eagle_net=net,
+        keep_ids=keep_ids if options["trim"] else None,
+        proposal=spec.proposal)
   name = options.pop("draft_model", "")
   if spec.drafter == "draft":
     if name and draft_model is None:
