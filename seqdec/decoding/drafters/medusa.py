@@ -24,8 +24,10 @@ from seqdec.models.medusa import MedusaHeads, medusa_config
 
 
 class HeadsDrafter(Drafter):
-  """Drafters of heads on the root's feature f_{L-1} (Medusa, Hydra): the
-  state is that feature; `commit` keeps the last kept node's.
+  """Drafters of heads on the root's feature f_{L-1} (Medusa, Hydra,
+  ReDrafter): the state is that feature; `commit` keeps the last kept
+  node's. With `depth_limited` (one head per depth) a tree may be at most
+  `num_heads` deep.
 
   Args:
     heads: the heads module (config `num_heads` at least; checked against
@@ -34,6 +36,7 @@ class HeadsDrafter(Drafter):
     name, proposal, keep_ids: as `EagleDrafter`.
   """
   uses_features = True
+  depth_limited = True
 
   def __init__(self, heads, target, want, name: str, proposal: str = "topk",
                keep_ids=None):
@@ -51,7 +54,7 @@ class HeadsDrafter(Drafter):
 
   def check(self, target_config, shape):
     super().check(target_config, shape)
-    if shape.max_depth > self.num_heads:
+    if self.depth_limited and shape.max_depth > self.num_heads:
       raise DrafterError(f"a tree of depth {shape.max_depth} needs at least "
                          f"{shape.max_depth} {self.name} heads; these have "
                          f"{self.num_heads}")

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seqdec.decoding.drafters.base import Drafter
 from seqdec.decoding.drafters.dynamic import grow_frontier_tree
 from seqdec.decoding.drafters.grow import grow_static_tree, head_scores
 from seqdec.decoding.drafters.medusa import HeadsDrafter
@@ -33,15 +32,13 @@ from seqdec.models.redrafter import ReDrafterHead, redrafter_config
 class ReDrafterDrafter(HeadsDrafter):
   """ReDrafter drafting (module docstring); arguments as `MedusaDrafter`."""
   grows_dynamic_trees = True
+  depth_limited = False            # an RNN drafts any depth
 
   def __init__(self, head: ReDrafterHead, target, name: str = "redrafter",
                proposal: str = "topk", keep_ids=None):
     c = head.config
     super().__init__(head, target, redrafter_config(
         target, c.num_layers, c.train_depth), name, proposal, keep_ids)
-
-  def check(self, target_config, shape):
-    Drafter.check(self, target_config, shape)   # an RNN drafts any depth
 
   def propose(self, params, state, shape, rnd, target_cache, key):
     head = nnx.merge(self.heads_def, params[0])
