@@ -72,7 +72,8 @@ def paths_of(tree, b):
   return out
 
 
-@pytest.mark.parametrize("budget", [BeamTree(3, 3), BeamTree(4, 2)])
+@pytest.mark.parametrize("budget", [
+    BeamTree(3, 3), pytest.param(BeamTree(4, 2), marks=pytest.mark.slow)])
 def test_beam_tree_is_the_beam_search_merged(budget):
   """Per row: valid slots = every prefix of the W final beams, each once
   (shared prefixes shared), scored by its path log-probability; the final
@@ -198,6 +199,7 @@ def test_beam_tree_sampling_keeps_the_target_law(trained):
   assert pvalue > P_MIN
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_by_kind(tmp_path, trained):
   """A 'redrafter' checkpoint restores bit for bit, decodes through its
   spec string as autoregressive decoding (f32 greedy) with its trimmed
