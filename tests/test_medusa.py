@@ -33,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("no_compile_cache")   # (+ `trained`)
 def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
   batch = full_batch(target, tokens)
   heads = {"hydra": lambda: hydra.create(target, 3),
+           "hydra++": lambda: hydra.create(target, 3, prefix_attention=True),
            "redrafter": lambda: redrafter.create(target, 1, 3),
            "medusa": lambda: medusa.create(target, 3, own_heads)}[kind]()
   hdef, params, rest = nnx.split(heads, nnx.Param, ...)
@@ -50,7 +51,8 @@ def train_heads(target, tokens, own_heads, steps=STEPS, kind="medusa"):
 
 
 @pytest.fixture(scope="module", params=[
-    "medusa", pytest.param("hydra", marks=pytest.mark.slow)])
+    "medusa", pytest.param("hydra", marks=pytest.mark.slow),
+    pytest.param("hydra++", marks=pytest.mark.slow)])
 def trained(request, no_compile_cache_module):  # pylint: disable=unused-argument
   target = testing.tiny_model()
   tokens = continuations(target)
@@ -74,15 +76,19 @@ def test_heads_learn_their_offsets(trained):
 
 
 def test_heads_tree_equals_autoregressive_float64(x64, trained):
-  """Greedy speculative decoding with trained Medusa / Hydra heads (a 2x2x1
-  tree) equals autoregressive decoding exactly in float64, rows of
-  different lengths, drafts accepted and rejected; a tree deeper than the
-  heads is refused."""
+  """Greedy speculative decoding with trained Medusa / Hydra / Hydra++
+  heads (a 2x2x1 tree) equals autoregressive decoding exactly in float64,
+  rows of different lengths, drafts accepted and rejected (Hydra++: its
+  prefix layer's cache filled by the prompt and every kept path); a tree
+  deeper than the heads is refused."""
   target32, heads32, _, tokens, kind = trained
   target = testing.tiny_model("float64")
+  prefix = kind == "hydra++"
   hdef = nnx.graphdef(nnx.eval_shape(lambda: (
-      hydra.HydraHeads(hydra.hydra_config(target, 3), rngs=None)
-      if kind == "hydra" else medusa.MedusaHeads(
+      hydra.HydraHeads(hydra.hydra_config(target, 3, prefix), rngs=None,
+                       block_config=(hydra.prefix_config(target.config)
+                                     if prefix else None))
+      if kind.startswith("hydra") else medusa.MedusaHeads(
           medusa.medusa_config(target, 3), rngs=None))))
   heads = nnx.merge(hdef, jax.tree.map(
       lambda x: jnp.asarray(x, jnp.float64), nnx.state(heads32)))
@@ -90,7 +96,8 @@ def test_heads_tree_equals_autoregressive_float64(x64, trained):
   tok = Tokenizer.byte_level()
   ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
       prompts)
-  drafter = drafters_lib.make_drafter(kind, target, eagle_net=heads)
+  name = "hydra" if prefix else kind
+  drafter = drafters_lib.make_drafter(name, target, eagle_net=heads)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree="kary2x2x1").generate_ids(prompts)
   for a, b in zip(ar, spec):
@@ -99,7 +106,7 @@ def test_heads_tree_equals_autoregressive_float64(x64, trained):
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"accepted drafts per round {accepted}")
   assert 0.3 < np.mean(accepted[:2]) < 3.0
-  with pytest.raises(DrafterError, match=f"needs at least 4 {kind} heads"):
+  with pytest.raises(DrafterError, match=f"needs at least 4 {name} heads"):
     Generator(target, tok, drafter=drafter, tree="chain4")
 
 
@@ -129,3 +136,29 @@ def test_own_heads_train_and_round_trip(tmp_path):
   with pytest.raises(drafter_ckpt.DrafterCheckpointError,
                      match="holds a medusa drafter, not eagle"):
     Generator(target, tok, f"eagle@checkpoint={path}/chain2")
+
+
+@pytest.mark.slow
+def test_hydra_plus_plus_round_trips(tmp_path):
+  """Hydra++ heads (their prefix layer included) restore bit for bit from a
+  'hydra' checkpoint and decode through the spec string as
+  autoregressive decoding (f32, greedy)."""
+  target = testing.tiny_model()
+  tokens = continuations(target)
+  heads, history = train_heads(target, tokens, own_heads=False, steps=40,
+                               kind="hydra++")
+  assert history[-1]["ce1"] < history[0]["ce1"]
+  path = drafter_ckpt.save(str(tmp_path / "h"), heads, target,
+                           dtype="float32")
+  back, _ = drafter_ckpt.load(path, target)
+  assert back.config.prefix_attention
+  for a, b in zip(jax.tree.leaves(nnx.state(heads)),
+                  jax.tree.leaves(nnx.state(back))):
+    np.testing.assert_array_equal(a, b)
+  tok = Tokenizer.byte_level()
+  prompts = [tokens[0, :6].tolist(), [5, 17, 99]]
+  ar = Generator(target, tok, max_new_tokens=16, eos_ids=()).generate_ids(
+      prompts)
+  spec = Generator(target, tok, f"hydra@checkpoint={path}/kary2x1x1",
+                   max_new_tokens=16, eos_ids=()).generate_ids(prompts)
+  assert [r.tokens for r in spec] == [r.tokens for r in ar]

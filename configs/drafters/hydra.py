@@ -8,7 +8,9 @@ Launch:
       --workdir=/tmp/hydra_smoke
 
 Arguments after the colon: those of configs/drafters/medusa.py but
-`own_heads` (Hydra's heads share the target's frozen LM head).
+`own_heads` (Hydra's heads share the target's frozen LM head), plus
+`prefix_attention` (Hydra++: a decoder layer over the context's features
+feeds the heads, `seqdec.models.hydra`).
 """
 
 import importlib.util
@@ -20,7 +22,7 @@ def get_config(arg=None):
       "medusa_config", os.path.join(os.path.dirname(__file__), "medusa.py"))
   base = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(base)
-  c = base.get_config(arg)
+  c = base.get_config(arg, dict(prefix_attention=False))
   if c.drafter.own_heads:
     from seqdec.errors import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError("hydra heads share the target's LM head (own_heads "

@@ -19,13 +19,17 @@ import ml_collections
 from seqdec import config_utils
 
 
-def get_config(arg=None):
+def get_config(arg=None, drafter_args=None):
+  """`drafter_args`: more typed arguments (name -> default) that go to
+  `c.drafter` (those of the Hydra and ReDrafter configs built on this)."""
   # pylint: disable=g-import-not-at-top
   import importlib.util
   import os
   # pylint: enable=g-import-not-at-top
+  extra = dict(drafter_args or {})
   arg = config_utils.parse_arg(arg, model="smollm2-135m-instruct", data="",
-                               runlocal=False, num_heads=4, own_heads=False)
+                               runlocal=False, num_heads=4, own_heads=False,
+                               **extra)
   spec = importlib.util.spec_from_file_location(
       "eagle_config", os.path.join(os.path.dirname(__file__), "eagle.py"))
   base = importlib.util.module_from_spec(spec)
@@ -33,7 +37,8 @@ def get_config(arg=None):
   c = base.get_config(f"model={arg.model},data={arg.data},"
                       f"runlocal={arg.runlocal}")
   c.drafter = ml_collections.ConfigDict(dict(
-      kind="medusa", num_heads=arg.num_heads, own_heads=arg.own_heads))
+      kind="medusa", num_heads=arg.num_heads, own_heads=arg.own_heads,
+      **{k: arg[k] for k in extra}))
   c.train.w_reg = 0.0
   c.train.w_ce = 1.0
   c.train.feature_noise = 0.0

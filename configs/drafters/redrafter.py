@@ -18,18 +18,16 @@ ones.
 import importlib.util
 import os
 
-from seqdec import config_utils
-
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="smollm2-135m-instruct", data="",
-                               runlocal=False, num_heads=4, num_layers=1)
   spec = importlib.util.spec_from_file_location(
       "medusa_config", os.path.join(os.path.dirname(__file__), "medusa.py"))
   base = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(base)
-  c = base.get_config(f"model={arg.model},data={arg.data},"
-                      f"runlocal={arg.runlocal},num_heads={arg.num_heads}")
+  c = base.get_config(arg, dict(num_layers=1))
+  if c.drafter.own_heads:
+    from seqdec.errors import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError("the recurrent drafter shares the target's LM head "
+                      "(own_heads is a Medusa option)")
   c.drafter.kind = "redrafter"
-  c.drafter.num_layers = arg.num_layers
   return c

@@ -137,6 +137,9 @@ def _abstract(meta: dict, target, path: str):
   except (TypeError, KeyError) as e:
     raise DrafterCheckpointError(f"{path!r}: bad {meta['kind']} config: {e}"
                                  ) from None
+  if getattr(config, "prefix_attention", False):     # Hydra++
+    block = hydra.prefix_config(c)
+    return config, lambda: module(config, rngs=None, block_config=block)
   return config, lambda: module(config, rngs=None)
 
 

@@ -182,15 +182,21 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
 
   each head's term averaged over the positions with t + k < length. With
   `sequential` (Hydra, ReDrafter), head k also reads e(x_{t+1}) .. e(x_{t+k}), the
-  true tokens (teacher forcing). Metrics: per-head CE and top-1 agreement
-  (ce1.., top1_1..)."""
+  true tokens (teacher forcing); Hydra++ heads read their prefix layer's
+  g_t over f_0..f_t (causal) too. Metrics: per-head CE and top-1
+  agreement (ce1.., top1_1..)."""
   feats = final_features(batch["features"], target).astype(
       loss_dtype(target))
   t = batch["index"] + 1                                        # [B, P]
   w = batch["weight"]
   n = batch["lengths"][:, None]
-  s = feats.shape[1]
+  b, s = feats.shape[:2]
   f_t = jnp.take_along_axis(feats, t[..., None], axis=1)        # [B, P, D]
+  g_t = None
+  if getattr(heads, "layers", None) is not None:   # Hydra++'s prefix layer
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    g, _ = heads.context(feats, pos, heads.init_cache(b, s))
+    g_t = jnp.take_along_axis(g, t[..., None], axis=1)
   if sequential:
     steps = jnp.minimum(t[..., None] + jnp.arange(
         1, heads.config.num_heads + 1), s - 1)                  # [B, P, K]
@@ -203,7 +209,8 @@ def medusa_loss(heads, target, batch, w_ce: float, keep_ids=None,
   for k in range(1, heads.config.num_heads + 1):
     tk = jnp.minimum(t + k, s - 1)
     f_tk = jnp.take_along_axis(feats, tk[..., None], axis=1)
-    logits_k = (target.head(heads.features(k, f_t, emb[:, :, :k]), keep_ids)
+    logits_k = (target.head(heads.features(
+        k, f_t, emb[:, :, :k], *(() if g_t is None else (g_t,))), keep_ids)
                 if sequential else logits[:, :, k - 1])
     ce, agree = _distill(_target_logp(f_tk, target, keep_ids), logits_k)
     mean = _weighted_mean(w * (t + k < n))
@@ -566,7 +573,8 @@ def build_net(config: ml_collections.ConfigDict, target):
     if config.drafter.num_heads < 1:
       raise TrainError(f"drafter.num_heads must be >= 1, got "
                        f"{config.drafter.num_heads}")
-    return hydra.create(target, config.drafter.num_heads, config.seed)
+    return hydra.create(target, config.drafter.num_heads, config.seed,
+                        bool(config.drafter.get("prefix_attention", False)))
   if kind == "redrafter":
     if config.drafter.num_heads < 1 or config.drafter.num_layers < 0:
       raise TrainError(f"drafter.num_heads (trained depth) must be >= 1 and "
