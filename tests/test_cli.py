@@ -176,7 +176,7 @@ def test_speculative_decode_reports_tau_speedup_and_agreement(tmp_path):
 
 @pytest.mark.parametrize("arg,fragment", [
     ("spec=ngram/bush3", "unknown tree spec 'bush3'"),
-    ("spec=redrafter/chain4", "unknown drafter 'redrafter'"),
+    ("spec=lookahead/chain4", "unknown drafter 'lookahead'"),
     ("spec=layerskip@layers=skip:0-99/chain2", "outside 0..1"),
     ("spec=ngram@max_n=3/chain2", "unknown option 'max_n'"),
     ("nosuchkey=1", "unknown config argument"),
