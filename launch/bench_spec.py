@@ -126,7 +126,8 @@ def parse_method(method):
   """A method string as a `SpecConfig` (the one grammar,
   `seqdec.decoding.spec`), with --layers / --draft_layers as the default
   drafter options; '@gate=auto' is the tree's break-even on this host
-  (`seqdec.app.auto_gate`, under --precision)."""
+  (`seqdec.app.auto_gate`, under --precision), '@budget=auto' its verify
+  ladder priced by this host's profile (`seqdec.app.auto_budget`)."""
   # pylint: disable=g-import-not-at-top
   from seqdec import app as app_lib
   from seqdec.decoding.spec import SpecConfig
@@ -136,6 +137,9 @@ def parse_method(method):
   if GATE_AUTO in method:
     spec = spec.replace(gate=app_lib.auto_gate(_MODEL.value, spec,
                                                _PRECISION.value))
+  if spec.budget == "auto":
+    spec = spec.replace(budget=app_lib.auto_budget(_MODEL.value, spec,
+                                                   _PRECISION.value))
   return spec
 
 

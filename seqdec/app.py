@@ -21,6 +21,7 @@ from seqdec import errors
 from seqdec import host_profile
 from seqdec.checkpoints import load_pretrained
 from seqdec.decoding import spec as spec_lib
+from seqdec.decoding.budget import WidthBudget
 from seqdec.decoding.spec import SpecConfig
 from seqdec.generator import GenerationResult, Generator, PromptError
 from seqdec.jsonl import iter_jsonl, write_text_atomic
@@ -103,6 +104,25 @@ def auto_gate(model_name: str, spec: SpecConfig, policy: str) -> float:
                             policy)
 
 
+def auto_budget(model_name: str, spec: SpecConfig, policy: str) -> str:
+  """`budget=auto`: the verify-width ladder of the spec's tree priced by
+  this host's profile under the target's precision `policy`, each width w
+  at its break-even verify(w) / verify(1) - 1 (`budget.WidthBudget`); ''
+  (verify the whole tree) with a warning when the host has no usable
+  profile."""
+  profile = host_profile.find(model_name)
+  if profile is None:
+    return ""
+  if policy not in profile.verify_ms:
+    warnings.warn(f"seqdec: the host profile has no curve for precision "
+                  f"{policy!r}; budget=auto verifies the whole tree",
+                  RuntimeWarning, stacklevel=2)
+    return ""
+  n = spec_lib.build_tree(spec, policy).num_nodes
+  return str(WidthBudget.from_costs(
+      n, lambda w: profile.break_even(w, policy)))
+
+
 def make_generator(config, model, tokenizer, speculative: bool = True,
                    mesh=None) -> Generator:
   """The `Generator` a decode config describes: its `config.spec` block
@@ -111,11 +131,13 @@ def make_generator(config, model, tokenizer, speculative: bool = True,
   block = dict(config.spec)
   auto = str(block.get("gate", "0")).strip() == "auto"
   spec = SpecConfig.from_config(dict(block, gate=0.0) if auto else block)
+  policy = precision_of(model.config)
   if not speculative:
     spec = SpecConfig(max_top_k=spec.max_top_k)
   elif auto:
-    spec = spec.replace(gate=auto_gate(config.model, spec,
-                                       precision_of(model.config)))
+    spec = spec.replace(gate=auto_gate(config.model, spec, policy))
+  if spec.budget == "auto":
+    spec = spec.replace(budget=auto_budget(config.model, spec, policy))
   mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,

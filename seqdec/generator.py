@@ -97,7 +97,8 @@ class Generator:
     max_batch: prompts beyond this are decoded in several batches.
     max_top_k: static cap on per-row top_k, shared by the sampler and the
       speculative acceptance rule (a method string's `@max_top_k=` wins).
-    drafter, tree, rule, proposal, gate, drafter_options: the `SpecConfig`
+    drafter, tree, rule, proposal, gate, budget, drafter_options: the
+      `SpecConfig`
       fields as keywords (instead of `spec`), or `drafter=` a `Drafter`
       object (a custom drafter, with `tree` and `rule`). `drafter_options`
       may hold `draft_model=` a loaded model; a name or path there is loaded
@@ -119,6 +120,7 @@ class Generator:
                tree: Optional[str] = None, rule: Optional[str] = None,
                proposal: Optional[str] = None,
                gate: Optional[float] = None,
+               budget: Optional[str] = None,
                drafter_options: Optional[dict] = None,
                mesh: Optional[Any] = None):
     self.model = model
@@ -129,8 +131,10 @@ class Generator:
     self.max_batch = max_batch
     self.graphdef, self.params = nnx.split(model)
     self.spec, self.drafter, self.tree = self._build(
-        model, spec, max_top_k, drafter, tree, rule, proposal, gate,
+        model, spec, max_top_k, drafter, tree, rule, proposal, gate, budget,
         dict(drafter_options or {}))
+    self.budget = (spec_lib.build_budget(self.spec, self.tree)
+                   if self.speculative else None)
     self.mesh = mesh
     self._loop_params = (self.params,
                          self.drafter.params if self.speculative else ())
@@ -147,7 +151,7 @@ class Generator:
 
   @staticmethod
   def _build(model, spec, max_top_k, drafter, tree, rule, proposal, gate,
-             options):
+             budget, options):
     """`(SpecConfig, Drafter | None, TreeShape | None)` from the arguments."""
     for key in ("proposal", "rule"):  # SpecConfig fields, not drafter options
       if key in options:
@@ -160,7 +164,7 @@ class Generator:
     if isinstance(tree, TreeShape):   # a topology object, not a spec string
       shape, tree = tree, tree_specs.to_spec(tree)
     fields = {k: v for k, v in dict(tree=tree, rule=rule, proposal=proposal,
-                                    gate=gate).items()
+                                    gate=gate, budget=budget).items()
               if v is not None}
     draft_model = None
     if spec is not None:
@@ -228,7 +232,8 @@ class Generator:
     return SpecLoop(target=self.graphdef, drafter=self.drafter,
                     tree=self.tree,
                     rule=spec_lib.build_rule(self.spec, temperature),
-                    sampler=sampler, shapes=shapes, gate=self.spec.gate)
+                    sampler=sampler, shapes=shapes, gate=self.spec.gate,
+                    budget=self.budget)
 
   @property
   def loop_params(self):
@@ -418,7 +423,10 @@ class Generator:
       hist = to_host(state.accept_hist)
       spec = dict(target_calls=hist.sum(1), accept_hist=hist,
                   drafted=to_host(state.drafted),
-                  batch_target_calls=int(to_host(state.step)))
+                  batch_target_calls=int(to_host(state.step)),
+                  width_rounds=dict(zip(
+                      loop.verify_widths,
+                      to_host(state.width_rounds).tolist())))
     results = []
     for r in range(n):
       toks = out_tokens[r, :num_new[r]].tolist()
@@ -484,6 +492,8 @@ def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:
   among rounds that reached depth d - 1, the fraction that accepted a draft
   at depth d. drafted_rounds: the row's rounds that verified a draft (the
   rest verified the root alone: no proposal, or gated off).
+  verify_width_rounds: the batch's rounds per verify width (tokens per row
+  of the forward, `SpecLoop.verify_widths`).
   """
   calls = int(spec["target_calls"][row])
   hist = spec["accept_hist"][row]
@@ -496,4 +506,5 @@ def spec_metrics(spec: dict, row: int, new_tokens: int) -> dict:
                                   / max(hist.sum(), 1)),
               accept_rate_by_depth=by_depth,
               drafted_rounds=int(spec["drafted"][row]),
+              verify_width_rounds=dict(spec["width_rounds"]),
               batch_target_calls=spec["batch_target_calls"] + 1)

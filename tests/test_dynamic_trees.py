@@ -60,7 +60,12 @@ def test_trees_are_valid_and_keep_the_best_candidates(budget):
   assert tree.tokens.shape == (4, budget.num_nodes)
   validate_parents(tree.parents, forest=False)              # every row
   assert (tree.depth <= budget.max_depth).all()
-  assert (np.diff(tree.depth, axis=1) >= 0).all()           # level order
+  # Priority order: scores never rise along the slots (ties: the shallower
+  # first), so every prefix of the slots is the best tree of its size.
+  score, depth = tree.path_logq[:, 1:], tree.depth[:, 1:]
+  assert ((np.diff(score, axis=1) < 0)
+          | ((np.diff(score, axis=1) == 0) & (np.diff(depth, axis=1) >= 0))).all()
+  assert (tree.parents[:, 1:] < np.arange(1, budget.num_nodes)).all()
   for b, root in enumerate(roots):
     want = brute_force(budget, root, logit_table)
     best = sorted(want, key=lambda c: (-c[1], len(c[0])))[:budget.num_nodes - 1]

@@ -287,6 +287,40 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
   assert 0.5 < np.mean(accepted[:3]) < 3.0
 
 
+@pytest.mark.parametrize("streaming", [False, pytest.param(
+    True, marks=pytest.mark.slow)])
+def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):
+  """With a verify budget (`seqdec.decoding.budget`) each round verifies
+  the dynamic tree's best w slots, w from a ladder by the drafter's
+  confidence; greedy output still equals autoregressive decoding exactly
+  (float64), several widths are used, and so are the fused loop's nested
+  per-width loops (`SpecLoop.decode`) and, streaming, the host loop's
+  `lax.switch` among the widths' forwards (`SpecLoop.verify`)."""
+  target, net = as_float64(*trained[:2])
+  tokens = trained[3]
+  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
+             tokens[2, :3].tolist(), [5, 17, 99, 3]]
+  tok = Tokenizer.byte_level()
+  ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
+      prompts)
+  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  budget = "1:0+2:0.3+4:0.9+8:1.6"
+  used = {}
+  for rows in (prompts[:3], prompts[3:]):   # confident rows, then a fresh one
+    gen = Generator(target, tok, max_new_tokens=24, eos_ids=(),
+                    drafter=drafter, tree="dyn8d3k2", budget=budget)
+    spec = gen.generate_ids(rows, **(dict(stream=lambda *a: None)
+                                     if streaming else {}))
+    for a, b in zip(ar[:3] if len(rows) == 3 else ar[3:], spec):
+      assert a.tokens == b.tokens
+      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+    for w, count in spec[0].metrics["verify_width_rounds"].items():
+      used[w] = used.get(w, 0) + count
+  print(f"rounds per verify width {used}")
+  assert sorted(used) == [1, 2, 4, 8]
+  assert sum(1 for c in used.values() if c) >= 3
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path, trained):
   """float32 export restores exactly; bf16 within bf16 rounding; another
   target (fingerprint or shape), a missing or corrupt file are refused

@@ -17,6 +17,12 @@ Every way of naming a decoder goes through this module: the
                              (`Tree.expected_accepted`) verifies its root
                              alone that round (0: never; the app resolves
                              'auto' to the host's break-even)
+             |  "budget"     a verify budget: each round verifies only the
+                             tree's first w slots, w from a ladder of widths
+                             priced in decoding steps, '<w>:<c>+<w>:<c>...'
+                             ending at the tree's N, or 'auto' (the app
+                             prices the ladder by this host's profile:
+                             `seqdec.decoding.budget`)
     tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
                 static6, paths:0-1-0.0, sequoia16:<file>, auto:<file> (sized
                 to this host's measured costs), dyn16d4k4 (a dynamic-tree
@@ -25,7 +31,7 @@ Every way of naming a decoder goes through this module: the
 
 e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
 kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`,
-`eagle@gate=1.2/dyn16d4k4`. Values are
+`eagle@gate=1.2/dyn16d4k4`, `eagle@budget=auto/dyn32d5k4`. Values are
 typed by the option's default (int options parse as int), and an unknown
 drafter, key or value is a `ConfigError` naming what is known.
 
@@ -48,6 +54,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from seqdec.decoding import acceptance_rates
+from seqdec.decoding import budget as budget_lib
 from seqdec.decoding import drafters
 from seqdec.decoding import tree_specs
 from seqdec.decoding import verify
@@ -140,6 +147,9 @@ class SpecConfig:
       (`Tree.expected_accepted`, by the drafter's own confidence) are below
       `gate` verifies its root alone that round (rows whose children are
       drawn at random are never gated: `Tree.gated`); 0 never gates.
+    budget: '' (verify the whole tree), a verify-width ladder
+      '<w>:<c>+...' (`budget.WidthBudget`), or 'auto' (resolved by the app
+      from the host profile, `seqdec.app.auto_budget`).
   """
   drafter: Optional[str] = None
   options: tuple[tuple[str, Any], ...] = ()
@@ -148,6 +158,7 @@ class SpecConfig:
   proposal: str = "topk"
   max_top_k: int = DEFAULT_MAX_TOP_K
   gate: float = 0.0
+  budget: str = ""
 
   def __post_init__(self):
     if self.drafter is not None and self.drafter not in DRAFTER_OPTIONS:
@@ -165,6 +176,10 @@ class SpecConfig:
     if self.max_top_k < 1:
       raise ConfigError(f"max_top_k must be >= 1, got {self.max_top_k}")
     object.__setattr__(self, "gate", _gate(self.gate))
+    budget = str(self.budget or "").strip()
+    if budget and budget != "auto":
+      budget = str(budget_lib.WidthBudget.parse(budget))
+    object.__setattr__(self, "budget", budget)
     known = DRAFTER_OPTIONS.get(self.drafter, {})
     typed = {}
     for key, value in dict(self.options).items():
@@ -205,7 +220,7 @@ class SpecConfig:
                         f"{method!r}")
     method = method.strip()
     fields = {k: defaults.pop(k) for k in ("rule", "proposal", "max_top_k",
-                                           "gate") if k in defaults}
+                                           "gate", "budget") if k in defaults}
     if method == AR:
       return cls(max_top_k=fields.get("max_top_k", DEFAULT_MAX_TOP_K))
     head, slash, tree = _split_tree(method)
@@ -230,7 +245,7 @@ class SpecConfig:
         fields[key] = value
       elif key == "max_top_k":
         fields[key] = _typed(key, value, 0)
-      elif key == "gate":
+      elif key in ("gate", "budget"):
         fields[key] = value
       else:
         options[key] = value
@@ -249,6 +264,8 @@ class SpecConfig:
       items.append(f"@rule={self.rule}")
     if self.gate:
       items.append(f"@gate={self.gate!r}")
+    if self.budget:
+      items.append(f"@budget={self.budget}")
     return f"{self.drafter}{''.join(items)}/{self.tree}"
 
   # -- the config file's nested block ----------------------------------------
@@ -259,7 +276,7 @@ class SpecConfig:
     `ConfigError`."""
     block = dict(block)
     known = {"drafter", "tree", "rule", "proposal", "max_top_k", "options",
-             "gate"}
+             "gate", "budget"}
     unknown = set(block) - known
     if unknown:
       raise ConfigError(f"unknown spec keys {sorted(unknown)}; known: "
@@ -276,7 +293,7 @@ class SpecConfig:
                tree=block.get("tree", "chain4"), rule=block.get("rule", "auto"),
                proposal=block.get("proposal", "topk"),
                max_top_k=int(block.get("max_top_k", DEFAULT_MAX_TOP_K)),
-               gate=block.get("gate", 0.0))
+               gate=block.get("gate", 0.0), budget=block.get("budget", ""))
 
   def to_config(self) -> dict[str, Any]:
     """A plain dict for `config.spec`: every drafter's options appear (with
@@ -289,7 +306,7 @@ class SpecConfig:
       options.update(self.drafter_options())
     return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
                 proposal=self.proposal, max_top_k=self.max_top_k,
-                gate=repr(self.gate), options=options)
+                gate=repr(self.gate), budget=self.budget, options=options)
 
 
 def resolve_rule(rule: str, temperature: Any) -> str:
@@ -368,6 +385,13 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
   else:
     options["confidence"] = None
   return drafters.make_drafter(spec.drafter, target, **options)
+
+
+def build_budget(spec: SpecConfig, shape) -> Optional[budget_lib.WidthBudget]:
+  """The spec's verify budget for a tree `shape` (None without one);
+  'auto' must have been resolved (`budget.parse_budget`)."""
+  ladder = budget_lib.parse_budget(spec.budget)
+  return None if ladder is None else ladder.fitted(shape.num_nodes)
 
 
 def build_rule(spec: SpecConfig, temperature: Any):

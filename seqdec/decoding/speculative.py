@@ -28,13 +28,14 @@ The target is reached only through the target protocol
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqdec.decoding import budget as budget_lib
 from seqdec.decoding.autoregressive import prefill, prefill_features
 from seqdec.decoding.autoregressive import top2_margin
 from seqdec.ops import write_rows
@@ -69,6 +70,8 @@ class SpecState:
       accepted drafts D (0 .. M-1); its row sums are the rows' target calls.
     drafted: `[B]` rounds in which the row was live and had a draft node to
       verify (not an n-gram miss, not gated off: `SpecLoop.gate`).
+    width_rounds: `[J]` rounds of the batch verified at each of
+      `SpecLoop.verify_widths`.
   """
   step: jax.Array
   root: jax.Array
@@ -82,6 +85,7 @@ class SpecState:
   draft: Any
   accept_hist: jax.Array
   drafted: jax.Array
+  width_rounds: jax.Array
 
 
 @flax.struct.dataclass
@@ -155,16 +159,23 @@ class SpecLoop(LoopMixin):
       (`host_profile.HostProfile.break_even`).
     root_fallback: when no row has a draft node, verify the roots alone
       (a T = 1 forward, an autoregressive step's cost); compiled only when
-      that can happen (`roots_only_rounds`). In `decode` the
-      rounds run in two nested loops, one of root-only rounds and one of
-      whole-tree rounds (`decode`), so each forward writes the cache in
-      place. A lone `step` (the host loop) chooses with a `lax.cond`
-      between a T = N and a T = 1 forward; a target with deferred writes
-      (`protocol.defers_writes`: the transformer) runs both branches
-      reading the cache only and writes the new K/V after the cond, in
-      place; otherwise each branch copies every cache buffer (XLA:CPU does
-      not update a conditional's operands in place), which costs about
-      what the T = 1 forward saves.
+      that can happen (`roots_only_rounds`).
+    budget: a `budget.WidthBudget` ladder ending at the tree's N, or None:
+      each round verifies only the tree's first w* slots, the width whose
+      expected accepted drafts best repay its measured cost
+      (`seqdec.decoding.budget`).
+
+  Verify widths (`verify_widths`): the tree's N, 1 for root-only rounds,
+  and the budget's ladder; each round runs the forward of the smallest one
+  holding every live row's valid nodes (`budget.width_index`). In `decode`
+  the rounds of each width run in their own nested loop (`decode`), so each
+  forward writes the cache in place. A lone `step` (the host loop) chooses
+  with a `lax.switch` among the widths' forwards; a target with deferred
+  writes (`protocol.defers_writes`: the transformer) runs the branches
+  reading the cache only and writes the new K/V after the switch, in place;
+  otherwise each branch copies every cache buffer (XLA:CPU does not update
+  a conditional's operands in place), which costs about what a narrower
+  forward saves.
   """
   target: Any
   drafter: Drafter
@@ -174,20 +185,36 @@ class SpecLoop(LoopMixin):
   shapes: DecodeShapes
   gate: float = 0.0
   root_fallback: bool = True
+  budget: Optional[budget_lib.WidthBudget] = None
+
+  def __post_init__(self):
+    if self.budget is not None:
+      self.budget.fitted(self.tree.num_nodes)
 
   @property
   def roots_only_rounds(self) -> bool:
     """Whether a round can have no draft node in any row (`root_fallback`
-    on, a tree with drafts, and a gate or a drafter that may propose
-    nothing): only then does the loop compile root-only rounds."""
+    on, a tree with drafts, and a gate, a budget or a drafter that may
+    propose nothing): only then does the loop compile root-only rounds."""
     return (self.root_fallback and self.tree.num_nodes > 1
-            and (self.gate > 0 or self.drafter.may_propose_nothing))
+            and (self.gate > 0 or self.budget is not None
+                 or self.drafter.may_propose_nothing))
 
-  @staticmethod
-  def has_draft(tree: Tree, done: jax.Array) -> jax.Array:
-    """`[]` bool: some live row has a valid draft node, so the round
-    verifies the whole tree (else the roots alone)."""
-    return jnp.any(tree.valid[:, 1:] & ~done[:, None])
+  @property
+  def verify_widths(self) -> tuple[int, ...]:
+    """The ascending forward widths a round may verify at (class
+    docstring), the last the tree's N."""
+    n = self.tree.num_nodes
+    widths = {n} | set(self.budget.widths if self.budget else ())
+    if self.roots_only_rounds:
+      widths.add(1)
+    elif n > 1 and not self.root_fallback:
+      widths.discard(1)
+    return tuple(sorted(widths))
+
+  def width_index(self, tree: Tree, done: jax.Array) -> jax.Array:
+    """`[]` int32: which of `verify_widths` a round of `tree` runs."""
+    return budget_lib.width_index(self.verify_widths, tree, ~done)
 
   @property
   def capacity(self) -> int:
@@ -230,7 +257,9 @@ class SpecLoop(LoopMixin):
                      done=done,
                      cache=cache, draft=dstate,
                      accept_hist=jnp.zeros((b, m), jnp.int32),
-                     drafted=jnp.zeros((b,), jnp.int32))
+                     drafted=jnp.zeros((b,), jnp.int32),
+                     width_rounds=jnp.zeros((len(self.verify_widths),),
+                                            jnp.int32))
 
   def draft(self, *, params, state: SpecState, inputs: Inputs) -> Drafted:
     """Phase 1: the drafter proposes a tree under each row's root.
@@ -250,32 +279,39 @@ class SpecLoop(LoopMixin):
         step_keys(inputs.keys, state.step + 1))
     if self.gate > 0:
       tree, _ = tree.gated(self.gate)
+    if self.budget is not None:
+      tree, _ = self.budget.apply(tree, rnd.live)
     return Drafted(tree=tree, rnd=rnd, dstate=dstate, cache=cache)
 
   def verify(self, *, params, state: SpecState, inputs: Inputs,
-             draft: Drafted, width: str = "auto") -> Verified:
+             draft: Drafted, width: Any = "auto") -> Verified:
     """Phase 2: one target forward over the tree; the rule accepts a path.
 
-    When no row has a valid draft node (e.g. prompt lookup found nothing),
+    `width` says which forward runs: an int w of `verify_widths` runs it
+    over the tree's first w slots and the rule sees that w-node tree (the
+    caller knows no live row has a valid node beyond them: `width_index`);
+    'auto' chooses on device among `verify_widths` (`lax.switch`; the
+    slots beyond the chosen width get zero logits, which no rule reads
+    since they are invalid); 'tree' is N and 'root' is 1. With no valid
+    draft node in any row (e.g. prompt lookup found nothing, or gated off)
     the forward runs over the roots alone (T = 1, an autoregressive step's
-    cost) instead of the whole tree. `width` says which forward runs:
-    'auto' chooses on device (`root_fallback`; the other nodes get zero
-    logits, which no rule reads since invalid nodes are never accepted),
-    'tree' runs the whole tree, 'root' the roots alone (the rule then sees
-    a one-node tree: the caller knows that no row has a draft node).
+    cost).
     """
-    if width not in ("auto", "tree", "root"):
-      raise ValueError(f"unknown verify width {width!r}")
+    n = draft.tree.tokens.shape[1]
+    width = {"tree": n, "root": 1}.get(width, width)
+    if width != "auto" and not (isinstance(width, int) and 1 <= width <= n):
+      raise ValueError(f"unknown verify width {width!r}: 'auto', 'tree', "
+                       f"'root' or an int in [1, {n}]")
     model = nnx.merge(self.target, params[0])
-    tree = draft.tree.root_only() if width == "root" else draft.tree
+    tree = draft.tree if width in ("auto", n) else draft.tree.truncated(width)
     positions = draft.cache.length[:, None] + tree.depth
     with_features = self.drafter.uses_features
     taps = self.drafter.feature_taps
-    n = tree.tokens.shape[1]
-    fallback = self.roots_only_rounds and n > 1 and width == "auto"
-    # Under the fallback's `lax.cond` the branches only read the cache and
-    # the new K/V are written after it (no copy of the cache per branch).
-    defer = fallback and defers_writes(model)
+    widths = self.verify_widths
+    switch = width == "auto" and len(widths) > 1
+    # Under the switch the branches only read the cache and the new K/V are
+    # written after it (no copy of the cache per branch).
+    defer = switch and defers_writes(model)
     kw = dict(defer_writes=True) if defer else {}
 
     def forward(tokens, pos, cache, mask):
@@ -291,24 +327,27 @@ class SpecLoop(LoopMixin):
       hidden, new = model.backbone(tokens, pos, cache, mask, **kw)
       return model.logits(hidden), None, new
 
-    def whole_tree(cache):
-      return forward(tree.tokens, positions, cache, tree.mask)
+    def first(w):
+      """The forward over the first w slots, its outputs padded to the
+      tree's N nodes (every leaf that has the new tokens on axis 1; the
+      others are caches)."""
+      def run(cache):
+        out = forward(tree.tokens[:, :w], positions[:, :w], cache,
+                      tree.mask[:, :w, :w])
+        if w == n:
+          return out
+        logits, features, cache = out
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, n - w)]  # noqa: E731
+                                + [(0, 0)] * (x.ndim - 2))
+        return (pad(logits), None if features is None else pad(features),
+                jax.tree.map(pad, cache) if defer else cache)
+      return run
 
-    def roots_only(cache):
-      """A T = 1 forward, its outputs padded to the tree's N nodes (every
-      leaf that has the new tokens on axis 1; the others are caches)."""
-      logits, features, cache = forward(tree.tokens[:, :1], positions[:, :1],
-                                        cache, tree.mask[:, :1, :1])
-      pad = lambda x: jnp.pad(x, [(0, 0), (0, n - 1)]  # noqa: E731
-                              + [(0, 0)] * (x.ndim - 2))
-      return (pad(logits), None if features is None else pad(features),
-              jax.tree.map(pad, cache) if defer else cache)
-
-    if not fallback:
-      logits, features, cache = whole_tree(draft.cache)
+    if not switch:
+      logits, features, cache = first(tree.tokens.shape[1])(draft.cache)
     else:
-      logits, features, cache = jax.lax.cond(
-          self.has_draft(tree, state.done), whole_tree, roots_only,
+      logits, features, cache = jax.lax.switch(
+          self.width_index(tree, state.done), [first(w) for w in widths],
           draft.cache)
     if defer:
       cache = model.write_new(draft.cache, cache)
@@ -365,11 +404,13 @@ class SpecLoop(LoopMixin):
     hist = s.accept_hist + (live[:, None]
                             & (j[None] == acc.num_accepted[:, None]))
     drafted = s.drafted + (live & jnp.any(draft.tree.valid[:, 1:], axis=1))
+    width_rounds = s.width_rounds.at[self.width_index(draft.tree,
+                                                      s.done)].add(1)
     return s.replace(step=s.step + 1, root=root, prev=prev, tokens=tokens,
                      logprobs=logprobs, margins=margins, num_new=num_new,
                      done=done,
                      cache=cache, draft=dstate, accept_hist=hist,
-                     drafted=drafted)
+                     drafted=drafted, width_rounds=width_rounds)
 
   def step(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
     """One round: `finish(verify(draft(state)))`."""
@@ -382,26 +423,26 @@ class SpecLoop(LoopMixin):
   def decode(self, *, params, state: SpecState, inputs: Inputs) -> SpecState:
     """Rounds until no row is live, in one compiled program.
 
-    Without root-only rounds (`roots_only_rounds`: every row drafts every
-    round), a `lax.while_loop` over `step`. With them, the round's forward
-    width is chosen by the loop that runs it rather than by a `lax.cond`
-    inside it:
+    With one verify width (every row drafts every round, no budget), a
+    `lax.while_loop` over `step`. With several (`verify_widths` w_1 < ... <
+    w_J), the round's forward width is chosen by the loop that runs it
+    rather than by a `lax.switch` inside it:
 
         d = draft(state)
         while live:
-          while live and no live row of d has a draft node:
-            state = finish(verify_roots(d)); d = draft(state)   # T = 1
-          while live and some live row of d has one:
-            state = finish(verify_tree(d)); d = draft(state)    # T = N
+          for j in 1 .. J:
+            while live and width_index(d) == j:
+              state = finish(verify(d, width=w_j)); d = draft(state)
 
     Each forward writes the cache in place (no conditional, so no copy of
-    its buffers and no deferred writes) and a root-only round is an
+    its buffers and no deferred writes); a root-only round is an
     autoregressive step plus the drafter's proposal. The rounds, keys and
     outputs are those of `step` (the proposal for a round is made right
     after the previous round's commit, from the same state); the last
     proposal, made when no row is live any more, is discarded.
     """
-    if not self.roots_only_rounds:
+    widths = self.verify_widths
+    if len(widths) == 1:
       return super().decode(params=params, state=state, inputs=inputs)
 
     def pending(s: SpecState) -> tuple[SpecState, Tree, Round]:
@@ -418,20 +459,19 @@ class SpecLoop(LoopMixin):
                                    draft=drafted, verdict=verified))
       return body
 
-    def live(carry) -> jax.Array:
-      return self.live(carry[0])
-
-    def has_draft(carry) -> jax.Array:
-      s, tree, _ = carry
-      return self.has_draft(tree, s.done)
+    def runs_at(j):
+      def cond(carry) -> jax.Array:
+        s, tree, _ = carry
+        return self.live(s) & (self.width_index(tree, s.done) == j)
+      return cond
 
     def burst(carry):
-      carry = jax.lax.while_loop(lambda c: live(c) & ~has_draft(c),
-                                 round_("root"), carry)
-      return jax.lax.while_loop(lambda c: live(c) & has_draft(c),
-                                round_("tree"), carry)
+      for j, w in enumerate(widths):
+        carry = jax.lax.while_loop(runs_at(j), round_(w), carry)
+      return carry
 
-    s, _, _ = jax.lax.while_loop(live, burst, pending(state))
+    s, _, _ = jax.lax.while_loop(lambda c: self.live(c[0]), burst,
+                                 pending(state))
     return s
 
   def live(self, state: SpecState) -> jax.Array:

@@ -363,14 +363,16 @@ class Tree:
       return jnp.sum(draft, axis=1, dtype=jnp.float32)
     return jnp.sum(jnp.where(draft, jnp.exp(self.path_logq), 0.0), axis=1)
 
-  def root_only(self) -> "Tree":
-    """The one-node tree of each row's root (`[B, 1]` fields, `q` `[B, 1,
-    V]`): what a round verifies when no row has a draft node."""
-    first = lambda x: None if x is None else x[:, :1]  # noqa: E731
-    return Tree(tokens=self.tokens[:, :1], parents=self.parents[:, :1],
-                depth=self.depth[:, :1], valid=self.valid[:, :1],
-                mask=self.mask[:, :1, :1], scheme=self.scheme[:, :1],
-                q=first(self.q), path_logq=first(self.path_logq))
+  def truncated(self, width: int) -> "Tree":
+    """The tree of each row's first `width` slots (`[B, width]` fields,
+    `q` `[B, width, V]`), a tree since parents precede children: what a
+    round verifies when no row has a valid node beyond them (`width` 1:
+    the roots alone)."""
+    cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
+    return Tree(tokens=cut(self.tokens), parents=cut(self.parents),
+                depth=cut(self.depth), valid=cut(self.valid),
+                mask=self.mask[:, :width, :width], scheme=cut(self.scheme),
+                q=cut(self.q), path_logq=cut(self.path_logq))
 
   def gated(self, min_expected: float) -> tuple["Tree", jax.Array]:
     """`(tree, speculate [B] bool)`: rows whose `expected_accepted()` is

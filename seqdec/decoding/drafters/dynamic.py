@@ -12,9 +12,13 @@ probability that v is accepted. Per row:
     re-rank    the N - 1 best candidates of all levels by score (ties: the
                shallower first) become the tree; scores fall along a path,
                so the set holds every kept node's ancestors
-    renumber   kept nodes in (depth, -score) order, root 0: every parent
-               precedes its children; parents `[B, N]` and the ancestor mask
-               are built on device (`Tree.from_parents`)
+    renumber   kept nodes in that (-score, depth) order, root 0: a child's
+               score is at most its parent's (log q <= 0) and ties go to
+               the shallower, so every parent precedes its children, and
+               every prefix of the slots is the best tree of its size (what
+               a verify budget keeps: `seqdec.decoding.budget`); parents
+               `[B, N]` and the ancestor mask are built on device
+               (`Tree.from_parents`)
 
 Children are the deterministic top-k (the re-ranking would break the laws
 of i.i.d. or without-replacement children), so at temperature > 0 a dynamic
@@ -90,12 +94,10 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
   score_all = jnp.concatenate(scores, 1)
   parent_all = jnp.concatenate(parents, 1)
   depth_all = jnp.concatenate(depths, 1)
-  # Re-rank: the N - 1 best by score, shallower first on ties.
-  best = _lexsort_rows(-score_all, depth_all)[:, :n - 1]          # [B, N-1]
+  # Re-rank: the N - 1 best by score, shallower first on ties; that order
+  # numbers them (parents before children, best first).
+  kept = _lexsort_rows(-score_all, depth_all)[:, :n - 1]          # [B, N-1]
   take = lambda x, i: jnp.take_along_axis(x, i, 1)                # noqa: E731
-  # Renumber by (depth, -score): parents before children.
-  order = _lexsort_rows(take(depth_all, best), -take(score_all, best))
-  kept = take(best, order)                                         # slots
   new_index = jnp.zeros_like(tok_all).at[
       jnp.arange(b)[:, None], kept].set(jnp.arange(1, n, dtype=jnp.int32))
   kept_parent = take(parent_all, kept)
