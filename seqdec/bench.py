@@ -395,8 +395,9 @@ def decode_one(gen, ids: Sequence[int], n: int) -> dict[str, Any]:
   decode_tps = (n - 1) / decode_s (prefill makes the first token),
   prefill_ms, e2e_tps = n / (prefill + decode), compile_s, tau (1 for
   autoregressive), target_calls (prefill included) and ms_per_round =
-  decode_s / (target_calls - 1); accept_rate_by_depth when the loop
-  reports it. Fewer than `n` tokens raise RuntimeError."""
+  decode_s / (target_calls - 1); accept_rate_by_depth and
+  verify_width_rounds when the loop reports them. Fewer than `n` tokens
+  raise RuntimeError."""
   [r] = gen.generate_ids([list(ids)], max_new_tokens=n)
   m = r.metrics
   if len(r.tokens) != n:
@@ -411,6 +412,9 @@ def decode_one(gen, ids: Sequence[int], n: int) -> dict[str, Any]:
              ms_per_round=1e3 * m["decode_s"] / max(calls - 1, 1))
   if "accept_rate_by_depth" in m:
     out["accept_rate_by_depth"] = m["accept_rate_by_depth"]
+  if "verify_width_rounds" in m:   # {width: rounds}, JSON keys
+    out["verify_width_rounds"] = {str(w): int(c) for w, c in
+                                  m["verify_width_rounds"].items()}
   return out
 
 
