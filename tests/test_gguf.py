@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seqdec import host_profile
 from seqdec.checkpoints import cache as C
 from seqdec.checkpoints import gguf as G
 from seqdec.checkpoints.gguf import load as L
@@ -753,6 +754,15 @@ CHAT = [{"role": "user", "content": "Explain in two sentences why the sky is "
                                     "blue during the day."}]
 N_NEW = 32
 TOL = 1e-4  # CONTRIBUTING.md: whole model, float32; never loosen to pass.
+# An open bug, not a looser bound (CONTRIBUTING.md, "Known deviations"): on
+# the 2-core Intel Xeon with AMX the float32 forwards miss TOL against the
+# float64 oracle (1.41e-4 with XLA's dots, 1.21e-4 with the packed kernel;
+# on the AMD EPYC 7.0e-5 and 8.4e-5); the cause is not found yet. The bound
+# stays; on such a host the case is an expected failure until it is fixed.
+AMX_F32_DEVIATION = pytest.mark.xfail(
+    host_profile.has_amx(host_profile.host_info()), strict=False,
+    reason="open bug: float32 SmolLM2 vs the float64 oracle is 1.2-1.4e-4 "
+           "on the AMX Xeon host (CONTRIBUTING.md, Known deviations)")
 TOL_F64 = 1e-10  # CONTRIBUTING.md: anything in float64.
 MARGIN = 1e-4  # report greedy steps whose top-1/top-2 margin is below this
 
@@ -850,6 +860,7 @@ def test_smollm2_float64_matches_transformers(smollm2, hf_smollm2):
 @pytest.mark.slow
 @pytest.mark.oracle
 @pytest.mark.realmodel
+@AMX_F32_DEVIATION
 def test_smollm2_log_softmax_parity(smollm2, hf_smollm2):
   """seqdec float32 vs transformers' GGUF load, bound 1e-4 on log-softmax.
 
@@ -878,6 +889,7 @@ def test_smollm2_log_softmax_parity(smollm2, hf_smollm2):
 @pytest.mark.slow
 @pytest.mark.oracle
 @pytest.mark.realmodel
+@AMX_F32_DEVIATION
 def test_smollm2_f32_packed_log_softmax_parity(smollm2, hf_smollm2):
   """The f32_packed policy (weight matmuls by the packed CPU kernel, its own
   float32 summation order) against the same float64 oracle and bound as
