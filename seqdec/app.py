@@ -87,18 +87,26 @@ def config_mesh(config):
   return sharding.mesh_from_spec(config.get("mesh", ""))
 
 
+def _policy_profile(model_name: str, policy: str, fallback: str):
+  """This host's profile of `model_name` if it has a curve for `policy`;
+  else None (with a RuntimeWarning ending in `fallback`, what the caller
+  does without one; `host_profile.find` warns of a missing profile)."""
+  profile = host_profile.find(model_name)
+  if profile is not None and policy not in profile.verify_ms:
+    warnings.warn(f"seqdec: the host profile has no curve for precision "
+                  f"{policy!r}; {fallback}", RuntimeWarning, stacklevel=3)
+    return None
+  return profile
+
+
 def auto_gate(model_name: str, spec: SpecConfig, policy: str) -> float:
   """`gate=auto`: the break-even of the spec's tree on this host,
   verify(N) / verify(1) - 1 from the host profile under the target's
   precision `policy` (`HostProfile.break_even`); 0 (never gate) with a
   warning when the host has no usable profile."""
-  profile = host_profile.find(model_name)
+  profile = _policy_profile(model_name, policy,
+                            "gate=auto speculates every round")
   if profile is None:
-    return 0.0
-  if policy not in profile.verify_ms:
-    warnings.warn(f"seqdec: the host profile has no curve for precision "
-                  f"{policy!r}; gate=auto speculates every round",
-                  RuntimeWarning, stacklevel=2)
     return 0.0
   return profile.break_even(spec_lib.build_tree(spec, policy).num_nodes,
                             policy)
@@ -110,13 +118,9 @@ def auto_budget(model_name: str, spec: SpecConfig, policy: str) -> str:
   at its break-even verify(w) / verify(1) - 1 (`budget.WidthBudget`); ''
   (verify the whole tree) with a warning when the host has no usable
   profile."""
-  profile = host_profile.find(model_name)
+  profile = _policy_profile(model_name, policy,
+                            "budget=auto verifies the whole tree")
   if profile is None:
-    return ""
-  if policy not in profile.verify_ms:
-    warnings.warn(f"seqdec: the host profile has no curve for precision "
-                  f"{policy!r}; budget=auto verifies the whole tree",
-                  RuntimeWarning, stacklevel=2)
     return ""
   n = spec_lib.build_tree(spec, policy).num_nodes
   return str(WidthBudget.from_costs(

@@ -253,6 +253,21 @@ def as_float64(target_f32, net_f32):
   return target, nnx.merge(net_def, state)
 
 
+def f64_runs(trained):
+  """(target f64, tokenizer, prompts, AR results, EAGLE drafter) for the
+  float64 spec == AR cases: prefixes of the training sequences (where the
+  drafter drafts well) and a fresh prompt (where it mostly fails)."""
+  target, net = as_float64(*trained[:2])
+  tokens = trained[3]
+  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
+             tokens[2, :3].tolist(), [5, 17, 99, 3]]
+  tok = Tokenizer.byte_level()
+  ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
+      prompts)
+  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  return target, tok, prompts, ar, drafter
+
+
 @pytest.mark.parametrize("kind,tree", [
     pytest.param("eagle1", "kary2x2x1", marks=pytest.mark.slow),
     ("eagle1", "dyn8d3k2"),
@@ -269,14 +284,7 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
   prompt (where it mostly fails)."""
   trained = request.getfixturevalue(
       "trained" if kind == "eagle1" else "trained_eagle3")
-  target, net = as_float64(*trained[:2])
-  tokens = trained[3]
-  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
-             tokens[2, :3].tolist(), [5, 17, 99, 3]]
-  tok = Tokenizer.byte_level()
-  ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
-      prompts)
-  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  target, tok, prompts, ar, drafter = f64_runs(trained)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree=tree).generate_ids(prompts)
   for a, b in zip(ar, spec):
@@ -296,14 +304,7 @@ def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):
   (float64), several widths are used, and so are the fused loop's nested
   per-width loops (`SpecLoop.decode`) and, streaming, the host loop's
   `lax.switch` among the widths' forwards (`SpecLoop.verify`)."""
-  target, net = as_float64(*trained[:2])
-  tokens = trained[3]
-  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist(),
-             tokens[2, :3].tolist(), [5, 17, 99, 3]]
-  tok = Tokenizer.byte_level()
-  ar = Generator(target, tok, max_new_tokens=24, eos_ids=()).generate_ids(
-      prompts)
-  drafter = drafters_lib.make_drafter("eagle", target, eagle_net=net)
+  target, tok, prompts, ar, drafter = f64_runs(trained)
   budget = "1:0+2:0.3+4:0.9+8:1.6"
   used = {}
   for rows in (prompts[:3], prompts[3:]):   # confident rows, then a fresh one
