@@ -128,6 +128,37 @@ def test_every_heads_config_runlocal_trains_and_decodes(tmp_path):
     assert [r.tokens for r in spec] == [r.tokens for r in ar], name
 
 
+def test_a_warm_start_continues_from_a_saved_drafter(tmp_path):
+  """`train.init_from`: a run starts from a saved drafter's weights (with
+  learning rate 0 it ends on them bit for bit, and scores as the saved
+  drafter does); a saved network of another shape is refused by name."""
+  c = config("runlocal", tmp_path, steps=2, eval_every=0,
+             checkpoint_every=0)
+  c.data.build_prompts = 8
+  target, tok = seqdec.load_pretrained(c.model)
+  build_data(c, target, tok)
+  first = trainer.train(c, target, str(tmp_path / "first"))
+  path = drafter_ckpt.save(str(tmp_path / "drafter"), first["net"], target,
+                           dtype="float32", keep_ids=first["keep_ids"])
+  warm = config("runlocal", tmp_path, steps=1, eval_every=0,
+                checkpoint_every=0, learning_rate=0.0, init_from=path)
+  out = trainer.train(warm, target, str(tmp_path / "warm"))
+  fresh = nnx.state(trainer.build_net(c, target), nnx.Param)
+  saved = nnx.state(drafter_ckpt.load(path, target)[0], nnx.Param)
+  got = nnx.state(out["net"], nnx.Param)
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(fresh), jax.tree.leaves(saved)))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(a, b)
+  again = trainer.validate(warm, target, *drafter_ckpt.load(path, target))
+  for k, v in out["eval"].items():
+    assert again[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+  heads = config("runlocal", tmp_path, "hydra", steps=1, eval_every=0,
+                 checkpoint_every=0, init_from=path)
+  with pytest.raises(trainer.TrainError, match="init_from.*another shape"):
+    trainer.train(heads, target, str(tmp_path / "hydra"))
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_without_repeating_or_skipping(tmp_path):
   """Killed after 3 of 6 steps (checkpoint every 1), a rerun resumes at

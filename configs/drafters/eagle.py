@@ -81,4 +81,8 @@ def get_config(arg=None):
   c.train.log_every = 1 if arg.runlocal else 25
   c.train.eval_every = 2 if arg.runlocal else 250
   c.train.checkpoint_every = 2 if arg.runlocal else 100
+  # Warm start: a saved drafter directory (<workdir>/drafter, or a shipped
+  # one) whose weights replace the fresh initialisation; the optimizer and
+  # schedule start afresh. A resumed run's checkpoint takes precedence.
+  c.train.init_from = ""
   return c

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from seqdec.checkpoints import drafters as drafter_ckpt
 from seqdec.checkpoints.fingerprint import fingerprint
 from seqdec.data.features import ConcatDataset, DataError, FeatureDataset
 from seqdec.decoding.loops import bucket
@@ -597,6 +598,30 @@ def config_taps(config: ml_collections.ConfigDict, target
     raise TrainError(f"drafter.taps: {e}") from None
 
 
+def warm_start(params: nnx.State, path: str, target) -> nnx.State:
+  """The parameters of the saved drafter at `path` (`drafters.load`, its
+  target fingerprint checked) in place of the fresh `params`: a run that
+  continues a trained drafter on new data or for more steps, with a fresh
+  optimizer and schedule. Only the network's weights carry over (a trimmed
+  head's ids are recomputed from this run's training rows).
+
+  Raises:
+    TrainError: the saved network differs from this config's (kind, taps,
+      heads or layers), or `drafters.load`'s errors (missing, corrupt, for
+      another target).
+  """
+  saved = nnx.state(drafter_ckpt.load(os.path.expanduser(path), target)[0],
+                    nnx.Param)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  have = jax.tree.map(lambda x: (x.shape, x.dtype), saved)
+  if jax.tree.structure(want) != jax.tree.structure(have) or (
+      jax.tree.leaves(want) != jax.tree.leaves(have)):
+    raise TrainError(f"train.init_from: {path!r} holds a drafter of another "
+                     f"shape than this config builds (drafter.kind, taps, "
+                     f"heads or layers differ)")
+  return saved
+
+
 def check_dataset_taps(ds, net) -> None:
   """DataError unless the dataset's features carry the taps `net` reads (a
   network without taps reads the final features of any dataset)."""
@@ -673,6 +698,8 @@ def train(config: ml_collections.ConfigDict, target, workdir: str,
   net = build_net(config, target)
   check_dataset_taps(ds, net)
   net_def, params, rest = nnx.split(net, nnx.Param, ...)
+  if t.get("init_from", ""):
+    params = warm_start(params, str(t.init_from), target)
   params, rest = layout.place(params), layout.place(rest)
   target_def, target_params = nnx.split(target)
   target_params = layout.place(target_params)
