@@ -127,7 +127,8 @@ def parse_method(method):
   `seqdec.decoding.spec`), with --layers / --draft_layers as the default
   drafter options; '@gate=auto' is the tree's break-even on this host
   (`seqdec.app.auto_gate`, under --precision), '@budget=auto' its verify
-  ladder priced by this host's profile (`seqdec.app.auto_budget`)."""
+  ladder priced by this host's profile (`seqdec.app.auto_budget`),
+  '@stop=auto' its drafter's per-level cost (`seqdec.app.auto_stop`)."""
   # pylint: disable=g-import-not-at-top
   from seqdec import app as app_lib
   from seqdec.decoding.spec import SpecConfig
@@ -140,6 +141,9 @@ def parse_method(method):
   if spec.budget == "auto":
     spec = spec.replace(budget=app_lib.auto_budget(_MODEL.value, spec,
                                                    _PRECISION.value))
+  if spec.stop == "auto":
+    spec = spec.replace(stop=app_lib.auto_stop(_MODEL.value, spec,
+                                               _PRECISION.value))
   return spec
 
 

@@ -127,6 +127,24 @@ def auto_budget(model_name: str, spec: SpecConfig, policy: str) -> str:
       n, lambda w: profile.break_even(w, policy)))
 
 
+def auto_stop(model_name: str, spec: SpecConfig, policy: str) -> float:
+  """`stop=auto`: the cost of one more level of the spec's drafter, in
+  decoding steps, from this host's profile under the target's precision
+  `policy` (`HostProfile.level_cost`: the gated rounds' slope over chain
+  depth); 0 (grow every level) with a warning when the profile has no such
+  rounds."""
+  profile = _policy_profile(model_name, policy,
+                            "stop=auto grows every level")
+  if profile is None:
+    return 0.0
+  try:
+    return profile.level_cost(spec.drafter, policy)
+  except host_profile.ProfileError as e:
+    warnings.warn(f"seqdec: {e}; stop=auto grows every level",
+                  RuntimeWarning, stacklevel=2)
+    return 0.0
+
+
 def make_generator(config, model, tokenizer, speculative: bool = True,
                    mesh=None) -> Generator:
   """The `Generator` a decode config describes: its `config.spec` block
@@ -142,6 +160,8 @@ def make_generator(config, model, tokenizer, speculative: bool = True,
     spec = spec.replace(gate=auto_gate(config.model, spec, policy))
   if spec.budget == "auto":
     spec = spec.replace(budget=auto_budget(config.model, spec, policy))
+  if spec.stop == "auto":
+    spec = spec.replace(stop=auto_stop(config.model, spec, policy))
   mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,

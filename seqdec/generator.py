@@ -97,7 +97,7 @@ class Generator:
     max_batch: prompts beyond this are decoded in several batches.
     max_top_k: static cap on per-row top_k, shared by the sampler and the
       speculative acceptance rule (a method string's `@max_top_k=` wins).
-    drafter, tree, rule, proposal, gate, budget, drafter_options: the
+    drafter, tree, rule, proposal, gate, budget, stop, drafter_options: the
       `SpecConfig`
       fields as keywords (instead of `spec`), or `drafter=` a `Drafter`
       object (a custom drafter, with `tree` and `rule`). `drafter_options`
@@ -121,6 +121,7 @@ class Generator:
                proposal: Optional[str] = None,
                gate: Optional[float] = None,
                budget: Optional[str] = None,
+               stop: Optional[float] = None,
                drafter_options: Optional[dict] = None,
                mesh: Optional[Any] = None):
     self.model = model
@@ -132,7 +133,7 @@ class Generator:
     self.graphdef, self.params = nnx.split(model)
     self.spec, self.drafter, self.tree = self._build(
         model, spec, max_top_k, drafter, tree, rule, proposal, gate, budget,
-        dict(drafter_options or {}))
+        stop, dict(drafter_options or {}))
     self.budget = (spec_lib.build_budget(self.spec, self.tree)
                    if self.speculative else None)
     self.mesh = mesh
@@ -151,7 +152,7 @@ class Generator:
 
   @staticmethod
   def _build(model, spec, max_top_k, drafter, tree, rule, proposal, gate,
-             budget, options):
+             budget, stop, options):
     """`(SpecConfig, Drafter | None, TreeShape | None)` from the arguments."""
     for key in ("proposal", "rule"):  # SpecConfig fields, not drafter options
       if key in options:
@@ -164,7 +165,8 @@ class Generator:
     if isinstance(tree, TreeShape):   # a topology object, not a spec string
       shape, tree = tree, tree_specs.to_spec(tree)
     fields = {k: v for k, v in dict(tree=tree, rule=rule, proposal=proposal,
-                                    gate=gate, budget=budget).items()
+                                    gate=gate, budget=budget,
+                                    stop=stop).items()
               if v is not None}
     draft_model = None
     if spec is not None:

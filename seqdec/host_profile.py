@@ -178,6 +178,27 @@ class HostProfile:
           f"--round_drafters={drafter}") from None
     return r["drafted"], r["gated"]
 
+  def level_cost(self, drafter: str, policy: str = "f32") -> float:
+    """One more drafter level, in target decoding steps: the least-squares
+    slope of the gated rounds' ms over chain depth D >= 1 (a gated round
+    drafts D levels and verifies its root alone), over the plain step
+    (`rounds(drafter, 0)`); >= 0.
+
+    Raises:
+      ProfileError: fewer than two depths of `drafter` under `policy`.
+    """
+    depths = self.round_depths(drafter, policy)
+    if len(depths) < 2:
+      raise ProfileError(
+          f"the host profile has {len(depths)} chain depths of {drafter!r} "
+          f"under {policy!r}, two are needed for a per-level cost; measure "
+          f"them with launch/profile_host.py --policies={policy} "
+          f"--round_drafters={drafter}")
+    d = np.asarray(depths, np.float64)
+    ms = np.asarray([self.rounds(drafter, k, policy)[1] for k in depths])
+    slope = float(np.polyfit(d, ms, 1)[0])
+    return max(slope, 0.0) / self.rounds(drafter, 0, policy)[0]
+
   def round_depths(self, drafter: str, policy: str = "f32") -> list[int]:
     """The chain depths D >= 1 whose loop rounds the profile measured for
     `drafter` under `policy` (`rounds`)."""

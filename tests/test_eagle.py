@@ -300,16 +300,19 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
 def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):
   """With a verify budget (`seqdec.decoding.budget`) each round verifies
   the dynamic tree's best w slots, w from a ladder by the drafter's
-  confidence; greedy output still equals autoregressive decoding exactly
-  (float64), several widths are used, and so are the fused loop's nested
-  per-width loops (`SpecLoop.decode`) and, streaming, the host loop's
-  `lax.switch` among the widths' forwards (`SpecLoop.verify`)."""
+  confidence, and growing stops where the frontier cannot repay a level
+  (`DynamicTree.stop`, EAGLE's carry kept through the skipped levels);
+  greedy output still equals autoregressive decoding exactly (float64),
+  several widths are used, and so are the fused loop's nested per-width
+  loops (`SpecLoop.decode`) and, streaming, the host loop's `lax.switch`
+  among the widths' forwards (`SpecLoop.verify`)."""
   target, tok, prompts, ar, drafter = f64_runs(trained)
   budget = "1:0+2:0.3+4:0.9+8:1.6"
   used = {}
   for rows in (prompts[:3], prompts[3:]):   # confident rows, then a fresh one
     gen = Generator(target, tok, max_new_tokens=24, eos_ids=(),
-                    drafter=drafter, tree="dyn8d3k2", budget=budget)
+                    drafter=drafter, tree="dyn8d3k2", budget=budget,
+                    stop=0.3)
     spec = gen.generate_ids(rows, **(dict(stream=lambda *a: None)
                                      if streaming else {}))
     for a, b in zip(ar[:3] if len(rows) == 3 else ar[3:], spec):
@@ -320,6 +323,21 @@ def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):
   print(f"rounds per verify width {used}")
   assert sorted(used) == [1, 2, 4, 8]
   assert sum(1 for c in used.values() if c) >= 3
+  if streaming:
+    # A stop no frontier repays: every round grows level 1 alone (skipped
+    # levels' slots hold -inf candidates); still exact, and the confident
+    # rows accept fewer drafts per round than with the whole tree.
+    rows = prompts[:3]
+    kw = dict(max_new_tokens=24, eos_ids=(), drafter=drafter,
+              tree="dyn8d3k2")
+    whole = Generator(target, tok, **kw).generate_ids(rows)
+    level1 = Generator(target, tok, stop=1e3, **kw).generate_ids(rows)
+    for a, b in zip(ar[:3], level1):
+      assert a.tokens == b.tokens
+    mean = lambda rs: np.mean([r.metrics["mean_accepted"] for r in rs])  # noqa: E731
+    print(f"accepted per round: whole tree {mean(whole):.2f}, "
+          f"level 1 only {mean(level1):.2f}")
+    assert mean(level1) < mean(whole)
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path, trained):

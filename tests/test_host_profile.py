@@ -216,3 +216,28 @@ def test_profile_host_script_on_the_tiny_model(tmp_path):
   assert sorted(prof.verify_ms["f32"][16]) == [1, 4]
   assert sorted(prof.draft_ms["layerskip@first:1"]) == [1, 2]
   assert os.path.getsize(png) > 1000
+
+
+def test_auto_stop_is_the_drafters_per_level_cost(tmp_path, monkeypatch):
+  """`stop=auto`: the gated rounds' least-squares slope over chain depth
+  (one drafter level) over the plain step, from this host's profile; with
+  fewer than two depths a warning and no stopping."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from seqdec import app  # pylint: disable=g-import-not-at-top
+  from seqdec.decoding.spec import SpecConfig  # pylint: disable=g-import-not-at-top
+  rounds = {d: {"drafted": 10.0 + 5 * d, "gated": 10.0 + 2.0 * d + (
+      0.3 if d == 2 else 0.0)} for d in (0, 1, 2, 3, 4)}
+  prof = dataclasses.replace(fake_profile(), round_ms={"f32/eagle": rounds})
+  d = np.array([1, 2, 3, 4.0])
+  want = np.polyfit(d, [rounds[k]["gated"] for k in (1, 2, 3, 4)], 1)[0]
+  assert prof.level_cost("eagle", "f32") == pytest.approx(want / 10.0)
+  path = str(tmp_path / "profiles.json")
+  host_profile.write_profile(path, prof)
+  monkeypatch.setenv(host_profile.ENV_PATH, path)
+  spec = SpecConfig.parse("eagle@stop=auto/dyn16d4k4")
+  assert app.auto_stop("tiny", spec, "f32") == pytest.approx(want / 10.0)
+  thin = dataclasses.replace(prof, round_ms={"f32/eagle": {
+      0: rounds[0], 1: rounds[1]}})
+  host_profile.write_profile(path, thin)
+  with pytest.warns(RuntimeWarning, match="two are needed"):
+    assert app.auto_stop("tiny", spec, "f32") == 0.0

@@ -23,6 +23,10 @@ Every way of naming a decoder goes through this module: the
                              ending at the tree's N, or 'auto' (the app
                              prices the ladder by this host's profile:
                              `seqdec.decoding.budget`)
+             |  "stop"       a dynamic tree grows a level only while its
+                             frontier can repay a drafter level, priced in
+                             decoding steps, or 'auto' (the host profile's
+                             per-level cost: `drafters.dynamic`)
     tree    :=  a tree spec (`seqdec.decoding.tree_specs.parse`: chain4, kary2x2,
                 static6, paths:0-1-0.0, sequoia16:<file>, auto:<file> (sized
                 to this host's measured costs), dyn16d4k4 (a dynamic-tree
@@ -57,6 +61,7 @@ from seqdec.decoding import acceptance_rates
 from seqdec.decoding import budget as budget_lib
 from seqdec.decoding import drafters
 from seqdec.decoding import tree_specs
+from seqdec.decoding import trees
 from seqdec.decoding import verify
 from seqdec.errors import ConfigError
 
@@ -103,16 +108,23 @@ def _typed(key: str, value: Any, default: Any) -> Any:
   return str(value)
 
 
-def _gate(value: Any) -> float:
-  """A gate threshold as a float >= 0 (ConfigError otherwise)."""
+_THRESHOLDS = {
+    "gate": "expected accepted drafts below which a round verifies its root "
+            "alone",
+    "stop": "the cost of one drafter level in target decoding steps, or "
+            "'auto'"}
+
+
+def _gate(value: Any, key: str = "gate") -> float:
+  """A `gate` or `stop` threshold as a float >= 0 (ConfigError
+  otherwise)."""
   try:
     gate = float(value)
   except (TypeError, ValueError):
-    raise ConfigError(f"gate expects a number >= 0 (expected accepted drafts"
-                      f" below which a round verifies its root alone), got "
-                      f"{value!r}") from None
+    raise ConfigError(f"{key} expects a number >= 0 ({_THRESHOLDS[key]}), "
+                      f"got {value!r}") from None
   if not 0 <= gate < float("inf"):   # NaN fails too
-    raise ConfigError(f"gate must be a finite number >= 0, got {value!r}")
+    raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
   return gate
 
 
@@ -150,6 +162,12 @@ class SpecConfig:
     budget: '' (verify the whole tree), a verify-width ladder
       '<w>:<c>+...' (`budget.WidthBudget`), or 'auto' (resolved by the app
       from the host profile, `seqdec.app.auto_budget`).
+    stop: a dynamic tree grows its next level only while the frontier's
+      mass (the bound on what that level can add to the accepted length)
+      is at least `stop`, the cost of one drafter level in target decoding
+      steps (`DynamicTree.stop`, `drafters.dynamic`); 0 grows every level,
+      'auto' is resolved by the app from the host profile
+      (`seqdec.app.auto_stop`).
   """
   drafter: Optional[str] = None
   options: tuple[tuple[str, Any], ...] = ()
@@ -159,6 +177,7 @@ class SpecConfig:
   max_top_k: int = DEFAULT_MAX_TOP_K
   gate: float = 0.0
   budget: str = ""
+  stop: Any = 0.0
 
   def __post_init__(self):
     if self.drafter is not None and self.drafter not in DRAFTER_OPTIONS:
@@ -176,6 +195,10 @@ class SpecConfig:
     if self.max_top_k < 1:
       raise ConfigError(f"max_top_k must be >= 1, got {self.max_top_k}")
     object.__setattr__(self, "gate", _gate(self.gate))
+    if str(self.stop).strip() != "auto":
+      object.__setattr__(self, "stop", _gate(self.stop, "stop"))
+    else:
+      object.__setattr__(self, "stop", "auto")
     budget = str(self.budget or "").strip()
     if budget and budget != "auto":
       budget = str(budget_lib.WidthBudget.parse(budget))
@@ -220,7 +243,8 @@ class SpecConfig:
                         f"{method!r}")
     method = method.strip()
     fields = {k: defaults.pop(k) for k in ("rule", "proposal", "max_top_k",
-                                           "gate", "budget") if k in defaults}
+                                           "gate", "budget", "stop")
+              if k in defaults}
     if method == AR:
       return cls(max_top_k=fields.get("max_top_k", DEFAULT_MAX_TOP_K))
     head, slash, tree = _split_tree(method)
@@ -245,7 +269,7 @@ class SpecConfig:
         fields[key] = value
       elif key == "max_top_k":
         fields[key] = _typed(key, value, 0)
-      elif key in ("gate", "budget"):
+      elif key in ("gate", "budget", "stop"):
         fields[key] = value
       else:
         options[key] = value
@@ -266,6 +290,9 @@ class SpecConfig:
       items.append(f"@gate={self.gate!r}")
     if self.budget:
       items.append(f"@budget={self.budget}")
+    if self.stop:
+      items.append(f"@stop={self.stop!r}" if self.stop != "auto"
+                   else "@stop=auto")
     return f"{self.drafter}{''.join(items)}/{self.tree}"
 
   # -- the config file's nested block ----------------------------------------
@@ -276,7 +303,7 @@ class SpecConfig:
     `ConfigError`."""
     block = dict(block)
     known = {"drafter", "tree", "rule", "proposal", "max_top_k", "options",
-             "gate", "budget"}
+             "gate", "budget", "stop"}
     unknown = set(block) - known
     if unknown:
       raise ConfigError(f"unknown spec keys {sorted(unknown)}; known: "
@@ -293,7 +320,8 @@ class SpecConfig:
                tree=block.get("tree", "chain4"), rule=block.get("rule", "auto"),
                proposal=block.get("proposal", "topk"),
                max_top_k=int(block.get("max_top_k", DEFAULT_MAX_TOP_K)),
-               gate=block.get("gate", 0.0), budget=block.get("budget", ""))
+               gate=block.get("gate", 0.0), budget=block.get("budget", ""),
+               stop=block.get("stop", 0.0))
 
   def to_config(self) -> dict[str, Any]:
     """A plain dict for `config.spec`: every drafter's options appear (with
@@ -306,7 +334,9 @@ class SpecConfig:
       options.update(self.drafter_options())
     return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
                 proposal=self.proposal, max_top_k=self.max_top_k,
-                gate=repr(self.gate), budget=self.budget, options=options)
+                gate=repr(self.gate), budget=self.budget,
+                stop=str(self.stop) if self.stop == "auto" else repr(self.stop),
+                options=options)
 
 
 def resolve_rule(rule: str, temperature: Any) -> str:
@@ -333,7 +363,16 @@ def build_tree(spec: SpecConfig, policy: str = "f32"):
   """The spec's `TreeShape` (a `TreeError` for a bad tree spec); `policy`,
   the target's precision policy, prices an 'auto' tree, which replays an
   n-gram drafter's rounds with its `adapt`."""
-  return tree_specs.parse(spec.tree, policy, adapt=auto_adapt(spec))
+  shape = tree_specs.parse(spec.tree, policy, adapt=auto_adapt(spec))
+  if spec.stop == "auto":
+    raise ConfigError("stop=auto must be resolved from the host profile "
+                      "first (seqdec.app.auto_stop)")
+  if spec.stop:
+    if not isinstance(shape, trees.DynamicTree):
+      raise ConfigError(f"stop={spec.stop!r} applies to dynamic trees "
+                        f"(dyn<N>d<D>k<K>), not {spec.tree!r}")
+    shape = dataclasses.replace(shape, stop=spec.stop)
+  return shape
 
 
 def auto_adapt(spec: SpecConfig) -> float:

@@ -83,16 +83,22 @@ class FrontierBudget:
 class DynamicTree(FrontierBudget):
   """EAGLE-2's budget: each level expands the `top_k` best nodes by
   cumulative draft log-probability into `top_k` children each, then the
-  `num_nodes - 1` best candidates of all levels are kept."""
+  `num_nodes - 1` best candidates of all levels are kept. With `stop` > 0
+  (the cost of one more drafter level, in target decoding steps) a level
+  is grown only while it can pay for itself (`drafters.dynamic`)."""
   num_nodes: int
   max_depth: int
   top_k: int
+  stop: float = 0.0
 
   def __post_init__(self):
     n, d, k = self.num_nodes, self.max_depth, self.top_k
     if d < 1 or k < 1 or n < 2:
       raise TreeError(f"a dynamic tree needs num_nodes >= 2, depth >= 1 and "
                       f"top_k >= 1, got N={n}, D={d}, K={k}")
+    if not 0 <= self.stop < float("inf"):
+      raise TreeError(f"a dynamic tree's stop cost must be a finite number "
+                      f">= 0, got {self.stop!r}")
     if n - 1 > self.num_candidates:
       raise TreeError(f"a dynamic tree of depth {d} and top_k {k} grows "
                       f"{self.num_candidates} candidates, fewer than its "

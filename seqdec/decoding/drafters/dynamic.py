@@ -20,6 +20,22 @@ probability that v is accepted. Per row:
                `[B, N]` and the ancestor mask are built on device
                (`Tree.from_parents`)
 
+Stopping (`DynamicTree.stop` = c > 0, the cost of one drafter level in
+target decoding steps): a node's children are distinct tokens, so the
+events "child j accepted" are disjoint and within "the node accepted";
+all of level d+1 is then accepted with expected length at most the
+frontier's mass, and so is every deeper level (its frontier's mass is at
+most this one's):
+
+    E[accepted at level d+1]  <=  M_d = sum_{live b} sum_{j in F_d} exp(score_j)
+
+Level d+1 is grown (its drafter forward run, under a `lax.cond`) only if
+M_d >= c; once skipped, its candidates score -inf, the next frontier's mass
+is 0 and every deeper level is skipped too. Skipped levels' candidates fill
+the slots the grown ones leave (last in the order; a verify budget drops
+them first). The verify still checks every kept node, so the output is the
+same function of the target's distributions: stopping changes speed only.
+
 Children are the deterministic top-k (the re-ranking would break the laws
 of i.i.d. or without-replacement children), so at temperature > 0 a dynamic
 tree is verified with the lossless rule's deterministic step.
@@ -27,7 +43,8 @@ tree is verified with the lossless rule's deterministic step.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +67,19 @@ def _lexsort_rows(primary: jax.Array, secondary: jax.Array) -> jax.Array:
 
 def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
                       root_logits: jax.Array, expand: ExpandFrontier,
-                      carry: Any) -> tuple[Tree, Any]:
+                      carry: Any, live: Optional[jax.Array] = None
+                      ) -> tuple[Tree, Any]:
   """The module docstring's tree under each row's root.
 
   Args:
-    budget: N, D, K.
+    budget: N, D, K, and the stop cost.
     root: `[B]` root tokens.
     root_logits: `[B, V]` the drafter's logits at the root.
-    expand: the drafter's frontier expansion (`ExpandFrontier`).
+    expand: the drafter's frontier expansion (`ExpandFrontier`). With a
+      stop cost a skipped level keeps the carry, broadcast to the shapes
+      `expand` returns.
     carry: the drafter's state threaded through `expand`.
+    live: `[B]` the rows whose mass counts for stopping (default: all).
 
   Returns:
     `(tree, carry)`: a valid tree of N nodes and depth <= D per row.
@@ -75,9 +96,17 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
   parent_pos = jnp.zeros((b, k), jnp.int32)
   base = k
   for d in range(1, depth_max):
-    logits, carry = expand(d, front_tok, parent_pos, carry)       # [B, K, V]
+    grow = functools.partial(expand, d, front_tok, parent_pos)
+    if budget.stop > 0:
+      mass = jnp.exp(front_score).sum(-1)
+      mass = jnp.sum(mass if live is None else jnp.where(live, mass, 0.0))
+      go = mass >= budget.stop
+      logits, carry = jax.lax.cond(go, grow, _skipped(grow, carry), carry)
+    else:
+      go, (logits, carry) = True, grow(carry)                     # [B, K, V]
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     child_lp, child_tok = sharding.top_k(logq, k)                 # [B, K, K]
+    child_lp = jnp.where(go, child_lp, -jnp.inf)
     cand_score = (front_score[:, :, None] + child_lp).reshape(b, k * k)
     cand_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
     cand_parent = jnp.repeat(front_slot, k, axis=1)
@@ -111,6 +140,19 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
                                take(score_all, kept)], 1)
   return Tree.from_parents(tokens, parents_out, scheme=trees_lib.DETERMINISTIC,
                            path_logq=path_logq), carry
+
+
+def _skipped(grow: Callable[[Any], tuple[jax.Array, Any]], carry: Any):
+  """A level's stand-in for `grow` when it is not grown: zero logits (its
+  candidates are masked to -inf) and the carry unchanged, broadcast to the
+  shapes `grow` returns (the first level's frontier widens 1 -> K)."""
+  out = jax.eval_shape(grow, carry)
+
+  def skip(c):
+    logits = jnp.zeros(out[0].shape, out[0].dtype)
+    return logits, jax.tree.map(
+        lambda x, s: jnp.broadcast_to(x, s.shape).astype(s.dtype), c, out[1])
+  return skip
 
 
 def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
@@ -176,8 +218,11 @@ def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
 
 def grow_frontier_tree(budget: FrontierBudget, root: jax.Array,
                        root_logits: jax.Array, expand: ExpandFrontier,
-                       carry: Any) -> tuple[Tree, Any]:
-  """The tree of `budget`'s kind: `grow_dynamic_tree` (EAGLE-2) or
-  `grow_beam_tree` (ReDrafter), from one frontier expansion."""
-  grow = {DynamicTree: grow_dynamic_tree, BeamTree: grow_beam_tree}
-  return grow[type(budget)](budget, root, root_logits, expand, carry)
+                       carry: Any, live: Optional[jax.Array] = None
+                       ) -> tuple[Tree, Any]:
+  """The tree of `budget`'s kind: `grow_dynamic_tree` (EAGLE-2; `live`
+  rows count for its stopping) or `grow_beam_tree` (ReDrafter), from one
+  frontier expansion."""
+  if isinstance(budget, DynamicTree):
+    return grow_dynamic_tree(budget, root, root_logits, expand, carry, live)
+  return grow_beam_tree(budget, root, root_logits, expand, carry)

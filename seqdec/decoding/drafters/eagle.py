@@ -252,7 +252,7 @@ class EagleDrafter(Drafter):
 
     tree, (cache, *_) = grow_frontier_tree(
         shape, rnd.root, logits[:, -1], expand,
-        (cache, anc, prev_pred, prev_entry))
+        (cache, anc, prev_pred, prev_entry), rnd.live)
     return tree, cache
 
   def commit(self, params, state, shape, rnd, outcome: Outcome):

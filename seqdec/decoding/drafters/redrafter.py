@@ -57,7 +57,7 @@ class ReDrafterDrafter(HeadsDrafter):
         return scores(s), s
 
       tree, _ = grow_frontier_tree(shape, rnd.root, scores(s_root)[:, 0],
-                                   expand_frontier, s_root)
+                                   expand_frontier, s_root, rnd.live)
       return tree, state, target_cache
 
     def expand(d, tokens, s_prev):
