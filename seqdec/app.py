@@ -115,7 +115,8 @@ def auto_gate(model_name: str, spec: SpecConfig, policy: str) -> float:
 def auto_budget(model_name: str, spec: SpecConfig, policy: str) -> str:
   """`budget=auto`: the verify-width ladder of the spec's tree priced by
   this host's profile under the target's precision `policy`, each width w
-  at its break-even verify(w) / verify(1) - 1 (`budget.WidthBudget`); ''
+  at its break-even verify(w) / verify(1) - 1 at each measured cache length
+  (`budget.WidthBudget`: a row pays the costs at its own length); ''
   (verify the whole tree) with a warning when the host has no usable
   profile."""
   profile = _policy_profile(model_name, policy,
@@ -123,8 +124,12 @@ def auto_budget(model_name: str, spec: SpecConfig, policy: str) -> str:
   if profile is None:
     return ""
   n = spec_lib.build_tree(spec, policy).num_nodes
+  lengths = tuple(profile.cache_lens(policy))
+  if len(lengths) < 2:
+    return str(WidthBudget.from_costs(
+        n, lambda w: profile.break_even(w, policy)))
   return str(WidthBudget.from_costs(
-      n, lambda w: profile.break_even(w, policy)))
+      n, lambda w, s: profile.break_even(w, policy, s), lengths=lengths))
 
 
 def auto_stop(model_name: str, spec: SpecConfig, policy: str) -> float:

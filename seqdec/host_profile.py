@@ -141,16 +141,22 @@ class HostProfile:
         curves, key=lambda c: (abs(c - cache_len), c))
     return _interp(curves[s], tokens)
 
-  def break_even(self, tokens: float, policy: str = "f32") -> float:
+  def break_even(self, tokens: float, policy: str = "f32",
+                 cache_len: Optional[int] = None) -> float:
     """Expected accepted drafts at which verifying `tokens` tree tokens (the
     root included) pays: a round emits 1 + E tokens for verify(tokens) ms,
     a decoding step 1 token for verify(1) ms, so speculating wins iff
 
         E > verify(tokens) / verify(1) - 1
 
-    (the draft is already paid when the gate decides: `SpecLoop.gate`)."""
-    return max(self.verify(tokens, policy) / self.verify(1, policy) - 1.0,
-               0.0)
+    (the draft is already paid when the gate decides: `SpecLoop.gate`), at
+    the measured cache length nearest `cache_len` (`verify`)."""
+    return max(self.verify(tokens, policy, cache_len)
+               / self.verify(1, policy, cache_len) - 1.0, 0.0)
+
+  def cache_lens(self, policy: str = "f32") -> list[int]:
+    """The cache lengths whose verify curves were measured under `policy`."""
+    return sorted(self.verify_ms[policy])
 
   def draft(self, drafter: str, width: float) -> float:
     """ms of one drafter level of `width` tokens (0 for a drafter with no

@@ -116,3 +116,49 @@ def test_ladder_grammar_round_trip_and_refusals():
   priced = WidthBudget.from_costs(13, lambda w: 0.1 * (w - 1))
   assert priced.widths == (1, 2, 4, 8, 13)
   np.testing.assert_allclose(priced.costs, (0, 0.1, 0.3, 0.7, 1.2))
+
+
+def test_a_ladder_priced_per_cache_length():
+  """Priced at cache lengths S_l, a row pays its own costs: linear in its
+  committed length between the two nearest S_l, clamped outside; the
+  gains and the chosen width by brute force with those per-row costs; the
+  grammar's round trip and refusals."""
+  ladder = WidthBudget.parse("128=1:0+4:0.1+16:0.3;512=1:0+4:0.5+16:1.5")
+  assert ladder.lengths == (128, 512) and ladder.widths == (1, 4, 16)
+  assert WidthBudget.parse(str(ladder)) == ladder
+  lengths = jnp.asarray([64, 128, 320, 512, 2000])
+  want = np.array([[0, 0.1, 0.3], [0, 0.1, 0.3], [0, 0.3, 0.9],
+                   [0, 0.5, 1.5], [0, 0.5, 1.5]])
+  np.testing.assert_allclose(ladder.row_costs(lengths, 5), want, atol=1e-6)
+  rng = np.random.default_rng(3)
+  for _ in range(4):
+    tree = random_tree(rng, 3)
+    live = np.array([True, False, True])
+    length = rng.integers(0, 700, 3)
+    costs = np.asarray(ladder.row_costs(jnp.asarray(length), 3))
+    p = np.exp(np.asarray(tree.path_logq, np.float64))
+    valid = np.asarray(tree.valid)
+    gains = [sum(p[b, i] for b in range(3) if live[b] for i in range(1, w)
+                 if valid[b, i]) - sum(costs[b, j] for b in range(3)
+                                       if live[b])
+             for j, w in enumerate(ladder.widths)]
+    got = np.asarray(ladder.gains(tree, jnp.asarray(live), jnp.asarray(
+        length)))
+    np.testing.assert_allclose(got, gains, rtol=1e-5, atol=1e-5)
+    _, j = ladder.apply(tree, jnp.asarray(live), jnp.asarray(length))
+    assert int(j) == int(np.argmax(np.round(gains, 5)))
+  # Without lengths the largest priced length's ladder applies.
+  np.testing.assert_allclose(ladder.gains(tree, jnp.asarray(live)),
+                             WidthBudget((1, 4, 16), (0, 0.5, 1.5)).gains(
+                                 tree, jnp.asarray(live)), atol=1e-6)
+  priced = WidthBudget.from_costs(13, lambda w, s: (w - 1) * s / 1000,
+                                  lengths=(100, 400))
+  assert str(priced) == ("100=1:0+2:0.1+4:0.3+8:0.7+13:1.2;"
+                         "400=1:0+2:0.4+4:1.2+8:2.8+13:4.8")
+  spec = SpecConfig.parse(f"eagle@budget={priced}/dyn13d4k4")
+  assert SpecConfig.parse(str(spec)) == spec
+  for bad, match in [("128=1:0+4:1;512=1:0+8:1", "same widths"),
+                     ("128=1:0+4:1;1:0+4:2", "every part"),
+                     ("512=1:0+4:1;128=1:0+4:2", "ascending")]:
+    with pytest.raises(ConfigError, match=match):
+      WidthBudget.parse(bad)

@@ -8,7 +8,12 @@ measured cost of each in decoding steps,
 
     c(w) = verify_ms(w) / verify_ms(1) - 1          (c(1) = 0)
 
-(`host_profile.HostProfile.break_even`). The tree's node order is its
+(`host_profile.HostProfile.break_even`). A verify's cost grows with the
+cache it attends to, so a ladder may be priced at several cache lengths
+S_1 < ... < S_L ('<S>=<w>:<c>+...;<S>=...'): a row whose committed length is
+s pays c_b(w), the costs interpolated linearly in s between the two nearest
+S_l (clamped outside), and B_live * c(w) below reads sum_{b live} c_b(w).
+The tree's node order is its
 priority order: every prefix of the slots is ancestor-closed (parents come
 before children), and a dynamic tree numbers its kept nodes best first
 (`drafters.dynamic.grow_dynamic_tree`), so verifying the first w slots keeps
@@ -60,6 +65,7 @@ from seqdec.decoding.trees import DETERMINISTIC, Tree
 from seqdec.errors import ConfigError, TreeError
 
 _ITEM = re.compile(r"^(\d+):([0-9.eE+-]+)$")
+_PRICED_AT = re.compile(r"^(\d+)=(.*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,28 +75,60 @@ class WidthBudget:
   Attributes:
     widths: ascending verify widths w_j >= 1 (tokens per row, root
       included); the last one is the tree's N once `fitted`.
-    costs: c(w_j) >= 0 in decoding steps, one per width.
+    costs: c(w_j) >= 0 in decoding steps, one per width; with `lengths`,
+      one such tuple per cache length.
+    lengths: () (one ladder for every cache length), or the ascending
+      cache lengths S_l the rows of `costs` were measured at.
   """
   widths: tuple[int, ...]
-  costs: tuple[float, ...]
+  costs: tuple
+  lengths: tuple[int, ...] = ()
 
   def __post_init__(self):
-    w, c = tuple(map(int, self.widths)), tuple(map(float, self.costs))
-    if not w or len(w) != len(c):
-      raise ConfigError(f"a verify budget needs one cost per width, got "
-                        f"widths {w} and costs {c}")
+    w, s = tuple(map(int, self.widths)), tuple(map(int, self.lengths))
+    rows = [self.costs] if not s else list(self.costs)
+    c = tuple(tuple(map(float, r)) for r in rows)
+    if not w or not c or any(len(r) != len(w) for r in c) or (
+        s and len(c) != len(s)):
+      raise ConfigError(f"a verify budget needs one cost per width (per "
+                        f"cache length), got widths {w}, lengths {s} and "
+                        f"costs {self.costs}")
     if w[0] < 1 or any(a >= b for a, b in zip(w, w[1:])):
       raise ConfigError(f"verify budget widths must be ascending and >= 1, "
                         f"got {w}")
-    if not all(math.isfinite(x) and x >= 0 for x in c):
+    if s and (s[0] < 0 or any(a >= b for a, b in zip(s, s[1:]))):
+      raise ConfigError(f"verify budget cache lengths must be ascending and "
+                        f">= 0, got {s}")
+    if not all(math.isfinite(x) and x >= 0 for r in c for x in r):
       raise ConfigError(f"verify budget costs must be finite and >= 0 "
-                        f"(decoding steps), got {c}")
+                        f"(decoding steps), got {self.costs}")
     object.__setattr__(self, "widths", w)
-    object.__setattr__(self, "costs", c)
+    object.__setattr__(self, "costs", c if s else c[0])
+    object.__setattr__(self, "lengths", s)
+
+  @property
+  def cost_table(self) -> tuple[tuple[float, ...], ...]:
+    """`[L, J]` costs, one row per cache length (L = 1 without lengths)."""
+    return self.costs if self.lengths else (self.costs,)
 
   @classmethod
   def parse(cls, text: str) -> "WidthBudget":
-    """From '<w>:<c>+<w>:<c>...', e.g. '1:0+5:0.4+16:1.1' (`__str__`)."""
+    """From '<w>:<c>+<w>:<c>...', e.g. '1:0+5:0.4+16:1.1', or priced per
+    cache length, '128=1:0+16:0.13;512=1:0+16:0.32' (`__str__`)."""
+    parts = [p.strip() for p in str(text).split(";")]
+    priced = [_PRICED_AT.match(p) for p in parts]
+    if len(parts) > 1 or priced[0]:
+      if not all(priced):
+        raise ConfigError(
+            f"bad verify budget {text!r}: priced per cache length, every "
+            f"part is <length>=<width>:<cost>+..., e.g. "
+            f"128=1:0+16:0.13;512=1:0+16:0.32")
+      ladders = [cls.parse(m.group(2)) for m in priced]
+      if any(lad.widths != ladders[0].widths for lad in ladders):
+        raise ConfigError(f"bad verify budget {text!r}: every cache length "
+                          f"must price the same widths")
+      return cls(ladders[0].widths, tuple(lad.costs for lad in ladders),
+                 tuple(int(m.group(1)) for m in priced))
     items = [s.strip() for s in str(text).split("+")]
     pairs = [_ITEM.match(s) for s in items]
     if not items or not all(pairs):
@@ -106,15 +144,25 @@ class WidthBudget:
     return cls(tuple(int(m.group(1)) for m in pairs), costs)
 
   def __str__(self) -> str:
-    return "+".join(f"{w}:{c:.4g}" for w, c in zip(self.widths, self.costs))
+    ladder = lambda c: "+".join(f"{w}:{x:.4g}"   # noqa: E731
+                                for w, x in zip(self.widths, c))
+    if not self.lengths:
+      return ladder(self.costs)
+    return ";".join(f"{s}={ladder(c)}"
+                    for s, c in zip(self.lengths, self.costs))
 
   @classmethod
-  def from_costs(cls, num_nodes: int, cost, sizes=(1, 2, 4, 8, 16, 32, 64)
-                 ) -> "WidthBudget":
-    """The ladder `sizes` below N, then N, priced by `cost(w)` (steps)."""
+  def from_costs(cls, num_nodes: int, cost, sizes=(1, 2, 4, 8, 16, 32, 64),
+                 lengths: tuple[int, ...] = ()) -> "WidthBudget":
+    """The ladder `sizes` below N, then N, priced by `cost(w)` (steps), or
+    by `cost(w, S)` at each of `lengths`."""
     widths = sorted({s for s in sizes if 1 <= s < num_nodes} | {num_nodes})
-    return cls(tuple(widths), tuple(max(float(cost(w)), 0.0)
-                                    for w in widths))
+    if not lengths:
+      return cls(tuple(widths), tuple(max(float(cost(w)), 0.0)
+                                      for w in widths))
+    return cls(tuple(widths), tuple(
+        tuple(max(float(cost(w, s)), 0.0) for w in widths)
+        for s in lengths), tuple(lengths))
 
   def fitted(self, num_nodes: int) -> "WidthBudget":
     """This ladder for a tree of N = `num_nodes` nodes: its last width must
@@ -127,24 +175,40 @@ class WidthBudget:
 
   # -- on device -------------------------------------------------------------
 
-  def gains(self, tree: Tree, live: jax.Array) -> jax.Array:
-    """`[J]` G(w_j) (module docstring) of a tree `[B, N]` and live rows
-    `[B]`."""
+  def row_costs(self, length: Optional[jax.Array], batch: int
+                ) -> jax.Array:
+    """`[B, J]` c_b(w_j): each row's ladder at its committed `length` `[B]`
+    (interpolated between the priced cache lengths, clamped outside); the
+    ladder of the largest priced length for every row without `length`."""
+    table = jnp.asarray(self.cost_table, jnp.float32)             # [L, J]
+    if len(self.lengths) < 2 or length is None:
+      return jnp.broadcast_to(table[-1], (batch, len(self.widths)))
+    s = jnp.asarray(self.lengths, jnp.float32)
+    x = jnp.clip(length.astype(jnp.float32), s[0], s[-1])
+    hi = jnp.clip(jnp.searchsorted(s, x, side="right"), 1, len(s) - 1)
+    t = ((x - s[hi - 1]) / (s[hi] - s[hi - 1]))[:, None]
+    return (1 - t) * table[hi - 1] + t * table[hi]
+
+  def gains(self, tree: Tree, live: jax.Array,
+            length: Optional[jax.Array] = None) -> jax.Array:
+    """`[J]` G(w_j) (module docstring) of a tree `[B, N]`, live rows `[B]`
+    and their committed lengths `[B]` (for a ladder priced per cache
+    length)."""
     b, n = tree.valid.shape
     drafts = tree.valid & (jnp.arange(n) > 0)[None]
     p = (drafts.astype(jnp.float32) if tree.path_logq is None
          else jnp.where(drafts, jnp.exp(tree.path_logq), 0.0))
     s = jnp.cumsum(jnp.where(live[:, None], p, 0.0), axis=1).sum(0)  # [N]
     w = jnp.asarray(self.widths, jnp.int32)
-    costs = jnp.asarray(self.costs, jnp.float32)
-    n_live = jnp.sum(live, dtype=jnp.float32)
-    return s[w - 1] - n_live * costs
+    costs = jnp.where(live[:, None], self.row_costs(length, b), 0.0).sum(0)
+    return s[w - 1] - costs
 
-  def apply(self, tree: Tree, live: jax.Array) -> tuple[Tree, jax.Array]:
+  def apply(self, tree: Tree, live: jax.Array,
+            length: Optional[jax.Array] = None) -> tuple[Tree, jax.Array]:
     """`(tree, j)`: nodes at slots >= w_{j*} made invalid, j* the width of
     the largest gain (the last when a live row has drawn children)."""
     n = tree.valid.shape[1]
-    j = jnp.argmax(self.gains(tree, live)).astype(jnp.int32)
+    j = jnp.argmax(self.gains(tree, live, length)).astype(jnp.int32)
     drawn = jnp.any(live[:, None] & tree.valid & (tree.scheme != DETERMINISTIC))
     j = jnp.where(drawn, len(self.widths) - 1, j)
     width = jnp.asarray(self.widths, jnp.int32)[j]

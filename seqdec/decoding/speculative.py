@@ -280,7 +280,7 @@ class SpecLoop(LoopMixin):
     if self.gate > 0:
       tree, _ = tree.gated(self.gate)
     if self.budget is not None:
-      tree, _ = self.budget.apply(tree, rnd.live)
+      tree, _ = self.budget.apply(tree, rnd.live, rnd.length)
     return Drafted(tree=tree, rnd=rnd, dstate=dstate, cache=cache)
 
   def verify(self, *, params, state: SpecState, inputs: Inputs,
