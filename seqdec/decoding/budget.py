@@ -45,8 +45,8 @@ output law (`Tree.gated`), so a batch holding such a row verifies w_J = N.
 With deterministic children the tree, and so the width, is a function of
 the committed prefix, and every rule stays lossless.
 
-The pruning saves verify compute, not drafting: under static shapes the
-drafter grows the whole budget every round. The loop compiles one forward
+The pruning saves verify compute, not drafting; a dynamic tree's growing
+stops on its own rule (`DynamicTree.stop`, `drafters.dynamic`). The loop compiles one forward
 per width and runs each round at the smallest ladder width holding every
 live row's valid nodes (`SpecLoop.verify_widths`, `SpecLoop.decode`).
 """
