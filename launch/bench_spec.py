@@ -138,13 +138,7 @@ def parse_method(method):
   if GATE_AUTO in method:
     spec = spec.replace(gate=app_lib.auto_gate(_MODEL.value, spec,
                                                _PRECISION.value))
-  if spec.budget == "auto":
-    spec = spec.replace(budget=app_lib.auto_budget(_MODEL.value, spec,
-                                                   _PRECISION.value))
-  if spec.stop == "auto":
-    spec = spec.replace(stop=app_lib.auto_stop(_MODEL.value, spec,
-                                               _PRECISION.value))
-  return spec
+  return app_lib.resolve_auto(_MODEL.value, spec, _PRECISION.value)
 
 
 def ar_policy(method):

@@ -150,6 +150,17 @@ def auto_stop(model_name: str, spec: SpecConfig, policy: str) -> float:
     return 0.0
 
 
+def resolve_auto(model_name: str, spec: SpecConfig, policy: str
+                 ) -> SpecConfig:
+  """`spec` with `stop=auto` and `budget=auto` priced from this host's
+  profile (`auto_stop`, then `auto_budget`, which builds the tree)."""
+  if spec.stop == "auto":
+    spec = spec.replace(stop=auto_stop(model_name, spec, policy))
+  if spec.budget == "auto":
+    spec = spec.replace(budget=auto_budget(model_name, spec, policy))
+  return spec
+
+
 def make_generator(config, model, tokenizer, speculative: bool = True,
                    mesh=None) -> Generator:
   """The `Generator` a decode config describes: its `config.spec` block
@@ -163,10 +174,7 @@ def make_generator(config, model, tokenizer, speculative: bool = True,
     spec = SpecConfig(max_top_k=spec.max_top_k)
   elif auto:
     spec = spec.replace(gate=auto_gate(config.model, spec, policy))
-  if spec.budget == "auto":
-    spec = spec.replace(budget=auto_budget(config.model, spec, policy))
-  if spec.stop == "auto":
-    spec = spec.replace(stop=auto_stop(config.model, spec, policy))
+  spec = resolve_auto(config.model, spec, policy)
   mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,
                    max_new_tokens=config.max_new_tokens,

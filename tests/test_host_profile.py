@@ -236,6 +236,11 @@ def test_auto_stop_is_the_drafters_per_level_cost(tmp_path, monkeypatch):
   monkeypatch.setenv(host_profile.ENV_PATH, path)
   spec = SpecConfig.parse("eagle@stop=auto/dyn16d4k4")
   assert app.auto_stop("tiny", spec, "f32") == pytest.approx(want / 10.0)
+  both = app.resolve_auto("tiny", SpecConfig.parse(
+      "eagle@budget=auto@stop=auto/dyn16d4k4"), "f32")
+  assert both.stop == pytest.approx(want / 10.0)
+  assert both.budget == app.auto_budget("tiny", spec.replace(stop=0.0),
+                                        "f32")
   thin = dataclasses.replace(prof, round_ms={"f32/eagle": {
       0: rounds[0], 1: rounds[1]}})
   host_profile.write_profile(path, thin)
