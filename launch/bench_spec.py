@@ -198,7 +198,9 @@ def tree_nodes(method):
   if "/" not in method:
     return 0
   spec = spec_lib.SpecConfig.parse(method.replace(GATE_AUTO, ""))
-  return spec_lib.build_tree(spec, _PRECISION.value).num_nodes - 1
+  # The node budget: a stop's cost (auto or not) does not change it.
+  return spec_lib.build_tree(spec.replace(stop=0.0),
+                             _PRECISION.value).num_nodes - 1
 
 
 def summarize(rows, methods, bench, greedy=True):
