@@ -54,6 +54,7 @@ live row's valid nodes (`SpecLoop.verify_widths`, `SpecLoop.decode`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Optional
@@ -183,11 +184,9 @@ class WidthBudget:
     table = jnp.asarray(self.cost_table, jnp.float32)             # [L, J]
     if len(self.lengths) < 2 or length is None:
       return jnp.broadcast_to(table[-1], (batch, len(self.widths)))
-    s = jnp.asarray(self.lengths, jnp.float32)
-    x = jnp.clip(length.astype(jnp.float32), s[0], s[-1])
-    hi = jnp.clip(jnp.searchsorted(s, x, side="right"), 1, len(s) - 1)
-    t = ((x - s[hi - 1]) / (s[hi] - s[hi - 1]))[:, None]
-    return (1 - t) * table[hi - 1] + t * table[hi]
+    at = functools.partial(jnp.interp, length.astype(jnp.float32),
+                           jnp.asarray(self.lengths, jnp.float32))
+    return jax.vmap(at, in_axes=1, out_axes=1)(table)   # clamped outside
 
   def gains(self, tree: Tree, live: jax.Array,
             length: Optional[jax.Array] = None) -> jax.Array:

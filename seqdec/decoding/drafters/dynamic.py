@@ -103,10 +103,11 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
       go = mass >= budget.stop
       logits, carry = jax.lax.cond(go, grow, _skipped(grow, carry), carry)
     else:
-      go, (logits, carry) = True, grow(carry)                     # [B, K, V]
+      go, (logits, carry) = None, grow(carry)                     # [B, K, V]
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     child_lp, child_tok = sharding.top_k(logq, k)                 # [B, K, K]
-    child_lp = jnp.where(go, child_lp, -jnp.inf)
+    if go is not None:                 # a skipped level's candidates: -inf
+      child_lp = jnp.where(go, child_lp, -jnp.inf)
     cand_score = (front_score[:, :, None] + child_lp).reshape(b, k * k)
     cand_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
     cand_parent = jnp.repeat(front_slot, k, axis=1)
