@@ -119,9 +119,6 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-GATE_AUTO = "@gate=auto"
-
-
 def parse_method(method):
   """A method string as a `SpecConfig` (the one grammar,
   `seqdec.decoding.spec`), with --layers / --draft_layers as the default
@@ -133,11 +130,8 @@ def parse_method(method):
   from seqdec import app as app_lib
   from seqdec.decoding.spec import SpecConfig
   # pylint: enable=g-import-not-at-top
-  spec = SpecConfig.parse(method.replace(GATE_AUTO, ""), layers=_LAYERS.value,
+  spec = SpecConfig.parse(method, layers=_LAYERS.value,
                           draft_layers=_DRAFT_LAYERS.value)
-  if GATE_AUTO in method:
-    spec = spec.replace(gate=app_lib.auto_gate(_MODEL.value, spec,
-                                               _PRECISION.value))
   return app_lib.resolve_auto(_MODEL.value, spec, _PRECISION.value)
 
 
@@ -197,7 +191,7 @@ def tree_nodes(method):
   # pylint: enable=g-import-not-at-top
   if "/" not in method:
     return 0
-  spec = spec_lib.SpecConfig.parse(method.replace(GATE_AUTO, ""))
+  spec = spec_lib.SpecConfig.parse(method)
   # The node budget: a stop's cost (auto or not) does not change it.
   return spec_lib.build_tree(spec.replace(stop=0.0),
                              _PRECISION.value).num_nodes - 1

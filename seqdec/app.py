@@ -152,10 +152,12 @@ def auto_stop(model_name: str, spec: SpecConfig, policy: str) -> float:
 
 def resolve_auto(model_name: str, spec: SpecConfig, policy: str
                  ) -> SpecConfig:
-  """`spec` with `stop=auto` and `budget=auto` priced from this host's
-  profile (`auto_stop`, then `auto_budget`, which builds the tree)."""
+  """`spec` with `stop=auto`, `gate=auto` and `budget=auto` priced from
+  this host's profile (`auto_stop` first: the others build the tree)."""
   if spec.stop == "auto":
     spec = spec.replace(stop=auto_stop(model_name, spec, policy))
+  if spec.gate == "auto":
+    spec = spec.replace(gate=auto_gate(model_name, spec, policy))
   if spec.budget == "auto":
     spec = spec.replace(budget=auto_budget(model_name, spec, policy))
   return spec
@@ -166,14 +168,10 @@ def make_generator(config, model, tokenizer, speculative: bool = True,
   """The `Generator` a decode config describes: its `config.spec` block
   (`SpecConfig.from_config`), autoregressive when `speculative` is False,
   on `mesh` (default: the config's)."""
-  block = dict(config.spec)
-  auto = str(block.get("gate", "0")).strip() == "auto"
-  spec = SpecConfig.from_config(dict(block, gate=0.0) if auto else block)
+  spec = SpecConfig.from_config(config.spec)
   policy = precision_of(model.config)
   if not speculative:
     spec = SpecConfig(max_top_k=spec.max_top_k)
-  elif auto:
-    spec = spec.replace(gate=auto_gate(config.model, spec, policy))
   spec = resolve_auto(config.model, spec, policy)
   mesh = config_mesh(config) if mesh is None else mesh
   return Generator(model, tokenizer, spec,

@@ -136,6 +136,7 @@ class Generator:
         stop, dict(drafter_options or {}))
     self.budget = (spec_lib.build_budget(self.spec, self.tree)
                    if self.speculative else None)
+    self.gate = spec_lib.build_gate(self.spec) if self.speculative else 0.0
     self.mesh = mesh
     self._loop_params = (self.params,
                          self.drafter.params if self.speculative else ())
@@ -234,7 +235,7 @@ class Generator:
     return SpecLoop(target=self.graphdef, drafter=self.drafter,
                     tree=self.tree,
                     rule=spec_lib.build_rule(self.spec, temperature),
-                    sampler=sampler, shapes=shapes, gate=self.spec.gate,
+                    sampler=sampler, shapes=shapes, gate=self.gate,
                     budget=self.budget)
 
   @property

@@ -241,8 +241,9 @@ def test_auto_stop_is_the_drafters_per_level_cost(tmp_path, monkeypatch):
   spec = SpecConfig.parse("eagle@stop=auto/dyn16d4k4")
   assert app.auto_stop("tiny", spec, "f32") == pytest.approx(want / 10.0)
   both = app.resolve_auto("tiny", SpecConfig.parse(
-      "eagle@budget=auto@stop=auto/dyn16d4k4"), "f32")
+      "eagle@gate=auto@budget=auto@stop=auto/dyn16d4k4"), "f32")
   assert both.stop == pytest.approx(want / 10.0)
+  assert both.gate == app.auto_gate("tiny", spec.replace(stop=0.0), "f32") > 0
   assert both.budget == app.auto_budget("tiny", spec.replace(stop=0.0),
                                         "f32")
   thin = dataclasses.replace(prof, round_ms={"f32/eagle": {

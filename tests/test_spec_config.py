@@ -65,7 +65,7 @@ def test_parse_types_options_and_applies_defaults():
     ("ngram@max_ngram/chain2", "expected @key=value"),
     ("ngram@gate=often/chain2", "gate expects a number"),
     ("ngram@gate=-1/chain2", "gate must be a finite number >= 0"),
-    ("ngram@gate=auto/chain2", "gate expects a number"),
+    ("ngram@gate=soon/chain2", "gate expects a number >= 0"),
 ])
 def test_bad_methods_are_config_errors(method, fragment):
   with pytest.raises(ConfigError, match=fragment):
@@ -86,6 +86,18 @@ def test_config_file_block_is_the_parsed_spec():
     SpecConfig.from_config({**config.spec.to_dict(), "tree_size": 3})
   config.spec.gate = "0.5"               # a string there: 'auto' fits too
   assert SpecConfig.from_config(config.spec).gate == 0.5
+  config.spec.gate = "auto"
+  auto = SpecConfig.from_config(config.spec)
+  assert auto.gate == "auto" and str(auto).endswith("@gate=auto/chain3")
+  assert SpecConfig.from_config(auto.to_config()) == auto
+
+
+def test_an_unresolved_gate_is_refused_by_the_generator():
+  """`gate=auto` is priced by the app (`seqdec.app.resolve_auto`); a
+  Generator given it unresolved says so instead of comparing a string."""
+  model = testing.tiny_model()
+  with pytest.raises(ConfigError, match="gate=auto must be resolved"):
+    Generator(model, Tokenizer.byte_level(), "ngram@gate=auto/chain2")
 
 
 def test_resolve_rule_is_per_batch():

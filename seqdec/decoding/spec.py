@@ -15,8 +15,8 @@ Every way of naming a decoder goes through this module: the
              |  "gate"       a number g >= 0: a row whose drafts the drafter
                              expects to accept fewer than g of
                              (`Tree.expected_accepted`) verifies its root
-                             alone that round (0: never; the app resolves
-                             'auto' to the host's break-even)
+                             alone that round (0: never), or 'auto' (the
+                             tree's break-even on this host)
              |  "budget"     a verify budget: each round verifies only the
                              tree's first w slots, w from a ladder of widths
                              priced in decoding steps, '<w>:<c>+<w>:<c>...'
@@ -108,16 +108,19 @@ def _typed(key: str, value: Any, default: Any) -> Any:
   return str(value)
 
 
+AUTO = "auto"
 _THRESHOLDS = {
     "gate": "expected accepted drafts below which a round verifies its root "
-            "alone",
+            "alone, or 'auto'",
     "stop": "the cost of one drafter level in target decoding steps, or "
             "'auto'"}
 
 
-def _gate(value: Any, key: str = "gate") -> float:
-  """A `gate` or `stop` threshold as a float >= 0 (ConfigError
-  otherwise)."""
+def _threshold(value: Any, key: str) -> Any:
+  """A `gate` or `stop` threshold: a float >= 0, or 'auto' (priced from the
+  host profile by `seqdec.app.resolve_auto`); ConfigError otherwise."""
+  if str(value).strip() == AUTO:
+    return AUTO
   try:
     gate = float(value)
   except (TypeError, ValueError):
@@ -126,6 +129,11 @@ def _gate(value: Any, key: str = "gate") -> float:
   if not 0 <= gate < float("inf"):   # NaN fails too
     raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
   return gate
+
+
+def _threshold_str(value: Any) -> str:
+  """A threshold as the grammar writes it (every digit of a float kept)."""
+  return AUTO if value == AUTO else repr(value)
 
 
 TREE_PREFIXES = tree_specs.PREFIXES
@@ -158,7 +166,9 @@ class SpecConfig:
     gate: speculate only when it pays: a row whose expected accepted drafts
       (`Tree.expected_accepted`, by the drafter's own confidence) are below
       `gate` verifies its root alone that round (rows whose children are
-      drawn at random are never gated: `Tree.gated`); 0 never gates.
+      drawn at random are never gated: `Tree.gated`); 0 never gates;
+      'auto' is resolved by the app from the host profile
+      (`seqdec.app.auto_gate`: the tree's break-even).
     budget: '' (verify the whole tree), a verify-width ladder
       '<w>:<c>+...' (`budget.WidthBudget`), or 'auto' (resolved by the app
       from the host profile, `seqdec.app.auto_budget`).
@@ -175,7 +185,7 @@ class SpecConfig:
   rule: str = "auto"
   proposal: str = "topk"
   max_top_k: int = DEFAULT_MAX_TOP_K
-  gate: float = 0.0
+  gate: Any = 0.0
   budget: str = ""
   stop: Any = 0.0
 
@@ -194,11 +204,8 @@ class SpecConfig:
                         f"proposal={self.proposal!r} needs a model drafter")
     if self.max_top_k < 1:
       raise ConfigError(f"max_top_k must be >= 1, got {self.max_top_k}")
-    object.__setattr__(self, "gate", _gate(self.gate))
-    if str(self.stop).strip() != "auto":
-      object.__setattr__(self, "stop", _gate(self.stop, "stop"))
-    else:
-      object.__setattr__(self, "stop", "auto")
+    for key in _THRESHOLDS:
+      object.__setattr__(self, key, _threshold(getattr(self, key), key))
     budget = str(self.budget or "").strip()
     if budget and budget != "auto":
       budget = str(budget_lib.WidthBudget.parse(budget))
@@ -287,12 +294,11 @@ class SpecConfig:
     if self.rule != "auto":
       items.append(f"@rule={self.rule}")
     if self.gate:
-      items.append(f"@gate={self.gate!r}")
+      items.append(f"@gate={_threshold_str(self.gate)}")
     if self.budget:
       items.append(f"@budget={self.budget}")
     if self.stop:
-      items.append(f"@stop={self.stop!r}" if self.stop != "auto"
-                   else "@stop=auto")
+      items.append(f"@stop={_threshold_str(self.stop)}")
     return f"{self.drafter}{''.join(items)}/{self.tree}"
 
   # -- the config file's nested block ----------------------------------------
@@ -326,16 +332,16 @@ class SpecConfig:
   def to_config(self) -> dict[str, Any]:
     """A plain dict for `config.spec`: every drafter's options appear (with
     this drafter's values), so `--config.spec.options.<key>=...` overrides
-    type-check against the config file. `gate` is a string there, so that
-    `--config.spec.gate=auto` (the app's host break-even) can be set."""
+    type-check against the config file. `gate` and `stop` are strings
+    there, so that `--config.spec.gate=auto` can be set."""
     options = {k: v for opts in DRAFTER_OPTIONS.values()
                for k, v in opts.items()}
     if self.drafter is not None:
       options.update(self.drafter_options())
     return dict(drafter=self.drafter or "", tree=self.tree, rule=self.rule,
                 proposal=self.proposal, max_top_k=self.max_top_k,
-                gate=repr(self.gate), budget=self.budget,
-                stop=str(self.stop) if self.stop == "auto" else repr(self.stop),
+                gate=_threshold_str(self.gate), budget=self.budget,
+                stop=_threshold_str(self.stop),
                 options=options)
 
 
@@ -364,9 +370,9 @@ def build_tree(spec: SpecConfig, policy: str = "f32"):
   the target's precision policy, prices an 'auto' tree, which replays an
   n-gram drafter's rounds with its `adapt`."""
   shape = tree_specs.parse(spec.tree, policy, adapt=auto_adapt(spec))
-  if spec.stop == "auto":
+  if spec.stop == AUTO:
     raise ConfigError("stop=auto must be resolved from the host profile "
-                      "first (seqdec.app.auto_stop)")
+                      "first (seqdec.app.resolve_auto)")
   if spec.stop:
     if not isinstance(shape, trees.DynamicTree):
       raise ConfigError(f"stop={spec.stop!r} applies to dynamic trees "
@@ -424,6 +430,15 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
   else:
     options["confidence"] = None
   return drafters.make_drafter(spec.drafter, target, **options)
+
+
+def build_gate(spec: SpecConfig) -> float:
+  """The spec's round gate; 'auto' must have been resolved
+  (`seqdec.app.resolve_auto`)."""
+  if spec.gate == AUTO:
+    raise ConfigError("gate=auto must be resolved from the host profile "
+                      "first (seqdec.app.resolve_auto)")
+  return spec.gate
 
 
 def build_budget(spec: SpecConfig, shape) -> Optional[budget_lib.WidthBudget]:
