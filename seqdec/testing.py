@@ -208,7 +208,7 @@ FAST_COMPILE_XLA_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 def run_on_devices(script: str, *args: str, devices: int = 8,
                    x64: bool = False, optimize: bool = True,
-                   timeout: float = 900) -> str:
+                   xla_flags: str = "", timeout: float = 900) -> str:
   """Runs Python `script` (with `args`) in a subprocess on `devices`
   simulated CPU devices (the count is fixed when jax starts) and returns
   its last stdout line that starts with 'RESULT ', without the marker.
@@ -218,7 +218,10 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   `optimize=True` with them on, whatever the caller's environment. Off
   also compiles with XLA:CPU's legacy elemental emitters instead of its
   MLIR fusion emitters (about half the compile time of a tiny model's
-  decoding programs; slower code on a real model).
+  decoding programs; slower code on a real model). `xla_flags` are more
+  XLA flags; such a run does not use the caller's persistent compilation
+  cache (JAX_COMPILATION_CACHE_DIR), whose programs were measured to be
+  served in place of ones compiled under the flags.
   A failed run raises AssertionError with the end of its stderr."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -227,8 +230,12 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   if not optimize:
     flags += "".join(f" --{k}={str(v).lower()}"
                      for k, v in FAST_COMPILE_XLA_OPTIONS.items())
+  if xla_flags:
+    flags += " " + xla_flags
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              JAX_ENABLE_X64="1" if x64 else "0", XLA_FLAGS=flags)
+  if xla_flags:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimize else "1"
   done = subprocess.run([sys.executable, "-c", script, *args], env=env,
                         capture_output=True, text=True, timeout=timeout)

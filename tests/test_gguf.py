@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from seqdec import host_profile
+from seqdec import testing
 from seqdec.checkpoints import cache as C
 from seqdec.checkpoints import gguf as G
 from seqdec.checkpoints.gguf import load as L
@@ -910,9 +911,9 @@ def test_smollm2_f32_packed_log_softmax_parity(smollm2, hf_smollm2):
 
 
 # XLA:CPU without its YNNPACK fusions (dots and reductions by Eigen and the
-# elemental emitters). The flag must be in XLA_FLAGS before jax starts; the
-# subprocess runs without the suite's persistent compilation cache, under
-# which the flag was measured to have no effect in-process.
+# elemental emitters). The flag must be in XLA_FLAGS before jax starts
+# (`testing.run_on_devices`, which also leaves out the suite's persistent
+# compilation cache, under which the flag was measured to have no effect).
 NO_YNN_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 NO_YNN_SCRIPT = textwrap.dedent("""
     import sys
@@ -929,6 +930,7 @@ NO_YNN_SCRIPT = textwrap.dedent("""
       m = model if policy == "f32" else with_precision(model, policy)
       out[policy] = np.asarray(m(t, pos, m.init_cache(1, len(ids)))[0][0])
     np.savez(sys.argv[4], **out)
+    print("RESULT done")
 """)
 
 
@@ -942,16 +944,11 @@ def test_smollm2_parity_without_ynn_fusions(smollm2, hf_smollm2, tmp_path):
   host, the AMX Xeon included (there 7.4e-5 and 9.3e-5, against 1.41e-4
   and 1.21e-4 with the fusions; `AMX_F32_DEVIATION`)."""
   _, _, ids, _ = smollm2
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
-  env.update(XLA_FLAGS=NO_YNN_FLAGS, JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="0", JAX_ENABLE_X64="0")
   out = tmp_path / "logits.npz"
-  proc = subprocess.run(
-      [sys.executable, "-c", NO_YNN_SCRIPT, _need_smollm2(),
-       str(tmp_path / "cache"), ",".join(map(str, ids)), str(out)],
-      env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  testing.run_on_devices(NO_YNN_SCRIPT, _need_smollm2(),
+                         str(tmp_path / "cache"), ",".join(map(str, ids)),
+                         str(out), devices=1, xla_flags=NO_YNN_FLAGS,
+                         timeout=600)
   oracle = _log_softmax64(hf_smollm2["logits64"])
   got = np.load(out)
   deltas = {p: float(np.abs(_log_softmax64(got[p]) - oracle).max())
