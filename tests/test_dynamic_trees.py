@@ -23,13 +23,16 @@ def table(seed):
   return np.random.default_rng(seed).normal(size=(8, V, V)) * 2.0
 
 
-def grow(budget, roots, logit_table, live=None):
+def grow(budget, roots, logit_table, live=None, vocab_ids=None):
+  """The tree; with `vocab_ids`, `logit_table`'s last axis holds those
+  ids' logits only (a trimmed head's)."""
   root_logits = jnp.asarray(logit_table[0][roots])
 
   def expand(d, tokens, parent_pos, carry):
     return jnp.asarray(logit_table[d])[tokens], carry + 1
   tree, levels = jax.jit(lambda r, l, live: grow_dynamic_tree(
-      budget, r, l, expand, 0, live))(jnp.asarray(roots), root_logits, live)
+      budget, r, l, expand, 0, live, vocab_ids))(jnp.asarray(roots),
+                                                 root_logits, live)
   return jax.tree.map(np.asarray, tree), int(levels)
 
 
@@ -84,6 +87,25 @@ def test_trees_are_valid_and_keep_the_best_candidates(budget):
     alone, _ = grow(budget, roots[b:b + 1], logit_table)
     np.testing.assert_array_equal(alone.tokens[0], tree.tokens[b])
     np.testing.assert_array_equal(alone.parents[0], tree.parents[b])
+
+
+def test_a_trimmed_heads_kept_logits_grow_the_same_tree():
+  """Logits over M ascending kept ids (`vocab_ids`) grow the tree that the
+  same logits spread over V with -inf elsewhere (`grow.trimmed_logits`)
+  grow: the same tokens, parents and scores, ties included (the table is
+  rounded so that some logits tie)."""
+  keep = np.array([0, 2, 3, 5, 8, 11])
+  compact = np.round(table(2)[:, :, keep])        # [depth, V, M] with ties
+  full = np.full(table(2).shape, -np.inf)
+  full[:, :, keep] = compact
+  roots = np.array([2, 11, 4])
+  for budget in (DynamicTree(8, 3, 2), DynamicTree(10, 4, 3)):
+    want, _ = grow(budget, roots, full)
+    got, _ = grow(budget, roots, compact, vocab_ids=keep)
+    assert np.isin(got.tokens[:, 1:], keep).all()
+    for field in ("tokens", "parents", "path_logq"):
+      np.testing.assert_array_equal(getattr(got, field),
+                                    getattr(want, field), err_msg=field)
 
 
 def frontier_mass(budget, cands, d):

@@ -182,7 +182,7 @@ class PackedWeight:
   to (contracted input, output) with N = prod(out_shape).
 
   Stands where the model's weight array stood (`param[...]` returns it);
-  `transformer._matmul` calls `matmul`. `columns(ids)` reads W's columns
+  `transformer.weight_matmul` calls `matmul`. `columns(ids)` reads W's columns
   `ids` as rows (`[..., K]`): the tied embedding's rows for the token
   lookup and for a trimmed head.
   """

@@ -48,7 +48,7 @@ from flax import nnx
 from seqdec.models.config import TransformerConfig, as_dtype
 from seqdec.models.transformer import (EMBED, Block, KVCache, init_cache,
                                        inv_freq_array, logical_param,
-                                       run_blocks)
+                                       run_blocks, weight_matmul)
 
 
 def eagle_config(target) -> TransformerConfig:
@@ -120,6 +120,10 @@ class EagleNet(nnx.Module):
                        f"{config.num_layers} (use eagle_config)")
     self.config = config
     pdt, self.dtype = as_dtype(config.param_dtype), as_dtype(config.dtype)
+    # The matmuls' operand dtype (the target's policy: bf16 under
+    # bf16_weights, so W_fc and W_fuse meet a bf16 kernel, not an f32 dot
+    # with the weights converted at every call).
+    self.mm_dtype = as_dtype(config.matmul_dtype or config.dtype)
     d = config.hidden_size
     self.taps = tuple(int(t) for t in taps)
     self.fuse = logical_param(
@@ -145,10 +149,8 @@ class EagleNet(nnx.Module):
       raise ValueError(f"EAGLE network with taps {list(self.taps)} got "
                        f"features of width {features.shape[-1]}; expected "
                        f"{d} or {(len(self.taps) + 1) * d}")
-    acc = jnp.promote_types(self.dtype, jnp.float32)
-    return jnp.einsum("...k,kd->...d", features.astype(self.dtype),
-                      self.fuse[...].astype(self.dtype),
-                      preferred_element_type=acc).astype(self.dtype)
+    return weight_matmul("...k,kd->...d", features, self.fuse[...],
+                         self.dtype, self.mm_dtype)
 
   def __call__(self, embeds: jax.Array, features: jax.Array,
                positions: jax.Array, cache: KVCache,
@@ -168,11 +170,10 @@ class EagleNet(nnx.Module):
     Returns:
       `(f^ [B, T, D], cache)`.
     """
-    acc = jnp.promote_types(self.dtype, jnp.float32)
     x = jnp.concatenate([embeds.astype(self.dtype),
                          self.lift(features).astype(self.dtype)], axis=-1)
-    u = jnp.einsum("btk,kd->btd", x, self.fc[...].astype(self.dtype),
-                   preferred_element_type=acc).astype(self.dtype)
+    u = weight_matmul("btk,kd->btd", x, self.fc[...], self.dtype,
+                      self.mm_dtype)
     u = u + self.fc_bias[...].astype(self.dtype)
     inv = self.inv_freq[...]
     return run_blocks(self.layers, self.config, u, positions, cache, mask,

@@ -339,7 +339,7 @@ def rms_norm(config: TransformerConfig, rngs: Optional[nnx.Rngs],
                  offset=config.norm_offset, axis_name=axis_name)
 
 
-def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
+def weight_matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
   """`einsum(spec, x, w)` of a weight matmul: both operands in `mm_dtype`
   (the config's `matmul_dtype`, default the compute dtype), accumulated in
   float32 (or wider), the result in the compute `dtype` (`cast`) or left in
@@ -356,7 +356,7 @@ def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
   x = x.astype(mm_dtype)
   rows = x.size // x.shape[-1]
   pad = rows == 1 and jnp.dtype(mm_dtype) == jnp.bfloat16
-  if pad:   # one row: see BF16_MIN_ROWS
+  if pad:   # one row: a slower bf16 kernel on CPU than two rows
     x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
   y = jnp.einsum(spec, x, w.astype(mm_dtype), preferred_element_type=acc)
   if pad:
@@ -365,8 +365,8 @@ def _matmul(spec: str, x, w, dtype, mm_dtype, cast: bool = True):
 
 
 def _dot(x, w, dtype, mm_dtype=None):
-  """x @ w (`_matmul`)."""
-  return _matmul("...i,io->...o", x, w, dtype, mm_dtype or dtype)
+  """x @ w (`weight_matmul`)."""
+  return weight_matmul("...i,io->...o", x, w, dtype, mm_dtype or dtype)
 
 
 # Above this many queries per kv head (T*G), 'auto' uses matmuls on CPU too:
@@ -555,8 +555,8 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     nk, g, dh = self.num_kv_heads, self.groups, self.head_dim
     acc = jnp.promote_types(self.dtype, jnp.float32)
-    y = _matmul("btd,dkjh->btkjh", x, self.qkv_proj[...], self.dtype,
-                self.mm_dtype)
+    y = weight_matmul("btd,dkjh->btkjh", x, self.qkv_proj[...],
+                      self.dtype, self.mm_dtype)
     if self.qkv_bias is not None:
       y = y + self.qkv_bias[...].astype(self.dtype)
     q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
@@ -648,8 +648,8 @@ class MLP(nnx.Module):
     self.down_bias = logical_param(rngs, (d,), (EMBED,), pdt, zeros) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gu = _matmul("btd,djf->btjf", x, self.gate_up_proj[...], self.dtype,
-                 self.mm_dtype)
+    gu = weight_matmul("btd,djf->btjf", x, self.gate_up_proj[...],
+                       self.dtype, self.mm_dtype)
     if self.gate_up_bias is not None:
       gu = gu + self.gate_up_bias[...].astype(self.dtype)
     h = _ACTIVATIONS[self.activation](gu[:, :, 0]) * gu[:, :, 1]
@@ -901,7 +901,8 @@ class Transformer(nnx.Module):
     same from their `weight = head_weight(ids)`."""
     w, spec = ((weight, "...d,dv->...v") if weight is not None
                else self._head_matrix(ids))
-    return _matmul(spec, features, w, self.dtype, self.mm_dtype, cast=False)
+    return weight_matmul(spec, features, w, self.dtype, self.mm_dtype,
+                         cast=False)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[..., D]` pre-norm hidden -> `[..., V]` logits: head(features(h))."""

@@ -39,6 +39,12 @@ same function of the target's distributions: stopping changes speed only.
 Children are the deterministic top-k (the re-ranking would break the laws
 of i.i.d. or without-replacement children), so at temperature > 0 a dynamic
 tree is verified with the lossless rule's deterministic step.
+
+A trimmed drafter head (VocabTrim) scores M kept ids only; its logits can
+come as `[..., M]` with the ids `vocab_ids` (ascending), and log q and the
+top-k run over the M entries: log q is the same (the other V - M tokens
+have q = 0) and so are the children, ties included (the lower id first),
+without a `[..., V]` array per level.
 """
 
 from __future__ import annotations
@@ -60,6 +66,17 @@ ExpandFrontier = Callable[[int, jax.Array, jax.Array, Any],
                           tuple[jax.Array, Any]]
 
 
+def _top_k(logits: jax.Array, k: int, vocab_ids: Optional[jax.Array]
+           ) -> tuple[jax.Array, jax.Array]:
+  """`(log q, token ids)` `[..., k]` of the k most likely children from
+  drafter logits `[..., V]`, or `[..., M]` over the ascending sub-vocabulary
+  `vocab_ids` `[M]` (module docstring)."""
+  logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  score, idx = sharding.top_k(logq, k)
+  tok = idx if vocab_ids is None else jnp.take(vocab_ids, idx)
+  return score, tok.astype(jnp.int32)
+
+
 def _lexsort_rows(primary: jax.Array, secondary: jax.Array) -> jax.Array:
   """Per-row order by `primary` ascending, then `secondary` ascending."""
   return jax.vmap(lambda p, s: jnp.lexsort((s, p)))(primary, secondary)
@@ -67,7 +84,8 @@ def _lexsort_rows(primary: jax.Array, secondary: jax.Array) -> jax.Array:
 
 def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
                       root_logits: jax.Array, expand: ExpandFrontier,
-                      carry: Any, live: Optional[jax.Array] = None
+                      carry: Any, live: Optional[jax.Array] = None,
+                      vocab_ids: Optional[jax.Array] = None
                       ) -> tuple[Tree, Any]:
   """The module docstring's tree under each row's root.
 
@@ -80,19 +98,20 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
       `expand` returns.
     carry: the drafter's state threaded through `expand`.
     live: `[B]` the rows whose mass counts for stopping (default: all).
+    vocab_ids: `[M]` ascending: the logits (root's and `expand`'s) are over
+      these ids only (a trimmed head; module docstring), else over V.
 
   Returns:
     `(tree, carry)`: a valid tree of N nodes and depth <= D per row.
   """
   k, depth_max, n = budget.top_k, budget.max_depth, budget.num_nodes
   b = root.shape[0]
-  logp = jax.nn.log_softmax(root_logits.astype(jnp.float32), -1)
-  score, tok = sharding.top_k(logp, k)                             # [B, K]
-  toks, scores = [tok.astype(jnp.int32)], [score]
+  score, tok = _top_k(root_logits, k, vocab_ids)                   # [B, K]
+  toks, scores = [tok], [score]
   parents = [jnp.full((b, k), -1, jnp.int32)]     # candidate slot, -1: root
   depths = [jnp.ones((b, k), jnp.int32)]
   front_slot = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
-  front_tok, front_score = tok.astype(jnp.int32), score
+  front_tok, front_score = tok, score
   parent_pos = jnp.zeros((b, k), jnp.int32)
   base = k
   for d in range(1, depth_max):
@@ -104,12 +123,11 @@ def grow_dynamic_tree(budget: DynamicTree, root: jax.Array,
       logits, carry = jax.lax.cond(go, grow, _skipped(grow, carry), carry)
     else:
       go, (logits, carry) = None, grow(carry)                     # [B, K, V]
-    logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    child_lp, child_tok = sharding.top_k(logq, k)                 # [B, K, K]
+    child_lp, child_tok = _top_k(logits, k, vocab_ids)            # [B, K, K]
     if go is not None:                 # a skipped level's candidates: -inf
       child_lp = jnp.where(go, child_lp, -jnp.inf)
     cand_score = (front_score[:, :, None] + child_lp).reshape(b, k * k)
-    cand_tok = child_tok.reshape(b, k * k).astype(jnp.int32)
+    cand_tok = child_tok.reshape(b, k * k)
     cand_parent = jnp.repeat(front_slot, k, axis=1)
     toks.append(cand_tok)
     scores.append(cand_score)
@@ -157,7 +175,9 @@ def _skipped(grow: Callable[[Any], tuple[jax.Array, Any]], carry: Any):
 
 
 def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
-                   expand: ExpandFrontier, carry: Any) -> tuple[Tree, Any]:
+                   expand: ExpandFrontier, carry: Any,
+                   vocab_ids: Optional[jax.Array] = None
+                   ) -> tuple[Tree, Any]:
   """ReDrafter's candidates (Cheng et al., 2024): a beam search of W =
   `budget.width` beams over D = `budget.max_depth` tokens below each row's
   root, its final beams merged into a prefix tree.
@@ -183,19 +203,15 @@ def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
   """
   w, depth = budget.width, budget.max_depth
   b = root.shape[0]
-  logp = jax.nn.log_softmax(root_logits.astype(jnp.float32), -1)
-  score, tok = sharding.top_k(logp, w)                             # [B, W]
-  tok = tok.astype(jnp.int32)
+  score, tok = _top_k(root_logits, w, vocab_ids)                   # [B, W]
   toks, scores = [tok], [score]
   parent_beams = [jnp.zeros((b, w), jnp.int32)]   # level 1: the root
   for d in range(1, depth):
     logits, carry = expand(d, tok, parent_beams[-1], carry)       # [B, W, V]
-    logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    child_lp, child_tok = sharding.top_k(logq, w)                 # [B, W, W]
+    child_lp, child_tok = _top_k(logits, w, vocab_ids)            # [B, W, W]
     cand = (score[:, :, None] + child_lp).reshape(b, w * w)
     score, idx = jax.lax.top_k(cand, w)                           # [B, W]
-    tok = jnp.take_along_axis(child_tok.reshape(b, w * w), idx,
-                              1).astype(jnp.int32)
+    tok = jnp.take_along_axis(child_tok.reshape(b, w * w), idx, 1)
     parent_beams.append((idx // w).astype(jnp.int32))
     toks.append(tok)
     scores.append(score)
@@ -219,11 +235,13 @@ def grow_beam_tree(budget: BeamTree, root: jax.Array, root_logits: jax.Array,
 
 def grow_frontier_tree(budget: FrontierBudget, root: jax.Array,
                        root_logits: jax.Array, expand: ExpandFrontier,
-                       carry: Any, live: Optional[jax.Array] = None
+                       carry: Any, live: Optional[jax.Array] = None,
+                       vocab_ids: Optional[jax.Array] = None
                        ) -> tuple[Tree, Any]:
   """The tree of `budget`'s kind: `grow_dynamic_tree` (EAGLE-2; `live`
   rows count for its stopping) or `grow_beam_tree` (ReDrafter), from one
-  frontier expansion."""
+  frontier expansion (logits over `vocab_ids` if given)."""
   if isinstance(budget, DynamicTree):
-    return grow_dynamic_tree(budget, root, root_logits, expand, carry, live)
-  return grow_beam_tree(budget, root, root_logits, expand, carry)
+    return grow_dynamic_tree(budget, root, root_logits, expand, carry, live,
+                             vocab_ids)
+  return grow_beam_tree(budget, root, root_logits, expand, carry, vocab_ids)

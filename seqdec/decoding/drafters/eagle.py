@@ -111,9 +111,13 @@ class EagleDrafter(Drafter):
                                                               keep_ids)
     self.feature_width = net.config.hidden_size    # f^, the predictions
 
-  def scores(self, target, params, f_hat: jax.Array) -> jax.Array:
+  def scores(self, target, params, f_hat: jax.Array,
+             compact: bool = False) -> jax.Array:
     """`[..., V]` drafter logits: head(f^), or with a trimmed head the kept
-    ids' logits and -inf elsewhere (module docstring)."""
+    ids' logits and -inf elsewhere (module docstring); `compact`: a trimmed
+    head's `[..., M]` kept logits alone (over the ids `params[2]`)."""
+    if compact and self.trimmed:
+      return target.head(f_hat, params[2], params[3])
     return head_scores(target, f_hat, params[2], params[3], self.vocab_size)
 
   def window_slots(self, shape) -> int:
@@ -164,15 +168,20 @@ class EagleDrafter(Drafter):
         positions=jnp.concatenate([t_behind, rnd.length[:, None]], 1),
         n_behind=n_behind)
 
+    frontier = isinstance(shape, FrontierBudget)
+
     def feed(tokens, feats, positions, cache, mask, scored):
       """f^ of new window entries, and the drafter logits of the last
-      `scored` of them (the others are behind pairs, never expanded)."""
+      `scored` of them (the others are behind pairs, never expanded); a
+      frontier tree takes a trimmed head's kept logits alone."""
       out, cache = net(target.embed_tokens(tokens), feats, positions, cache,
                        mask)
-      return out, self.scores(target, params, out[:, -scored:]), cache
+      return out, self.scores(target, params, out[:, -scored:],
+                              compact=frontier), cache
 
-    if isinstance(shape, FrontierBudget):
-      tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache)
+    if frontier:
+      tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache,
+                                       params[2])
     else:
       tree, cache = self._grow_static(shape, rnd, key, first, feed,
                                       state.cache)
@@ -220,10 +229,11 @@ class EagleDrafter(Drafter):
                                         (cache, pred0))
     return tree, cache
 
-  def _grow_dynamic(self, shape, rnd, first, feed, cache):
+  def _grow_dynamic(self, shape, rnd, first, feed, cache, vocab_ids):
     """EAGLE-2 or beam search (`drafters.dynamic`): window entries are the
-    behind pairs, the root, then K frontier nodes per level 1 .. D-1, with an ancestor
-    relation over them built level by level."""
+    behind pairs, the root, then K frontier nodes per level 1 .. D-1, with
+    an ancestor relation over them built level by level; the logits are
+    over `vocab_ids` (a trimmed head) or V (None)."""
     b, lag, k = rnd.root.shape[0], shape.max_depth, shape.top_k
     width = lag + 1 + (shape.max_depth - 1) * k
     root_only = jnp.full((b, 1), -1, jnp.int32)
@@ -252,7 +262,7 @@ class EagleDrafter(Drafter):
 
     tree, (cache, *_) = grow_frontier_tree(
         shape, rnd.root, logits[:, -1], expand,
-        (cache, anc, prev_pred, prev_entry), rnd.live)
+        (cache, anc, prev_pred, prev_entry), rnd.live, vocab_ids)
     return tree, cache
 
   def commit(self, params, state, shape, rnd, outcome: Outcome):

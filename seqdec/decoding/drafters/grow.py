@@ -143,10 +143,11 @@ def head_scores(target, h: jax.Array, keep_ids: Optional[jax.Array],
 def prebuilt_head(target, keep_ids: Optional[np.ndarray]):
   """`(keep_ids, weight)` as device arrays for `head_scores`: the trimmed
   head's weight built once (not gathered at every level), or (None,
-  None)."""
+  None). The ids are sorted ascending, so that a top-k over the kept
+  logits breaks ties as one over V does (`drafters.dynamic`)."""
   if keep_ids is None:
     return None, None
-  keep = jnp.asarray(keep_ids)
+  keep = jnp.asarray(np.sort(np.asarray(keep_ids)))
   return keep, target.head_weight(keep)
 
 
