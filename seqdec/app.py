@@ -154,11 +154,11 @@ def resolve_auto(model_name: str, spec: SpecConfig, policy: str
                  ) -> SpecConfig:
   """`spec` with `stop=auto`, `gate=auto` and `budget=auto` priced from
   this host's profile (`auto_stop` first: the others build the tree)."""
-  if spec.stop == "auto":
+  if spec.stop == spec_lib.AUTO:
     spec = spec.replace(stop=auto_stop(model_name, spec, policy))
-  if spec.gate == "auto":
+  if spec.gate == spec_lib.AUTO:
     spec = spec.replace(gate=auto_gate(model_name, spec, policy))
-  if spec.budget == "auto":
+  if spec.budget == spec_lib.AUTO:
     spec = spec.replace(budget=auto_budget(model_name, spec, policy))
   return spec
 

@@ -230,11 +230,10 @@ def run_on_devices(script: str, *args: str, devices: int = 8,
   if not optimize:
     flags += "".join(f" --{k}={str(v).lower()}"
                      for k, v in FAST_COMPILE_XLA_OPTIONS.items())
-  if xla_flags:
-    flags += " " + xla_flags
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              JAX_ENABLE_X64="1" if x64 else "0", XLA_FLAGS=flags)
   if xla_flags:
+    env["XLA_FLAGS"] = f"{flags} {xla_flags}"
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if optimize else "1"
   done = subprocess.run([sys.executable, "-c", script, *args], env=env,
