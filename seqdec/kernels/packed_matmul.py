@@ -1,4 +1,5 @@
-"""Small-M float32 weight matmuls on XLA:CPU through a custom call.
+"""Small-M weight matmuls on XLA:CPU through a custom call: float32, or
+bfloat16 weights and activations with float32 accumulation.
 
 On a CPU, XLA runs a one-row weight matmul as a matrix-vector product at
 memory bandwidth, but a 2-16-row one as a GEMM that repacks the weight
@@ -24,9 +25,24 @@ under `$SEQDEC_CACHE/kernels` (default `~/.cache/seqdec`), keyed by the
 source, the compiler, the flags and the CPU; nothing is downloaded. A host
 without a C++ compiler gets `KernelBuildError` when the policy is asked for.
 
+bfloat16 (the 'bf16_packed' policy): W and x in bf16, products exact in
+float32 and summed in float32. The panels then hold pairs of consecutive
+k (the operand layout of AVX512-BF16's dot-product instruction),
+
+    panels[p, k2, 2 j + e] = W[2 k2 + e, 16 p + j]     W: [K, N] -> [ceil(N/16), K2, 32]
+
+(K padded with zero rows to a multiple of 32, K2 = that / 2: whole AMX
+tiles), and y[m, n] adds, for each
+pair, the odd k's product and then the even k's: the same function as
+XLA's bf16 x bf16 -> f32 dot (the bf16_weights policy) up to the order of
+the float32 additions, at half the f32 kernel's bytes per call. The kernel
+runs on AMX tiles where the host has them (every M; a 16-row call then
+costs about what a 1-row call does), else VDPBF16PS, else it widens the
+pairs to float32 (`cpu/packed_matmul.cc`).
+
 The model side is `PackedWeight` (a pytree holding the panels and the
-matrix's logical output shape) and the 'f32_packed' precision policy
-(`seqdec.models.config.PRECISIONS`, `transformer.with_precision`).
+matrix's logical shape) and the 'f32_packed' and 'bf16_packed' precision
+policies (`seqdec.models.config.PRECISIONS`, `transformer.with_precision`).
 """
 
 from __future__ import annotations
@@ -50,9 +66,18 @@ from seqdec.errors import UserError
 
 LANES = 16
 TARGET = "seqdec_packed_matmul"
+TARGET_BF16 = "seqdec_packed_matmul_bf16"
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu", "packed_matmul.cc")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++20",
          "-shared", "-fPIC", "-w")
+# Extra compiler flags (part of the build's cache key), e.g.
+# `-mno-avx512bf16` to build the bf16 kernel's portable path on a host
+# that has the instruction (its test does).
+FLAGS_ENV = "SEQDEC_KERNEL_CXXFLAGS"
+
+
+def _flags() -> tuple[str, ...]:
+  return FLAGS + tuple(os.environ.get(FLAGS_ENV, "").split())
 
 
 class KernelBuildError(UserError):
@@ -80,8 +105,9 @@ def _compiler() -> str:
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not cxx:
     raise KernelBuildError(
-        "the f32_packed policy compiles a C++ kernel on first use, and no C++ "
-        "compiler was found (set CXX, or install g++); use precision=f32")
+        "the f32_packed and bf16_packed policies compile a C++ kernel on "
+        "first use, and no C++ compiler was found (set CXX, or install g++); "
+        "use precision=f32 or bf16_weights")
   return cxx
 
 
@@ -97,7 +123,7 @@ def library_path() -> str:
   except (OSError, subprocess.CalledProcessError) as e:
     raise KernelBuildError(f"{cxx} --version failed: {e}") from e
   key = hashlib.sha256(b"\0".join([
-      source, " ".join(FLAGS).encode(), version.encode(),
+      source, " ".join(_flags()).encode(), version.encode(),
       _cpu_signature().encode(), jax.__version__.encode()])).hexdigest()[:16]
   path = os.path.join(_cache_root(), f"packed_matmul-{key}.so")
   if os.path.exists(path):
@@ -105,7 +131,7 @@ def library_path() -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  cmd = [cxx, *FLAGS, f"-I{include}", SOURCE, "-o", tmp, "-lpthread"]
+  cmd = [cxx, *_flags(), f"-I{include}", SOURCE, "-o", tmp, "-lpthread"]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode:
     os.unlink(tmp)
@@ -140,38 +166,66 @@ def ensure_registered(threads: Optional[int] = None) -> None:
       if threads <= 0 and hasattr(os, "sched_getaffinity"):
         threads = len(os.sched_getaffinity(0))
     lib.seqdec_packed_matmul_set_threads(ctypes.c_int(threads))
-    jax.ffi.register_ffi_target(
-        TARGET, jax.ffi.pycapsule(lib.SeqdecPackedMatmul), platform="cpu")
+    for name, fn in ((TARGET, lib.SeqdecPackedMatmul),
+                     (TARGET_BF16, lib.SeqdecPackedMatmulBf16)):
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     _LIBRARY = lib
 
 
+def _paired(dtype) -> bool:
+  """bfloat16 panels hold k pairs (module docstring)."""
+  return np.dtype(dtype) == np.dtype(jnp.bfloat16)
+
+
 def pack(w: Any) -> Any:
-  """`[K, N]` -> panels `[ceil(N/16), K, 16]`, zero-padded columns
+  """`[K, N]` -> panels: `[ceil(N/16), K, 16]` (float32), or for a bfloat16
+  W `[ceil(N/16), K2, 32]` (k pairs, K2 = ceil(K/32) * 16); zero-padded
   (numpy in, numpy out; a jax array in, a jax array out)."""
   xp = np if isinstance(w, np.ndarray) else jnp
   k, n = w.shape
   pad = -n % LANES
   if pad:
     w = xp.concatenate([w, xp.zeros((k, pad), w.dtype)], axis=1)
-  return w.reshape(k, -1, LANES).transpose(1, 0, 2)
+  if not _paired(w.dtype):
+    return w.reshape(k, -1, LANES).transpose(1, 0, 2)
+  if k % 32:
+    w = xp.concatenate([w, xp.zeros((-k % 32, w.shape[1]), w.dtype)], axis=0)
+  k2 = w.shape[0] // 2
+  return w.reshape(k2, 2, -1, LANES).transpose(2, 0, 3, 1).reshape(
+      -1, k2, 2 * LANES)
 
 
-def unpack(panels: Any, n: int) -> Any:
-  """The inverse of `pack`: `[P, K, 16]` -> `[K, n]`."""
-  p, k, _ = panels.shape
-  return panels.transpose(1, 0, 2).reshape(k, p * LANES)[:, :n]
+def unpack(panels: Any, n: int, k: Optional[int] = None) -> Any:
+  """The inverse of `pack`: panels -> `[K, n]` (K = `k`, default all the
+  panels' rows)."""
+  p = panels.shape[0]
+  if _paired(panels.dtype):
+    k2 = panels.shape[1]
+    w = panels.reshape(p, k2, LANES, 2).transpose(1, 3, 0, 2).reshape(
+        2 * k2, p * LANES)
+  else:
+    w = panels.transpose(1, 0, 2).reshape(panels.shape[1], p * LANES)
+  return w[:k, :n]
 
 
 def matmul_2d(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-  """`[M, K] float32 @ W [K, n]` with W given as `pack(W)` (the custom
-  call; XLA:CPU only)."""
-  if x.dtype != jnp.float32 or panels.dtype != jnp.float32:
-    raise TypeError(f"packed matmul is float32 only; got x {x.dtype}, "
-                    f"panels {panels.dtype}")
+  """`x [M, K] @ W [K, n]` with W given as `pack(W)` (the custom call;
+  XLA:CPU only), float32 out. Float32 panels take a float32 x; bfloat16
+  panels round x to bfloat16 (as the bf16_weights policy's dot does)."""
   m = x.shape[0]
   p = panels.shape[0]
-  y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, p * LANES),
-                                                     jnp.float32))(x, panels)
+  out = jax.ShapeDtypeStruct((m, p * LANES), jnp.float32)
+  if _paired(panels.dtype):
+    x = x.astype(jnp.bfloat16)
+    pad = 2 * panels.shape[1] - x.shape[1]
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad)))
+    y = jax.ffi.ffi_call(TARGET_BF16, out)(x, panels)
+  else:
+    if x.dtype != jnp.float32 or panels.dtype != jnp.float32:
+      raise TypeError(f"packed matmul takes float32 or bfloat16 panels with "
+                      f"a float32 x; got x {x.dtype}, panels {panels.dtype}")
+    y = jax.ffi.ffi_call(TARGET, out)(x, panels)
   return y if n == p * LANES else y[:, :n]
 
 
@@ -191,6 +245,8 @@ class PackedWeight:
   out_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   transposed: bool = dataclasses.field(default=False,
                                        metadata=dict(static=True))
+  # K (bfloat16 panels pad it to a multiple of 32); 0: the panels' rows.
+  rows: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def __getitem__(self, index):
     if index is Ellipsis:
@@ -204,7 +260,7 @@ class PackedWeight:
 
   @property
   def in_dim(self) -> int:
-    return self.panels.shape[1]
+    return self.rows or self.panels.shape[1]
 
   @property
   def out_dim(self) -> int:
@@ -216,21 +272,28 @@ class PackedWeight:
     contracted (or, `transposed`, a `[N, K]` matrix contracted on its last
     axis: a tied embedding used as the LM head)."""
     if transposed:
-      return cls(pack(w.T), (w.shape[0],), True)
-    return cls(pack(w.reshape(w.shape[0], -1)), tuple(w.shape[1:]))
+      return cls(pack(w.T), (w.shape[0],), True, w.shape[1])
+    return cls(pack(w.reshape(w.shape[0], -1)), tuple(w.shape[1:]), False,
+               w.shape[0])
 
   def to_array(self) -> Any:
     """The weight array `from_matrix` was given."""
-    w = unpack(self.panels, self.out_dim)
+    w = unpack(self.panels, self.out_dim, self.in_dim)
     return w.T if self.transposed else w.reshape(self.in_dim,
                                                  *self.out_shape)
 
   def matmul(self, x: jax.Array) -> jax.Array:
-    """`[..., K] -> [..., *out_shape]`, float32."""
+    """`[..., K] -> [..., *out_shape]`, float32 (x rounded to bfloat16 for
+    bfloat16 panels)."""
     lead = x.shape[:-1]
     y = matmul_2d(x.reshape(-1, x.shape[-1]), self.panels, self.out_dim)
     return y.reshape(*lead, *self.out_shape)
 
   def columns(self, ids: jax.Array) -> jax.Array:
     """W[:, ids] as `[*ids.shape, K]` (a gather of K strided entries per id)."""
-    return self.panels[ids // LANES, :, ids % LANES]
+    p, j = ids // LANES, ids % LANES
+    if not _paired(self.panels.dtype):
+      return self.panels[p, :, j]
+    pairs = jnp.stack([self.panels[p, :, 2 * j], self.panels[p, :, 2 * j + 1]],
+                      axis=-1)                            # [..., K2, 2]
+    return pairs.reshape(*ids.shape, -1)[..., :self.in_dim]

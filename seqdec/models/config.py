@@ -31,6 +31,8 @@ PLATFORMS = (None, "cpu", "tpu", "gpu")
 # f32_packed is f32 with every weight matmul run by the CPU kernel of
 # `seqdec.kernels.packed_matmul` on weights stored in its panel layout:
 # a 2-16-token call reads the weights once, as a 1-token step does.
+# bf16_packed is bf16_weights' function (bf16 x bf16 -> f32 weight matmuls)
+# run by the same kernel on bf16 panels: half the bytes of f32_packed.
 PRECISIONS = {
     "f32": dict(dtype="float32", param_dtype="float32", matmul_dtype=None,
                 matmul_impl="xla"),
@@ -38,6 +40,8 @@ PRECISIONS = {
                          matmul_dtype="bfloat16", matmul_impl="xla"),
     "f32_packed": dict(dtype="float32", param_dtype="float32",
                        matmul_dtype=None, matmul_impl="packed"),
+    "bf16_packed": dict(dtype="float32", param_dtype="bfloat16",
+                        matmul_dtype="bfloat16", matmul_impl="packed"),
 }
 # `TransformerConfig.matmul_impl`: XLA's dot, or the packed CPU kernel.
 MATMUL_IMPLS = ("xla", "packed")
