@@ -295,6 +295,38 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
   assert 0.5 < np.mean(accepted[:3]) < 3.0
 
 
+def test_a_packed_targets_eagle_drafter_runs_on_the_kernel_too(trained):
+  """Serving an f32_packed target, the drafter packs a copy of its network
+  (W_fc and its block's matmuls; the caller's net untouched) and drafts
+  the same trees as for the f32 target: greedy speculative decoding gives
+  AR's tokens wherever AR's margin exceeds 1e-4 (the float32 token rule),
+  with the same accepted drafts per round as the unpacked drafter."""
+  from seqdec.kernels.packed_matmul import PackedWeight
+  from seqdec.models.transformer import with_precision
+  target, net, _, tokens = trained
+  packed_target = with_precision(target, "f32_packed")
+  drafter = drafters_lib.make_drafter("eagle", packed_target, eagle_net=net)
+  is_packed = lambda x: isinstance(x, PackedWeight)
+  leaves = jax.tree.leaves(drafter.params[0], is_leaf=is_packed)
+  assert sum(map(is_packed, leaves)) == 5     # fc, qkv, o, gate/up, down
+  assert not isinstance(net.fc[...], PackedWeight)
+  tok = Tokenizer.byte_level()
+  prompts = [tokens[0, :6].tolist(), tokens[1, :9].tolist()]
+  kw = dict(max_new_tokens=16, eos_ids=())
+  ar = Generator(packed_target, tok, **kw).generate_ids(prompts)
+  runs = [Generator(t, tok, drafter=d, tree="dyn8d3k2", **kw).generate_ids(
+      prompts) for t, d in ((packed_target, drafter), (target, (
+          drafters_lib.make_drafter("eagle", target, eagle_net=net))))]
+  for a, s in zip(ar, runs[0]):
+    d = next((i for i, (x, y) in enumerate(zip(a.tokens, s.tokens))
+              if x != y), None)
+    if d is not None:
+      assert a.margins[d] <= 1e-4, (d, a.margins[d])
+  accepted = [[r.metrics["mean_accepted"] for r in run] for run in runs]
+  np.testing.assert_allclose(accepted[0], accepted[1])
+  assert min(accepted[0]) > 0.5
+
+
 @pytest.mark.parametrize("streaming", [False, pytest.param(
     True, marks=pytest.mark.slow)])
 def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):

@@ -106,7 +106,8 @@ def test_auto_precision_follows_the_host_profile(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-@pytest.mark.parametrize("policy", ["bf16_weights", "f32_packed"])
+@pytest.mark.parametrize("policy", ["bf16_weights", "f32_packed",
+                                    "bf16_packed"])
 def test_smollm2_speculation_equals_autoregression_under_policy(policy):
   """SmolLM2 under a policy: the T=1 vs T=16 logit difference is
   measured on a real prompt, and greedy speculative (n-gram, 4-chains)

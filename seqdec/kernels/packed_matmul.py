@@ -259,6 +259,13 @@ class PackedWeight:
     return self.panels.dtype
 
   @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of the array it stands for (`to_array`)."""
+    if self.transposed:
+      return (self.out_dim, self.in_dim)
+    return (self.in_dim, *self.out_shape)
+
+  @property
   def in_dim(self) -> int:
     return self.rows or self.panels.shape[1]
 

@@ -46,8 +46,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqdec.models.config import TransformerConfig, as_dtype
+from seqdec.kernels import packed_matmul
 from seqdec.models.transformer import (EMBED, Block, KVCache, init_cache,
                                        inv_freq_array, logical_param,
+                                       pack_block_weights, pack_param,
                                        run_blocks, weight_matmul)
 
 
@@ -57,7 +59,7 @@ def eagle_config(target) -> TransformerConfig:
   Mamba-2 / hybrid target (`hybrid.HybridConfig`) lends its attention
   layers' config: the drafter is a decoder block of the same width. Its
   own weights are plain arrays (`matmul_impl` 'xla' whatever the target's
-  policy packs)."""
+  policy packs; `packed` packs a copy for decoding)."""
   target = getattr(target, "attention_config", target)
   return target.replace(num_layers=1, layer_types=None, sliding_window=None,
                         matmul_impl="xla")
@@ -178,6 +180,22 @@ class EagleNet(nnx.Module):
     inv = self.inv_freq[...]
     return run_blocks(self.layers, self.config, u, positions, cache, mask,
                       None, inv, inv)
+
+
+def packed(net: EagleNet) -> EagleNet:
+  """A copy of `net` (sharing nothing it changes) whose weight matmuls
+  (W_fc, W_fuse and its block's) are `PackedWeight`s, multiplied by the
+  packed CPU kernel as a packed target's are: the same function (the
+  matmul's operands and accumulation follow the panels' dtype), for a
+  drafter serving an f32_packed / bf16_packed target."""
+  packed_matmul.ensure_registered()
+  twin = nnx.clone(net)      # new variables (the arrays stay shared)
+  pack_param(twin.fc)
+  if twin.fuse is not None:
+    pack_param(twin.fuse)
+  for block in twin.layers:
+    pack_block_weights(block)
+  return twin
 
 
 def create(target: TransformerConfig, seed: int = 0,

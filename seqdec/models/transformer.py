@@ -991,23 +991,32 @@ def with_precision(model: Transformer, policy: str) -> Transformer:
   return twin
 
 
+def pack_param(param, transposed: bool = False) -> None:
+  """Replaces, in place, a weight matrix parameter's value by its
+  `PackedWeight` (`transposed`: a `[N, K]` matrix contracted on its last
+  axis, a tied embedding used as the head)."""
+  param.set_value(PackedWeight.from_matrix(param.get_value(),
+                                           transposed=transposed))
+
+
+def pack_block_weights(block: Block) -> None:
+  """Packs, in place, a block's weight matmuls: q/k/v, o, gate/up, down."""
+  for param in (block.attn.qkv_proj, block.attn.o_proj,
+                block.mlp.gate_up_proj, block.mlp.down_proj):
+    pack_param(param)
+
+
 def pack_weights(model: Transformer) -> None:
   """Replaces, in place, each weight matmul's matrix by its `PackedWeight`:
   q/k/v, o, gate/up and down of every block, and the LM head (a tied
   embedding is packed as the head; the token lookup reads its columns)."""
   packed_matmul.ensure_registered()
-
-  def pack(param, transposed=False):
-    param.set_value(PackedWeight.from_matrix(param.get_value(),
-                                             transposed=transposed))
   for block in model.layers:
-    for param in (block.attn.qkv_proj, block.attn.o_proj,
-                  block.mlp.gate_up_proj, block.mlp.down_proj):
-      pack(param)
+    pack_block_weights(block)
   if model.lm_head is None:
-    pack(model.embed, transposed=True)
+    pack_param(model.embed, transposed=True)
   else:
-    pack(model.lm_head)
+    pack_param(model.lm_head)
 
 
 def create(config: TransformerConfig, seed: int = 0) -> Transformer:

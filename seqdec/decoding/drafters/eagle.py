@@ -56,6 +56,7 @@ from seqdec.decoding.drafters.grow import (check_proposal, check_keep_ids,
                                            grow_static_tree, head_scores,
                                            prebuilt_head, window_mask)
 from seqdec.decoding.trees import FrontierBudget
+from seqdec.models import eagle as eagle_lib
 from seqdec.models.eagle import EagleNet, eagle_config
 from seqdec.models.transformer import Transformer, commit
 from seqdec.ops import write_rows
@@ -103,6 +104,8 @@ class EagleDrafter(Drafter):
                          f"{type(target).__name__} target does not expose")
     self.name, self.proposal = name, proposal
     self.vocab_size = target.config.vocab_size
+    if getattr(target.config, "matmul_impl", "xla") == "packed":
+      net = eagle_lib.packed(net)     # its matmuls on the target's kernel
     self.net_def, net_params = nnx.split(net)
     self.target_def, target_params = nnx.split(target)
     keep_ids = check_keep_ids(keep_ids, self.vocab_size)
