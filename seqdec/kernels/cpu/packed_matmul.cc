@@ -263,16 +263,27 @@ void RunPanelsAmx(const Job& job, int64_t p0, int64_t p1) {
   const int64_t K2 = job.K, panel = K2 * 2 * kLanes;
   const int64_t x_stride = 2 * K2 * sizeof(uint16_t);
   const int64_t y_stride = job.N * sizeof(float);
-  for (int64_t m0 = 0; m0 < job.M; m0 += kAmxRows) {
-    ConfigureTiles(static_cast<int>(std::min<int64_t>(kAmxRows, job.M - m0)));
-    const uint16_t* xm = x + m0 * 2 * K2;
-    for (int64_t p = p0; p < p1; p += kAmxPanels) {
-      const int64_t n = std::min<int64_t>(kAmxPanels, p1 - p);
+  // Panel groups outermost, so a call of more than 16 rows streams the
+  // weights from memory once (the other row blocks re-read them from
+  // cache); row blocks of near-equal size, so the tiles are reconfigured
+  // at most twice per group.
+  const int64_t blocks = (job.M + kAmxRows - 1) / kAmxRows;
+  const int64_t block = (job.M + blocks - 1) / blocks;
+  int configured = 0;
+  for (int64_t p = p0; p < p1; p += kAmxPanels) {
+    const int64_t n = std::min<int64_t>(kAmxPanels, p1 - p);
+    const uint16_t* b = w + p * panel;
+    for (int64_t m0 = 0; m0 < job.M; m0 += block) {
+      const int rows = static_cast<int>(std::min<int64_t>(block, job.M - m0));
+      if (rows != configured) {
+        ConfigureTiles(rows);
+        configured = rows;
+      }
+      const uint16_t* xm = x + m0 * 2 * K2;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      const uint16_t* b = w + p * panel;
       for (int64_t k = 0; k < K2; k += kAmxPairs) {
         const uint16_t* bk = b + k * 2 * kLanes;
         _tile_loadd(4, xm + 2 * k, x_stride);
