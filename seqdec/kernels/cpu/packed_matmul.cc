@@ -344,19 +344,21 @@ void RunPanels(const Job& job, int64_t p0, int64_t p1) {
   }
 }
 
-// Even split of P panels into `parts`, on panel-pair boundaries.
-int64_t SplitPoint(int64_t P, int parts, int i) {
-  const int64_t pairs = (P + 1) / 2;
-  return std::min(P, 2 * (pairs * i / parts));
-}
+// Panels per chunk: the unit of work the pool's threads claim (a multiple
+// of the vector path's panel pairs and of the AMX path's groups of 4).
+constexpr int64_t kChunk = 8;
 
 // Workers spin for a while after a job (the next matmul of a forward comes
-// within microseconds), then sleep on the generation counter.
+// within microseconds), then sleep on the generation counter. A job's
+// panels are claimed chunk by chunk from a shared ticket, by the calling
+// thread and the workers alike, so a worker the OS has descheduled (XLA's
+// own threads share the cores) delays the call by at most the chunk it
+// holds, never by its whole share.
 class Pool {
  public:
   explicit Pool(int threads) {
     for (int i = 1; i < threads; ++i)
-      workers_.emplace_back([this, i] { Work(i); });
+      workers_.emplace_back([this] { Work(); });
     size_ = threads;
   }
   ~Pool() {
@@ -367,22 +369,46 @@ class Pool {
   }
   int size() const { return size_; }
 
-  // Runs `job` split over every thread; false if the pool is busy.
+  // Runs `job` over every thread; false if the pool is busy.
   bool Run(const Job& job) {
     std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) return false;
+    const int64_t chunks = (job.P + kChunk - 1) / kChunk;
+    const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
     job_ = job;
-    pending_.store(size_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    chunks_ = chunks;
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(gen << 32, std::memory_order_relaxed);
+    generation_.store(gen, std::memory_order_release);
     generation_.notify_all();
-    RunPanels(job, SplitPoint(job.P, size_, 0), SplitPoint(job.P, size_, 1));
-    while (pending_.load(std::memory_order_acquire) != 0) {
+    Drain(job, gen, chunks);
+    for (int spin = 0; done_.load(std::memory_order_acquire) != chunks;
+         ++spin) {
+      if (spin < kSpins) Pause();
+      else std::this_thread::yield();
     }
     return true;
   }
 
  private:
-  void Work(int index) {
+  // Claims chunks of job `gen` (the ticket's high half; its low half the
+  // next chunk) and runs them until none is left.
+  void Drain(const Job& job, uint64_t gen, int64_t chunks) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == gen &&
+           static_cast<int64_t>(t & 0xffffffffu) < chunks) {
+      if (!ticket_.compare_exchange_weak(t, t + 1,
+                                         std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+        continue;
+      const int64_t c = static_cast<int64_t>(t & 0xffffffffu);
+      RunPanels(job, c * kChunk, std::min(job.P, (c + 1) * kChunk));
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      t = ticket_.load(std::memory_order_acquire);
+    }
+  }
+
+  void Work() {
     uint64_t seen = 0;   // the pool is built before any job
     while (true) {
       uint64_t now = generation_.load(std::memory_order_acquire);
@@ -396,9 +422,11 @@ class Pool {
       }
       seen = now;
       if (stop_.load()) return;
-      RunPanels(job_, SplitPoint(job_.P, size_, index),
-                SplitPoint(job_.P, size_, index + 1));
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      const Job job = job_;
+      const int64_t chunks = chunks_;
+      // A newer job began while this copy was read: take that one instead.
+      if (generation_.load(std::memory_order_acquire) != now) continue;
+      Drain(job, now, chunks);
     }
   }
 
@@ -406,9 +434,11 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
   Job job_{};
+  int64_t chunks_ = 0;
   int size_ = 1;
 };
 
