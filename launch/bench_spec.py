@@ -100,8 +100,8 @@ _TEMPERATURE = flags.DEFINE_float(
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (T > 0).")
 _PRECISION = flags.DEFINE_string(
     "precision", "f32", "The target's precision policy (f32, f32_packed, "
-    "bf16_weights; seqdec.models.config.PRECISIONS), for every method of the "
-    "run.")
+    "bf16_packed, bf16_weights; seqdec.models.config.PRECISIONS), for every "
+    "method of the run.")
 _AR_POLICIES = flags.DEFINE_list(
     "ar_policies", [], "More autoregressive baselines, one per precision "
     "policy (method 'ar[<policy>]', the target loaded under it), measured "

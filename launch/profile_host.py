@@ -50,7 +50,7 @@ _CACHE = flags.DEFINE_list("cache_lens", ["128", "512"],
                            "Committed cache lengths S.")
 _POLICIES = flags.DEFINE_list(
     "policies", ["f32"], "Precision policies to measure (f32, f32_packed, "
-    "bf16_weights); the drafter curves use the first.")
+    "bf16_packed, bf16_weights); the drafter curves use the first.")
 _ACCEPT = flags.DEFINE_multi_string(
     "acceptance", [], "Acceptance files whose drafters to measure.")
 _OUT = flags.DEFINE_string("out", None, "Profile file (default: "

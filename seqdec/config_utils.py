@@ -92,8 +92,9 @@ def decode_config(model: str = "smollm2-135m-instruct",
   # Precision policy of the target (seqdec.models.config.PRECISIONS): f32,
   # f32_packed (f32, weight matmuls by the packed CPU kernel: cheap
   # verifies), bf16_weights (bf16 weights, bf16 x bf16 -> f32 matmuls, the
-  # rest f32), or auto (the cheapest on this host's profile,
-  # launch/profile_host.py).
+  # rest f32), bf16_packed (bf16_weights' function on the packed kernel:
+  # AMX tiles where the host has them), or auto (the cheapest on this
+  # host's profile, launch/profile_host.py).
   c.precision = "f32"
   c.max_new_tokens = 16 if runlocal else 128
   c.temperature = 0.0          # 0 = greedy
