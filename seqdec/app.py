@@ -244,7 +244,8 @@ def run_decode(config, prompts: Optional[Sequence[str]] = None,
     for r in results:
       out.write(r.text + "\n")
   m = results[0].metrics
-  print(f"[seqdec] model={config.model} load {load_s:.2f} s | compile "
+  print(f"[seqdec] model={config.model} precision={precision} load "
+        f"{load_s:.2f} s | compile "
         f"{m['compile_s']:.2f} s | prefill {m['prefill_s'] * 1e3:.1f} ms "
         f"({m['prompt_tokens']} tokens) | decode "
         f"{m['decode_tokens_per_s']:.1f} tokens/s "

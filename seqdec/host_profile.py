@@ -380,12 +380,21 @@ POLICY_SIZES = (1, 8, 16)
 def choose_precision(model: str, path: Optional[str] = None) -> str:
   """The precision policy ('auto') for `model` on this host: the profiled
   policy with the smallest summed verify cost over POLICY_SIZES (one policy
-  serves a run's decoding steps and its verifies); 'f32' without a usable
-  profile (with `find`'s warning)."""
+  serves a run's decoding steps and its verifies), among those the host
+  can run (a packed policy needs a C++ compiler to build its kernel);
+  'f32' without a usable profile (with `find`'s warning)."""
+  # pylint: disable=g-import-not-at-top
+  from seqdec.kernels import packed_matmul
+  from seqdec.models.config import PRECISIONS
   profile = find(model, path)
   if profile is None:
     return "f32"
-  return min(profile.policies(), key=lambda p: (
+  runnable = [p for p in profile.policies()
+              if PRECISIONS.get(p, {}).get("matmul_impl") != "packed"
+              or packed_matmul.can_build()]
+  if not runnable:
+    return "f32"
+  return min(runnable, key=lambda p: (
       sum(profile.verify(t, p) for t in POLICY_SIZES), p != "f32"))
 
 

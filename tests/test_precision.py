@@ -88,17 +88,23 @@ def test_load_pretrained_takes_a_policy():
     seqdec.load_pretrained("tiny", precision="fp8")
 
 
-def test_auto_precision_follows_the_host_profile(tmp_path):
+def test_auto_precision_follows_the_host_profile(tmp_path, monkeypatch):
   """'auto': the profiled policy with the smallest cost over a step and
-  two verify sizes; without a profile, f32 and a warning."""
+  two verify sizes, among those the host can run (a packed policy only
+  with a compiler for its kernel); without a profile, f32 and a
+  warning."""
   def curve(step, per):
     return {128: {t: step + per * (t - 1) for t in (1, 8, 16)}}
   prof = host_profile.HostProfile(
       host_profile.host_info(), "tiny",
-      verify_ms={"f32": curve(10, 2.0), "bf16_weights": curve(14, 0.2)})
+      verify_ms={"f32": curve(10, 2.0), "bf16_weights": curve(14, 0.2),
+                 "bf16_packed": curve(6, 0.2)})
   path = str(tmp_path / "p.json")
   host_profile.write_profile(path, prof)
+  assert host_profile.choose_precision("tiny", path) == "bf16_packed"
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   assert host_profile.choose_precision("tiny", path) == "bf16_weights"
+  monkeypatch.delenv("CXX")
   with pytest.warns(RuntimeWarning, match="no host profile"):
     assert host_profile.choose_precision(
         "tiny", str(tmp_path / "none.json")) == "f32"

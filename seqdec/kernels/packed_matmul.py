@@ -111,6 +111,15 @@ def _compiler() -> str:
   return cxx
 
 
+def can_build() -> bool:
+  """Whether this host can build the kernel (a C++ compiler is found):
+  what `precision=auto` asks before it picks a packed policy."""
+  try:
+    return shutil.which(_compiler()) is not None
+  except KernelBuildError:
+    return False
+
+
 def library_path() -> str:
   """Builds the kernel for this host if needed; returns the .so path."""
   cxx = _compiler()
