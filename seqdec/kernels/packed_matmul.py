@@ -32,10 +32,10 @@ k (the operand layout of AVX512-BF16's dot-product instruction),
     panels[p, k2, 2 j + e] = W[2 k2 + e, 16 p + j]     W: [K, N] -> [ceil(N/16), K2, 32]
 
 (K padded with zero rows to a multiple of 32, K2 = that / 2: whole AMX
-tiles), and y[m, n] adds, for each
-pair, the odd k's product and then the even k's: the same function as
-XLA's bf16 x bf16 -> f32 dot (the bf16_weights policy) up to the order of
-the float32 additions, at half the f32 kernel's bytes per call. The kernel
+tiles), and y[m, n] adds, for each pair, the odd k's product and then the
+even k's: the same function as XLA's bf16 x bf16 -> f32 dot (the
+bf16_weights policy) up to the order of the float32 additions, at half
+the f32 kernel's bytes per call. The kernel
 runs on AMX tiles where the host has them (every M; a 16-row call then
 costs about what a 1-row call does), else VDPBF16PS, else it widens the
 pairs to float32 (`cpu/packed_matmul.cc`).
