@@ -370,6 +370,11 @@ def test_attention_impls_agree():
     assert float(jnp.abs(parts - whole).max()) <= 1e-5
   with pytest.raises(ValueError, match="attention_impl"):
     tr.resolve_attention_impl("flash")
+  # 'auto' on CPU: the fused form for a single-token step (T*G <= 4), dots
+  # for a verify (SmolLM2's G = 3: T = 2 is 6 queries); dots off CPU.
+  assert tr.resolve_attention_impl("auto", 3, "cpu") == "fused"
+  assert tr.resolve_attention_impl("auto", 6, "cpu") == "dot"
+  assert tr.resolve_attention_impl("auto", 3, "tpu") == "dot"
 
 
 @st.composite

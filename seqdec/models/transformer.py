@@ -371,13 +371,20 @@ def _dot(x, w, dtype, mm_dtype=None):
 
 # Above this many queries per kv head (T*G), 'auto' uses matmuls on CPU too:
 # the broadcast-multiply form has no blocking and loses to a GEMM once the
-# query block grows. Measured on SmolLM2 (G = 3, 384 cache slots, 2 cores,
-# jax 0.10 / YNNPACK fusions; a side script timing the jitted forward,
-# medians of 25): one
-# forward over T = 1 / 3 / 5 / 7 tokens took 37.5 / 90.8 / 105.7 / 146.6 ms
-# fused vs 49.9 / 100.1 / 107.9 / 124.1 ms with dots, and a profile at T = 7
-# put 60 ms of thread time in the fused attention against ~7 ms as dots.
-FUSED_MAX_QUERIES = 12
+# query block grows. Re-measured once the packed kernel had made the weight
+# matmuls cheap (SmolLM2, G = 3, 2-core Xeon with AMX, jax 0.10.2;
+# `host_profile.measure_forward`, medians of 20; fused / dot ms):
+#
+#   policy       S    T=1          T=2          T=4
+#   bf16_packed  128  12.4 / 13.6  13.4 / 12.4  16.1 / 13.6
+#   bf16_packed  512  16.1 / 21.5  22.5 / 16.7  31.3 / 17.7
+#   f32_packed   512  27.1 / 28.7  33.0 / 27.1  43.9 / 29.6
+#   f32          512  32.0 / 36.1  44.2 / 38.2  60.5 / 49.6
+#
+# so only a single-token step keeps the fused form (T*G <= 4 covers it for
+# G <= 4: SmolLM2's 3, Gemma 3 270M's 4). Before, with f32 XLA dots, T up to
+# 4 had gained from it (this constant was 12).
+FUSED_MAX_QUERIES = 4
 
 
 # 'pallas' runs `seqdec.kernels.tree_attention` for calls of 2 ..
