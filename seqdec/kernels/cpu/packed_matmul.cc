@@ -353,7 +353,11 @@ constexpr int64_t kChunk = 8;
 // panels are claimed chunk by chunk from a shared ticket, by the calling
 // thread and the workers alike, so a worker the OS has descheduled (XLA's
 // own threads share the cores) delays the call by at most the chunk it
-// holds, never by its whole share.
+// holds, never by its whole share. A worker may wake for a job the caller
+// has already finished (and be reading it while the next one is written):
+// the job is published under a sequence lock, tagged with its generation,
+// and every claim is checked against the ticket's generation, so a late
+// worker either takes a whole current job or does nothing.
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -375,8 +379,13 @@ class Pool {
     if (!lock.owns_lock()) return false;
     const int64_t chunks = (job.P + kChunk - 1) / kChunk;
     const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
-    job_ = job;
-    chunks_ = chunks;
+    // Publish the job under a sequence lock: a worker still waking for an
+    // earlier job may be reading these fields right now.
+    const uint64_t seq = seq_.load(std::memory_order_relaxed);
+    seq_.store(seq + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    Publish(job, gen, chunks);
+    seq_.store(seq + 2, std::memory_order_release);
     done_.store(0, std::memory_order_relaxed);
     ticket_.store(gen << 32, std::memory_order_relaxed);
     generation_.store(gen, std::memory_order_release);
@@ -422,22 +431,69 @@ class Pool {
       }
       seen = now;
       if (stop_.load()) return;
-      const Job job = job_;
-      const int64_t chunks = chunks_;
-      // A newer job began while this copy was read: take that one instead.
-      if (generation_.load(std::memory_order_acquire) != now) continue;
+      // A consistent copy of job `now`, else wait for the newer one being
+      // published (its generation is still to come).
+      const uint64_t seq = seq_.load(std::memory_order_acquire);
+      if (seq & 1) continue;
+      Job job;
+      uint64_t gen;
+      int64_t chunks;
+      Snapshot(&job, &gen, &chunks);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (seq_.load(std::memory_order_relaxed) != seq || gen != now) continue;
       Drain(job, now, chunks);
     }
+  }
+
+  // The job's fields are written and read through atomic_refs (relaxed):
+  // the sequence lock `seq_` tells a reader whether its copy is whole.
+  template <typename T>
+  static void Put(T& field, T value) {
+    std::atomic_ref<T>(field).store(value, std::memory_order_relaxed);
+  }
+  template <typename T>
+  static T Get(T& field) {
+    return std::atomic_ref<T>(field).load(std::memory_order_relaxed);
+  }
+
+  void Publish(const Job& job, uint64_t gen, int64_t chunks) {
+    Put(job_.x, job.x);
+    Put(job_.panels, job.panels);
+    Put(job_.y, job.y);
+    Put(job_.M, job.M);
+    Put(job_.K, job.K);
+    Put(job_.N, job.N);
+    Put(job_.P, job.P);
+    Put(job_.bf16, job.bf16);
+    Put(job_.amx, job.amx);
+    Put(job_gen_, gen);
+    Put(chunks_, chunks);
+  }
+
+  void Snapshot(Job* job, uint64_t* gen, int64_t* chunks) {
+    job->x = Get(job_.x);
+    job->panels = Get(job_.panels);
+    job->y = Get(job_.y);
+    job->M = Get(job_.M);
+    job->K = Get(job_.K);
+    job->N = Get(job_.N);
+    job->P = Get(job_.P);
+    job->bf16 = Get(job_.bf16);
+    job->amx = Get(job_.amx);
+    *gen = Get(job_gen_);
+    *chunks = Get(chunks_);
   }
 
   static constexpr int kSpins = 20000;   // ~100-200 us of pause
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> seq_{0};       // odd while a job is being written
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
   Job job_{};
+  uint64_t job_gen_ = 0;
   int64_t chunks_ = 0;
   int size_ = 1;
 };
