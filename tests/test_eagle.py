@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from seqdec import testing
+from seqdec.bench import first_divergence
 from seqdec.checkpoints import drafters as drafter_ckpt
 from seqdec.data import features as feature_data
 from seqdec.decoding import drafters as drafters_lib
@@ -318,8 +319,7 @@ def test_a_packed_targets_eagle_drafter_runs_on_the_kernel_too(trained):
       prompts) for t, d in ((packed_target, drafter), (target, (
           drafters_lib.make_drafter("eagle", target, eagle_net=net))))]
   for a, s in zip(ar, runs[0]):
-    d = next((i for i, (x, y) in enumerate(zip(a.tokens, s.tokens))
-              if x != y), None)
+    d = first_divergence(a.tokens, s.tokens)
     if d is not None:
       assert a.margins[d] <= 1e-4, (d, a.margins[d])
   accepted = [[r.metrics["mean_accepted"] for r in run] for run in runs]
