@@ -179,7 +179,8 @@ class Generator:
     elif isinstance(drafter, Drafter):
       # A custom drafter object: the spec holds tree, rule and caps.
       spec = SpecConfig(max_top_k=max_top_k, **fields)
-      shape = shape or spec_lib.build_tree(spec, precision_of(model.config))
+      shape = drafter.verified_shape(
+          shape or spec_lib.build_tree(spec, precision_of(model.config)))
       drafter.check(model.config, shape)
       check_window(model, shape)
       return spec, drafter, shape
@@ -206,6 +207,7 @@ class Generator:
                                         spec.drafter)
     built = spec_lib.build_drafter(spec, model, draft_model=draft_model,
                                    eagle_net=eagle_net)
+    shape = built.verified_shape(shape)
     built.check(model.config, shape)
     check_window(model, shape)
     return spec, built, shape

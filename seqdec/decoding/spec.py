@@ -35,7 +35,9 @@ Every way of naming a decoder goes through this module: the
 
 e.g. `ngram@min_ngram=2/chain4`, `layerskip@layers=skip:4-15@proposal=wor/
 kary2x1`, `draft@draft_layers=10@rule=typical_lossy/static6`,
-`eagle@gate=1.2/dyn16d4k4`, `eagle@budget=auto/dyn32d5k4`. Values are
+`eagle@gate=1.2/dyn16d4k4`, `eagle@budget=auto/dyn32d5k4`,
+`eagle@lookup=4/dyn8d3k2` (a 4-token prompt-lookup chain merged into each
+dynamic tree). Values are
 typed by the option's default (int options parse as int), and an unknown
 drafter, key or value is a `ConfigError` naming what is known.
 
@@ -79,8 +81,11 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
     # checkpoint: a trained drafter directory (`seqdec.checkpoints.drafters`);
     # "" = the one shipped for this target. trim: score only the
     # checkpoint's kept ids (its trimmed head, VocabTrim) if it has them;
-    # false: the full vocabulary.
-    **{name: {"checkpoint": "", "trim": True}
+    # false: the full vocabulary. lookup: a prompt-lookup chain of this
+    # many tokens merged into every tree (`drafters.lookup`; 0: none),
+    # matching n-grams of lookup_ngram .. max(3, lookup_ngram) tokens.
+    **{name: {"checkpoint": "", "trim": True, "lookup": 0,
+              "lookup_ngram": 2}
        for name in drafters.TRAINED},
 }
 TRAINED = tuple(drafters.TRAINED)     # drafters with a trained network
@@ -220,6 +225,15 @@ class SpecConfig:
       typed[key] = _typed(key, value, known[key])
     object.__setattr__(self, "options", tuple(sorted(
         (k, v) for k, v in typed.items() if v != known[k])))
+    lookup = typed.get("lookup", 0)
+    if lookup < 0 or typed.get("lookup_ngram", 2) < 1:
+      raise ConfigError(f"lookup (chain tokens, 0: none) must be >= 0 and "
+                        f"lookup_ngram >= 1, got {lookup} and "
+                        f"{typed.get('lookup_ngram')}")
+    if lookup and self.proposal != "topk":
+      raise ConfigError(f"a prompt-lookup chain (lookup={lookup}) is "
+                        f"deterministic, so the drafter's children must be "
+                        f"too: proposal='topk', not {self.proposal!r}")
 
   @property
   def speculative(self) -> bool:
@@ -378,6 +392,8 @@ def build_tree(spec: SpecConfig, policy: str = "f32"):
       raise ConfigError(f"stop={spec.stop!r} applies to dynamic trees "
                         f"(dyn<N>d<D>k<K>), not {spec.tree!r}")
     shape = dataclasses.replace(shape, stop=spec.stop)
+  if spec.drafter in TRAINED and spec.option("lookup"):
+    shape = trees.WithLookup(shape, spec.option("lookup"))
   return shape
 
 
@@ -408,10 +424,14 @@ def build_drafter(spec: SpecConfig, target, draft_model=None, eagle_net=None):
                         f" load it (seqdec.checkpoints.drafters.load) and "
                         f"pass eagle_net= (Generator does)")
     net, keep_ids = eagle_net
-    return drafters.make_drafter(
+    built = drafters.make_drafter(
         spec.drafter, target, eagle_net=net,
         keep_ids=keep_ids if options["trim"] else None,
         proposal=spec.proposal)
+    if options["lookup"]:
+      built = drafters.WithLookupChain(built, options["lookup"],
+                                       min_ngram=options["lookup_ngram"])
+    return built
   name = options.pop("draft_model", "")
   if spec.drafter == "draft":
     if name and draft_model is None:

@@ -166,7 +166,8 @@ class SpecLoop(LoopMixin):
       (`seqdec.decoding.budget`).
 
   Verify widths (`verify_widths`): the tree's N, 1 for root-only rounds,
-  and the budget's ladder; each round runs the forward of the smallest one
+  the budget's ladder and the tree's own (`trees.WithLookup`: the base
+  tree's slots); each round runs the forward of the smallest one
   holding every live row's valid nodes (`budget.width_index`). In `decode`
   the rounds of each width run in their own nested loop (`decode`), so each
   forward writes the cache in place. A lone `step` (the host loop) chooses
@@ -206,6 +207,7 @@ class SpecLoop(LoopMixin):
     docstring), the last the tree's N."""
     n = self.tree.num_nodes
     widths = {n} | set(self.budget.widths if self.budget else ())
+    widths |= set(getattr(self.tree, "verify_widths", ()))   # `WithLookup`
     if self.roots_only_rounds:
       widths.add(1)
     elif n > 1 and not self.root_fallback:

@@ -137,6 +137,47 @@ class BeamTree(FrontierBudget):
 
 
 @dataclasses.dataclass(frozen=True)
+class WithLookup:
+  """A drafter's tree (`base`: a `TreeShape` or a `FrontierBudget`) with a
+  prompt-lookup chain of `chain` tokens merged into it each round
+  (`seqdec.decoding.drafters.lookup`): slots 0 .. N_b - 1 are the base
+  tree's, N_b .. N_b + chain - 1 the chain's nodes the base tree does not
+  already hold. What the loop verifies: N = N_b + chain slots, depth
+  max(D_b, chain). A round with no new chain node verifies the base
+  tree's slots alone (`verify_widths`)."""
+  base: object
+  chain: int
+
+  def __post_init__(self):
+    if isinstance(self.base, WithLookup):
+      raise TreeError("a tree takes one prompt-lookup chain")
+    if self.chain < 1:
+      raise TreeError(f"a prompt-lookup chain needs >= 1 token, got "
+                      f"{self.chain}")
+
+  @property
+  def num_nodes(self) -> int:
+    return self.base.num_nodes + self.chain
+
+  @property
+  def max_depth(self) -> int:
+    return max(self.base.max_depth, self.chain)
+
+  is_chain = False      # a path may leave the base tree for the chain
+
+  @property
+  def verify_widths(self) -> tuple[int, ...]:
+    """Forward widths besides N: the base tree's slots (no new chain node
+    in any live row)."""
+    return (self.base.num_nodes,)
+
+  @property
+  def levels(self):
+    raise TreeError("a tree with a merged prompt-lookup chain has no static "
+                    "levels")
+
+
+@dataclasses.dataclass(frozen=True)
 class TreeShape:
   """A static tree topology.
 

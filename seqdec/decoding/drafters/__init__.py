@@ -17,6 +17,7 @@ from seqdec.decoding.drafters.base import (Drafter, DrafterError, Outcome,
                                            Round)
 from seqdec.decoding.drafters.eagle import EagleDrafter
 from seqdec.decoding.drafters.hydra import HydraDrafter
+from seqdec.decoding.drafters.lookup import WithLookupChain, merge_chain
 from seqdec.decoding.drafters.medusa import MedusaDrafter
 from seqdec.decoding.drafters.grow import PROPOSALS
 from seqdec.decoding.drafters.model import (ModelDrafter,
@@ -86,6 +87,7 @@ def make_drafter(name: str, target, *, max_ngram: int = 3,
 __all__ = ["Drafter", "DrafterError", "EagleDrafter", "HydraDrafter",
            "MedusaDrafter",
            "ModelDrafter",
-           "NgramDrafter", "ReDrafterDrafter",
+           "NgramDrafter", "ReDrafterDrafter", "WithLookupChain",
+           "merge_chain",
            "Outcome", "Round", "DRAFTERS", "PROPOSALS", "make_drafter", "draft_lm",
            "layer_skip", "parse_layers", "truncated"]

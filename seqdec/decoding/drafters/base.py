@@ -102,6 +102,11 @@ class Drafter:
     may_propose_nothing: a row's tree can have no valid draft node (an
       n-gram miss), so the loop runs root-only rounds
       (`SpecLoop.root_fallback`) without a gate too.
+    commits_by_position: `commit` reads the kept path by position (its
+      tokens and features), never by node index, so the tree it verifies
+      may hold nodes it did not draft (a merged prompt-lookup chain,
+      `drafters.lookup`); False for drafters that cache their tree nodes'
+      own states (`ModelDrafter`).
   """
   name = "drafter"
   params: Any = ()
@@ -110,6 +115,7 @@ class Drafter:
   feature_taps: tuple[int, ...] = ()
   grows_dynamic_trees: bool = False
   may_propose_nothing: bool = False
+  commits_by_position: bool = False
 
   def check(self, target_config, shape: TreeShape) -> None:
     """Raises `DrafterError` if this drafter cannot serve the target/tree."""
@@ -132,6 +138,19 @@ class Drafter:
     ones in a round (added to `init`'s capacity by the loop); 0 for
     drafters without a cache or whose window fits the tree's nodes."""
     return 0
+
+  def verified_shape(self, shape):
+    """The tree the loop verifies when this drafter grows `shape`: the
+    shape itself, or more for a drafter that merges another's proposals
+    in (`drafters.lookup`)."""
+    return shape
+
+  def keeping(self, depth: int) -> "Drafter":
+    """This drafter for rounds that may keep paths up to `depth` drafts
+    deep, deeper than the trees it grows (a merged prompt-lookup chain):
+    a drafter whose per-round window is sized by the tree's depth (EAGLE's
+    behind pairs) returns a copy sized for `depth`; the others, itself."""
+    return self
 
   def init(self, params, tokens: jax.Array, prompt_len: jax.Array,
            first: jax.Array, capacity: int, target_cache: Any,

@@ -8,13 +8,14 @@ holds the pairs t = 1 .. d of tokens whose feature before them is the
 never committed. Since a round's features arrive only with its verification
 (`Outcome.features`), the next round first feeds the pairs they complete:
 
-    behind   pairs t = d+1 .. L-1 (n_b = L-1-d <= max depth of them), exact
+    behind   pairs t = d+1 .. L-1 (n_b = L-1-d <= D of them), exact
     root     pair  t = L: (e(x_L), f_{L-1}), exact     -> f^_L, root's q
     level k  pairs (e(x_v), f^_parent(v)) at L + depth(v) -> f^_v, v's q
 
 in one window over scratch slots: entries 0 .. D-1 the behind pairs (the
-first n_b valid), entry D the root, then the tree's nodes (D = the tree's
-max depth, the most a round can leave behind: c - 1 for c kept tokens).
+first n_b valid), entry D the root, then the tree's nodes (D = the most a
+round can leave behind, c - 1 for c kept tokens: the tree's max depth, or
+the depth of a merged prompt-lookup chain if deeper, `keeping`).
 After growing the tree the behind pairs and the root pair are committed
 (d <- L), all exact, so nothing is ever rolled back. A tree of depth D costs
 D calls of the one-layer network plus its head. With a `trees.DynamicTree`
@@ -43,6 +44,7 @@ the network's own f^ as before.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import flax.struct
@@ -87,6 +89,8 @@ class EagleDrafter(Drafter):
   """
   uses_features = True
   grows_dynamic_trees = True
+  commits_by_position = True
+  min_lag = 0        # `keeping`: behind pairs beyond the tree's own depth
 
   def __init__(self, net: EagleNet, target, name: str = "eagle",
                proposal: str = "topk", keep_ids=None):
@@ -123,12 +127,24 @@ class EagleDrafter(Drafter):
       return target.head(f_hat, params[2], params[3])
     return head_scores(target, f_hat, params[2], params[3], self.vocab_size)
 
+  def keeping(self, depth: int) -> "EagleDrafter":
+    """A copy whose window holds `depth` behind pairs at least: a round
+    keeping c tokens leaves c - 1 pairs behind."""
+    out = copy.copy(self)
+    out.min_lag = max(self.min_lag, depth)
+    return out
+
+  def lag(self, shape) -> int:
+    """Behind pairs a round may find: the tree's depth, or `keeping`'s."""
+    return max(shape.max_depth, self.min_lag)
+
   def window_slots(self, shape) -> int:
-    """The round's window: D behind pairs, then the tree's N nodes (static)
-    or the root and K frontier nodes per level 1 .. D-1 (dynamic)."""
+    """The round's window: the behind pairs (`lag`), then the tree's N
+    nodes (static) or the root and K frontier nodes per level 1 .. D-1
+    (dynamic)."""
     if isinstance(shape, FrontierBudget):
-      return shape.max_depth + 1 + (shape.max_depth - 1) * shape.top_k
-    return shape.max_depth + shape.num_nodes
+      return self.lag(shape) + 1 + (shape.max_depth - 1) * shape.top_k
+    return self.lag(shape) + shape.num_nodes
 
   def init(self, params, tokens, prompt_len, first, capacity, target_cache,
            features=None):
@@ -153,7 +169,7 @@ class EagleDrafter(Drafter):
   def propose(self, params, state, shape, rnd, target_cache, key):
     net = nnx.merge(self.net_def, params[0])
     target = nnx.merge(self.target_def, params[1])
-    b, lag = rnd.root.shape[0], shape.max_depth
+    b, lag = rnd.root.shape[0], self.lag(shape)
     d = state.cache.length
     n_behind = jnp.clip(rnd.length - 1 - d, 0, lag)                  # [B]
     # Behind pair e: t = d + 1 + e (clipped for the invalid ones).
@@ -183,10 +199,10 @@ class EagleDrafter(Drafter):
                               compact=frontier), cache
 
     if frontier:
-      tree, cache = self._grow_dynamic(shape, rnd, first, feed, state.cache,
-                                       params[2])
+      tree, cache = self._grow_dynamic(shape, lag, rnd, first, feed,
+                                       state.cache, params[2])
     else:
-      tree, cache = self._grow_static(shape, rnd, key, first, feed,
+      tree, cache = self._grow_static(shape, lag, rnd, key, first, feed,
                                       state.cache)
     # Commit the exact pairs: the n_b behind ones and the root's.
     keep = jnp.where(jnp.arange(lag + 1) < n_behind[:, None],
@@ -202,8 +218,8 @@ class EagleDrafter(Drafter):
     valid = (entry[None] >= lag) | (entry[None] < n_behind[:, None])
     return m & valid[:, None, :]
 
-  def _grow_static(self, shape, rnd, key, first, feed, cache):
-    b, n, lag = rnd.root.shape[0], shape.num_nodes, shape.max_depth
+  def _grow_static(self, shape, lag, rnd, key, first, feed, cache):
+    b, n = rnd.root.shape[0], shape.num_nodes
     parents = jnp.broadcast_to(jnp.asarray(shape.parents, jnp.int32), (b, n))
     mask = self._first_mask(parents, lag, first["n_behind"])
     depth = jnp.asarray(shape.depth, jnp.int32)
@@ -232,12 +248,12 @@ class EagleDrafter(Drafter):
                                         (cache, pred0))
     return tree, cache
 
-  def _grow_dynamic(self, shape, rnd, first, feed, cache, vocab_ids):
+  def _grow_dynamic(self, shape, lag, rnd, first, feed, cache, vocab_ids):
     """EAGLE-2 or beam search (`drafters.dynamic`): window entries are the
-    behind pairs, the root, then K frontier nodes per level 1 .. D-1, with
-    an ancestor relation over them built level by level; the logits are
-    over `vocab_ids` (a trimmed head) or V (None)."""
-    b, lag, k = rnd.root.shape[0], shape.max_depth, shape.top_k
+    `lag` behind pairs, the root, then K frontier nodes per level 1 ..
+    D-1, with an ancestor relation over them built level by level; the
+    logits are over `vocab_ids` (a trimmed head) or V (None)."""
+    b, k = rnd.root.shape[0], shape.top_k
     width = lag + 1 + (shape.max_depth - 1) * k
     root_only = jnp.full((b, 1), -1, jnp.int32)
     first_mask = self._first_mask(root_only, lag, first["n_behind"])

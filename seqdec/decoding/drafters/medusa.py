@@ -37,6 +37,7 @@ class HeadsDrafter(Drafter):
   """
   uses_features = True
   depth_limited = True
+  commits_by_position = True
 
   def __init__(self, heads, target, want, name: str, proposal: str = "topk",
                keep_ids=None):
