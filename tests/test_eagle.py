@@ -296,6 +296,57 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
   assert 0.5 < np.mean(accepted[:3]) < 3.0
 
 
+@pytest.mark.parametrize("tree,lookup", [
+    ("dyn8d3k2", 6),
+    pytest.param("kary2x2x1", 4, marks=pytest.mark.slow)])
+def test_a_merged_lookup_chain_equals_autoregressive_float64(x64, trained,
+                                                            tree, lookup):
+  """A prompt-lookup chain merged into an EAGLE drafter's tree (dynamic,
+  or static and shallower than the chain): greedy output equals AR's
+  exactly (float64)
+  - with the trained drafter on the f64 case's rows, whose text rarely
+    repeats, so most rounds verify the base tree's slots alone;
+  - with an untrained drafter on a target whose text repeats
+    (`testing.cyclic_model`), where the chain is accepted beyond the base
+    tree's depth (EAGLE's window widened for it) and raises the accepted
+    drafts per round."""
+  target, tok, prompts, ar, drafter = f64_runs(trained)
+  kw = dict(max_new_tokens=24, eos_ids=())
+  gen = Generator(target, tok, drafter=drafters_lib.WithLookupChain(
+      drafter, lookup), tree=tree, **kw)
+  spec = gen.generate_ids(prompts)
+  for a, b in zip(ar, spec):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  widths = spec[0].metrics["verify_width_rounds"]
+  print(f"trained drafter, rounds per width {widths}")
+  assert widths[gen.tree.base.num_nodes] > 0
+
+  cyclic = testing.cyclic_model(dtype="float64")
+  rows = [[10, 11, 12, 13, 14, 10, 11, 12], [40, 41, 42, 43, 44, 40],
+          [5, 17, 99, 3]]
+  refs = Generator(cyclic, tok, **kw).generate_ids(rows)
+  net = eagle.create(cyclic.config, seed=0)
+  assert net.fc[...].dtype == jnp.float64
+  base = drafters_lib.make_drafter("eagle", cyclic, eagle_net=net)
+  gen = Generator(cyclic, tok, drafter=drafters_lib.WithLookupChain(
+      base, lookup), tree=tree, **kw)
+  spec = gen.generate_ids(rows)
+  for a, b in zip(refs, spec):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  depth = gen.tree.base.max_depth
+  deeper = [r.metrics["accept_rate_by_depth"][depth:] for r in spec]
+  plain = Generator(cyclic, tok, drafter=base, tree=tree,
+                    **kw).generate_ids(rows)
+  mean = lambda rs: np.mean([r.metrics["mean_accepted"] for r in rs])  # noqa: E731
+  print(f"cyclic target: acceptance beyond depth {depth} {deeper}; "
+        f"accepted per round {mean(spec):.2f} (without the chain "
+        f"{mean(plain):.2f})")
+  assert all(max(d) > 0.5 for d in deeper)
+  assert mean(spec) > mean(plain) + 1.0
+
+
 def test_a_packed_targets_eagle_drafter_runs_on_the_kernel_too(trained):
   """Serving an f32_packed target, the drafter packs a copy of its network
   (W_fc and its block's matmuls; the caller's net untouched) and drafts
