@@ -1,7 +1,7 @@
 """Speculative decoding: a drafter proposes a token tree, the target verifies it.
 
 Launch:
-  python launch/decode.py --config=configs/spec_decode.py
+  python launch/decode.py --config=configs/spec_decode.py --config.precision=auto
   python launch/decode.py --config=configs/spec_decode.py:spec=ngram/chain4
   python launch/decode.py --config=configs/spec_decode.py:spec=layerskip@layers=skip:8-23/kary2x2
   python launch/decode.py --config=configs/spec_decode.py:spec=draft@draft_layers=10/static6
@@ -14,13 +14,17 @@ Launch:
 block (drafter, tree, rule, proposal, max_top_k, options), which
 `--config.spec.<field>=...` overrides like any other key.
 
-drafter: 'ngram' (prompt lookup over prompt + output; options max_ngram,
+drafter: 'eagle' (the shipped or a trained EAGLE drafter; options
+  checkpoint, trim, lookup = a prompt-lookup chain merged into its trees,
+  lookup_ngram), 'medusa' | 'hydra' | 'redrafter' (likewise), 'ngram'
+  (prompt lookup over prompt + output; options max_ngram,
   min_ngram), 'layerskip' (the target with a subset of its layers: `layers`
   = first:K | skip:a-b[+c-d] | keep:a-b | every:K), 'draft' (an independent
   draft LM: `draft_model` names one like `model` does, or `draft_layers=K`
   truncates the target to K layers).
 tree: chain<g> | kary<b1>x<b2>... | static<n> (6, 10, 16) | paths:0-1-0.0-...
-  | sequoia<n>[d<D>]:<acceptance.json>
+  | sequoia<n>[d<D>]:<acceptance.json> | dyn<N>d<D>k<K> (grown on device
+  by a trained drafter) | beam<W>x<D>
 rule: 'auto' (greedy when every row is at temperature 0, else sample),
   'greedy', 'sample' (lossless speculative sampling at any temperature /
   top-k / top-p), 'typical_lossy' (Medusa's typical acceptance: NOT the
@@ -38,10 +42,22 @@ from seqdec import config_utils
 from seqdec.decoding.spec import SpecConfig
 
 
+# The default method of a model with a shipped drafter
+# (seqdec/checkpoints/shipped): its EAGLE drafter's dynamic tree with a
+# 4-token prompt-lookup chain merged in (README, "Prompt lookup inside the
+# drafter's tree"); other models (and runlocal's tiny one) decode with
+# prompt lookup alone.
+SHIPPED_SPEC = {"smollm2-135m-instruct": "eagle@lookup=4/dyn6d3k2"}
+FALLBACK_SPEC = "ngram/chain4"
+
+
 def get_config(arg=None):
   arg = config_utils.parse_arg(
-      arg, model="smollm2-135m-instruct", runlocal=False, spec="ngram/chain4",
+      arg, model="smollm2-135m-instruct", runlocal=False, spec="",
       temperature=0.0, compare_ar=True)
+  if not arg.spec:
+    arg.spec = (FALLBACK_SPEC if arg.runlocal
+                else SHIPPED_SPEC.get(arg.model, FALLBACK_SPEC))
   c = config_utils.decode_config(arg.model, arg.runlocal)
   c.temperature = float(arg.temperature)
   c.spec = ml_collections.ConfigDict(

@@ -347,7 +347,7 @@ def test_bad_input_gets_clear_errors(tok):
 @pytest.mark.realmodel
 def test_smollm2_speculative_equals_autoregressive(smollm2_model):
   """SmolLM2 in float32: n-gram, layer-skip and the shipped EAGLE drafter
-  (dynamic tree) give greedy autoregressive decoding's output up to the
+  (dynamic tree, alone and with a merged prompt-lookup chain) give greedy autoregressive decoding's output up to the
   first position whose AR top-1/top-2 margin is <= 1e-4
   (such positions are counted and reported, never asserted on)."""
   model, tok = smollm2_model    # conftest: loaded once per session
@@ -368,7 +368,9 @@ def test_smollm2_speculative_equals_autoregressive(smollm2_model):
   # (CI time: each SmolLM2 case compiles its own programs, ~40 s).
   cases = [("ngram", {}, "chain4"), ("layerskip", {"layers": "skip:8-23"},
                                      "kary2x2"),
-           ("eagle", {}, "dyn16d4k4")]
+           ("eagle", {}, "dyn16d4k4"),
+           # The shipped configuration: a prompt-lookup chain merged in.
+           ("eagle", {"lookup": 4}, "dyn6d3k2")]
   small = 0
   for name, opts, tree in cases:
     gen = Generator(model, tok, max_new_tokens=32, eos_ids=(), drafter=name,
@@ -389,4 +391,6 @@ def test_smollm2_speculative_equals_autoregressive(smollm2_model):
       assert taus[0] > 1.5   # the rewrite prompt is accepted in runs
     if name == "eagle":      # the shipped drafter is accepted (its tau on
       assert np.mean(taus) > 1.05, taus  # the bench: benchmarks/results)
+    if opts.get("lookup"):   # and the chain copies the rewrite
+      assert taus[0] > 1.5, taus
   print(f"SmolLM2: divergences at top-2 margin <= 1e-4: {small}")
