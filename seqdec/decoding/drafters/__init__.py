@@ -7,6 +7,7 @@
     make_drafter("eagle", target, eagle_net=net)    # a trained EagleNet
     make_drafter("medusa", target, eagle_net=heads) # trained MedusaHeads
     make_drafter("redrafter", target, eagle_net=head) # a ReDrafterHead
+    WithLookupChain(make_drafter("eagle", ...), 4)  # + a prompt-lookup chain
 """
 
 from __future__ import annotations
