@@ -16,6 +16,7 @@ import pytest
 
 import seqdec
 from seqdec import Generator, Tokenizer, host_profile, testing
+from seqdec.bench import first_divergence
 from seqdec.checkpoints.convert import CheckpointError
 from seqdec.models import transformer as tr
 
@@ -73,8 +74,7 @@ def test_speculative_equals_autoregressive_under_bf16_weights():
                    **kw).generate(prompts)
   checked = 0
   for a, s in zip(ar, spec):
-    d = next((i for i, (x, y) in enumerate(zip(a.tokens, s.tokens))
-              if x != y), None)
+    d = first_divergence(a.tokens, s.tokens)
     checked += len(a.tokens) if d is None else d
     if d is not None:
       assert a.margins[d] <= threshold, (d, a.margins[d], threshold)
@@ -131,11 +131,9 @@ def test_smollm2_speculation_equals_autoregression_under_policy(policy):
   spec = Generator(model, tok, "ngram/chain4", **kw).generate(prompts)
   ties = 0
   for a, s in zip(ar, spec):
-    d = next((i for i, (x, y) in enumerate(zip(a.tokens, s.tokens))
-              if x != y), None)
-    if d is None:
-      assert len(a.tokens) == len(s.tokens)
-    else:
+    d = first_divergence(a.tokens, s.tokens)   # a length difference too
+    if d is not None:
+      assert d < len(a.tokens), "speculative output runs past AR's end"
       assert a.margins[d] <= threshold, (d, a.margins[d], threshold)
       ties += 1
   print(f"divergences at margins <= {threshold:.3g}: {ties}")
