@@ -254,6 +254,14 @@ def as_float64(target_f32, net_f32):
   return target, nnx.merge(net_def, state)
 
 
+def assert_same_as_ar(ar, spec):
+  """Greedy speculative output equals autoregressive output exactly
+  (float64): the same tokens, log-probabilities within 1e-10."""
+  for a, b in zip(ar, spec):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+
+
 def f64_runs(trained):
   """(target f64, tokenizer, prompts, AR results, EAGLE drafter) for the
   float64 spec == AR cases: prefixes of the training sequences (where the
@@ -288,9 +296,7 @@ def test_trained_eagle_tree_equals_autoregressive_float64(x64, request, kind,
   target, tok, prompts, ar, drafter = f64_runs(trained)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree=tree).generate_ids(prompts)
-  for a, b in zip(ar, spec):
-    assert a.tokens == b.tokens
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  assert_same_as_ar(ar, spec)
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"accepted drafts per round {accepted}")
   assert 0.5 < np.mean(accepted[:3]) < 3.0
@@ -315,9 +321,7 @@ def test_a_merged_lookup_chain_equals_autoregressive_float64(x64, trained,
   gen = Generator(target, tok, drafter=drafters_lib.WithLookupChain(
       drafter, lookup), tree=tree, **kw)
   spec = gen.generate_ids(prompts)
-  for a, b in zip(ar, spec):
-    assert a.tokens == b.tokens
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  assert_same_as_ar(ar, spec)
   widths = spec[0].metrics["verify_width_rounds"]
   print(f"trained drafter, rounds per width {widths}")
   assert widths[gen.tree.base.num_nodes] > 0
@@ -332,9 +336,7 @@ def test_a_merged_lookup_chain_equals_autoregressive_float64(x64, trained,
   gen = Generator(cyclic, tok, drafter=drafters_lib.WithLookupChain(
       base, lookup), tree=tree, **kw)
   spec = gen.generate_ids(rows)
-  for a, b in zip(refs, spec):
-    assert a.tokens == b.tokens
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  assert_same_as_ar(refs, spec)
   depth = gen.tree.base.max_depth
   deeper = [r.metrics["accept_rate_by_depth"][depth:] for r in spec]
   plain = Generator(cyclic, tok, drafter=base, tree=tree,
@@ -398,9 +400,7 @@ def test_verify_budget_equals_autoregressive_float64(x64, trained, streaming):
                     stop=0.3)
     spec = gen.generate_ids(rows, **(dict(stream=lambda *a: None)
                                      if streaming else {}))
-    for a, b in zip(ar[:3] if len(rows) == 3 else ar[3:], spec):
-      assert a.tokens == b.tokens
-      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+    assert_same_as_ar(ar[:3] if len(rows) == 3 else ar[3:], spec)
     for w, count in spec[0].metrics["verify_width_rounds"].items():
       used[w] = used.get(w, 0) + count
   print(f"rounds per verify width {used}")
@@ -536,7 +536,7 @@ def test_trimmed_head_sampling_keeps_the_target_law(trained, control, tree,
   by the lossless rule); reporting the trimmed drafter's q without
   renormalising it is detected."""
   from test_spec_sampling import (BATCH, P_MIN, ROWS,  # pylint: disable=g-import-not-at-top
-                                  chi2_pvalue, exact_joint)
+                                  first_pair_chi2)
   target, net = trained[:2]
   prompt = trained[3][0, :6].tolist()     # where the drafter drafts well
   keep = np.arange(0, target.config.vocab_size, 2) if trim else None
@@ -546,11 +546,7 @@ def test_trimmed_head_sampling_keeps_the_target_law(trained, control, tree,
                   eos_ids=(), drafter=drafter, tree=tree, rule="sample",
                   temperature=1.0, max_batch=BATCH)
   results = gen.generate_ids([prompt] * ROWS, seed=11)
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = target.config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(target, prompt, 1.0))
+  stat, pvalue, dof = first_pair_chi2(target, prompt, results)
   accepted = np.mean([r.metrics["mean_accepted"] for r in results])
   print(f"control={control}: chi2 {stat:.1f} dof {dof} p {pvalue:.3g}, "
         f"accepted drafts per round {accepted:.2f}")

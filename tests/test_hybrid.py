@@ -437,7 +437,7 @@ def test_speculative_sampling_on_a_hybrid_matches_the_target_law(
   against the exact autoregressive law of the hybrid target, with a
   perturbed draft LM drawing i.i.d. children over a k-ary tree (the rule's
   negative controls are in test_spec_sampling.py / test_lossless.py)."""
-  from test_spec_sampling import chi2_pvalue, exact_joint  # pylint: disable=g-import-not-at-top
+  from test_spec_sampling import first_pair_chi2  # pylint: disable=g-import-not-at-top
   m = model("tiny-hybrid", "float32")
   prompt = [5, 17, 99, 3, 42, 7]
   gen = Generator(m, Tokenizer.byte_level(), max_new_tokens=3, eos_ids=(),
@@ -446,11 +446,7 @@ def test_speculative_sampling_on_a_hybrid_matches_the_target_law(
                   tree="kary2x2", rule="sample", temperature=1.0,
                   max_batch=64)
   results = gen.generate_ids([prompt] * 4096, seed=5)
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = m.config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(m, prompt, 1.0))
+  stat, pvalue, dof = first_pair_chi2(m, prompt, results)
   accepted = np.mean([r.metrics["mean_accepted"] for r in results])
   print(f"hybrid chi2 {stat:.1f} dof {dof} p {pvalue:.3g}; accepted "
         f"{accepted:.2f}")

@@ -144,8 +144,8 @@ def test_a_merged_chain_keeps_the_target_law(rule):
   offers the sampled x1's likely successor beside the drafter's children.
   The negative control: typical acceptance (lossy) on the same trees
   fails the test."""
-  from test_spec_sampling import (BATCH, P_MIN, ROWS, chi2_pvalue,  # pylint: disable=g-import-not-at-top
-                                  exact_joint)
+  from test_spec_sampling import (BATCH, P_MIN, ROWS,  # pylint: disable=g-import-not-at-top
+                                  first_pair_chi2)
   model = testing.cyclic_model()
   base = drafters_lib.make_drafter(
       "eagle", model, eagle_net=eagle.create(model.config, seed=0))
@@ -156,12 +156,7 @@ def test_a_merged_chain_keeps_the_target_law(rule):
                   drafter=drafters_lib.WithLookupChain(base, 3, min_ngram=1),
                   **kw)
   results = gen.generate_ids([prompt] * ROWS, seed=11)
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = model.config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(model, prompt,
-                                                      TEMPERATURE))
+  stat, pvalue, dof = first_pair_chi2(model, prompt, results, TEMPERATURE)
   plain = Generator(model, Tokenizer.byte_level(), drafter=base,
                     **kw).generate_ids([prompt] * BATCH, seed=11)
   mean = lambda rs: np.mean([r.metrics["mean_accepted"] for r in rs])  # noqa: E731

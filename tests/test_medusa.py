@@ -21,7 +21,7 @@ from seqdec.tokenizer import Tokenizer
 from seqdec.train import drafter as trainer
 from seqdec.train.lm import make_optimizer
 
-from test_eagle import continuations, full_batch
+from test_eagle import assert_same_as_ar, continuations, full_batch
 
 STEPS = 150
 # The persistent compilation cache off here (conftest.no_compile_cache):
@@ -100,9 +100,7 @@ def test_heads_tree_equals_autoregressive_float64(x64, trained):
   drafter = drafters_lib.make_drafter(name, target, eagle_net=heads)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree="kary2x2x1").generate_ids(prompts)
-  for a, b in zip(ar, spec):
-    assert a.tokens == b.tokens
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  assert_same_as_ar(ar, spec)
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"accepted drafts per round {accepted}")
   assert 0.3 < np.mean(accepted[:2]) < 3.0

@@ -23,7 +23,7 @@ from seqdec.models import redrafter
 from seqdec.tokenizer import Tokenizer
 
 from test_dynamic_trees import table
-from test_eagle import continuations
+from test_eagle import assert_same_as_ar, continuations
 from test_medusa import train_heads
 
 V = 12
@@ -166,9 +166,7 @@ def test_redrafter_equals_autoregressive_float64(x64, trained, tree):
   drafter = drafters_lib.make_drafter("redrafter", target, eagle_net=head)
   spec = Generator(target, tok, max_new_tokens=24, eos_ids=(),
                    drafter=drafter, tree=tree).generate_ids(prompts)
-  for a, b in zip(ar, spec):
-    assert a.tokens == b.tokens
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-10)
+  assert_same_as_ar(ar, spec)
   accepted = [r.metrics["mean_accepted"] for r in spec]
   print(f"{tree}: accepted drafts per round {accepted}")
   assert 0.5 < np.mean(accepted[:2])
@@ -180,7 +178,7 @@ def test_beam_tree_sampling_keeps_the_target_law(trained):
   deterministic step): the joint law of the first two tokens over 4096
   rows equals the target's (χ²)."""
   from test_spec_sampling import (BATCH, P_MIN, ROWS,  # pylint: disable=g-import-not-at-top
-                                  chi2_pvalue, exact_joint)
+                                  first_pair_chi2)
   target, head, _, tokens = trained
   prompt = tokens[0, :6].tolist()
   drafter = drafters_lib.make_drafter("redrafter", target, eagle_net=head)
@@ -188,11 +186,7 @@ def test_beam_tree_sampling_keeps_the_target_law(trained):
                   eos_ids=(), drafter=drafter, tree="beam2x2",
                   rule="sample", temperature=1.0, max_batch=BATCH)
   results = gen.generate_ids([prompt] * ROWS, seed=5)
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = target.config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-  stat, pvalue, dof = chi2_pvalue(counts, exact_joint(target, prompt, 1.0))
+  stat, pvalue, dof = first_pair_chi2(target, prompt, results)
   accepted = np.mean([r.metrics["mean_accepted"] for r in results])
   print(f"chi2 {stat:.1f} dof {dof} p {pvalue:.3g}, accepted {accepted:.2f}")
   assert accepted > 0.1, "the test must exercise acceptance"

@@ -89,13 +89,27 @@ def gen_shapes():
   return DecodeShapes.for_batch(BATCH, len(PROMPT), 3, 1)
 
 
+def pair_counts(results, vocab_size: int) -> np.ndarray:
+  """`[V, V]` counts of the rows' first two tokens (x1, x2): `results`
+  are `GenerationResult`s or `[R, 2]` token pairs."""
+  pairs = np.asarray([getattr(r, "tokens", r)[:2] for r in results])
+  counts = np.zeros((vocab_size, vocab_size))
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  return counts
+
+
+def first_pair_chi2(model, prompt, results, temperature: float = 1.0
+                    ) -> tuple[float, float, int]:
+  """`chi2_pvalue` of the rows' first two tokens (`pair_counts`) against
+  the exact joint law of autoregressive sampling after `prompt`."""
+  return chi2_pvalue(pair_counts(results, model.config.vocab_size),
+                     exact_joint(model, prompt, temperature))
+
+
 def first_two_tokens_chi2(results, options):
   """`(stat, p-value, dof, p-value by rank)` of the rows' first two tokens
   against the exact joint law at the options' temperature and top-k."""
-  pairs = np.array([r.tokens[:2] for r in results])
-  v = target().config.vocab_size
-  counts = np.zeros((v, v))
-  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  counts = pair_counts(results, target().config.vocab_size)
   joint = exact_joint(target(), PROMPT, options.get("temperature", 1.0),
                       options.get("top_k", 0), options.get("max_top_k", 64))
   stat, pvalue, dof = chi2_pvalue(counts, joint)

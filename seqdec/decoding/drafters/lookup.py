@@ -145,14 +145,15 @@ class WithLookupChain(Drafter):
     self.chain_shape = trees_lib.chain(chain)
     self.base = base.keeping(chain)
     self.name = f"{base.name}+lookup"
-    self.proposal = "topk"
-    self.params = self.base.params
-    self.vocab_size = base.vocab_size
-    self.uses_features = base.uses_features
-    self.feature_taps = base.feature_taps
-    self.grows_dynamic_trees = base.grows_dynamic_trees
-    self.may_propose_nothing = base.may_propose_nothing
-    self.commits_by_position = True
+
+  # The base drafter's weights and traits (the lookup has neither).
+  params = property(lambda self: self.base.params)
+  vocab_size = property(lambda self: self.base.vocab_size)
+  uses_features = property(lambda self: self.base.uses_features)
+  feature_taps = property(lambda self: self.base.feature_taps)
+  grows_dynamic_trees = property(lambda self: self.base.grows_dynamic_trees)
+  may_propose_nothing = property(lambda self: self.base.may_propose_nothing)
+  commits_by_position = True
 
   def verified_shape(self, shape) -> WithLookup:
     """The tree the loop verifies for the base drafter's `shape`."""
