@@ -299,6 +299,67 @@ def test_greedy_rows_walk_exactly_with_distinct_siblings():
 
 
 # ---------------------------------------------------------------------------
+# Trees without q (every child deterministic): `Sample` walks on scalars
+# (`verify.deterministic_walk`) instead of `[V]` residuals.
+
+def test_deterministic_fast_path_is_lossless():
+  """Top-k children with no q recorded (as dynamic trees, n-gram and merged
+  lookup chains come) take the scalar walk; their first tokens follow the
+  target."""
+  tree, logits = draft(21, KARY, ("topk", "topk"))
+  tree = tree.replace(q=None)
+  keys = jax.random.split(jax.random.key(21), B)
+  acc = accept(verify.Sample(), tree, logits, keys,
+               SamplingParams.make(B, temperature=1.0), KARY.max_depth)
+  assert chi2_of(acc, "topk_3x2 without q (scalar walk)") > ALPHA_LEVEL
+
+
+def test_deterministic_fast_path_equals_the_vector_walk():
+  """The scalar walk returns the `[V]`-residual walk's verdict for the same
+  uniforms, on trees with repeated siblings (a repeat of a rejected token
+  is never accepted), invalid nodes, and greedy (one-hot) rows; only a
+  test that rounding decides (u within ~1e-7 of r(x)) may differ."""
+  n_rows = 4096
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, V, size=(n_rows, KARY.num_nodes)).astype(np.int32)
+  tokens[:, 0] = ROOT
+  valid = rng.random(tokens.shape) < 0.85
+  tree = trees.Tree.from_shape(KARY, jnp.asarray(tokens),
+                               valid=jnp.asarray(valid))
+  # Peaked per-node targets, so that every depth is reached.
+  logits = jnp.asarray(rng.normal(size=tokens.shape + (V,)) * 2.5,
+                       jnp.float32)
+  temperature = np.where(np.arange(n_rows) % 8 == 0, 0.0, 1.0)
+  sparams = SamplingParams.make(n_rows, temperature=temperature)
+  keys = jax.random.split(jax.random.key(6), n_rows)
+  p = verify.node_targets(logits, sparams, 64)
+  fast = jax.jit(verify.deterministic_walk, static_argnums=3)(
+      tree, p, keys, KARY.max_depth)
+  walk = functools.partial(verify.Sample.walk, max_depth=KARY.max_depth,
+                           steps=(verify.deterministic_step,) * 3)
+  slow = jax.jit(jax.vmap(walk))(tree.tokens, tree.parents, tree.valid,
+                                 tree.scheme, p, jnp.zeros_like(p), keys)
+  differ = np.zeros(n_rows, bool)
+  for got, want in zip(fast, slow):
+    got, want = np.asarray(got), np.asarray(want)
+    differ |= (got != want).reshape(n_rows, -1).any(1)
+  assert differ.sum() <= 1, np.flatnonzero(differ)[:10]
+  d = np.asarray(fast[1])
+  assert (np.bincount(d, minlength=KARY.max_depth + 1) > 100).all()
+  # Repeated siblings occur, and a repeat is never the accepted child.
+  path = np.asarray(fast[0])
+  parents = np.asarray(KARY.parents)
+  first = path[:, 1]
+  sib = parents == 0
+  repeats = [(r, j) for r in range(n_rows) for j in np.flatnonzero(sib)
+             if valid[r, j] and any(valid[r, i] and tokens[r, i] == tokens[r, j]
+                                    for i in np.flatnonzero(sib) if i < j)]
+  assert len(repeats) > 100
+  assert not any(d[r] >= 1 and first[r] == j for r, j in repeats
+                 if temperature[r] > 0)
+
+
+# ---------------------------------------------------------------------------
 # Acceptance rate: a chain with per-node acceptance exactly alpha.
 
 def overlap_pair(alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -334,16 +334,109 @@ def draft_q(tree: Tree, vocab_size: int) -> tuple[jax.Array, bool]:
   """
   if tree.q is not None:
     return tree.q.astype(jnp.float32), True
+  check_deterministic(tree)
+  return jnp.zeros(tree.tokens.shape + (vocab_size,), jnp.float32), False
+
+
+def check_deterministic(tree: Tree) -> None:
+  """Raises ValueError if a concrete tree has a sampled scheme (inside jit
+  the schemes are traced and the caller's contract, no q means every child
+  is deterministic, is trusted)."""
   try:
     schemes = np.asarray(tree.scheme)
   except jax.errors.TracerArrayConversionError:
-    schemes = None
-  if schemes is not None and (schemes != trees.DETERMINISTIC).any():
+    return
+  if (schemes != trees.DETERMINISTIC).any():
     raise ValueError(
         "the tree has sampled proposal schemes (IID / WITHOUT_REPLACEMENT) "
         "but no q: a drafter that samples children must record the draft "
         "distribution they were drawn from in Tree.q")
-  return jnp.zeros(tree.tokens.shape + (vocab_size,), jnp.float32), False
+
+
+def deterministic_walk(tree: Tree, p: jax.Array, keys: jax.Array,
+                       max_depth: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`Sample`'s walk for a tree whose children are all deterministic (no
+  q: dynamic and beam trees, n-gram chains, merged lookup chains), on
+  scalars instead of `[V]` residuals.
+
+  With `deterministic_step` only, the residual at the current node c after
+  rejecting its children x_1 .. x_m (distinct tokens) is p_c with those
+  tokens zeroed, renormalised:
+
+      r(x) = p_c(x) / rem,   rem = 1 - sum_{i <= m} p_c(x_i)    (x untried)
+      r(x) = 0                                                  (x tried)
+
+  so trying child j (token x_j, parent c) needs only the scalar
+  p_c(x_j), gathered once for every node (`[B, N]`): accept iff
+  u_j rem < p_c(x_j) (never for a repeat of a rejected sibling), else
+  rem -= p_c(x_j). The walk ends at a node all of whose valid children were
+  tried and rejected, so the bonus is one draw (`inverse_cdf`, u_0) from
+  p_end with its children's tokens zeroed: the only `[V]` work per row.
+  As in `normalise`, a rejection that would leave no mass (rem - p_c(x)
+  <= 1e-30 rem: an event of probability ~0) leaves rem, and a bonus
+  residual without mass falls back to p_end.
+
+  The uniforms are `Sample.walk`'s, so the verdicts are the walk's except
+  where rounding decides a test (u_j within ~1e-7 of r(x_j)): the ratio
+  here against a renormalised vector there.
+
+  Args:
+    tree: `[B, N]` tokens, parents, valid.
+    p: `[B, N, V]` float32 processed targets per node.
+    keys: `[B]` the rows' keys for this step.
+    max_depth: static maximum depth (M = max_depth + 1).
+
+  Returns:
+    `(path [B, M], num_accepted [B], emitted tokens [B, M])`.
+  """
+  b, n, v = p.shape
+  m = max_depth + 1
+  u = jax.vmap(lambda k: jax.random.uniform(
+      jax.random.fold_in(k, _VERIFY_TAG), (n,)))(keys)             # [B, N]
+  tokens, parents, valid = tree.tokens, tree.parents, tree.valid
+  par = jnp.maximum(parents, 0)
+  # p at every node of every node's token `[B, N (node), N (token)]`, then
+  # each token's parent: px[b, j] = p_{parent(j)}(x_j) (the vocabulary axis
+  # is gathered, never flattened: a mesh may split it).
+  at_tokens = jnp.take_along_axis(
+      p, jnp.broadcast_to(tokens[:, None, :], (b, n, n)), 2)
+  px = jnp.take_along_axis(at_tokens, par[:, None, :], 1)[:, 0]     # [B, N]
+  earlier = jnp.tril(jnp.ones((n, n), jnp.bool_), -1)               # i < j
+  repeat = jnp.any(earlier[None] & valid[:, None, :]
+                   & (parents[:, :, None] == parents[:, None, :])
+                   & (tokens[:, :, None] == tokens[:, None, :]), axis=2)
+  rows = jnp.arange(b)
+
+  def body(j, state):
+    cur, rem, path, d = state
+    tried = valid[:, j] & (parents[:, j] == cur)
+    accept = tried & ~repeat[:, j] & (u[:, j] * rem < px[:, j])
+    drop = tried & ~accept & ~repeat[:, j]
+    left = rem - px[:, j]
+    rem = jnp.where(accept, 1.0,
+                    jnp.where(drop & (left > _TINY * rem), left, rem))
+    d = d + accept.astype(jnp.int32)
+    path = jnp.where(accept[:, None] & (jnp.arange(m) == d[:, None]), j, path)
+    cur = jnp.where(accept, j, cur)
+    return cur, rem, path, d
+
+  init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), p.dtype),
+          jnp.zeros((b, m), jnp.int32), jnp.zeros((b,), jnp.int32))
+  cur, _, path, d = jax.lax.fori_loop(1, n, body, init)
+  p_end = p[rows, cur]                                              # [B, V]
+  child = valid & (parents == cur[:, None])                         # [B, N]
+  hit = jnp.any(child[:, :, None] & (tokens[:, :, None]
+                                     == jnp.arange(v)[None, None]), axis=1)
+  r = jnp.where(hit, 0.0, p_end)
+  r = jnp.where(jnp.sum(r, -1, keepdims=True)
+                > _TINY * jnp.sum(p_end, -1, keepdims=True), r, p_end)
+  bonus = jax.vmap(inverse_cdf)(r, u[:, 0])
+  index = jnp.arange(m)
+  path = jnp.where(index <= d[:, None], path, cur[:, None])
+  drafts = jnp.concatenate(
+      [jnp.take_along_axis(tokens, path[:, 1:], 1), bonus[:, None]], 1)
+  return path, d, jnp.where(index < d[:, None], drafts, bonus[:, None])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +476,11 @@ class Sample(AcceptanceRule):
   drafts) it stops at the first copy while `Greedy` takes the deepest, so
   the tokens agree and `Greedy` accepts more.
 
+  A tree without q (every child deterministic: dynamic and beam trees,
+  n-gram and merged lookup chains) takes the same walk on scalars
+  (`deterministic_walk`) when `steps` has the lossless deterministic step:
+  no `[V]` residual per tried child, one `[V]` bonus draw per row.
+
   Attributes:
     steps: the "try one child" functions indexed by scheme (`trees.
       DETERMINISTIC`, `IID`, `WITHOUT_REPLACEMENT`), each `(ChildTry) ->
@@ -401,18 +499,30 @@ class Sample(AcceptanceRule):
     """tree `[B, N]`, logits `[B, N, V]`, keys `[B]` -> `Verdict`."""
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
-    q, has_q = draft_q(tree, logits.shape[-1])                       # [B,N,V]
     p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
-    steps = self.steps if has_q else (self.steps[trees.DETERMINISTIC],) * 3
-    walk = functools.partial(self.walk, steps=steps, max_depth=max_depth)
-    path, num_accepted, tokens = jax.vmap(walk)(
-        tree.tokens, tree.parents, tree.valid, tree.scheme, p, q, keys)
-    if self.greedy_rows:
-      greedy = Greedy()(tree, logits, max_depth=max_depth)
+    if tree.q is None and self.steps[trees.DETERMINISTIC] is (
+        deterministic_step):
+      check_deterministic(tree)
+      path, num_accepted, tokens = deterministic_walk(tree, p, keys,
+                                                      max_depth)
+    else:
+      q, has_q = draft_q(tree, logits.shape[-1])                     # [B,N,V]
+      steps = self.steps if has_q else (self.steps[trees.DETERMINISTIC],) * 3
+      walk = functools.partial(self.walk, steps=steps, max_depth=max_depth)
+      path, num_accepted, tokens = jax.vmap(walk)(
+          tree.tokens, tree.parents, tree.valid, tree.scheme, p, q, keys)
+    if self.greedy_rows:      # only if some row is greedy (`lax.cond`)
       t0 = sparams.temperature <= 0                                   # [B]
-      path = jnp.where(t0[:, None], greedy.path, path)
-      num_accepted = jnp.where(t0, greedy.num_accepted, num_accepted)
-      tokens = jnp.where(t0[:, None], greedy.tokens, tokens)
+
+      def greedy_override(walked):
+        path, num_accepted, tokens = walked
+        greedy = Greedy()(tree, logits, max_depth=max_depth)
+        return (jnp.where(t0[:, None], greedy.path, path),
+                jnp.where(t0, greedy.num_accepted, num_accepted),
+                jnp.where(t0[:, None], greedy.tokens, tokens))
+      path, num_accepted, tokens = jax.lax.cond(
+          jnp.any(t0), greedy_override, lambda walked: walked,
+          (path, num_accepted, tokens))
     return Verdict(path=path, num_accepted=num_accepted, tokens=tokens,
                       logprobs=path_logprobs(logits, path, tokens))
 
