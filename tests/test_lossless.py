@@ -332,22 +332,18 @@ def test_deterministic_fast_path_equals_the_vector_walk():
   temperature = np.where(np.arange(n_rows) % 8 == 0, 0.0, 1.0)
   sparams = SamplingParams.make(n_rows, temperature=temperature)
   keys = jax.random.split(jax.random.key(6), n_rows)
-  p = verify.node_targets(logits, sparams, 64)
-  fast = jax.jit(verify.deterministic_walk, static_argnums=3)(
-      tree, p, keys, KARY.max_depth)
-  walk = functools.partial(verify.Sample.walk, max_depth=KARY.max_depth,
-                           steps=(verify.deterministic_step,) * 3)
-  slow = jax.jit(jax.vmap(walk))(tree.tokens, tree.parents, tree.valid,
-                                 tree.scheme, p, jnp.zeros_like(p), keys)
+  fast, slow = (accept(rule, tree, logits, keys, sparams, KARY.max_depth)
+                for rule in (verify.Sample(), verify.SampleVector()))
   differ = np.zeros(n_rows, bool)
-  for got, want in zip(fast, slow):
-    got, want = np.asarray(got), np.asarray(want)
+  for field in ("path", "num_accepted", "tokens"):
+    got, want = np.asarray(getattr(fast, field)), np.asarray(getattr(slow,
+                                                                     field))
     differ |= (got != want).reshape(n_rows, -1).any(1)
   assert differ.sum() <= 1, np.flatnonzero(differ)[:10]
-  d = np.asarray(fast[1])
+  d = np.asarray(fast.num_accepted)
   assert (np.bincount(d, minlength=KARY.max_depth + 1) > 100).all()
   # Repeated siblings occur, and a repeat is never the accepted child.
-  path = np.asarray(fast[0])
+  path = np.asarray(fast.path)
   parents = np.asarray(KARY.parents)
   first = path[:, 1]
   sib = parents == 0
@@ -429,6 +425,9 @@ def test_rules_by_name():
   assert isinstance(verify.make_rule("typical_lossy", max_top_k=64),
                     verify.TypicalLossy)
   assert verify.make_rule("sample", max_top_k=128).max_top_k == 128
+  vector = verify.make_rule("sample_vector", max_top_k=128)
+  assert isinstance(vector, verify.Sample) and not vector.scalar_walk
+  assert vector.max_top_k == 128
   assert isinstance(verify.make_rule("greedy", max_top_k=64), verify.Greedy)
   with pytest.raises(ConfigError, match="unknown acceptance rule"):
     verify.make_rule("best", max_top_k=64)

@@ -10,7 +10,8 @@ Every way of naming a decoder goes through this module: the
     drafter :=  "ngram" | "layerskip" | "draft" | "eagle" | "medusa" | "hydra"
              |  "redrafter"
     key     :=  a drafter option (`DRAFTER_OPTIONS[drafter]`)
-             |  "rule"       auto | greedy | sample | typical_lossy
+             |  "rule"       auto | greedy | sample | sample_vector
+                             | typical_lossy
              |  "proposal"   topk | iid | wor (model drafters)
              |  "gate"       a number g >= 0: a row whose drafts the drafter
                              expects to accept fewer than g of
@@ -89,7 +90,7 @@ DRAFTER_OPTIONS: dict[str, dict[str, Any]] = {
        for name in drafters.TRAINED},
 }
 TRAINED = tuple(drafters.TRAINED)     # drafters with a trained network
-RULE_NAMES = ("auto", "greedy", "sample", "typical_lossy")
+RULE_NAMES = ("auto", "greedy", "sample", "sample_vector", "typical_lossy")
 PROPOSAL_NAMES = ("topk", "iid", "wor")
 DEFAULT_MAX_TOP_K = 64
 

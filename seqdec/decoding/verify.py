@@ -17,6 +17,8 @@ Rules (`AcceptanceRule`) are small static objects chosen by name
   (`Tree.scheme`: deterministic, i.i.d. from q, without replacement from q).
   The emitted tokens are distributed exactly as autoregressive sampling from
   the processed target; temperature-0 rows equal `greedy` exactly.
+* `sample_vector` (`SampleVector`): `sample` without its scalar walk for
+  trees whose children are all deterministic (the same law; for timing).
 * `typical_lossy` (`TypicalLossy`): Medusa's typical acceptance. NOT
   lossless: the emitted distribution differs from the target's.
 """
@@ -488,11 +490,14 @@ class Sample(AcceptanceRule):
     max_top_k: cap on per-row top_k (as `sampling.make_sampler`).
     greedy_rows: temperature-0 rows take `Greedy`'s acceptance (False: the
       walk alone, which agrees whenever siblings are distinct).
+    scalar_walk: trees without q take `deterministic_walk` (False: the
+      `[V]` walk for every tree; rule 'sample_vector', for A/B timing).
   """
   name = "sample"
   steps: tuple[Step, ...] = LOSSLESS_STEPS
   max_top_k: int = 64
   greedy_rows: bool = True
+  scalar_walk: bool = True
 
   def __call__(self, tree: Tree, logits: jax.Array, keys: jax.Array,
                sparams: SamplingParams, max_depth: int) -> Verdict:
@@ -500,8 +505,8 @@ class Sample(AcceptanceRule):
     if max_depth is None:
       raise ValueError("max_depth (static) is required")
     p = node_targets(logits, sparams, self.max_top_k)                # [B,N,V]
-    if tree.q is None and self.steps[trees.DETERMINISTIC] is (
-        deterministic_step):
+    if self.scalar_walk and tree.q is None and self.steps[
+        trees.DETERMINISTIC] is deterministic_step:
       check_deterministic(tree)
       path, num_accepted, tokens = deterministic_walk(tree, p, keys,
                                                       max_depth)
@@ -643,7 +648,16 @@ class TypicalLossy(AcceptanceRule):
                       logprobs=path_logprobs(logits, path, tokens))
 
 
-RULES = {"greedy": Greedy, "sample": Sample, "typical_lossy": TypicalLossy}
+@dataclasses.dataclass(frozen=True)
+class SampleVector(Sample):
+  """`Sample` with the `[V]`-residual walk for every tree (the scalar walk
+  off): the same law, the reference for timing `deterministic_walk`."""
+  name = "sample_vector"
+  scalar_walk: bool = False
+
+
+RULES = {"greedy": Greedy, "sample": Sample, "sample_vector": SampleVector,
+         "typical_lossy": TypicalLossy}
 
 
 def make_rule(name: str, *, max_top_k: int):
