@@ -133,6 +133,41 @@ def test_the_grammar_builds_a_merged_tree_and_refuses_what_cannot_merge():
     drafters_lib.WithLookupChain(wor, 4)
 
 
+def test_sampling_rounds_at_each_verify_width_equal_the_host_loop():
+  """T=4 with a merged chain: the compiled loop runs each verify width in
+  its own nested loop (the rule sees the tree cut to that width), the host
+  loop chooses the width with a `lax.switch` (the whole tree, zero logits
+  past the width); both verify at both widths and emit the same tokens."""
+  from seqdec.decoding.loops import (DECODE, PREFILL, DecodeShapes,  # pylint: disable=g-import-not-at-top
+                                     HostLoop, Inputs)
+  from seqdec.decoding.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  model = testing.cyclic_model()
+  base = drafters_lib.make_drafter(
+      "eagle", model, eagle_net=eagle.create(model.config, seed=0))
+  gen = Generator(model, Tokenizer.byte_level(),
+                  drafter=drafters_lib.WithLookupChain(base, 3, min_ngram=1),
+                  tree="dyn4d2k2", max_new_tokens=12, eos_ids=(),
+                  temperature=TEMPERATURE, max_batch=4)
+  prompts = [[10, 11, 12, 13, 14] * 2, [20, 21, 22, 20, 21],
+             [5, 6, 7, 8, 5, 6], [30, 31, 32, 33]]
+  shapes = DecodeShapes.for_batch(4, 10, 12, 1)
+  loop = gen.loop(shapes, [TEMPERATURE] * 4)
+  assert len(loop.verify_widths) > 1, loop.verify_widths
+  inputs = Inputs.make(shapes, prompts, [12] * 4, [-1],
+                       SamplingParams.make(4, temperature=TEMPERATURE),
+                       seed=3)
+  compiled = DECODE(loop, params=gen.loop_params, inputs=inputs,
+                    state=PREFILL(loop, params=gen.loop_params,
+                                  inputs=inputs))
+  host = HostLoop(loop).run(params=gen.loop_params, inputs=inputs)
+  for state in (compiled, host):
+    assert (np.asarray(state.width_rounds) > 0).all(), state.width_rounds
+  np.testing.assert_array_equal(np.asarray(compiled.tokens)[:, :12],
+                                np.asarray(host.tokens)[:, :12])
+  np.testing.assert_array_equal(np.asarray(compiled.accept_hist),
+                                np.asarray(host.accept_hist))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["sample", "typical_lossy"])
 def test_a_merged_chain_keeps_the_target_law(rule):

@@ -329,24 +329,27 @@ class SpecLoop(LoopMixin):
       hidden, new = model.backbone(tokens, pos, cache, mask, **kw)
       return model.logits(hidden), None, new
 
+    n_rule = tree.tokens.shape[1]          # the nodes the rule sees
+
     def first(w):
       """The forward over the first w slots, its outputs padded to the
-      tree's N nodes (every leaf that has the new tokens on axis 1; the
-      others are caches)."""
+      rule's tree (every leaf that has the new tokens on axis 1; the
+      others are caches): to N under the switch, none at a fixed width,
+      where the rule sees the tree truncated to w."""
       def run(cache):
         out = forward(tree.tokens[:, :w], positions[:, :w], cache,
                       tree.mask[:, :w, :w])
-        if w == n:
+        if w == n_rule:
           return out
         logits, features, cache = out
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, n - w)]  # noqa: E731
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, n_rule - w)]  # noqa: E731
                                 + [(0, 0)] * (x.ndim - 2))
         return (pad(logits), None if features is None else pad(features),
                 jax.tree.map(pad, cache) if defer else cache)
       return run
 
     if not switch:
-      logits, features, cache = first(tree.tokens.shape[1])(draft.cache)
+      logits, features, cache = first(n_rule)(draft.cache)
     else:
       logits, features, cache = jax.lax.switch(
           self.width_index(tree, state.done), [first(w) for w in widths],
