@@ -355,6 +355,19 @@ def check_deterministic(tree: Tree) -> None:
         "distribution they were drawn from in Tree.q")
 
 
+def parent_probs(tree: Tree, p: jax.Array) -> jax.Array:
+  """`[B, N]` p_{parent(j)}(x_j): each node's token under its parent's
+  distribution `p` `[B, N, V]` (the root's under its own). p at every node
+  of every node's token `[B, N, N]` is gathered first, then each token's
+  parent: the vocabulary axis is gathered, never flattened (a mesh may
+  split it)."""
+  b, n = tree.tokens.shape
+  at_tokens = jnp.take_along_axis(
+      p, jnp.broadcast_to(tree.tokens[:, None, :], (b, n, n)), 2)
+  return jnp.take_along_axis(at_tokens, jnp.maximum(tree.parents, 0)[:, None],
+                             1)[:, 0]
+
+
 def deterministic_walk(tree: Tree, p: jax.Array, keys: jax.Array,
                        max_depth: int
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -397,13 +410,7 @@ def deterministic_walk(tree: Tree, p: jax.Array, keys: jax.Array,
   u = jax.vmap(lambda k: jax.random.uniform(
       jax.random.fold_in(k, _VERIFY_TAG), (n,)))(keys)             # [B, N]
   tokens, parents, valid = tree.tokens, tree.parents, tree.valid
-  par = jnp.maximum(parents, 0)
-  # p at every node of every node's token `[B, N (node), N (token)]`, then
-  # each token's parent: px[b, j] = p_{parent(j)}(x_j) (the vocabulary axis
-  # is gathered, never flattened: a mesh may split it).
-  at_tokens = jnp.take_along_axis(
-      p, jnp.broadcast_to(tokens[:, None, :], (b, n, n)), 2)
-  px = jnp.take_along_axis(at_tokens, par[:, None, :], 1)[:, 0]     # [B, N]
+  px = parent_probs(tree, p)                                        # [B, N]
   earlier = jnp.tril(jnp.ones((n, n), jnp.bool_), -1)               # i < j
   repeat = jnp.any(earlier[None] & valid[:, None, :]
                    & (parents[:, :, None] == parents[:, None, :])
@@ -623,10 +630,8 @@ class TypicalLossy(AcceptanceRule):
     logp = jnp.log(jnp.maximum(p, 1e-38))
     entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)     # [B,N]
     thresh = jnp.minimum(self.epsilon, self.delta * jnp.exp(-entropy))
-    b, n, v = p.shape
     par = jnp.maximum(tree.parents, 0)
-    px = jnp.take_along_axis(p.reshape(b, n * v), par * v + tree.tokens,
-                             axis=1)                                 # [B,N]
+    px = parent_probs(tree, p)                                       # [B,N]
     ok = tree.valid & (px > jnp.take_along_axis(thresh, par, axis=1))
     path, num_accepted = deepest_accepted_path(tree, ok, max_depth)
     p_end = jnp.take_along_axis(
