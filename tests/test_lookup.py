@@ -133,6 +133,7 @@ def test_the_grammar_builds_a_merged_tree_and_refuses_what_cannot_merge():
     drafters_lib.WithLookupChain(wor, 4)
 
 
+@pytest.mark.slow
 def test_sampling_rounds_at_each_verify_width_equal_the_host_loop():
   """T=4 with a merged chain: the compiled loop runs each verify width in
   its own nested loop (the rule sees the tree cut to that width), the host
